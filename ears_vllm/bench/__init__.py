@@ -1,0 +1,1 @@
+"""Benchmarks behind ``ears-vllm bench``: speed and acceptance live here, never in timed tests."""

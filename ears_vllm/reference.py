@@ -1,0 +1,142 @@
+"""The PyTorch verification step: the oracle every kernel is tested against, and the CPU path.
+
+Terms follow vLLM's ``RejectionSampler``:
+    accepted tokens   draft tokens the acceptance rule keeps, a prefix of each request's drafts;
+    recovered token   emitted at the first rejected position, sampled from ``norm(max(0, p - q))``
+                      (the target argmax for greedy requests and for the ``typical`` policy);
+    bonus token       emitted after the last draft when every draft is accepted (sampled by the caller);
+    relaxed tokens    accepted tokens that the standard test with the same ``u`` would have rejected.
+
+All inputs are assumed validated (see :func:`ears_vllm.verify`); the arithmetic mirrors vLLM V1's
+kernels (float32 probabilities, float64 uniforms, ``argmax(prob * noise.reciprocal())``) so that the
+lossless settings reproduce vLLM bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ears_vllm import policies
+from ears_vllm.config import EarsConfig
+
+PLACEHOLDER_TOKEN_ID = -1
+
+
+class VerifyResult(NamedTuple):
+    """Output of one verification step.
+
+    token_ids: ``[batch, max_spec_len + 1]`` int32 — accepted drafts, then one recovered or bonus
+        token, then ``-1`` padding (vLLM's layout).
+    num_accepted: ``[batch]`` int32 — accepted draft tokens per request (emitted = accepted + 1).
+    num_relaxed: ``[batch]`` int32 — accepted drafts the standard test would have rejected.
+    """
+
+    token_ids: torch.Tensor
+    num_accepted: torch.Tensor
+    num_relaxed: torch.Tensor
+
+
+def verify_reference(
+    target_logits: torch.Tensor,  # [num_tokens, V] float; masked entries -inf
+    draft_token_ids: torch.Tensor,  # [num_tokens] int; negative = padding, always rejected
+    num_draft_tokens: torch.Tensor,  # [batch] int64
+    bonus_token_ids: torch.Tensor,  # [batch] int
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] float32 or None (one-hot draft)
+    is_greedy: torch.Tensor,  # [batch] bool
+    uniform: torch.Tensor,  # [num_tokens] float64
+    inv_recovery_noise: torch.Tensor,  # [batch, V] float32/64: 1 / Exp(1) noise
+    tolerance: torch.Tensor,  # [batch] float64
+    config: EarsConfig,
+    max_spec_len: int,
+) -> VerifyResult:
+    batch_size = num_draft_tokens.shape[0]
+    num_tokens = target_logits.shape[0]
+    device = target_logits.device
+    req_of_token = torch.repeat_interleave(torch.arange(batch_size, device=device), num_draft_tokens)
+
+    target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+    draft_ids = draft_token_ids.long()
+    is_padding = draft_ids < 0
+    safe_ids = draft_ids.clamp_min(0).unsqueeze(-1)
+    target_prob = target_probs.gather(-1, safe_ids).squeeze(-1)
+    if draft_probs is None:
+        draft_prob = torch.ones_like(target_prob)
+    else:
+        draft_prob = draft_probs.gather(-1, safe_ids).squeeze(-1).to(torch.float32)
+
+    accept_standard = policies.standard_accept(target_prob, draft_prob, uniform)
+    if config.policy == "ears":
+        accept = policies.ears_accept(
+            target_prob,
+            draft_prob,
+            uniform,
+            target_probs.max(dim=-1).values,
+            tolerance[req_of_token],
+            config.min_ratio,
+        )
+    elif config.policy == "typical":
+        accept = policies.typical_accept(
+            target_prob, policies.entropy(target_probs), config.typical_eps, config.typical_delta
+        )
+    else:
+        accept = accept_standard
+
+    # Greedy requests: argmax match on the logits (vLLM does not apply temperature to greedy rows).
+    target_argmax = target_logits.argmax(dim=-1)
+    token_greedy = is_greedy[req_of_token]
+    accept = torch.where(token_greedy, draft_ids == target_argmax, accept) & ~is_padding
+    relaxed = accept & ~accept_standard & ~token_greedy
+
+    if config.policy == "typical":
+        recovered = target_argmax
+    else:
+        recovered = torch.where(
+            token_greedy,
+            target_argmax,
+            _sample_recovered(target_probs, draft_probs, draft_ids, inv_recovery_noise[req_of_token]),
+        )
+
+    # The accepted prefix of each request: positions before its first rejection.
+    start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
+    rejections = torch.cumsum((~accept).long(), 0)
+    rejections_before_request = torch.cat([rejections.new_zeros(1), rejections])[start][req_of_token]
+    in_prefix = (rejections - rejections_before_request) == 0
+    num_accepted = torch.zeros(batch_size, dtype=torch.long, device=device)
+    num_accepted.index_add_(0, req_of_token, in_prefix.long())
+    num_relaxed = torch.zeros(batch_size, dtype=torch.long, device=device)
+    num_relaxed.index_add_(0, req_of_token, (in_prefix & relaxed).long())
+
+    token_ids = torch.full(
+        (batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device
+    )
+    position = torch.arange(num_tokens, device=device) - start[req_of_token]
+    token_ids[req_of_token[in_prefix], position[in_prefix]] = draft_ids[in_prefix].to(torch.int32)
+    all_accepted = num_accepted == num_draft_tokens
+    first_rejected = (start + num_accepted).clamp(max=max(num_tokens - 1, 0))
+    last_token = torch.where(
+        all_accepted,
+        bonus_token_ids.long(),
+        recovered[first_rejected] if num_tokens > 0 else bonus_token_ids.long(),
+    )
+    token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
+    return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
+
+
+def _sample_recovered(
+    target_probs: torch.Tensor,  # [num_tokens, V] float32
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
+    draft_ids: torch.Tensor,  # [num_tokens] int64
+    inv_noise: torch.Tensor,  # [num_tokens, V] 1 / Exp(1), the request's vector per token
+) -> torch.Tensor:  # [num_tokens] int64
+    """Exponential race over the residual: ``argmax(max(p - q, 0) / E)`` samples ``norm(max(p - q, 0))``."""
+    if draft_probs is None:
+        # One-hot q: the residual is p with the draft token removed (padding -1 removes nothing).
+        drop = torch.zeros_like(target_probs, dtype=torch.bool)
+        valid = draft_ids >= 0
+        drop[valid.nonzero().squeeze(-1), draft_ids[valid]] = True
+        residual = target_probs.masked_fill(drop, 0.0)
+    else:
+        residual = torch.clamp(target_probs - draft_probs, min=0.0)
+    return (residual * inv_noise).argmax(dim=-1)

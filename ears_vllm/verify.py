@@ -1,0 +1,171 @@
+"""``ears_vllm.verify``: the framework-neutral verification step of speculative decoding.
+
+One entry point for every caller (the vLLM adapters, benchmarks, users): it checks the inputs, draws
+the randoms it was not given, and runs the PyTorch reference or the Triton kernel.
+
+Example::
+
+    >>> import torch, ears_vllm
+    >>> logits = torch.tensor([[4.0, 1.0, 0.0], [0.0, 3.0, 1.0]])   # two draft positions, vocab 3
+    >>> out = ears_vllm.verify(
+    ...     logits, draft_token_ids=torch.tensor([0, 1]), num_draft_tokens=[2],
+    ...     bonus_token_ids=torch.tensor([2]), uniform=torch.tensor([0.5, 0.5], dtype=torch.float64),
+    ...     config=ears_vllm.EarsConfig(policy="ears", tolerance=0.2))
+    >>> out.token_ids.tolist(), out.num_accepted.tolist()
+    ([[0, 1, 2]], [2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from ears_vllm.config import EarsConfig
+from ears_vllm.reference import VerifyResult, verify_reference
+
+Backend = Literal["auto", "torch", "triton"]
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def verify(
+    target_logits: torch.Tensor,  # [num_tokens, V] after temperature/top-k/top-p; masked entries -inf
+    draft_token_ids: torch.Tensor,  # [num_tokens] int
+    num_draft_tokens: torch.Tensor | Sequence[int],  # [batch] (0 allowed)
+    bonus_token_ids: torch.Tensor,  # [batch] or [batch, 1] int
+    *,
+    draft_probs: torch.Tensor | None = None,  # [num_tokens, V] or None (= one-hot draft)
+    is_greedy: torch.Tensor | None = None,  # [batch] bool or None (= all random)
+    uniform: torch.Tensor | None = None,  # [num_tokens] float64 in [0, 1); None = drawn
+    recovery_noise: torch.Tensor | None = None,  # [batch, V] Exp(1) noise; None = drawn
+    tolerance: torch.Tensor | None = None,  # [batch] per-request beta, overrides config.tolerance
+    generator: torch.Generator | None = None,
+    config: EarsConfig | None = None,
+    backend: Backend = "auto",
+    max_spec_len: int | None = None,
+) -> VerifyResult:
+    """Verify the draft tokens of a batch against the target distribution.
+
+    Requests are flattened: request ``i`` owns ``num_draft_tokens[i]`` consecutive rows of
+    ``target_logits`` / ``draft_token_ids`` / ``draft_probs``. ``uniform`` and ``recovery_noise`` are
+    the randoms vLLM V1 draws (one uniform per position; one Exp(1) vector per request, shared by its
+    positions); pass them for reproducible or vLLM-identical results. ``max_spec_len`` sets the output
+    width to ``max_spec_len + 1`` (default: the largest ``num_draft_tokens``).
+
+    Returns a :class:`VerifyResult`. Raises ``ValueError`` naming the argument for bad shapes, dtypes,
+    devices or values; ``NotImplementedError`` for ``backend="triton"`` until the kernel lands.
+    """
+    config = config if config is not None else EarsConfig()
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r} is not one of 'auto', 'torch', 'triton'")
+    _check_tensor("target_logits", target_logits, ndim=2, dtypes=_FLOAT_DTYPES)
+    num_tokens, vocab_size = target_logits.shape
+    device = target_logits.device
+
+    _check_tensor("draft_token_ids", draft_token_ids, ndim=1, integer=True, device=device)
+    if draft_token_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"draft_token_ids has {draft_token_ids.shape[0]} entries but target_logits has "
+            f"{num_tokens} rows; they must match (one row per draft token)"
+        )
+    if num_tokens and int(draft_token_ids.max()) >= vocab_size:
+        raise ValueError(
+            f"draft_token_ids contains {int(draft_token_ids.max())}, outside the vocabulary "
+            f"[0, {vocab_size}); negative ids mean padding and are always rejected"
+        )
+
+    num_draft_tokens = torch.as_tensor(num_draft_tokens, device=device).reshape(-1).long()
+    if num_draft_tokens.dtype.is_floating_point or (num_draft_tokens < 0).any():
+        raise ValueError(f"num_draft_tokens={num_draft_tokens.tolist()} must be non-negative integers")
+    if int(num_draft_tokens.sum()) != num_tokens:
+        raise ValueError(
+            f"num_draft_tokens sums to {int(num_draft_tokens.sum())} but there are {num_tokens} draft "
+            "tokens; the per-request counts must add up to target_logits.shape[0]"
+        )
+    batch_size = num_draft_tokens.shape[0]
+    longest = int(num_draft_tokens.max()) if batch_size else 0
+    if max_spec_len is None:
+        max_spec_len = longest
+    elif max_spec_len < longest:
+        raise ValueError(f"max_spec_len={max_spec_len} is smaller than the longest draft ({longest})")
+
+    bonus_token_ids = bonus_token_ids.reshape(-1) if bonus_token_ids.ndim == 2 else bonus_token_ids
+    _check_tensor("bonus_token_ids", bonus_token_ids, shape=(batch_size,), integer=True, device=device)
+
+    if draft_probs is not None:
+        _check_tensor(
+            "draft_probs", draft_probs, shape=(num_tokens, vocab_size), dtypes=_FLOAT_DTYPES, device=device
+        )
+    if is_greedy is None:
+        is_greedy = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    _check_tensor("is_greedy", is_greedy, shape=(batch_size,), dtypes=(torch.bool,), device=device)
+
+    if uniform is None:
+        uniform = torch.rand(num_tokens, dtype=torch.float64, device=device, generator=generator)
+    _check_tensor("uniform", uniform, shape=(num_tokens,), dtypes=_FLOAT_DTYPES, device=device)
+    if recovery_noise is None:
+        recovery_noise = torch.empty(batch_size, vocab_size, dtype=torch.float32, device=device)
+        recovery_noise.exponential_(generator=generator)
+    _check_tensor(
+        "recovery_noise",
+        recovery_noise,
+        shape=(batch_size, vocab_size),
+        dtypes=(torch.float32, torch.float64),
+        device=device,
+    )
+
+    if tolerance is None:
+        tolerance = torch.full((batch_size,), config.tolerance, dtype=torch.float64, device=device)
+    _check_tensor("tolerance", tolerance, shape=(batch_size,), dtypes=_FLOAT_DTYPES, device=device)
+    tolerance = tolerance.to(torch.float64)
+    if batch_size and not bool(((tolerance >= 0) & (tolerance <= 1)).all()):
+        raise ValueError(f"tolerance={tolerance.tolist()} must lie in [0, 1] for every request")
+
+    implementation = verify_reference
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        from ears_vllm import kernels
+
+        if kernels.AVAILABLE:
+            implementation = kernels.verify_triton
+        elif backend == "triton":
+            raise NotImplementedError(
+                f"the Triton verification kernel is unavailable: {kernels.UNAVAILABLE_REASON}"
+            )
+    return implementation(
+        target_logits,
+        draft_token_ids,
+        num_draft_tokens,
+        bonus_token_ids,
+        draft_probs,
+        is_greedy,
+        uniform.to(torch.float64),
+        recovery_noise.reciprocal(),
+        tolerance,
+        config,
+        max_spec_len,
+    )
+
+
+def _check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | None = None,
+    shape: tuple[int, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    integer: bool = False,
+    device: torch.device | None = None,
+) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if integer and (value.dtype.is_floating_point or value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {value.dtype}; allowed: {[str(d) for d in dtypes]}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but target_logits is on {device}; use one device")

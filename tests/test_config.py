@@ -1,0 +1,120 @@
+"""Specification of EarsConfig: every bad setting is refused with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ears_vllm.config import EarsConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+BAD_DICTS = {
+    "unknown-policy": ({"policy": "nope"}, "policy", "nope"),
+    "policy-not-a-string": ({"policy": 3}, "policy", "3"),
+    "tolerance-above-one": ({"tolerance": 1.5}, "tolerance", "1.5"),
+    "tolerance-negative": ({"tolerance": -0.1}, "tolerance", "-0.1"),
+    "tolerance-nan": ({"tolerance": float("nan")}, "tolerance", "nan"),
+    "tolerance-inf": ({"tolerance": float("inf")}, "tolerance", "inf"),
+    "tolerance-string": ({"tolerance": "0.1"}, "tolerance", "'0.1'"),
+    "tolerance-bool": ({"tolerance": True}, "tolerance", "True"),
+    "min-ratio-above-one": ({"min_ratio": 2}, "min_ratio", "2"),
+    "typical-eps-zero": ({"typical_eps": 0.0}, "typical_eps", "0.0"),
+    "typical-delta-negative": ({"typical_delta": -1}, "typical_delta", "-1"),
+    "unknown-key": ({"tolerence": 0.1}, "tolerence", "0.1"),
+    "not-a-mapping": ([("policy", "ears")], "mapping", "policy"),
+}
+
+
+@pytest.mark.parametrize(("data", "key", "value"), BAD_DICTS.values(), ids=BAD_DICTS.keys())
+def test_from_dict_rejects_bad_settings_naming_key_and_value(data, key, value):
+    with pytest.raises(ValueError) as error:
+        EarsConfig.from_dict(data)
+    assert key in str(error.value)
+    assert value in str(error.value)
+
+
+def test_errors_say_what_is_allowed():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        EarsConfig.from_dict({"tolerance": 1.5})
+    with pytest.raises(ValueError, match="'standard', 'ears', 'typical'"):
+        EarsConfig.from_dict({"policy": "nope"})
+    with pytest.raises(ValueError, match="allowed keys"):
+        EarsConfig.from_dict({"tolerence": 0.1})
+
+
+def test_defaults_are_lossless():
+    config = EarsConfig.from_dict(None)
+    assert config == EarsConfig(policy="standard", tolerance=0.0, min_ratio=0.01)
+    assert config.is_lossless
+    assert EarsConfig(policy="ears", tolerance=0.0).is_lossless
+    assert not EarsConfig(policy="ears", tolerance=0.1).is_lossless
+    assert not EarsConfig(policy="typical").is_lossless
+
+
+def test_integers_are_accepted_and_stored_as_floats():
+    config = EarsConfig.from_dict({"policy": "ears", "tolerance": 1, "min_ratio": 0})
+    assert config.tolerance == 1.0 and isinstance(config.tolerance, float)
+
+
+PRESETS = {
+    "strict.yaml": EarsConfig(policy="standard"),
+    "ears-balanced.yaml": EarsConfig(policy="ears", tolerance=0.1),
+    "ears-aggressive.yaml": EarsConfig(policy="ears", tolerance=0.3),
+}
+
+
+@pytest.mark.parametrize(("name", "expected"), PRESETS.items(), ids=PRESETS.keys())
+def test_presets_load(name, expected):
+    assert EarsConfig.from_yaml(CONFIGS / name) == expected
+
+
+def test_yaml_at_top_level_works(tmp_path):
+    path = tmp_path / "flat.yaml"
+    path.write_text("policy: ears\ntolerance: 0.2\n")
+    assert EarsConfig.from_yaml(path) == EarsConfig(policy="ears", tolerance=0.2)
+
+
+BAD_YAML = {
+    "missing-file": (None, "cannot be read"),
+    "malformed": ("policy: [ears\n", "not valid YAML"),
+    "bad-value": ("ears:\n  tolerance: 7\n", "tolerance"),
+    "unknown-key": ("ears:\n  beta: 0.1\n", "beta"),
+    "scalar": ("just a string\n", "mapping"),
+}
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_YAML.values(), ids=BAD_YAML.keys())
+def test_from_yaml_errors_name_the_file_and_problem(tmp_path, text, message):
+    path = tmp_path / "preset.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        EarsConfig.from_yaml(path)
+    assert str(path) in str(error.value)
+
+
+def test_from_env_reads_variables_over_a_preset():
+    env = {
+        "EARS_VLLM_CONFIG": str(CONFIGS / "ears-aggressive.yaml"),
+        "EARS_VLLM_TOLERANCE": "0.2",
+    }
+    assert EarsConfig.from_env(env) == EarsConfig(policy="ears", tolerance=0.2)
+    assert EarsConfig.from_env({}) == EarsConfig()
+    assert EarsConfig.from_env({"EARS_VLLM_POLICY": "typical"}).policy == "typical"
+
+
+BAD_ENV = {
+    "tolerance-not-a-number": ({"EARS_VLLM_TOLERANCE": "lots"}, "EARS_VLLM_TOLERANCE"),
+    "tolerance-out-of-range": ({"EARS_VLLM_TOLERANCE": "3"}, "tolerance"),
+    "policy-unknown": ({"EARS_VLLM_POLICY": "fast"}, "policy"),
+    "min-ratio-not-a-number": ({"EARS_VLLM_MIN_RATIO": "x"}, "EARS_VLLM_MIN_RATIO"),
+    "config-missing": ({"EARS_VLLM_CONFIG": "/nonexistent/preset.yaml"}, "/nonexistent/preset.yaml"),
+}
+
+
+@pytest.mark.parametrize(("env", "named"), BAD_ENV.values(), ids=BAD_ENV.keys())
+def test_from_env_rejects_bad_values_naming_them(env, named):
+    with pytest.raises(ValueError, match=named):
+        EarsConfig.from_env(env)

@@ -1,0 +1,285 @@
+"""Specification of ``ears_vllm.verify`` (PyTorch backend): exactness, statistics, layout, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ears_vllm import EarsConfig, verify
+from ears_vllm.policies import expected_acceptance
+from tests.naive import naive_verify
+
+
+def make_batch(
+    num_draft_tokens: list[int],
+    vocab: int,
+    *,
+    seed: int,
+    full_draft: bool,
+    masked_fraction: float = 0.0,
+    sharpness: float = 3.0,
+) -> dict:
+    """Random target logits (some entries masked to -inf), drafts drawn from a nearby distribution."""
+    g = torch.Generator().manual_seed(seed)
+    num_tokens, batch = sum(num_draft_tokens), len(num_draft_tokens)
+    logits = torch.randn(num_tokens, vocab, generator=g) * sharpness
+    if masked_fraction:
+        mask = torch.rand(num_tokens, vocab, generator=g) < masked_fraction
+        mask[:, 0] = False  # keep every row normalisable
+        logits[mask] = float("-inf")
+    draft_logits = logits.nan_to_num(neginf=-30.0) + torch.randn(num_tokens, vocab, generator=g)
+    draft_probs = draft_logits.softmax(-1)
+    draft_ids = torch.multinomial(draft_probs, 1, generator=g).squeeze(-1)
+    return dict(
+        target_logits=logits,
+        draft_token_ids=draft_ids,
+        num_draft_tokens=num_draft_tokens,
+        bonus_token_ids=torch.randint(0, vocab, (batch,), generator=g),
+        draft_probs=draft_probs if full_draft else None,
+        uniform=torch.rand(num_tokens, dtype=torch.float64, generator=g),
+        recovery_noise=torch.empty(batch, vocab).exponential_(generator=g),
+    )
+
+
+def assert_matches_naive(batch: dict, config: EarsConfig, is_greedy=None, tolerance=None) -> None:
+    result = verify(**batch, config=config, is_greedy=is_greedy, tolerance=tolerance)
+    rows, accepted, relaxed = naive_verify(
+        batch["target_logits"],
+        batch["draft_token_ids"].tolist(),
+        list(batch["num_draft_tokens"]),
+        batch["bonus_token_ids"].tolist(),
+        batch["uniform"].tolist(),
+        batch["recovery_noise"],
+        draft_probs=batch["draft_probs"],
+        is_greedy=None if is_greedy is None else is_greedy.tolist(),
+        policy=config.policy,
+        tolerance=(
+            [config.tolerance] * len(batch["num_draft_tokens"]) if tolerance is None else tolerance.tolist()
+        ),
+        min_ratio=config.min_ratio,
+    )
+    assert result.token_ids.tolist() == rows
+    assert result.num_accepted.tolist() == accepted
+    assert result.num_relaxed.tolist() == relaxed
+
+
+POLICIES = {
+    "standard": EarsConfig(),
+    "ears-0": EarsConfig(policy="ears", tolerance=0.0),
+    "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
+    "ears-1-no-floor": EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.0),
+    "typical": EarsConfig(policy="typical"),
+}
+SHAPES = {
+    "k4-batch3": [4, 4, 4],
+    "ragged-with-zero": [3, 0, 5, 1, 2],
+    "single-k1": [1],
+    "k8-batch2": [8, 7],
+}
+
+
+@pytest.mark.parametrize("config", POLICIES.values(), ids=POLICIES.keys())
+@pytest.mark.parametrize("num_draft_tokens", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot-draft", "full-draft"])
+@pytest.mark.parametrize("vocab", [37, 1000], ids=["vocab37", "vocab1000"])
+def test_token_ids_equal_the_naive_implementation(config, num_draft_tokens, full_draft, vocab):
+    batch = make_batch(num_draft_tokens, vocab, seed=vocab + len(num_draft_tokens), full_draft=full_draft,
+                       masked_fraction=0.3)  # fmt: skip
+    assert_matches_naive(batch, config)
+
+
+@pytest.mark.parametrize("config", POLICIES.values(), ids=POLICIES.keys())
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot-draft", "full-draft"])
+def test_mixed_greedy_random_batch_with_per_request_tolerance(config, full_draft):
+    num_draft_tokens = [4, 0, 2, 5, 3, 1]
+    batch = make_batch(num_draft_tokens, 101, seed=7, full_draft=full_draft, masked_fraction=0.2)
+    is_greedy = torch.tensor([True, False, False, True, False, False])
+    tolerance = torch.tensor([0.0, 0.5, 0.1, 0.9, 1.0, 0.3], dtype=torch.float64)
+    assert_matches_naive(batch, config, is_greedy=is_greedy, tolerance=tolerance)
+
+
+def test_tolerance_zero_is_the_standard_rule_bit_for_bit():
+    batch = make_batch([6] * 64, 257, seed=3, full_draft=True, masked_fraction=0.1)
+    standard = verify(**batch, config=EarsConfig())
+    ears_zero = verify(**batch, config=EarsConfig(policy="ears", tolerance=0.0, min_ratio=0.5))
+    assert torch.equal(standard.token_ids, ears_zero.token_ids)
+    assert ears_zero.num_relaxed.sum() == 0
+
+
+def test_greedy_rows_ignore_the_policy():
+    batch = make_batch([5] * 8, 50, seed=11, full_draft=False)
+    greedy = torch.ones(8, dtype=torch.bool)
+    outputs = [verify(**batch, is_greedy=greedy, config=config).token_ids for config in POLICIES.values()]
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+
+
+# ---------------------------------------------------------------- statistics (one position, k = 1)
+
+TARGET = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.03, 0.01, 0.0])  # last token masked (p = 0)
+DRAFT = torch.tensor([0.10, 0.30, 0.05, 0.25, 0.05, 0.10, 0.10, 0.05])
+
+
+def sample_first_tokens(config: EarsConfig, draft: torch.Tensor | None, n: int, seed: int):
+    """Verify ``n`` independent single-draft requests on the same (p, q); return emitted tokens & counts."""
+    g = torch.Generator().manual_seed(seed)
+    logits = TARGET.log().expand(n, -1).contiguous()
+    q = DRAFT if draft is None else draft
+    draft_ids = torch.multinomial(q, n, replacement=True, generator=g)
+    result = verify(
+        logits,
+        draft_ids,
+        torch.ones(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+        draft_probs=q.expand(n, -1).contiguous(),
+        generator=g,
+        config=config,
+    )
+    return result.token_ids[:, 0], result.num_accepted.float().mean(), result.num_relaxed.float().mean()
+
+
+def total_variation(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    empirical = torch.bincount(tokens.long(), minlength=probs.numel()).double() / tokens.numel()
+    return 0.5 * float((empirical - probs.double()).abs().sum())
+
+
+def test_standard_output_distribution_is_the_target():
+    from scipy.stats import chisquare
+
+    tvs = {}
+    for n in (2_000, 200_000):
+        tokens, _, relaxed = sample_first_tokens(EarsConfig(), None, n, seed=1)
+        assert relaxed == 0
+        tvs[n] = total_variation(tokens, TARGET)
+        observed = torch.bincount(tokens.long(), minlength=8)[:7].double()
+        assert observed.sum() == n, "a masked token (p = 0) was emitted"
+        expected = TARGET[:7].double() / TARGET[:7].double().sum() * n
+        assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+    # The sampling error of the TV estimate shrinks like 1/sqrt(n): 100x the samples, ~10x smaller.
+    assert tvs[200_000] < tvs[2_000] / 3
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 0.3, 1.0], ids=lambda t: f"beta{t}")
+@pytest.mark.parametrize("min_ratio", [0.0, 0.01, 0.2], ids=lambda r: f"rho{r}")
+@pytest.mark.parametrize("one_hot", [False, True], ids=["full-draft", "one-hot-draft"])
+def test_ears_acceptance_and_bias_match_the_analytic_rule(tolerance, min_ratio, one_hot):
+    n = 200_000
+    config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=min_ratio)
+    # A one-hot drafter proposing token 3 (r = p(3) = 0.10) is accepted with min(1, r + t') exactly.
+    draft = torch.nn.functional.one_hot(torch.tensor(3), 8).float() if one_hot else DRAFT
+    tokens, accept_rate, relaxed_rate = sample_first_tokens(config, draft, n, seed=2)
+    accept, relaxed = expected_acceptance(
+        TARGET[None], draft[None], policy="ears", tolerance=tolerance, min_ratio=min_ratio
+    )
+    sigma = math.sqrt(0.25 / n)
+    assert abs(float(accept_rate) - float(accept)) < 5 * sigma
+    assert abs(float(relaxed_rate) - float(relaxed)) < 5 * sigma
+    # Bias identity: the relaxed-acceptance rate is the TV distance added to the output distribution.
+    assert abs(total_variation(tokens, TARGET) - float(relaxed)) < 0.01
+    if one_hot:
+        t = tolerance * (1 - 0.40)
+        analytic = min(1.0, 0.10 + t) if min_ratio <= 0.10 else 0.10
+        assert float(accept) == pytest.approx(analytic)
+
+
+@pytest.mark.parametrize("tolerance", [0.5, 1.0], ids=lambda t: f"beta{t}")
+def test_masked_token_is_never_accepted(tolerance):
+    masked_draft = torch.nn.functional.one_hot(torch.tensor(7), 8).float()  # p(7) = 0
+    config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=0.0)
+    tokens, accept_rate, _ = sample_first_tokens(config, masked_draft, 50_000, seed=3)
+    assert accept_rate == 0
+    assert not (tokens == 7).any()
+
+
+def test_typical_acceptance_is_deterministic_and_emits_argmax():
+    config = EarsConfig(policy="typical")
+    tokens, rate, _ = sample_first_tokens(config, DRAFT, 20_000, seed=4)
+    accept, _ = expected_acceptance(TARGET[None], DRAFT[None], policy="typical")
+    assert abs(float(rate) - float(accept)) < 5 * math.sqrt(0.25 / 20_000)
+    # Rejected drafts are replaced by the target argmax (token 0), never sampled.
+    entropy = float(torch.special.entr(TARGET).sum())
+    threshold = min(0.09, 0.3 * math.exp(-entropy))
+    below = (threshold >= TARGET).nonzero().flatten().tolist()
+    assert not any(int(t) in below for t in tokens if int(t) != 0)
+
+
+# ---------------------------------------------------------------- layout invariants (property tests)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_draft_tokens=st.lists(st.integers(0, 6), min_size=1, max_size=6),
+    vocab=st.integers(2, 70),
+    policy=st.sampled_from(list(POLICIES)),
+    full_draft=st.booleans(),
+    greedy_mask=st.integers(0, 63),
+    seed=st.integers(0, 2**16),
+)
+def test_output_layout_invariants(num_draft_tokens, vocab, policy, full_draft, greedy_mask, seed):
+    batch = make_batch(num_draft_tokens, vocab, seed=seed, full_draft=full_draft, masked_fraction=0.3)
+    is_greedy = torch.tensor([bool(greedy_mask >> i & 1) for i in range(len(num_draft_tokens))])
+    result = verify(**batch, is_greedy=is_greedy, config=POLICIES[policy])
+    k = torch.tensor(num_draft_tokens)
+    assert result.token_ids.shape == (len(k), int(k.max()) + 1)
+    assert result.token_ids.dtype == torch.int32
+    assert (result.num_accepted <= k).all()
+    assert (result.num_relaxed <= result.num_accepted).all()
+    assert (result.num_relaxed[is_greedy] == 0).all()
+    start = 0
+    for i, (row, n_acc) in enumerate(
+        zip(result.token_ids.tolist(), result.num_accepted.tolist(), strict=True)
+    ):
+        drafts = batch["draft_token_ids"][start : start + num_draft_tokens[i]].tolist()
+        start += num_draft_tokens[i]
+        assert row[:n_acc] == drafts[:n_acc], "the accepted prefix is the drafts themselves"
+        assert 0 <= row[n_acc] < vocab, "exactly one recovered-or-bonus token follows"
+        assert all(t == -1 for t in row[n_acc + 1 :]), "then padding"
+        if n_acc == num_draft_tokens[i]:
+            assert row[n_acc] == int(batch["bonus_token_ids"][i])
+
+
+# ---------------------------------------------------------------- input checking
+
+
+def _valid_args() -> dict:
+    return make_batch([2, 1], 10, seed=0, full_draft=True)
+
+
+BAD_INPUTS = {
+    "logits-1d": ("target_logits", lambda a: a["target_logits"][0], "target_logits"),
+    "logits-int": ("target_logits", lambda a: a["target_logits"].long(), "target_logits"),
+    "draft-ids-length": ("draft_token_ids", lambda a: a["draft_token_ids"][:2], "draft_token_ids"),
+    "draft-ids-float": ("draft_token_ids", lambda a: a["draft_token_ids"].float(), "draft_token_ids"),
+    "draft-id-out-of-vocab": ("draft_token_ids", lambda a: torch.tensor([1, 2, 10]), "draft_token_ids"),
+    "num-draft-sum": ("num_draft_tokens", lambda a: [2, 2], "num_draft_tokens"),
+    "num-draft-negative": ("num_draft_tokens", lambda a: [4, -1], "num_draft_tokens"),
+    "bonus-shape": ("bonus_token_ids", lambda a: torch.tensor([1, 2, 3]), "bonus_token_ids"),
+    "draft-probs-vocab": ("draft_probs", lambda a: a["draft_probs"][:, :9], "draft_probs"),
+    "uniform-shape": ("uniform", lambda a: a["uniform"][:2], "uniform"),
+    "noise-shape": ("recovery_noise", lambda a: a["recovery_noise"][:1], "recovery_noise"),
+    "greedy-dtype": ("is_greedy", lambda a: torch.tensor([0, 1]), "is_greedy"),
+    "tolerance-range": ("tolerance", lambda a: torch.tensor([0.1, 1.5]), "tolerance"),
+    "tolerance-nan": ("tolerance", lambda a: torch.tensor([0.1, float("nan")]), "tolerance"),
+    "backend": ("backend", lambda a: "cuda", "backend"),
+}
+
+
+@pytest.mark.parametrize(("arg", "make_bad", "named"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_raises_a_value_error_naming_the_argument(arg, make_bad, named):
+    args = _valid_args()
+    args[arg] = make_bad(args)
+    with pytest.raises(ValueError, match=named):
+        verify(**args)
+
+
+def test_triton_backend_says_it_is_not_available_yet():
+    from ears_vllm import kernels
+
+    if kernels.AVAILABLE:
+        pytest.skip("the Triton kernel is built; its parity tests live in test_kernels.py")
+    with pytest.raises(NotImplementedError, match="Triton"):
+        verify(**_valid_args(), backend="triton")
