@@ -16,7 +16,7 @@ endif
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/vllm_cpu_launcher.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 ifneq ($(HAS_CUDA),1)
@@ -27,6 +27,11 @@ endif
 	@# break `import transformers`; nothing here needs them.
 ifneq ($(HAS_CUDA),1)
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	@# vllm-cpu's `vllm` command asks for the metadata of a distribution named "vllm" and dies:
+	@# replace it with a launcher that answers with vllm-cpu's version (scripts/vllm_cpu_launcher.py).
+	printf '#!%s\n' "$(abspath $(BIN))/python" > $(BIN)/vllm
+	cat scripts/vllm_cpu_launcher.py >> $(BIN)/vllm
+	chmod +x $(BIN)/vllm
 endif
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)

@@ -164,3 +164,18 @@ def _check_unit_interval(key: str, value: Any, *, allow_zero: bool) -> None:
     low_ok = number >= 0.0 if allow_zero else number > 0.0
     if not (low_ok and number <= 1.0):
         raise ValueError(f"ears config key {key!r} = {value!r} is out of range; allowed: {allowed}")
+
+
+def resolve_config(
+    additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> EarsConfig:
+    """The server-wide config: ``additional_config["ears"]`` if given, else the environment.
+
+    ``additional_config["ears"]`` is a mapping of settings or a path to a YAML preset.
+    """
+    section = (additional_config or {}).get("ears") if isinstance(additional_config, Mapping) else None
+    if section is None:
+        return EarsConfig.from_env(environ)
+    if isinstance(section, (str, os.PathLike)):
+        return EarsConfig.from_yaml(section)
+    return EarsConfig.from_dict(section)

@@ -1,13 +1,68 @@
-"""vLLM general-plugin entry point (``vllm.general_plugins``: ``ears = ears_vllm.plugin:register``)."""
+"""vLLM general-plugin entry point (``vllm.general_plugins``: ``ears = ears_vllm.plugin:register``).
+
+vLLM calls :func:`register` in every process (API server, engine core, workers, Ray workers), before
+it builds the config or the model runner. Registration:
+
+* makes ``VllmConfig`` validate ``additional_config["ears"]`` (or the ``EARS_VLLM_*`` environment) as
+  it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded;
+* checks each runner's hooks and wraps their ``RejectionSampler`` constructors (see the adapters);
+  where a hook moved, it logs one warning naming the vLLM version and leaves that runner untouched.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from ears_vllm._log import get_logger
+from ears_vllm.config import resolve_config
+
 _registered = False
+hook_report: dict[str, str] = {}  # runner -> "patched" or why not
 
 
 def register() -> None:
-    """Called by vLLM in every process. Idempotent and cheap; never raises into vLLM."""
+    """Idempotent and cheap; never raises into vLLM."""
     global _registered
     if _registered:
         return
     _registered = True
+    logger = get_logger()
+    try:
+        import vllm
+
+        version = getattr(vllm, "__version__", "unknown")
+        _validate_config_on_creation()
+    except Exception as exc:
+        logger.warning("ears-vllm: not active, cannot hook into vLLM: %s: %s", type(exc).__name__, exc)
+        return
+
+    from ears_vllm import vllm_mrv2, vllm_v1
+
+    for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
+        try:
+            problem = adapter.check_hooks()
+            if problem is None:
+                adapter.install()
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        hook_report[runner] = "patched" if problem is None else problem
+        if problem is not None and runner == "V1":
+            logger.warning("ears-vllm: vLLM %s: %s; the V1 runner stays unpatched", version, problem)
+        elif problem is not None:
+            # MRV2 needs Triton; on CPU builds it is expected to be absent.
+            logger.debug("ears-vllm: vLLM %s: %s; Model Runner V2 stays unpatched", version, problem)
+
+
+def _validate_config_on_creation() -> None:
+    from vllm.config import VllmConfig
+
+    if getattr(VllmConfig.__post_init__, "_ears_wrapped", False):
+        return
+    original_post_init = VllmConfig.__post_init__
+
+    def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_post_init(self, *args, **kwargs)
+        resolve_config(self.additional_config)  # raises ValueError naming the bad key
+
+    __post_init__._ears_wrapped = True  # type: ignore[attr-defined]
+    VllmConfig.__post_init__ = __post_init__

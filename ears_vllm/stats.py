@@ -1,0 +1,87 @@
+"""Running counts of the verification steps a process has made, reported in a periodic log line.
+
+``relaxed`` counts drafts accepted only because of the relaxation (DESIGN.md section 2): per draft it
+is an exact, unbiased estimate of the total-variation distance added to the output. With
+``EARS_VLLM_STATS_PATH`` set, the counts are also written there as JSON at each report (one file per
+process: the process id is appended).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class VerifyStats:
+    steps: int = 0
+    drafts: int = 0  # draft tokens verified, all requests
+    accepted: int = 0
+    random_drafts: int = 0  # draft tokens of requests with temperature > 0
+    random_accepted: int = 0
+    relaxed: int = 0
+    shadow_steps: int = 0
+    shadow_mismatches: int = 0
+    log_interval_s: float = dataclasses.field(
+        default_factory=lambda: float(os.environ.get("EARS_VLLM_LOG_INTERVAL", "10"))
+    )
+    _last_report: float = dataclasses.field(default_factory=time.monotonic)
+
+    def record(
+        self, drafts: int, accepted: int, random_drafts: int, random_accepted: int, relaxed: int
+    ) -> None:
+        self.steps += 1
+        self.drafts += drafts
+        self.accepted += accepted
+        self.random_drafts += random_drafts
+        self.random_accepted += random_accepted
+        self.relaxed += relaxed
+
+    def record_shadow(self, mismatch: bool) -> None:
+        self.shadow_steps += 1
+        self.shadow_mismatches += int(mismatch)
+
+    def as_dict(self) -> dict[str, float]:
+        counts = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if not k.startswith("_") and k != "log_interval_s"
+        }
+        counts["relaxed_per_random_draft"] = self.relaxed / self.random_drafts if self.random_drafts else 0.0
+        counts["pid"] = os.getpid()
+        return counts
+
+    def maybe_report(self, logger: logging.Logger) -> None:
+        now = time.monotonic()
+        if now - self._last_report < self.log_interval_s:
+            return
+        self._last_report = now
+        self.report(logger)
+
+    def report(self, logger: logging.Logger) -> None:
+        s = self.as_dict()
+        shadow = (
+            f", shadow steps={self.shadow_steps} mismatches={self.shadow_mismatches}"
+            if self.shadow_steps
+            else ""
+        )
+        logger.info(
+            "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d "
+            "(relaxed per random draft %.4f = added TV per position)%s",
+            self.steps,
+            self.drafts,
+            self.accepted,
+            self.relaxed,
+            s["relaxed_per_random_draft"],
+            shadow,
+        )
+        path = os.environ.get("EARS_VLLM_STATS_PATH")
+        if path:
+            target = Path(f"{path}.{os.getpid()}.json")
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(json.dumps(s))
+            tmp.replace(target)
