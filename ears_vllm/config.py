@@ -166,9 +166,7 @@ def _check_unit_interval(key: str, value: Any, *, allow_zero: bool) -> None:
         raise ValueError(f"ears config key {key!r} = {value!r} is out of range; allowed: {allowed}")
 
 
-def resolve_config(
-    additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
-) -> EarsConfig:
+def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> EarsConfig:
     """The server-wide config: ``additional_config["ears"]`` if given, else the environment.
 
     ``additional_config["ears"]`` is a mapping of settings or a path to a YAML preset.

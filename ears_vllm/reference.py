@@ -108,9 +108,7 @@ def verify_reference(
     num_relaxed = torch.zeros(batch_size, dtype=torch.long, device=device)
     num_relaxed.index_add_(0, req_of_token, (in_prefix & relaxed).long())
 
-    token_ids = torch.full(
-        (batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device
-    )
+    token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     position = torch.arange(num_tokens, device=device) - start[req_of_token]
     token_ids[req_of_token[in_prefix], position[in_prefix]] = draft_ids[in_prefix].to(torch.int32)
     all_accepted = num_accepted == num_draft_tokens

@@ -31,9 +31,7 @@ class VerifyStats:
     )
     _last_report: float = dataclasses.field(default_factory=time.monotonic)
 
-    def record(
-        self, drafts: int, accepted: int, random_drafts: int, random_accepted: int, relaxed: int
-    ) -> None:
+    def record(self, drafts: int, accepted: int, random_drafts: int, random_accepted: int, relaxed: int) -> None:
         self.steps += 1
         self.drafts += drafts
         self.accepted += accepted
@@ -46,11 +44,7 @@ class VerifyStats:
         self.shadow_mismatches += int(mismatch)
 
     def as_dict(self) -> dict[str, float]:
-        counts = {
-            k: v
-            for k, v in dataclasses.asdict(self).items()
-            if not k.startswith("_") and k != "log_interval_s"
-        }
+        counts = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_") and k != "log_interval_s"}
         counts["relaxed_per_random_draft"] = self.relaxed / self.random_drafts if self.random_drafts else 0.0
         counts["pid"] = os.getpid()
         return counts
@@ -64,11 +58,7 @@ class VerifyStats:
 
     def report(self, logger: logging.Logger) -> None:
         s = self.as_dict()
-        shadow = (
-            f", shadow steps={self.shadow_steps} mismatches={self.shadow_mismatches}"
-            if self.shadow_steps
-            else ""
-        )
+        shadow = f", shadow steps={self.shadow_steps} mismatches={self.shadow_mismatches}" if self.shadow_steps else ""
         logger.info(
             "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d "
             "(relaxed per random draft %.4f = added TV per position)%s",

@@ -94,9 +94,7 @@ def verify(
     _check_tensor("bonus_token_ids", bonus_token_ids, shape=(batch_size,), integer=True, device=device)
 
     if draft_probs is not None:
-        _check_tensor(
-            "draft_probs", draft_probs, shape=(num_tokens, vocab_size), dtypes=_FLOAT_DTYPES, device=device
-        )
+        _check_tensor("draft_probs", draft_probs, shape=(num_tokens, vocab_size), dtypes=_FLOAT_DTYPES, device=device)
     if is_greedy is None:
         is_greedy = torch.zeros(batch_size, dtype=torch.bool, device=device)
     _check_tensor("is_greedy", is_greedy, shape=(batch_size,), dtypes=(torch.bool,), device=device)
@@ -129,9 +127,7 @@ def verify(
         if kernels.AVAILABLE:
             implementation = kernels.verify_triton
         elif backend == "triton":
-            raise NotImplementedError(
-                f"the Triton verification kernel is unavailable: {kernels.UNAVAILABLE_REASON}"
-            )
+            raise NotImplementedError(f"the Triton verification kernel is unavailable: {kernels.UNAVAILABLE_REASON}")
     return implementation(
         target_logits,
         draft_token_ids,

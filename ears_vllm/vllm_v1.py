@@ -185,15 +185,11 @@ def rejection_sample(
         after = _rng_snapshot(sampling_metadata.generators, target_logits.device)
         _rng_restore(snapshot, sampling_metadata.generators, target_logits.device)
         expected = original(*args, use_fp64_gumbel=use_fp64_gumbel)
-        rng_consumed_alike = _rng_equal(
-            after, _rng_snapshot(sampling_metadata.generators, target_logits.device)
-        )
+        rng_consumed_alike = _rng_equal(after, _rng_snapshot(sampling_metadata.generators, target_logits.device))
         mismatch = not (torch.equal(expected, result.token_ids) and rng_consumed_alike)
         state.stats.record_shadow(mismatch)
         if mismatch:
-            logger.warning(
-                "ears-vllm shadow: step %d differs from vLLM's rejection_sample", state.stats.steps
-            )
+            logger.warning("ears-vllm shadow: step %d differs from vLLM's rejection_sample", state.stats.steps)
 
     counts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
     random_rows = ~is_greedy
@@ -233,9 +229,7 @@ def _verify_like_vllm(
         noise = torch.ones(batch_size, vocab_size, device=device)
     else:
         is_greedy = sampling_metadata.temperature == 0
-        uniform = module.generate_uniform_probs(
-            num_tokens, num_draft_tokens, sampling_metadata.generators, device
-        )
+        uniform = module.generate_uniform_probs(num_tokens, num_draft_tokens, sampling_metadata.generators, device)
         noise = torch.empty(
             batch_size, vocab_size, dtype=torch.float64 if use_fp64_gumbel else torch.float32, device=device
         )

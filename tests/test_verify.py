@@ -57,9 +57,7 @@ def assert_matches_naive(batch: dict, config: EarsConfig, is_greedy=None, tolera
         draft_probs=batch["draft_probs"],
         is_greedy=None if is_greedy is None else is_greedy.tolist(),
         policy=config.policy,
-        tolerance=(
-            [config.tolerance] * len(batch["num_draft_tokens"]) if tolerance is None else tolerance.tolist()
-        ),
+        tolerance=([config.tolerance] * len(batch["num_draft_tokens"]) if tolerance is None else tolerance.tolist()),
         min_ratio=config.min_ratio,
     )
     assert result.token_ids.tolist() == rows
@@ -230,9 +228,7 @@ def test_output_layout_invariants(num_draft_tokens, vocab, policy, full_draft, g
     assert (result.num_relaxed <= result.num_accepted).all()
     assert (result.num_relaxed[is_greedy] == 0).all()
     start = 0
-    for i, (row, n_acc) in enumerate(
-        zip(result.token_ids.tolist(), result.num_accepted.tolist(), strict=True)
-    ):
+    for i, (row, n_acc) in enumerate(zip(result.token_ids.tolist(), result.num_accepted.tolist(), strict=True)):
         drafts = batch["draft_token_ids"][start : start + num_draft_tokens[i]].tolist()
         start += num_draft_tokens[i]
         assert row[:n_acc] == drafts[:n_acc], "the accepted prefix is the drafts themselves"

