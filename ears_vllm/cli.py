@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -22,6 +23,17 @@ def _demo(args: argparse.Namespace) -> int:
     return _bench_synthetic(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from ears_vllm.doctor import diagnose
+
+    additional = json.loads(args.additional_config) if args.additional_config else None
+    rows = diagnose(additional)
+    width = max(len(label) for label, _ in rows)
+    for label, finding in rows:
+        print(f"{label:<{width}}  {finding}")
+    return 1 if any(finding.startswith("INVALID") for _, finding in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ears-vllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: compare acceptance policies")
     synthetic_options(demo)
     demo.set_defaults(run=_demo)
+
+    doctor = commands.add_parser("doctor", help="what the plugin would do here: vLLM, hooks, runner, backend, config")
+    doctor.add_argument(
+        "--additional-config", help='the JSON you pass to vllm serve, e.g. \'{"ears": {"policy": "ears"}}\''
+    )
+    doctor.set_defaults(run=_doctor)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     synthetic = bench.add_parser("synthetic", help="policies on synthetic distributions (seconds, no model)")
