@@ -53,8 +53,9 @@ def verify(
     positions); pass them for reproducible or vLLM-identical results. ``max_spec_len`` sets the output
     width to ``max_spec_len + 1`` (default: the largest ``num_draft_tokens``).
 
-    Returns a :class:`VerifyResult`. Raises ``ValueError`` naming the argument for bad shapes, dtypes,
-    devices or values; ``NotImplementedError`` for ``backend="triton"`` until the kernel lands.
+    ``backend="auto"`` runs the fused Triton kernel for CUDA tensors and the PyTorch reference
+    otherwise. Returns a :class:`VerifyResult`. Raises ``ValueError`` naming the argument for bad
+    shapes, dtypes, devices or values, and for ``backend="triton"`` where the kernel cannot run.
     """
     config = config if config is not None else EarsConfig()
     if backend not in ("auto", "torch", "triton"):
@@ -124,10 +125,11 @@ def verify(
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         from ears_vllm import kernels
 
-        if kernels.AVAILABLE:
+        problem = kernels.unusable_reason(device.type)
+        if problem is None:
             implementation = kernels.verify_triton
         elif backend == "triton":
-            raise NotImplementedError(f"the Triton verification kernel is unavailable: {kernels.UNAVAILABLE_REASON}")
+            raise ValueError(f"backend='triton' cannot run here: {problem}")
     return implementation(
         target_logits,
         draft_token_ids,

@@ -272,10 +272,7 @@ def test_bad_input_raises_a_value_error_naming_the_argument(arg, make_bad, named
         verify(**args)
 
 
-def test_triton_backend_says_it_is_not_available_yet():
-    from ears_vllm import kernels
-
-    if kernels.AVAILABLE:
-        pytest.skip("the Triton kernel is built; its parity tests live in test_kernels.py")
-    with pytest.raises(NotImplementedError, match="Triton"):
+def test_triton_backend_on_cpu_without_the_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         verify(**_valid_args(), backend="triton")

@@ -1,0 +1,309 @@
+"""Fused Triton verification step: target logits in, verified token ids out.
+
+Never materialises the ``[num_tokens, V]`` probability tensor. Three launches:
+
+1. ``_row_stats_kernel``   grid (num_tokens, num_splits): online-softmax statistics of each vocabulary
+   split of each row — max logit ``m``, ``sum exp(x - m)``, ``sum exp(x - m) * x`` (for the entropy of
+   the typical policy) and the split's argmax. Splitting the vocabulary gives small batches enough
+   programs to fill the GPU.
+2. ``_accept_kernel``      grid (batch,): merges the splits of each draft position, so that
+   ``p(d) = exp(x_d - M) / S``, ``max p = 1 / S`` and ``H(p) = log S + M - W / S`` come with no further
+   pass over the vocabulary, then walks the request's drafts: acceptance test of the policy (greedy
+   rows by argmax), relaxed-acceptance count, accepted prefix, bonus token, and which row (if any)
+   needs a recovered token.
+3. ``_recover_kernel``     grid (batch, num_splits): only for requests whose recovered token is
+   sampled — exponential race ``argmax(max(p - q, 0) / E)`` over each split; the host picks the
+   winning split (first on ties, like ``torch.argmax``).
+
+Semantics are those of :func:`ears_vllm.reference.verify_reference`, the oracle the tests compare
+with; probabilities are recomputed from the logits in float32, so on the rare draws that fall within
+float rounding of a threshold the two may differ in the last bit of ``p``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ears_vllm.config import EarsConfig
+from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
+
+POLICY_IDS = {"standard": 0, "ears": 1, "typical": 2}
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr,  # [num_tokens, V]
+    max_ptr,  # [num_tokens, num_splits] float32
+    sumexp_ptr,  # [num_tokens, num_splits] float32
+    xsumexp_ptr,  # [num_tokens, num_splits] float32: sum exp(x - m) * (x - m)
+    argmax_val_ptr,  # [num_tokens, num_splits] float32
+    argmax_idx_ptr,  # [num_tokens, num_splits] int32
+    vocab_size,
+    split_size,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row_offset = row.to(tl.int64) * vocab_size  # int64: num_tokens * V may exceed 2^31
+    split_start = split * split_size
+    split_end = tl.minimum(split_start + split_size, vocab_size)
+
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    w = tl.zeros((), tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = split_start
+    for start in range(split_start, split_end, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < split_end
+        x = tl.load(logits_ptr + row_offset + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        block_max, block_arg = tl.max(x, axis=0, return_indices=True)
+        if block_max > best:  # strict: the first maximum wins, as torch.argmax
+            best = block_max
+            best_idx = start + block_arg
+        new_m = tl.maximum(m, block_max)
+        if new_m > float("-inf"):
+            scale = tl.where(m > float("-inf"), tl.exp(m - new_m), 0.0)
+            e = tl.where(mask & (x > float("-inf")), tl.exp(x - new_m), 0.0)
+            # Rebase the running sums from m to new_m: sum e^(x-new_m) (x-new_m) = scale * (w + (m-new_m) s).
+            w = scale * (w + tl.where(m > float("-inf"), m - new_m, 0.0) * s) + tl.sum(
+                e * tl.where(e > 0, x - new_m, 0.0), axis=0
+            )
+            s = s * scale + tl.sum(e, axis=0)
+            m = new_m
+    out = row * NUM_SPLITS + split
+    tl.store(max_ptr + out, m)
+    tl.store(sumexp_ptr + out, s)
+    tl.store(xsumexp_ptr + out, w)
+    tl.store(argmax_val_ptr + out, best)
+    tl.store(argmax_idx_ptr + out, best_idx)
+
+
+@triton.jit
+def _accept_kernel(
+    logits_ptr,  # [num_tokens, V]
+    draft_ids_ptr,  # [num_tokens]
+    draft_probs_ptr,  # [num_tokens, V] or a dummy when NO_DRAFT_PROBS
+    cu_num_draft_ptr,  # [batch] inclusive cumulative draft counts
+    bonus_ptr,  # [batch]
+    is_greedy_ptr,  # [batch] int8
+    uniform_ptr,  # [num_tokens] float64
+    tolerance_ptr,  # [batch] float64
+    params_ptr,  # [3] float64: min_ratio, typical_eps, typical_delta (exact, as the reference uses them)
+    max_ptr,  # [num_tokens, num_splits]
+    sumexp_ptr,  # [num_tokens, num_splits]
+    xsumexp_ptr,  # [num_tokens, num_splits]
+    argmax_val_ptr,  # [num_tokens, num_splits]
+    argmax_idx_ptr,  # [num_tokens, num_splits]
+    row_max_ptr,  # [num_tokens] out: merged max logit M
+    row_sumexp_ptr,  # [num_tokens] out: merged sum exp(x - M)
+    out_tokens_ptr,  # [batch, max_spec_len + 1] int32, prefilled with -1
+    num_accepted_ptr,  # [batch] int32
+    num_relaxed_ptr,  # [batch] int32
+    recover_row_ptr,  # [batch] int64: row whose recovered token is still to be sampled, or -1
+    vocab_size,
+    max_spec_len,
+    POLICY: tl.constexpr,  # 0 standard, 1 ears, 2 typical
+    NO_DRAFT_PROBS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):
+    req = tl.program_id(0)
+    end = tl.load(cu_num_draft_ptr + req)
+    start = tl.load(cu_num_draft_ptr + req - 1, mask=req > 0, other=0)
+    num_draft = end - start
+    is_greedy = tl.load(is_greedy_ptr + req) != 0
+    tolerance = tl.load(tolerance_ptr + req)
+    out_row = out_tokens_ptr + req * (max_spec_len + 1)
+    split_offs = tl.arange(0, SPLITS_POW2)
+    split_mask = split_offs < NUM_SPLITS
+
+    rejected = False
+    accepted_count = tl.zeros((), tl.int32)
+    relaxed_count = tl.zeros((), tl.int32)
+    for pos in range(num_draft):
+        if not rejected:
+            row = start + pos
+            stats = row * NUM_SPLITS + split_offs
+            ms = tl.load(max_ptr + stats, mask=split_mask, other=float("-inf"))
+            big_m = tl.max(ms, axis=0)
+            alive = split_mask & (ms > float("-inf"))
+            rescale = tl.where(alive, tl.exp(ms - big_m), 0.0)
+            split_s = tl.load(sumexp_ptr + stats, mask=split_mask, other=0.0)
+            split_w = tl.load(xsumexp_ptr + stats, mask=split_mask, other=0.0)
+            big_s = tl.sum(split_s * rescale, axis=0)
+            big_w = tl.sum(rescale * (split_w + tl.where(alive, ms - big_m, 0.0) * split_s), axis=0)
+            best_vals = tl.load(argmax_val_ptr + stats, mask=split_mask, other=float("-inf"))
+            best_split = tl.argmax(best_vals, axis=0)  # first split holding the maximum
+            target_argmax = tl.load(argmax_idx_ptr + row * NUM_SPLITS + best_split)
+            tl.store(row_max_ptr + row, big_m)
+            tl.store(row_sumexp_ptr + row, big_s)
+
+            draft_id = tl.load(draft_ids_ptr + row).to(tl.int64)
+            valid = draft_id >= 0
+            safe_id = tl.where(valid, draft_id, 0)
+            x_d = tl.load(logits_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
+            p_d = tl.where(valid & (x_d > float("-inf")), tl.exp(x_d - big_m) / big_s, 0.0)
+            if NO_DRAFT_PROBS:
+                q_d = 1.0
+            else:
+                q_d = tl.load(draft_probs_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
+            u = tl.load(uniform_ptr + row)
+            ratio = p_d / q_d
+            standard = valid & (q_d > 0) & (ratio >= u)
+            if POLICY == 1:
+                max_p = 1.0 / big_s
+                relaxation = tolerance * (1.0 - max_p.to(tl.float64))
+                threshold = tl.maximum(u - relaxation, tl.load(params_ptr))
+                policy_accept = standard | (valid & (q_d > 0) & (p_d > 0) & (ratio >= threshold))
+            elif POLICY == 2:
+                entropy = tl.log(big_s) - big_w / big_s
+                eps = tl.load(params_ptr + 1).to(tl.float32)
+                delta = tl.load(params_ptr + 2).to(tl.float32)
+                policy_accept = valid & (p_d > tl.minimum(delta * tl.exp(-entropy), eps))
+            else:
+                policy_accept = standard
+            accept = tl.where(is_greedy, valid & (draft_id == target_argmax), policy_accept)
+            if accept:
+                tl.store(out_row + pos, draft_id.to(tl.int32))
+                accepted_count += 1
+                relaxed_count += (policy_accept & ~standard & ~is_greedy).to(tl.int32)
+            else:
+                rejected = True
+                if is_greedy | (POLICY == 2):
+                    tl.store(out_row + pos, target_argmax.to(tl.int32))
+                else:
+                    tl.store(recover_row_ptr + req, row.to(tl.int64))
+    if not rejected:
+        tl.store(out_row + num_draft, tl.load(bonus_ptr + req).to(tl.int32))
+    tl.store(num_accepted_ptr + req, accepted_count)
+    tl.store(num_relaxed_ptr + req, relaxed_count)
+
+
+@triton.jit
+def _recover_kernel(
+    logits_ptr,  # [num_tokens, V]
+    draft_ids_ptr,  # [num_tokens]
+    draft_probs_ptr,  # [num_tokens, V] or a dummy
+    inv_noise_ptr,  # [batch, V] 1 / Exp(1)
+    row_max_ptr,  # [num_tokens]
+    row_sumexp_ptr,  # [num_tokens]
+    recover_row_ptr,  # [batch]
+    score_ptr,  # [batch, num_splits] out: best score of the split
+    index_ptr,  # [batch, num_splits] out: its token id
+    vocab_size,
+    split_size,
+    NUM_SPLITS: tl.constexpr,
+    NO_DRAFT_PROBS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    req = tl.program_id(0)
+    split = tl.program_id(1)
+    row = tl.load(recover_row_ptr + req)
+    if row < 0:
+        return
+    big_m = tl.load(row_max_ptr + row)
+    big_s = tl.load(row_sumexp_ptr + row)
+    draft_id = tl.load(draft_ids_ptr + row)
+    row_offset = row * vocab_size
+    noise_offset = req.to(tl.int64) * vocab_size
+    split_start = split * split_size
+    split_end = tl.minimum(split_start + split_size, vocab_size)
+    best = tl.full((), float("-inf"), inv_noise_ptr.dtype.element_ty)
+    best_idx = split_start
+    for start in range(split_start, split_end, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < split_end
+        x = tl.load(logits_ptr + row_offset + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        p = tl.where(x > float("-inf"), tl.exp(x - big_m) / big_s, 0.0)
+        if NO_DRAFT_PROBS:
+            residual = tl.where(offs == draft_id, 0.0, p)
+        else:
+            q = tl.load(draft_probs_ptr + row_offset + offs, mask=mask, other=0.0).to(tl.float32)
+            residual = tl.maximum(p - q, 0.0)
+        inv_noise = tl.load(inv_noise_ptr + noise_offset + offs, mask=mask, other=0.0)
+        score = tl.where(mask, residual * inv_noise, float("-inf"))
+        block_best, block_arg = tl.max(score, axis=0, return_indices=True)
+        if block_best > best:
+            best = block_best
+            best_idx = start + block_arg
+    tl.store(score_ptr + req * NUM_SPLITS + split, best)
+    tl.store(index_ptr + req * NUM_SPLITS + split, best_idx)
+
+
+def _num_splits(num_rows: int, vocab_size: int, block_size: int, target_programs: int = 1024) -> int:
+    """Enough programs to fill the device for small batches, none wasted for large ones."""
+    blocks = triton.cdiv(vocab_size, block_size)
+    return max(1, min(blocks, triton.cdiv(target_programs, max(num_rows, 1))))
+
+
+def verify_triton(
+    target_logits: torch.Tensor,  # [num_tokens, V] float32/float16/bfloat16
+    draft_token_ids: torch.Tensor,  # [num_tokens]
+    num_draft_tokens: torch.Tensor,  # [batch] int64
+    bonus_token_ids: torch.Tensor,  # [batch]
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
+    is_greedy: torch.Tensor,  # [batch] bool
+    uniform: torch.Tensor,  # [num_tokens] float64
+    inv_recovery_noise: torch.Tensor,  # [batch, V] float32/float64
+    tolerance: torch.Tensor,  # [batch] float64
+    config: EarsConfig,
+    max_spec_len: int,
+    *,
+    block_size: int = 1024,
+    num_splits: int | None = None,
+) -> VerifyResult:
+    """Host wrapper; same contract as :func:`ears_vllm.reference.verify_reference`."""
+    num_tokens, vocab_size = target_logits.shape
+    batch_size = num_draft_tokens.shape[0]
+    device = target_logits.device
+    logits = target_logits.contiguous()
+    draft_probs = draft_probs.contiguous() if draft_probs is not None else None
+    splits = num_splits or _num_splits(num_tokens, vocab_size, block_size)
+    split_size = triton.cdiv(triton.cdiv(vocab_size, splits), block_size) * block_size
+    splits = triton.cdiv(vocab_size, split_size)
+
+    token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
+    num_accepted = torch.zeros(batch_size, dtype=torch.int32, device=device)
+    num_relaxed = torch.zeros(batch_size, dtype=torch.int32, device=device)
+    if batch_size == 0:
+        return VerifyResult(token_ids, num_accepted, num_relaxed)
+
+    stats = [torch.empty(max(num_tokens, 1), splits, dtype=torch.float32, device=device) for _ in range(4)]
+    argmax_idx = torch.empty(max(num_tokens, 1), splits, dtype=torch.int32, device=device)
+    if num_tokens:
+        _row_stats_kernel[(num_tokens, splits)](
+            logits, *stats, argmax_idx, vocab_size, split_size, NUM_SPLITS=splits, BLOCK_SIZE=block_size
+        )
+
+    row_max = torch.empty(max(num_tokens, 1), dtype=torch.float32, device=device)
+    row_sumexp = torch.empty_like(row_max)
+    recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
+    params = torch.tensor([config.min_ratio, config.typical_eps, config.typical_delta], dtype=torch.float64,
+                          device=device)  # fmt: skip
+    no_draft_probs = draft_probs is None
+    draft_probs_arg = logits if no_draft_probs else draft_probs  # never read when NO_DRAFT_PROBS
+    _accept_kernel[(batch_size,)](
+        logits, draft_token_ids, draft_probs_arg, torch.cumsum(num_draft_tokens, 0), bonus_token_ids,
+        is_greedy.to(torch.int8), uniform, tolerance, params, *stats, argmax_idx, row_max, row_sumexp,
+        token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
+        POLICY=POLICY_IDS[config.policy], NO_DRAFT_PROBS=no_draft_probs, NUM_SPLITS=splits,
+        SPLITS_POW2=triton.next_power_of_2(splits),
+    )  # fmt: skip
+
+    needs_recovery = recover_row >= 0
+    if bool(needs_recovery.any()):
+        scores = torch.full((batch_size, splits), float("-inf"), dtype=inv_recovery_noise.dtype, device=device)
+        indices = torch.zeros(batch_size, splits, dtype=torch.int32, device=device)
+        _recover_kernel[(batch_size, splits)](
+            logits, draft_token_ids, draft_probs_arg, inv_recovery_noise.contiguous(), row_max, row_sumexp,
+            recover_row, scores, indices, vocab_size, split_size,
+            NUM_SPLITS=splits, NO_DRAFT_PROBS=no_draft_probs, BLOCK_SIZE=block_size,
+        )  # fmt: skip
+        recovered = indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+        rows = needs_recovery.nonzero().squeeze(1)
+        token_ids[rows, num_accepted[rows].long()] = recovered[rows]
+    return VerifyResult(token_ids, num_accepted, num_relaxed)

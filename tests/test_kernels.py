@@ -1,0 +1,116 @@
+"""The fused Triton kernel equals the PyTorch reference, under TRITON_INTERPRET=1 on the CPU.
+
+Token ids, accepted and relaxed counts must be identical for the same uniforms and noise, across
+greedy/random mixes, ragged k (with 0), one-hot and full drafts, every policy, per-request tolerance,
+vocabularies that are not a multiple of the block, several vocabulary splits, and bf16 logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from ears_vllm import EarsConfig, verify
+from tests.test_verify import make_batch
+
+# A NaN or inf computed anywhere in a kernel (even one later masked away) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+# The interpreter is chosen when @triton.jit runs, i.e. at import: import the kernel module with it on,
+# and leave the variable as it was for the rest of the session (vLLM's own tests must not see it).
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    verify_kernel = importlib.import_module("ears_vllm.kernels.verify_kernel")
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+POLICIES = {
+    "standard": EarsConfig(),
+    "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
+    "ears-1-rho0.2": EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.2),
+    "typical": EarsConfig(policy="typical"),
+}
+BATCHES = {
+    "batch1-k4": [4],
+    "batch7-ragged-with-zeros": [3, 0, 5, 1, 0, 8, 2],
+}
+GREEDY = {"batch1-k4": [False], "batch7-ragged-with-zeros": [False, True, False, True, False, False, True]}
+
+
+def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, **kernel_options):
+    reference = verify(**batch, config=config, is_greedy=is_greedy, tolerance=tolerance, backend="torch")
+    n = batch["num_draft_tokens"]
+    kernel = verify_kernel.verify_triton(
+        batch["target_logits"], batch["draft_token_ids"], torch.as_tensor(n), batch["bonus_token_ids"],
+        batch["draft_probs"], is_greedy, batch["uniform"], batch["recovery_noise"].reciprocal(),
+        tolerance if tolerance is not None else torch.full((len(n),), config.tolerance, dtype=torch.float64),
+        config, max(n), **kernel_options,
+    )  # fmt: skip
+    assert torch.equal(kernel.token_ids, reference.token_ids)
+    assert torch.equal(kernel.num_accepted, reference.num_accepted)
+    assert torch.equal(kernel.num_relaxed, reference.num_relaxed)
+    return reference
+
+
+@pytest.mark.parametrize("config", POLICIES.values(), ids=POLICIES.keys())
+@pytest.mark.parametrize("name", BATCHES, ids=BATCHES.keys())
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+@pytest.mark.parametrize("vocab", [1000, 1037], ids=["vocab1000", "vocab1037"])
+def test_kernel_equals_reference(config, name, full_draft, vocab):
+    batch = make_batch(BATCHES[name], vocab, seed=vocab, full_draft=full_draft, masked_fraction=0.2)
+    # Several splits of several blocks each, with a ragged last block.
+    assert_kernel_equals_reference(batch, config, torch.tensor(GREEDY[name]), block_size=128, num_splits=3)
+
+
+def test_per_request_tolerance():
+    batch = make_batch(BATCHES["batch7-ragged-with-zeros"], 1037, seed=5, full_draft=False)
+    tolerance = torch.tensor([0.0, 0.2, 0.5, 1.0, 0.1, 0.9, 0.3], dtype=torch.float64)
+    result = assert_kernel_equals_reference(
+        batch, EarsConfig(policy="ears"), torch.zeros(7, dtype=torch.bool), tolerance, block_size=256
+    )
+    assert result.num_relaxed.sum() > 0, "the test must exercise relaxed acceptances"
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8], ids=lambda s: f"splits{s}")
+def test_split_count_does_not_change_the_result(num_splits):
+    batch = make_batch([4, 4, 4], 1000, seed=9, full_draft=True)
+    assert_kernel_equals_reference(batch, EarsConfig(policy="ears", tolerance=0.2), torch.zeros(3, dtype=torch.bool),
+                                   block_size=64, num_splits=num_splits)  # fmt: skip
+
+
+def test_bf16_logits():
+    batch = make_batch([4, 2], 1037, seed=2, full_draft=False)
+    batch["target_logits"] = batch["target_logits"].to(torch.bfloat16)
+    assert_kernel_equals_reference(batch, EarsConfig(policy="ears", tolerance=0.3), torch.tensor([False, True]),
+                                   block_size=256)  # fmt: skip
+
+
+def test_verify_dispatches_to_the_kernel():
+    batch = make_batch([3, 2], 300, seed=1, full_draft=True)
+    via_verify = verify(**batch, config=EarsConfig(policy="ears", tolerance=0.1), backend="triton")
+    reference = verify(**batch, config=EarsConfig(policy="ears", tolerance=0.1), backend="torch")
+    assert torch.equal(via_verify.token_ids, reference.token_ids)
+
+
+@pytest.mark.parametrize("config", [EarsConfig(), EarsConfig(policy="typical")], ids=["greedy-rows", "typical"])
+def test_argmax_ties_go_to_the_first_index_across_blocks_and_splits(config):
+    """Constant logits: every token ties; torch.argmax (the reference) returns index 0."""
+    batch = make_batch([2, 2], 1000, seed=0, full_draft=False)
+    batch["target_logits"] = torch.zeros(4, 1000)
+    batch["draft_token_ids"] = torch.tensor([700, 3, 999, 1])  # all rejected under either rule
+    is_greedy = torch.tensor([True, config.policy == "standard"])
+    result = assert_kernel_equals_reference(batch, config, is_greedy, block_size=64, num_splits=4)
+    assert result.token_ids[0, 0] == 0
