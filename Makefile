@@ -33,7 +33,7 @@ ifneq ($(HAS_CUDA),1)
 	cat scripts/vllm_cpu_launcher.py >> $(BIN)/vllm
 	chmod +x $(BIN)/vllm
 endif
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 lint: setup

@@ -1,10 +1,11 @@
-"""The ``ears-vllm`` command."""
+"""The ``ears-vllm`` command: demo, doctor, models, bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _bench_synthetic(args: argparse.Namespace) -> int:
@@ -15,12 +16,55 @@ def _bench_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_models(args: argparse.Namespace) -> tuple[str, str | None]:
+    if args.target:
+        return args.target, args.draft
+    from ears_vllm.models import fetch_pair
+
+    target, draft = fetch_pair()
+    return str(target), str(draft)
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.e2e import E2EConfig, markdown_table, parse_policies, run_e2e
+
+    target, draft = _resolve_models(args)
+    config = E2EConfig(
+        target=target,
+        draft=draft if args.method == "draft_model" else None,
+        out_dir=Path(args.out),
+        datasets=[(name, args.dataset_path, args.num_prompts) for name in args.datasets.split(",")],
+        policies=parse_policies(args.policies),
+        temperatures=[float(t) for t in args.temperatures.split(",")],
+        method=args.method,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    rows = run_e2e(config)
+    print(markdown_table(rows))
+    print(f"\nresults, summary.md and plots in {config.out_dir}/")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
-        "Synthetic policy comparison (random target, draft = target + noise, k=4).\n"
-        "A real vLLM run on the Qwen2.5-Coder pair replaces this once the end-to-end benchmark lands.\n"
+        "ears-vllm demo: real speculative decoding with vLLM, Qwen2.5-Coder-1.5B-Instruct verifying drafts of\n"
+        "Qwen2.5-Coder-0.5B-Instruct (k=4, float32), standard vs EARS 0.1 vs EARS 0.3, T=0.9, on "
+        f"{args.num_prompts} GSM8K problems.\n"
+        "First run: fetches and converts the pair (~5 min). Each policy then starts its own engine.\n"
     )
-    return _bench_synthetic(args)
+    args.datasets, args.dataset_path, args.temperatures = "gsm8k", None, "0.9"
+    args.policies, args.method, args.k, args.seed = "standard,ears:0.1,ears:0.3", "draft_model", 4, 0
+    return _bench_e2e(args)
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from ears_vllm.models import fetch_pair
+
+    target, draft = fetch_pair()
+    print(f"target: {target}\ndraft:  {draft}")
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -38,15 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ears-vllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def synthetic_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--batch", type=int, default=512, help="requests per step (default 512)")
-        p.add_argument("--k", type=int, default=4, help="draft tokens per request (default 4)")
-        p.add_argument("--vocab", type=int, default=2048, help="vocabulary size (default 2048)")
-        p.add_argument("--seed", type=int, default=0)
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", help="target model id or directory (default: the offline Qwen2.5-Coder 1.5B)")
+        p.add_argument("--draft", help="draft model id or directory (default: the offline Qwen2.5-Coder 0.5B)")
+        p.add_argument("--out", default="results/e2e", help="output directory (runs are resumed from it)")
+        p.add_argument("--num-prompts", type=int, default=4, help="prompts per dataset")
+        p.add_argument("--max-tokens", type=int, default=96)
 
-    demo = commands.add_parser("demo", help="the main job: compare acceptance policies")
-    synthetic_options(demo)
-    demo.set_defaults(run=_demo)
+    demo = commands.add_parser("demo", help="the main job: standard vs EARS on the offline Qwen pair")
+    model_options(demo)
+    demo.set_defaults(run=_demo, out="results/demo")
 
     doctor = commands.add_parser("doctor", help="what the plugin would do here: vLLM, hooks, runner, backend, config")
     doctor.add_argument(
@@ -54,10 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.set_defaults(run=_doctor)
 
+    models = commands.add_parser("models", help="offline models").add_subparsers(dest="models", required=True)
+    models.add_parser("fetch", help="fetch + verify + convert the Qwen2.5-Coder pair").set_defaults(run=_models_fetch)
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     synthetic = bench.add_parser("synthetic", help="policies on synthetic distributions (seconds, no model)")
-    synthetic_options(synthetic)
+    synthetic.add_argument("--batch", type=int, default=512, help="requests per step (default 512)")
+    synthetic.add_argument("--k", type=int, default=4, help="draft tokens per request (default 4)")
+    synthetic.add_argument("--vocab", type=int, default=2048, help="vocabulary size (default 2048)")
+    synthetic.add_argument("--seed", type=int, default=0)
     synthetic.set_defaults(run=_bench_synthetic)
+
+    e2e = bench.add_parser("e2e", help="real vLLM speculative decoding, policies side by side")
+    model_options(e2e)
+    e2e.add_argument("--datasets", default="gsm8k", help="comma list of gsm8k, mt_bench, humaneval")
+    e2e.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
+    e2e.add_argument("--policies", default="standard,ears:0.1,ears:0.3", help="e.g. standard,ears:0.1,typical")
+    e2e.add_argument("--temperatures", default="0.9", help="comma list, e.g. 0,0.6,0.9,1.0")
+    e2e.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
+    e2e.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    e2e.add_argument("--seed", type=int, default=0)
+    e2e.set_defaults(run=_bench_e2e)
     return parser
 
 

@@ -14,18 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ears_vllm.tiny_models import CORPUS, build_tiny_pair
+from ears_vllm.tiny_models import CORPUS
 from tests.served import VllmServer, free_port, serve_command, server_env
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = [sentence[:40] for sentence in CORPUS] + ["Question: what is", "The sea"]
 SEEDED_TOKENS, GREEDY_TOKENS, ACCEPTANCE_TOKENS = 24, 24, 48
-
-
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
 
 
 def draft_model_spec(draft) -> dict:

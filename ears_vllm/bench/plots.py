@@ -1,0 +1,49 @@
+"""PNG plots of benchmark results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for temperature in sorted({r["temperature"] for r in rows if r["dataset"] == dataset}):
+            points = sorted((r["tolerance"], r["mean_acceptance_length"]) for r in rows
+                            if r["dataset"] == dataset and r["temperature"] == temperature
+                            and r["tolerance"] is not None)  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"T={temperature:g}")
+        ax.set(title=dataset, xlabel="EARS tolerance (0 = standard)", ylabel="mean acceptance length")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "acceptance_length_vs_tolerance.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    scored = [r for r in rows if r["accuracy"] is not None]
+    if scored:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for temperature in sorted({r["temperature"] for r in scored}):
+            group = [r for r in scored if r["temperature"] == temperature]
+            ax.scatter([r["mean_acceptance_length"] for r in group], [r["accuracy"] for r in group],
+                       label=f"T={temperature:g}")  # fmt: skip
+            for r in group:
+                ax.annotate(r["policy"], (r["mean_acceptance_length"], r["accuracy"]), fontsize=8,
+                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+        ax.set(xlabel="mean acceptance length", ylabel="GSM8K accuracy", title="quality vs acceptance")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(out_dir / "accuracy_vs_acceptance_length.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written

@@ -1,0 +1,74 @@
+"""The benchmark code: policy parsing, answer scoring, and a real (tiny-model) end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ears_vllm.bench import datasets
+from ears_vllm.bench.e2e import E2EConfig, parse_policies, run_e2e
+
+
+def test_parse_policies_names_and_validates():
+    assert parse_policies("standard, ears:0.1,typical") == {
+        "standard": {"policy": "standard"},
+        "ears-0.1": {"policy": "ears", "tolerance": 0.1},
+        "typical": {"policy": "typical"},
+    }
+    with pytest.raises(ValueError, match="tolerance"):
+        parse_policies("ears:1.5")
+    with pytest.raises(ValueError, match="policy"):
+        parse_policies("fast")
+
+
+SCORING = {
+    "after-hashes": ("so she earns 9 * 2 = 18 dollars.\n#### 18", "18", True),
+    "after-hashes-wrong": ("#### 17", "18", False),
+    "last-number": ("The answer is 1,200.", "1200", True),
+    "decimal": ("#### 3.50", "3.5", True),
+    "no-number": ("I do not know.", "4", False),
+}
+
+
+@pytest.mark.parametrize(("output", "answer", "correct"), SCORING.values(), ids=SCORING.keys())
+def test_gsm8k_scoring(output, answer, correct):
+    assert datasets.gsm8k_correct(output, answer) is correct
+
+
+def test_datasets_load_from_shared_data():
+    gsm8k = datasets.load("gsm8k", limit=3)
+    assert len(gsm8k) == 3 and gsm8k[0]["answer"] == "18"
+    creative = datasets.load("mt_bench")
+    assert len(creative) == 20 and all(item["answer"] is None for item in creative)
+    with pytest.raises(ValueError, match="allowed"):
+        datasets.load("squad")
+
+
+@pytest.mark.slow
+def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
+    target, draft = tiny_pair
+    config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e",
+                       datasets=[("gsm8k", None, 2)], policies=parse_policies("standard,ears:0.5"),
+                       temperatures=[0.0, 1.0], max_tokens=16, max_model_len=1024)  # fmt: skip
+    rows = run_e2e(config, progress=False)
+
+    assert {(r["policy"], r["temperature"]) for r in rows} == {
+        ("standard", 0.0), ("standard", 1.0), ("ears-0.5", 0.0), ("ears-0.5", 1.0)
+    }  # fmt: skip
+    for name in ("summary.md", "rows.json", "acceptance_length_vs_tolerance.png", "accuracy_vs_acceptance_length.png"):
+        assert (config.out_dir / name).stat().st_size > 0, name
+    by_key = {(r["policy"], r["temperature"]): r for r in rows}
+    assert by_key[("ears-0.5", 1.0)]["relaxed_per_draft"] > 0
+    assert by_key[("standard", 1.0)]["relaxed_per_draft"] == 0
+    assert all(r["accuracy"] is not None and r["mean_acceptance_length"] >= 1 for r in rows)
+    runs = {p: json.loads((config.out_dir / f"gsm8k__{p}.json").read_text()) for p in ("standard", "ears-0.5")}
+    greedy = [run["results"][0]["texts"] for run in runs.values()]
+    assert greedy[0] == greedy[1], "greedy requests are untouched by the policy"
+
+    # Resume: finished runs are not rerun; a missing one (an interrupted run) is redone alone.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")}
+    (config.out_dir / "gsm8k__ears-0.5.json").unlink()
+    run_e2e(config, progress=False)
+    assert (config.out_dir / "gsm8k__standard.json").stat().st_mtime_ns == mtimes["gsm8k__standard.json"]
+    assert (config.out_dir / "gsm8k__ears-0.5.json").exists()
