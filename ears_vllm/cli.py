@@ -47,6 +47,23 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_acceptance(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.acceptance import markdown_table, reference_texts, run_acceptance
+    from ears_vllm.bench.e2e import parse_policies
+
+    target, draft = _resolve_models(args)
+    pairs = [p for name in args.datasets.split(",") for p in reference_texts(name, args.dataset_path, args.num_prompts)]
+    temperatures = [float(t) for t in args.temperatures.split(",")]
+    rows = run_acceptance(target, draft, pairs, parse_policies(args.policies), temperatures, k=args.k)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "acceptance.json").write_text(json.dumps(rows, indent=1))
+    table = markdown_table(rows, args.k)
+    (out / "acceptance.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
         "ears-vllm demo: real speculative decoding with vLLM, Qwen2.5-Coder-1.5B-Instruct verifying drafts of\n"
@@ -120,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     e2e.add_argument("--seed", type=int, default=0)
     e2e.set_defaults(run=_bench_e2e)
+
+    acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")
+    model_options(acceptance)
+    acceptance.add_argument("--datasets", default="gsm8k", help="comma list of gsm8k, humaneval (reference texts)")
+    acceptance.add_argument("--dataset-path", help="path of the GSM8K file (default: the project's shared/data)")
+    acceptance.add_argument("--policies", default="standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical")
+    acceptance.add_argument("--temperatures", default="0.6,0.9,1.0")
+    acceptance.add_argument("--k", type=int, default=4)
+    acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20)
     return parser
 
 

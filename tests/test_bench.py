@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ears_vllm.bench import datasets
 from ears_vllm.bench.e2e import E2EConfig, parse_policies, run_e2e
@@ -72,3 +73,24 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     run_e2e(config, progress=False)
     assert (config.out_dir / "gsm8k__standard.json").stat().st_mtime_ns == mtimes["gsm8k__standard.json"]
     assert (config.out_dir / "gsm8k__ears-0.5.json").exists()
+
+
+def test_chained_acceptance_length():
+    from ears_vllm.bench.acceptance import chained_acceptance_length
+
+    # Constant alpha: 1 + a + a^2 + ... + a^k.
+    assert chained_acceptance_length(torch.full((10,), 0.5), 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert chained_acceptance_length(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2) == pytest.approx(1 + (1 + 0 + 1 + 1) / 3)
+
+
+def test_bench_acceptance_on_tiny_models(tiny_pair):
+    from ears_vllm.bench.acceptance import reference_texts, run_acceptance
+
+    target, draft = tiny_pair
+    rows = run_acceptance(str(target), str(draft), reference_texts("gsm8k", None, 2),
+                          parse_policies("standard,ears:0.3,typical"), [0.9], k=4, progress=False)  # fmt: skip
+    by_policy = {r["policy"]: r for r in rows}
+    assert by_policy["standard"]["added_tv_per_position"] == 0
+    assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
+    assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
+    assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
