@@ -125,10 +125,14 @@ def _convert(gguf: Path, hf_dir: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, torch_dtype=torch.float32).state_dict()
+    if "lm_head.weight" not in state:
+        config.tie_word_embeddings = True  # the GGUF ties the output layer to the embeddings
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied output embeddings are absent from some GGUF state dicts; anything else is an error.
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
         raise RuntimeError(f"converting {name}: missing {missing}, unexpected {unexpected}")
     partial = hf_dir.with_name(hf_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
