@@ -76,6 +76,17 @@ def _demo(args: argparse.Namespace) -> int:
     return _bench_e2e(args)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.e2e import markdown_table
+    from ears_vllm.bench.sweep import load_grid, run_sweep
+
+    config, resources = load_grid(args.grid)
+    rows = run_sweep(config, resources, ray_address=args.ray_address)
+    print(markdown_table(rows))
+    print(f"\nresults, summary.md and plots in {config.out_dir}/")
+    return 0
+
+
 def _models_fetch(args: argparse.Namespace) -> int:
     from ears_vllm.models import fetch_pair
 
@@ -118,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="offline models").add_subparsers(dest="models", required=True)
     models.add_parser("fetch", help="fetch + verify + convert the Qwen2.5-Coder pair").set_defaults(run=_models_fetch)
+
+    sweep = commands.add_parser("sweep", help="an e2e benchmark grid over a Ray cluster (local by default)")
+    sweep.add_argument("grid", help="grid YAML, e.g. configs/sweep-demo.yaml")
+    sweep.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    sweep.set_defaults(run=_sweep)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     synthetic = bench.add_parser("synthetic", help="policies on synthetic distributions (seconds, no model)")

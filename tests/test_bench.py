@@ -94,3 +94,33 @@ def test_bench_acceptance_on_tiny_models(tiny_pair):
     assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
     assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
     assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_two_cell_grid_on_local_ray_and_resumes(tmp_path, tiny_pair):
+    from ears_vllm.bench.sweep import load_grid, run_sweep
+
+    target, draft = tiny_pair
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"target: {target}\ndraft: {draft}\ndatasets: [{{name: gsm8k, limit: 2}}]\ntemperatures: [1.0]\n"
+        f"policies: [standard, 'ears:0.5']\nmax_tokens: 8\nmax_model_len: 1024\nout: {tmp_path / 'sweep'}\n"
+        "cpus_per_cell: 1\n"
+    )
+    config, resources = load_grid(grid)
+    rows = run_sweep(config, resources, ray_init={"num_cpus": 2, "include_dashboard": False}, progress=False)
+    assert {r["policy"] for r in rows} == {"standard", "ears-0.5"}
+    assert (config.out_dir / "acceptance_length_vs_tolerance.png").exists()
+    # Resume: with both cells done, a second sweep runs no engine.
+    mtimes = {p: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")}
+    run_sweep(config, resources, ray_init={"num_cpus": 2, "include_dashboard": False}, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")} == mtimes
+
+
+def test_sweep_grid_errors_name_the_key(tmp_path):
+    from ears_vllm.bench.sweep import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("target: x\npolicy: [ears]\n")
+    with pytest.raises(ValueError, match="policy"):
+        load_grid(grid)

