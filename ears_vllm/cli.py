@@ -143,24 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.set_defaults(run=_bench_synthetic)
 
+    def grid_options(p: argparse.ArgumentParser, datasets: str, policies: str, temperatures: str) -> None:
+        model_options(p)
+        p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
+        p.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
+        p.add_argument("--policies", default=policies, help="comma list, e.g. standard,ears:0.1,typical")
+        p.add_argument("--temperatures", default=temperatures, help="comma list, e.g. 0,0.6,0.9,1.0")
+        p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+
     e2e = bench.add_parser("e2e", help="real vLLM speculative decoding, policies side by side")
-    model_options(e2e)
-    e2e.add_argument("--datasets", default="gsm8k", help="comma list of gsm8k, mt_bench, humaneval")
-    e2e.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
-    e2e.add_argument("--policies", default="standard,ears:0.1,ears:0.3", help="e.g. standard,ears:0.1,typical")
-    e2e.add_argument("--temperatures", default="0.9", help="comma list, e.g. 0,0.6,0.9,1.0")
+    grid_options(e2e, "gsm8k, mt_bench, humaneval", "standard,ears:0.1,ears:0.3", "0.9")
     e2e.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
-    e2e.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     e2e.add_argument("--seed", type=int, default=0)
     e2e.set_defaults(run=_bench_e2e)
 
     acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")
-    model_options(acceptance)
-    acceptance.add_argument("--datasets", default="gsm8k", help="comma list of gsm8k, humaneval (reference texts)")
-    acceptance.add_argument("--dataset-path", help="path of the GSM8K file (default: the project's shared/data)")
-    acceptance.add_argument("--policies", default="standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical")
-    acceptance.add_argument("--temperatures", default="0.6,0.9,1.0")
-    acceptance.add_argument("--k", type=int, default=4)
+    grid_options(acceptance, "gsm8k, humaneval (reference texts)",
+                 "standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical", "0.6,0.9,1.0")  # fmt: skip
     acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20)
     return parser
 

@@ -11,9 +11,9 @@ a non-standard policy is configured, warns once that MRV2 runs vLLM's own sample
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
+from ears_vllm._hooks import check_module
 from ears_vllm._log import get_logger
 from ears_vllm.config import resolve_config
 
@@ -37,17 +37,7 @@ logger = get_logger()
 
 def check_hooks() -> str | None:
     """None when MRV2's ``rejection_sample`` is where and what we expect, else why not."""
-    try:
-        module = importlib.import_module(MODULE)
-    except Exception as exc:  # Triton missing (CPU), or the module moved
-        return f"cannot import {MODULE} ({type(exc).__name__}: {exc})"
-    for name in ("RejectionSampler", "rejection_sample"):
-        if not hasattr(module, name):
-            return f"{MODULE} has no {name}"
-    parameters = tuple(inspect.signature(module.rejection_sample).parameters)
-    if parameters[: len(EXPECTED_PARAMETERS)] != EXPECTED_PARAMETERS:
-        return f"{MODULE}.rejection_sample has parameters {parameters}, expected {EXPECTED_PARAMETERS} first"
-    return None
+    return check_module(MODULE, ("RejectionSampler",), "rejection_sample", EXPECTED_PARAMETERS)
 
 
 def install() -> None:

@@ -13,13 +13,13 @@ vLLM's output bit for bit. Patched, only where the hooks check out:
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ears_vllm._hooks import check_module
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.stats import VerifyStats
@@ -36,7 +36,7 @@ EXPECTED_PARAMETERS = (
     "bonus_token_ids",
     "sampling_metadata",
 )
-REQUIRED_NAMES = ("RejectionSampler", "rejection_sample", "expand_batch_to_tokens", "generate_uniform_probs")
+REQUIRED_NAMES = ("RejectionSampler", "expand_batch_to_tokens", "generate_uniform_probs")
 
 logger = get_logger()
 
@@ -56,19 +56,7 @@ state = _State()
 
 def check_hooks() -> str | None:
     """None when the V1 hooks look as expected, else why not (nothing is patched then)."""
-    import importlib
-
-    try:
-        module = importlib.import_module(MODULE)
-    except Exception as exc:  # an import error of any kind means: leave vLLM alone
-        return f"cannot import {MODULE} ({type(exc).__name__}: {exc})"
-    missing = [name for name in REQUIRED_NAMES if not hasattr(module, name)]
-    if missing:
-        return f"{MODULE} has no {', '.join(missing)}"
-    parameters = tuple(inspect.signature(module.rejection_sample).parameters)
-    if parameters[: len(EXPECTED_PARAMETERS)] != EXPECTED_PARAMETERS:
-        return f"{MODULE}.rejection_sample has parameters {parameters}, expected {EXPECTED_PARAMETERS} first"
-    return None
+    return check_module(MODULE, REQUIRED_NAMES, "rejection_sample", EXPECTED_PARAMETERS)
 
 
 def install() -> None:

@@ -77,41 +77,35 @@ def mixed_concurrent_requests(server: VllmServer, count: int) -> list[str]:
         return list(pool.map(one, range(count)))
 
 
-@pytest.fixture(scope="session")
-def standard_run(tmp_path_factory, tiny_pair):
-    """The plugin installed, policy standard: vLLM's own verification, with only the expand fix."""
+def served_workload(tmp_path_factory, tiny_pair, name: str, ears: dict, env=None, mixed: int = 0) -> dict:
+    """Start a draft_model server, run the standard workload (plus ``mixed`` concurrent requests), stop it."""
     target, draft = tiny_pair
-    server = start_server(tmp_path_factory, "standard", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "standard"})  # fmt: skip
-    try:
-        return {**standard_workload(server), "log": server.log(), "stats": server.ears_stats()}
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def ears_zero_shadow_run(tmp_path_factory, tiny_pair):
-    """EARS at tolerance 0 with the shadow check: every step also runs vLLM's rejection_sample."""
-    target, draft = tiny_pair
-    server = start_server(tmp_path_factory, "ears0", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "ears", "tolerance": 0.0}, env={"EARS_VLLM_SHADOW": "1"})  # fmt: skip
+    server = start_server(tmp_path_factory, name, target, speculative=draft_model_spec(draft), ears=ears, env=env)
     try:
         result = standard_workload(server)
-        result["mixed"] = mixed_concurrent_requests(server, 60)
+        if mixed:
+            result["mixed"] = mixed_concurrent_requests(server, mixed)
         return {**result, "log": server.log(), "stats": server.ears_stats()}
     finally:
         server.stop()
 
 
 @pytest.fixture(scope="session")
+def standard_run(tmp_path_factory, tiny_pair):
+    """The plugin installed, policy standard: vLLM's own verification, with only the expand fix."""
+    return served_workload(tmp_path_factory, tiny_pair, "standard", {"policy": "standard"})
+
+
+@pytest.fixture(scope="session")
+def ears_zero_shadow_run(tmp_path_factory, tiny_pair):
+    """EARS at tolerance 0 with the shadow check: every step also runs vLLM's rejection_sample."""
+    return served_workload(tmp_path_factory, tiny_pair, "ears0", {"policy": "ears", "tolerance": 0.0},
+                           env={"EARS_VLLM_SHADOW": "1"}, mixed=60)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def ears_relaxed_run(tmp_path_factory, tiny_pair):
-    target, draft = tiny_pair
-    server = start_server(tmp_path_factory, "ears03", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "ears", "tolerance": 0.3})  # fmt: skip
-    try:
-        return {**standard_workload(server), "log": server.log(), "stats": server.ears_stats()}
-    finally:
-        server.stop()
+    return served_workload(tmp_path_factory, tiny_pair, "ears03", {"policy": "ears", "tolerance": 0.3})
 
 
 def test_worker_logs_the_configuration_and_the_expand_fix(ears_zero_shadow_run):

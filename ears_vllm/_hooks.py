@@ -1,0 +1,22 @@
+"""Checking that a vLLM hook is where, and what, an adapter expects before anything is patched."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from types import ModuleType
+
+
+def check_module(module_name: str, names: tuple[str, ...], function: str, parameters: tuple[str, ...]) -> str | None:
+    """None when ``module_name`` has ``names`` and ``function`` starts with ``parameters``, else why not."""
+    try:
+        module: ModuleType = importlib.import_module(module_name)
+    except Exception as exc:  # an import error of any kind means: leave vLLM alone
+        return f"cannot import {module_name} ({type(exc).__name__}: {exc})"
+    missing = [name for name in (*names, function) if not hasattr(module, name)]
+    if missing:
+        return f"{module_name} has no {', '.join(missing)}"
+    found = tuple(inspect.signature(getattr(module, function)).parameters)
+    if found[: len(parameters)] != parameters:
+        return f"{module_name}.{function} has parameters {found}, expected {parameters} first"
+    return None
