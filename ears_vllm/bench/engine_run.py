@@ -56,6 +56,7 @@ def run(spec: dict) -> dict:
         additional_config={"ears": spec["ears"]},
         disable_log_stats=False,
         seed=spec["seed"],
+        enforce_eager=spec.get("enforce_eager", False),
     )
     tokenizer = llm.get_tokenizer()
     prompts = [item["prompt"] for item in spec["prompts"]]
