@@ -70,6 +70,8 @@ def _demo(args: argparse.Namespace) -> int:
         "Qwen2.5-Coder-0.5B-Instruct (k=4, float32), standard vs EARS 0.1 vs EARS 0.3, T=0.9, on "
         f"{args.num_prompts} GSM8K problems.\n"
         "First run: fetches and converts the pair (~5 min). Each policy then starts its own engine.\n"
+        f"Outputs stop at {args.max_tokens} tokens, so GSM8K accuracy here is not meaningful (see the 'finished'\n"
+        "column); for quality use `ears-vllm bench e2e --max-tokens 512 --num-prompts 100`.\n"
     )
     args.datasets, args.dataset_path, args.temperatures = "gsm8k", None, "0.9"
     args.policies, args.method, args.k, args.seed = "standard,ears:0.1,ears:0.3", "draft_model", 4, 0

@@ -63,6 +63,7 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     assert by_key[("ears-0.5", 1.0)]["relaxed_per_draft"] > 0
     assert by_key[("standard", 1.0)]["relaxed_per_draft"] == 0
     assert all(r["accuracy"] is not None and r["mean_acceptance_length"] >= 1 for r in rows)
+    assert all(0 <= r["finished"] <= 1 for r in rows)
     runs = {p: json.loads((config.out_dir / f"gsm8k__{p}.json").read_text()) for p in ("standard", "ears-0.5")}
     greedy = [run["results"][0]["texts"] for run in runs.values()]
     assert greedy[0] == greedy[1], "greedy requests are untouched by the policy"

@@ -136,6 +136,8 @@ def summarize(out_dir: Path) -> list[dict]:
                 "output_tokens_per_s": result["output_tokens"] / result["elapsed_s"],
                 "requests_per_s": len(result["texts"]) / result["elapsed_s"],
                 "num_prompts": len(result["texts"]),
+                # Outputs that ended on their own; a truncated GSM8K answer cannot be scored as right.
+                "finished": sum(r == "stop" for r in result.get("finish_reasons", [])) / len(result["texts"]),
                 "accuracy": None,
             }
             if spec["dataset"] == "gsm8k":
@@ -148,14 +150,14 @@ def summarize(out_dir: Path) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| dataset | T | policy | mean acceptance length | accepted / draft | relaxed / draft | output tok/s "
-        "| req/s | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| req/s | finished | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"], r["policy"])):
         accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
             f"{r['acceptance_rate']:.3f} | {r['relaxed_per_draft']:.4f} | {r['output_tokens_per_s']:.2f} | "
-            f"{r['requests_per_s']:.3f} | {accuracy} |"
+            f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {accuracy} |"
         )
     return "\n".join(lines)

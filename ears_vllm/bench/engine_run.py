@@ -84,6 +84,7 @@ def run(spec: dict) -> dict:
             "relaxed": _delta(ears_after, ears_before, "relaxed"),
             "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
             "texts": [o.outputs[0].text for o in outputs],
+            "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
         })  # fmt: skip
     kept = {k: v for k, v in spec.items() if k != "prompts"}
     kept["answers"] = [item["answer"] for item in spec["prompts"]]
