@@ -1,16 +1,18 @@
 """Prompt sets for the end-to-end benchmark: GSM8K, MT-Bench (writing/roleplay), HumanEval.
 
 Each loader returns ``[{"id", "prompt", "answer"}]`` (``answer`` only where quality is scored). Paths
-default to the project's ``shared/data`` folder when it is there; pass a path anywhere else.
+default to ``$EARS_VLLM_DATA``, else the ``shared/data`` folder beside the project checkout; pass a path
+anywhere else.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("EARS_VLLM_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 GSM8K_INSTRUCTION = "Solve the problem step by step. Write the final answer as a number after '####'."
 
 
