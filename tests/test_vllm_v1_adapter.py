@@ -31,6 +31,7 @@ def adapter(vllm_sampler_module, monkeypatch):
 
     def configure(config: EarsConfig, shadow: bool = False):
         monkeypatch.setattr(vllm_v1.state, "config", config)
+        monkeypatch.setattr(vllm_v1.state, "module", vllm_sampler_module)
         monkeypatch.setattr(vllm_v1.state, "original_rejection_sample", vllm_sampler_module.rejection_sample)
         monkeypatch.setattr(vllm_v1.state, "shadow", shadow)
         monkeypatch.setattr(vllm_v1.state, "stats", vllm_v1.VerifyStats(log_interval_s=1e9))

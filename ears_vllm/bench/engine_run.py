@@ -8,12 +8,13 @@ acceptances, wall-clock throughput and the generated texts.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from ears_vllm.stats import read_stats
 
 
 def _counters(llm) -> dict:
@@ -22,14 +23,6 @@ def _counters(llm) -> dict:
         if metric.name.startswith("vllm:spec_decode"):
             out[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
     return out
-
-
-def _ears_stats(prefix: str) -> dict:
-    total: dict = {}
-    for path in glob.glob(prefix + ".*.json"):
-        for key, value in json.loads(Path(path).read_text()).items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 def _delta(after: dict, before: dict, key: str):
@@ -68,11 +61,11 @@ def run(spec: dict) -> dict:
     for temperature in spec["temperatures"]:
         params = [SamplingParams(temperature=temperature, max_tokens=spec["max_tokens"], seed=spec["seed"] + i)
                   for i in range(len(prompts))]  # fmt: skip
-        before, ears_before = _counters(llm), _ears_stats(stats_prefix)
+        before, ears_before = _counters(llm), read_stats(stats_prefix)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - start
-        after, ears_after = _counters(llm), _ears_stats(stats_prefix)
+        after, ears_after = _counters(llm), read_stats(stats_prefix)
         results.append({
             "temperature": temperature,
             "elapsed_s": elapsed,
