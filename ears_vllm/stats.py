@@ -42,8 +42,10 @@ class VerifyStats:
     )
     _last_report: float = dataclasses.field(default_factory=time.monotonic)
 
-    def record(self, drafts: int, accepted: int, random_drafts: int, random_accepted: int, relaxed: int) -> None:
-        self.steps += 1
+    def record(
+        self, drafts: int, accepted: int, random_drafts: int, random_accepted: int, relaxed: int, *, steps: int = 1
+    ) -> None:
+        self.steps += steps
         self.drafts += drafts
         self.accepted += accepted
         self.random_drafts += random_drafts

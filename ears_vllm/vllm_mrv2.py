@@ -1,23 +1,41 @@
-"""Adapter for vLLM's Model Runner V2 (``vllm.v1.worker.gpu.spec_decode.rejection_sampler``), the GPU default.
+"""Adapter for vLLM's Model Runner V2 (``vllm.v1.worker.gpu.spec_decode``), the GPU default.
 
-MRV2 verifies raw logits with online-softmax statistics and stateless Philox randoms keyed by
-(request seed, position); ``rejection_sampler.py`` imports ``rejection_sample`` from
-``rejection_sampler_utils`` by name, so that is where a patch has to go. Reproducing that randomness
-needs the fused Triton kernel, which has not landed yet: for now this adapter checks the hook and, if
-a non-standard policy is configured, warns once that MRV2 runs vLLM's own sampler (set
-``VLLM_USE_V2_MODEL_RUNNER=0`` to verify through the V1 runner, where the policy is active).
+MRV2 verifies raw logits in four Triton launches (``rejection_sampler_utils.rejection_sample``):
+per-block logit statistics, the acceptance walk, residual resampling, insertion. Its randomness is
+stateless Philox keyed by (request seed, position). Only the walk depends on the policy, so for
+``ears`` this adapter runs MRV2's own statistics, resampling and insertion launches, and the walk of
+:mod:`ears_vllm.kernels.split_stats_accept` with MRV2's own uniform draw (``tl_rand32``): at
+tolerance 0 the result is bit-identical to MRV2's, and at any tolerance the recovered and bonus tokens
+are MRV2's.
+
+Patched, only where the hooks check out: ``RejectionSampler.__init__`` (read the config, log it,
+swap in this module's ``rejection_sample`` where ``rejection_sampler.py`` looks it up by name). vLLM's
+launches are called by keyword, and the hook check compares those names with the kernels' parameters,
+so a vLLM whose kernels changed stays unpatched with a warning rather than mis-called.
+
+Not combined with EARS (MRV2 runs its own sampler, with a warning at startup): ``typical`` (it
+needs the entropy, which MRV2's statistics do not carry: use the V1 runner), block verification,
+synthetic acceptance rates and watermarking.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import time
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from ears_vllm._hooks import check_module
 from ears_vllm._log import get_logger
-from ears_vllm.config import resolve_config
+from ears_vllm.config import EarsConfig, resolve_config
+from ears_vllm.stats import VerifyStats
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
+UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
+RANDOM_MODULE = "vllm.v1.worker.gpu.sample.gumbel"
 EXPECTED_PARAMETERS = (
     "target_logits",
     "draft_logits",
@@ -31,37 +49,374 @@ EXPECTED_PARAMETERS = (
     "seed",
     "num_speculative_steps",
 )
+STATS_KERNEL_ARGS = (
+    "target_local_argmax_ptr",
+    "target_local_argmax_stride",
+    "target_local_max_ptr",
+    "target_local_max_stride",
+    "target_local_sumexp_ptr",
+    "target_local_sumexp_stride",
+    "draft_local_max_ptr",
+    "draft_local_max_stride",
+    "draft_local_sumexp_ptr",
+    "draft_local_sumexp_stride",
+    "target_logits_ptr",
+    "target_logits_stride",
+    "draft_logits_ptr",
+    "draft_logits_stride_0",
+    "draft_logits_stride_1",
+    "expanded_idx_mapping_ptr",
+    "expanded_local_pos_ptr",
+    "temp_ptr",
+    "vocab_size",
+    "num_speculative_steps",
+    "BLOCK_SIZE",
+    "HAS_DRAFT_LOGITS",
+)
+RESAMPLE_KERNEL_ARGS = (
+    "resampled_local_argmax_ptr",
+    "resampled_local_argmax_stride",
+    "resampled_local_max_ptr",
+    "resampled_local_max_stride",
+    "target_logits_ptr",
+    "target_logits_stride",
+    "target_rejected_logsumexp_ptr",
+    "draft_logits_ptr",
+    "draft_logits_stride_0",
+    "draft_logits_stride_1",
+    "draft_rejected_logsumexp_ptr",
+    "rejected_step_ptr",
+    "cu_num_logits_ptr",
+    "expanded_idx_mapping_ptr",
+    "draft_sampled_ptr",
+    "temp_ptr",
+    "seed_ptr",
+    "pos_ptr",
+    "cumulative_log_p_ptr",
+    "contexts_ptr",
+    "contexts_stride",
+    "watermarking_ptr",
+    "watermarking_skip_mask_ptr",
+    "watermark_key_0",
+    "watermark_key_1",
+    "vocab_size",
+    "BLOCK_SIZE",
+    "HAS_DRAFT_LOGITS",
+    "USE_FP64",
+    "USE_BLOCK_VERIFICATION",
+    "CONTEXT_WIDTH",
+    "WATERMARK",
+    "DEDUPLICATE_CONTEXTS",
+)
+INSERT_KERNEL_ARGS = (
+    "sampled_ptr",
+    "sampled_stride",
+    "num_sampled_ptr",
+    "resampled_local_argmax_ptr",
+    "resampled_local_argmax_stride",
+    "resampled_local_max_ptr",
+    "resampled_local_max_stride",
+    "resample_num_blocks",
+    "cu_num_logits_ptr",
+    "expanded_idx_mapping_ptr",
+    "temp_ptr",
+    "PADDED_RESAMPLE_NUM_BLOCKS",
+)
+KERNELS = {
+    "_compute_local_logits_stats_kernel": STATS_KERNEL_ARGS,
+    "_resample_kernel": RESAMPLE_KERNEL_ARGS,
+    "_insert_resampled_kernel": INSERT_KERNEL_ARGS,
+}
+VOCAB_BLOCK_SIZE = 8192  # MRV2's statistics block; the walk merges these blocks
+RESAMPLE_BLOCK_SIZE = 1024
 
 logger = get_logger()
 
 
+class _State:
+    """What this process's MRV2 sampler runs with (one engine per worker process)."""
+
+    config: EarsConfig | None = None
+    original_rejection_sample: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    stats = VerifyStats()
+    # [drafts, accepted, random drafts, random accepted, relaxed], summed on the device and read at
+    # each report, so a step costs no host synchronisation.
+    device_counts: torch.Tensor | None = None
+    pending_steps: int = 0
+    last_read: float = 0.0
+
+
+state = _State()
+
+
+def _parameters(kernel: Any) -> tuple[str, ...]:
+    names = getattr(kernel, "arg_names", None)  # a Triton JITFunction
+    return tuple(names) if names is not None else tuple(inspect.signature(kernel).parameters)
+
+
 def check_hooks() -> str | None:
-    """None when MRV2's ``rejection_sample`` is where and what we expect, else why not."""
-    return check_module(MODULE, ("RejectionSampler",), "rejection_sample", EXPECTED_PARAMETERS)
+    """None when MRV2's ``rejection_sample``, kernels and uniform draw are what we expect, else why not."""
+    problem = check_module(MODULE, ("RejectionSampler",), "rejection_sample", EXPECTED_PARAMETERS)
+    if problem is not None:
+        return problem
+    utils = importlib.import_module(UTILS_MODULE)
+    for name, expected in KERNELS.items():
+        found = _parameters(getattr(utils, name, None) or (lambda: None))
+        if found != expected:
+            return f"{UTILS_MODULE}.{name} has parameters {found}, expected {expected}"
+    if not hasattr(importlib.import_module(RANDOM_MODULE), "tl_rand32"):
+        return f"{RANDOM_MODULE} has no tl_rand32"
+    return None
 
 
 def install() -> None:
-    """Wrap MRV2's ``RejectionSampler.__init__`` to report what runs (idempotent)."""
-    sampler_cls = importlib.import_module(MODULE).RejectionSampler
+    """Wrap MRV2's ``RejectionSampler.__init__`` (idempotent)."""
+    module = importlib.import_module(MODULE)
+    sampler_cls = module.RejectionSampler
     if getattr(sampler_cls.__init__, "_ears_wrapped", False):
         return
     original_init = sampler_cls.__init__
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        from vllm.config import get_current_vllm_config_or_none
-
-        config = resolve_config(getattr(get_current_vllm_config_or_none(), "additional_config", None))
-        if config.policy != "standard":
-            logger.warning(
-                "ears-vllm: policy=%s tolerance=%g requested, but on Model Runner V2 the ears-vllm kernel is "
-                "not available yet: vLLM's standard rejection sampling runs. Set VLLM_USE_V2_MODEL_RUNNER=0 "
-                "to verify with ears-vllm through the V1 runner.",
-                config.policy,
-                config.tolerance,
-            )
-        else:
-            logger.info("ears-vllm: policy=standard runner=MRV2 verification=vLLM's own")
+        _configure(module, self)
 
     __init__._ears_wrapped = True  # type: ignore[attr-defined]
     sampler_cls.__init__ = __init__
+
+
+def _configure(module: Any, sampler: Any) -> None:
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = resolve_config(getattr(get_current_vllm_config_or_none(), "additional_config", None))
+    state.config = config
+    conflict = unsupported_reason(config, sampler)
+    if conflict is not None:
+        logger.warning("ears-vllm: %s; Model Runner V2 runs vLLM's own rejection sampling", conflict)
+    active = config.policy != "standard" and conflict is None
+    if active and state.original_rejection_sample is None:
+        state.original_rejection_sample = module.rejection_sample
+        module.rejection_sample = rejection_sample
+    logger.info(
+        "ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=MRV2 verification=%s",
+        config.policy,
+        config.tolerance,
+        config.min_ratio,
+        "ears-vllm" if active else "vLLM's own",
+    )
+
+
+def unsupported_reason(config: EarsConfig, sampler: Any) -> str | None:
+    """Why ``config`` cannot run on this MRV2 sampler (None when it can, or when nothing is asked)."""
+    if config.policy == "standard":
+        return None
+    if config.policy == "typical":
+        return "policy 'typical' is not available on Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0 to use it)"
+    if getattr(sampler, "use_block_verification", False):
+        return f"policy {config.policy!r} does not combine with rejection_sample_method='block'"
+    if getattr(sampler, "synthetic_conditional_rates", None) is not None:
+        return f"policy {config.policy!r} does not combine with rejection_sample_method='synthetic'"
+    if getattr(sampler, "watermark_key", None) is not None:
+        return f"policy {config.policy!r} does not combine with watermarking"
+    return None
+
+
+def rejection_sample(
+    target_logits: torch.Tensor,  # [num_logits, V], after temperature
+    draft_logits: torch.Tensor | None,  # [max_num_reqs, k, V], before temperature; None = one-hot drafts
+    draft_sampled: torch.Tensor,  # [num_logits]
+    cu_num_logits: torch.Tensor,  # [num_reqs + 1]
+    pos: torch.Tensor,  # [num_logits]
+    idx_mapping: torch.Tensor,  # [num_reqs]
+    expanded_idx_mapping: torch.Tensor,  # [num_logits]
+    expanded_local_pos: torch.Tensor,  # [num_logits]
+    temperature: torch.Tensor,  # [max_num_reqs]
+    seed: torch.Tensor,  # [max_num_reqs]
+    num_speculative_steps: int,
+    synthetic_conditional_rates: torch.Tensor | None = None,
+    use_fp64: bool = False,
+    use_block_verification: bool = False,
+    contexts: torch.Tensor | None = None,
+    **watermark: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRV2's ``rejection_sample`` under the configured policy.
+
+    Returns ``(sampled [num_reqs, k + 1], num_sampled [num_reqs])``, as vLLM's does.
+    """
+    config = state.config
+    if (
+        config is None
+        or config.policy != "ears"
+        or synthetic_conditional_rates is not None
+        or use_block_verification
+        or contexts is not None
+    ):
+        assert state.original_rejection_sample is not None
+        return state.original_rejection_sample(
+            target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
+            expanded_local_pos, temperature, seed, num_speculative_steps, synthetic_conditional_rates, use_fp64,
+            use_block_verification, contexts, **watermark,
+        )  # fmt: skip
+    sampled, num_sampled, num_relaxed = verify_mrv2(
+        target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
+        expanded_local_pos, temperature, seed, num_speculative_steps, config, use_fp64=use_fp64,
+    )  # fmt: skip
+    _record(num_sampled, num_relaxed, cu_num_logits, idx_mapping, temperature)
+    return sampled, num_sampled
+
+
+def verify_mrv2(
+    target_logits: torch.Tensor,  # [num_logits, V], after temperature
+    draft_logits: torch.Tensor | None,  # [max_num_reqs, k, V], before temperature
+    draft_sampled: torch.Tensor,  # [num_logits]
+    cu_num_logits: torch.Tensor,  # [num_reqs + 1]
+    pos: torch.Tensor,  # [num_logits]
+    idx_mapping: torch.Tensor,  # [num_reqs]
+    expanded_idx_mapping: torch.Tensor,  # [num_logits]
+    expanded_local_pos: torch.Tensor,  # [num_logits]
+    temperature: torch.Tensor,  # [max_num_reqs]
+    seed: torch.Tensor,  # [max_num_reqs]
+    num_speculative_steps: int,
+    config: EarsConfig,
+    *,
+    use_fp64: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``."""
+    import triton
+
+    from ears_vllm.kernels.split_stats_accept import split_stats_accept_kernel
+
+    utils = importlib.import_module(UTILS_MODULE)
+    uniform = importlib.import_module(RANDOM_MODULE).tl_rand32
+    num_reqs = cu_num_logits.shape[0] - 1
+    num_logits, vocab_size = target_logits.shape
+    has_draft_logits = draft_logits is not None
+    draft_strides = (draft_logits.stride(0), draft_logits.stride(1)) if has_draft_logits else (0, 0)
+    if has_draft_logits:
+        vocab_size = min(vocab_size, draft_logits.size(-1))  # a target vocabulary padded past the draft's
+
+    num_blocks = triton.cdiv(vocab_size, VOCAB_BLOCK_SIZE)
+    stats = {
+        name: target_logits.new_empty(num_logits, num_blocks, dtype=dtype)
+        for name, dtype in (
+            ("target_local_argmax", torch.int64),
+            ("target_local_max", torch.float32),
+            ("target_local_sumexp", torch.float32),
+            ("draft_local_max", torch.float32),
+            ("draft_local_sumexp", torch.float32),
+        )
+    }
+    utils._compute_local_logits_stats_kernel[(num_logits, num_blocks)](
+        **{f"{name}_ptr": t for name, t in stats.items()},
+        **{f"{name}_stride": t.stride(0) for name, t in stats.items()},
+        target_logits_ptr=target_logits,
+        target_logits_stride=target_logits.stride(0),
+        draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=draft_strides[0],
+        draft_logits_stride_1=draft_strides[1],
+        expanded_idx_mapping_ptr=expanded_idx_mapping,
+        expanded_local_pos_ptr=expanded_local_pos,
+        temp_ptr=temperature,
+        vocab_size=vocab_size,
+        num_speculative_steps=num_speculative_steps,
+        BLOCK_SIZE=VOCAB_BLOCK_SIZE,
+        HAS_DRAFT_LOGITS=has_draft_logits,
+    )
+
+    sampled = draft_sampled.new_empty(num_reqs, num_speculative_steps + 1, dtype=torch.int64)
+    num_sampled = sampled.new_empty(num_reqs, dtype=torch.int32)
+    num_relaxed = sampled.new_empty(num_reqs, dtype=torch.int32)
+    target_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
+    draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
+    split_stats_accept_kernel[(num_reqs,)](
+        sampled, sampled.stride(0), num_sampled, num_relaxed, target_rejected_lse, draft_rejected_lse,
+        target_logits, target_logits.stride(0), stats["target_local_argmax"], stats["target_local_argmax"].stride(0),
+        stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
+        draft_sampled, draft_logits, draft_strides[0], draft_strides[1],
+        stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
+        cu_num_logits, idx_mapping, temperature, seed, pos,
+        config.tolerance, config.min_ratio, num_blocks,
+        PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks), HAS_DRAFT_LOGITS=has_draft_logits,
+        RELAX=config.tolerance > 0, UNIFORM=uniform, num_warps=1,
+    )  # fmt: skip
+
+    resample_blocks = triton.cdiv(vocab_size, RESAMPLE_BLOCK_SIZE)
+    resampled_argmax = target_logits.new_empty(num_reqs, resample_blocks, dtype=torch.int64)
+    resampled_max = target_logits.new_empty(
+        num_reqs, resample_blocks, dtype=torch.float64 if use_fp64 else torch.float32
+    )
+    utils._resample_kernel[(num_reqs, resample_blocks)](
+        resampled_local_argmax_ptr=resampled_argmax,
+        resampled_local_argmax_stride=resampled_argmax.stride(0),
+        resampled_local_max_ptr=resampled_max,
+        resampled_local_max_stride=resampled_max.stride(0),
+        target_logits_ptr=target_logits,
+        target_logits_stride=target_logits.stride(0),
+        target_rejected_logsumexp_ptr=target_rejected_lse,
+        draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=draft_strides[0],
+        draft_logits_stride_1=draft_strides[1],
+        draft_rejected_logsumexp_ptr=draft_rejected_lse,
+        rejected_step_ptr=num_sampled,
+        cu_num_logits_ptr=cu_num_logits,
+        expanded_idx_mapping_ptr=expanded_idx_mapping,
+        draft_sampled_ptr=draft_sampled,
+        temp_ptr=temperature,
+        seed_ptr=seed,
+        pos_ptr=pos,
+        cumulative_log_p_ptr=None,
+        contexts_ptr=None,
+        contexts_stride=0,
+        watermarking_ptr=None,
+        watermarking_skip_mask_ptr=None,
+        watermark_key_0=0,
+        watermark_key_1=0,
+        vocab_size=vocab_size,
+        BLOCK_SIZE=RESAMPLE_BLOCK_SIZE,
+        HAS_DRAFT_LOGITS=has_draft_logits,
+        USE_FP64=use_fp64,
+        USE_BLOCK_VERIFICATION=False,
+        CONTEXT_WIDTH=1,
+        WATERMARK=False,
+        DEDUPLICATE_CONTEXTS=False,
+    )
+    utils._insert_resampled_kernel[(num_reqs,)](
+        sampled_ptr=sampled,
+        sampled_stride=sampled.stride(0),
+        num_sampled_ptr=num_sampled,
+        resampled_local_argmax_ptr=resampled_argmax,
+        resampled_local_argmax_stride=resampled_argmax.stride(0),
+        resampled_local_max_ptr=resampled_max,
+        resampled_local_max_stride=resampled_max.stride(0),
+        resample_num_blocks=resample_blocks,
+        cu_num_logits_ptr=cu_num_logits,
+        expanded_idx_mapping_ptr=expanded_idx_mapping,
+        temp_ptr=temperature,
+        PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
+    )
+    return sampled, num_sampled, num_relaxed
+
+
+def _record(
+    num_sampled: torch.Tensor,  # [num_reqs] int32: accepted + 1
+    num_relaxed: torch.Tensor,  # [num_reqs] int32
+    cu_num_logits: torch.Tensor,  # [num_reqs + 1]
+    idx_mapping: torch.Tensor,  # [num_reqs]
+    temperature: torch.Tensor,  # [max_num_reqs]
+) -> None:
+    """Add this step's counts on the device; move them into the stats at the report interval."""
+    drafts = (cu_num_logits[1:] - cu_num_logits[:-1] - 1).to(torch.int64)
+    accepted = num_sampled.to(torch.int64) - 1
+    is_random = (temperature[idx_mapping.long()] != 0).to(torch.int64)
+    step = torch.stack([drafts, accepted, drafts * is_random, accepted * is_random, num_relaxed.to(torch.int64)])
+    if state.device_counts is None or state.device_counts.device != step.device:
+        state.device_counts = torch.zeros(5, dtype=torch.int64, device=step.device)
+    state.device_counts += step.sum(dim=1)
+    state.pending_steps += 1
+    now = time.monotonic()
+    if now - state.last_read >= state.stats.log_interval_s:
+        state.last_read = now
+        state.stats.record(*state.device_counts.tolist(), steps=state.pending_steps)
+        state.device_counts.zero_()
+        state.pending_steps = 0
+        state.stats.report(logger)

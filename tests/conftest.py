@@ -1,8 +1,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ears_vllm.tiny_models import build_tiny_pair
+from tests.triton_cpu import triton_interpreter
+
+if not torch.cuda.is_available():
+    # Triton's own library (tl.max, tl.sum, tl.rand, ...; gluon's copies of them) is jitted when first
+    # imported: import it under the interpreter before vLLM does, or interpreted kernels cannot call it.
+    with triton_interpreter():
+        import triton.experimental.gluon
+        import triton.language  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -8,28 +8,19 @@ vocabularies that are not a multiple of the block, several vocabulary splits, an
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
 from ears_vllm import EarsConfig, verify
 from tests.test_verify import make_batch
+from tests.triton_cpu import triton_interpreter
 
 # A NaN or inf computed anywhere in a kernel (even one later masked away) fails the test.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
-# The interpreter is chosen when @triton.jit runs, i.e. at import: import the kernel module with it on,
-# and leave the variable as it was for the rest of the session (vLLM's own tests must not see it).
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+with triton_interpreter():
     verify_kernel = importlib.import_module("ears_vllm.kernels.verify_kernel")
-finally:
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
 
 
 @pytest.fixture(autouse=True)

