@@ -40,6 +40,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         k=args.k,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        shard_size=args.shard_size,
     )
     rows = run_e2e(config)
     print(markdown_table(rows))
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(e2e, "gsm8k, mt_bench, humaneval", "standard,ears:0.1,ears:0.3", "0.9")
     e2e.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
     e2e.add_argument("--seed", type=int, default=0)
+    e2e.add_argument(
+        "--shard-size", type=int, help="prompts per engine run; a stopped run keeps its finished shards (resume)"
+    )
     e2e.set_defaults(run=_bench_e2e)
 
     acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")

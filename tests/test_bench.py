@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ears_vllm.bench import datasets
-from ears_vllm.bench.e2e import E2EConfig, parse_policies, run_e2e
+from ears_vllm.bench.e2e import E2EConfig, cells, parse_policies, run_e2e, summarize
 
 
 def test_parse_policies_names_and_validates():
@@ -21,6 +21,42 @@ def test_parse_policies_names_and_validates():
         parse_policies("ears:1.5")
     with pytest.raises(ValueError, match="policy"):
         parse_policies("fast")
+
+
+def test_shards_cover_the_prompts_policy_by_policy(tmp_path):
+    config = E2EConfig("t", "d", tmp_path, [("gsm8k", None, 5)], parse_policies("standard,ears:0.1"), [0.9],
+                       shard_size=2)  # fmt: skip
+    grid = cells(config)
+    assert [(c.shard, c.policy) for c in grid] == [
+        ((0, 2), "standard"), ((0, 2), "ears-0.1"), ((2, 4), "standard"), ((2, 4), "ears-0.1"),
+        ((4, 5), "standard"), ((4, 5), "ears-0.1"),
+    ]  # fmt: skip
+    assert [p["id"] for c in grid[::2] for p in c.prompts] == [f"gsm8k-{i}" for i in range(5)]
+    assert grid[2].name == "gsm8k@2-4__standard"
+
+
+def _finished_run(out_dir, policy, shard, accepted, texts, answers):
+    result = {"temperature": 0.9, "elapsed_s": 2.0, "output_tokens": 10, "drafts": 4, "draft_tokens": 16,
+              "accepted": accepted, "accepted_per_position": [accepted, 0, 0, 0], "relaxed": 1, "random_drafts": 16,
+              "texts": texts, "finish_reasons": ["stop"] * len(texts)}  # fmt: skip
+    spec = {"dataset": "gsm8k", "policy_name": policy, "ears": {"policy": "ears", "tolerance": 0.1},
+            "shard": list(shard), "answers": answers}  # fmt: skip
+    name = f"gsm8k@{shard[0]}-{shard[1]}__{policy}.json"
+    (out_dir / name).write_text(json.dumps({"spec": spec, "results": [result]}))
+
+
+def test_summary_pairs_policies_on_the_shards_all_of_them_finished(tmp_path):
+    _finished_run(tmp_path, "standard", (0, 2), 4, ["#### 1", "#### 5"], ["1", "2"])
+    _finished_run(tmp_path, "ears-0.1", (0, 2), 8, ["#### 1", "#### 2"], ["1", "2"])
+    _finished_run(tmp_path, "standard", (2, 4), 2, ["#### 3", "#### 4"], ["3", "4"])
+    _finished_run(tmp_path, "ears-0.1", (2, 4), 6, ["#### 3", "#### 0"], ["3", "4"])
+    _finished_run(tmp_path, "standard", (4, 6), 0, ["x", "y"], ["5", "6"])  # ears has not run this shard yet
+    rows = {r["policy"]: r for r in summarize(tmp_path)}
+    assert rows["standard"]["num_prompts"] == rows["ears-0.1"]["num_prompts"] == 4
+    assert rows["standard"]["accuracy"] == 3 / 4 and rows["ears-0.1"]["accuracy"] == 3 / 4
+    assert rows["standard"]["mean_acceptance_length"] == 1 + (4 + 2) / 8
+    assert rows["ears-0.1"]["acceptance_per_position"] == [14 / 8, 0, 0, 0]
+    assert rows["ears-0.1"]["relaxed_per_draft"] == 2 / 32
 
 
 SCORING = {

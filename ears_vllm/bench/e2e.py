@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from ears_vllm.bench import datasets
@@ -33,6 +34,9 @@ class E2EConfig:
     max_tokens: int = 96
     max_model_len: int = 2048
     seed: int = 0
+    # Split each prompt set into cells of this many prompts (one engine each), so a long run keeps what it
+    # finished when it is stopped; None = one cell per prompt set.
+    shard_size: int | None = None
     # On a CPU, torch.compile's warmup (a full-size profile run) costs ~10 minutes per engine for the 1.5B
     # target; eager mode skips it. None = eager exactly when there is no CUDA device.
     enforce_eager: bool | None = None
@@ -51,19 +55,40 @@ def parse_policies(text: str) -> dict[str, dict]:
     return policies
 
 
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One engine run: a policy over a prompt set, or over prompts ``shard[0]:shard[1]`` of it."""
+
+    dataset: str
+    prompts: list[dict]
+    policy: str
+    shard: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        shard = f"@{self.shard[0]}-{self.shard[1]}" if self.shard else ""
+        return f"{self.dataset}{shard}__{self.policy}"
+
+
 def run_e2e(config: E2EConfig, *, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    for dataset, prompts, policy in tqdm(cells(config), desc="e2e runs", disable=not progress):
-        run_cell(config, dataset, prompts, policy)
+    for cell in tqdm(cells(config), desc="e2e runs", disable=not progress):
+        run_cell(config, cell)
     return write_summary(config.out_dir)
 
 
-def cells(config: E2EConfig) -> list[tuple[str, list[dict], str]]:
-    """The (dataset, prompts, policy) runs of a grid, one engine each."""
+def cells(config: E2EConfig) -> list[Cell]:
+    """The runs of a grid, shard by shard, every policy of a shard in turn (so pairs finish together)."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = [(name, datasets.load(name, path, limit)) for name, path, limit in config.datasets]
-    return [(name, prompts, policy) for name, prompts in loaded for policy in config.policies]
+    grid = []
+    for name, path, limit in config.datasets:
+        prompts = datasets.load(name, path, limit)
+        size = config.shard_size or len(prompts)
+        for start in range(0, len(prompts), size):
+            shard = (start, min(start + size, len(prompts))) if config.shard_size else None
+            grid += [Cell(name, prompts[start : start + size], policy, shard) for policy in config.policies]
+    return grid
 
 
 def write_summary(out_dir: Path) -> list[dict]:
@@ -77,17 +102,19 @@ def write_summary(out_dir: Path) -> list[dict]:
     return rows
 
 
-def run_cell(config: E2EConfig, dataset: str, prompts: list[dict], policy: str) -> Path:
+def run_cell(config: E2EConfig, cell: Cell) -> Path:
     """Run one engine (in its own process) unless its result is already there; return the result path."""
-    name = f"{dataset}__{policy}"
+    name = cell.name
     output = config.out_dir / f"{name}.json"
     spec = {
         "target": config.target, "draft": config.draft, "method": config.method, "k": config.k,
-        "ears": config.policies[policy], "policy_name": policy, "dataset": dataset,
+        "ears": config.policies[cell.policy], "policy_name": cell.policy, "dataset": cell.dataset,
         "temperatures": config.temperatures, "max_tokens": config.max_tokens,
-        "max_model_len": config.max_model_len, "seed": config.seed, "prompts": prompts,
+        "max_model_len": config.max_model_len, "seed": config.seed, "prompts": cell.prompts,
         "enforce_eager": config.enforce_eager if config.enforce_eager is not None else not _has_cuda(),
     }  # fmt: skip
+    if cell.shard:
+        spec["shard"] = list(cell.shard)
     spec["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     if output.exists() and json.loads(output.read_text())["spec"].get("key") == spec["key"]:
         return output  # resumable: this run is done
@@ -116,35 +143,55 @@ def _has_cuda() -> bool:
 
 
 def summarize(out_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(out_dir.glob("*__*.json")):
-        if path.name.endswith(".spec.json"):
-            continue
-        run = json.loads(path.read_text())
+    """One row per (dataset, policy, temperature), summed over the shards that every policy has finished.
+
+    Rows are paired: the same prompts, with the same seeds, under every policy of a dataset.
+    """
+    runs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*__*.json")) if not p.name.endswith(".spec.json")]
+    shards: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))  # dataset -> policy -> shards
+    for run in runs:
+        shards[run["spec"]["dataset"]][run["spec"]["policy_name"]].add(tuple(run["spec"].get("shard", ())))
+    paired = {dataset: set.intersection(*by_policy.values()) for dataset, by_policy in shards.items()}
+    groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
+    for run in runs:
         spec = run["spec"]
-        for result in run["results"]:
-            drafts = max(result["drafts"], 1)
-            row = {
-                "dataset": spec["dataset"],
-                "policy": spec["policy_name"],
-                "tolerance": spec["ears"].get("tolerance", 0.0) if spec["ears"]["policy"] != "typical" else None,
-                "temperature": result["temperature"],
-                "mean_acceptance_length": 1 + result["accepted"] / drafts,
-                "acceptance_rate": result["accepted"] / max(result["draft_tokens"], 1),
-                "acceptance_per_position": [a / drafts for a in result["accepted_per_position"] or []],
-                "relaxed_per_draft": result["relaxed"] / max(result["random_drafts"], 1),
-                "output_tokens_per_s": result["output_tokens"] / result["elapsed_s"],
-                "requests_per_s": len(result["texts"]) / result["elapsed_s"],
-                "num_prompts": len(result["texts"]),
-                # Outputs that ended on their own; a truncated GSM8K answer cannot be scored as right.
-                "finished": sum(r == "stop" for r in result.get("finish_reasons", [])) / len(result["texts"]),
-                "accuracy": None,
-            }
-            if spec["dataset"] == "gsm8k":
-                correct = [datasets.gsm8k_correct(t, a) for t, a in zip(result["texts"], spec["answers"], strict=True)]
-                row["accuracy"] = sum(correct) / len(correct)
-            rows.append(row)
-    return rows
+        if tuple(spec.get("shard", ())) in paired[spec["dataset"]]:
+            for result in run["results"]:
+                groups[(spec["dataset"], spec["policy_name"], result["temperature"])].append((spec, result))
+    return [_row(dataset, policy, temperature, items) for (dataset, policy, temperature), items in groups.items()]
+
+
+def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, dict]]) -> dict:
+    def total(key: str) -> float:
+        return sum(result[key] for _, result in items)
+
+    ears = items[0][0]["ears"]
+    texts = [text for _, result in items for text in result["texts"]]
+    finish_reasons = [reason for _, result in items for reason in result.get("finish_reasons", [])]
+    positions = [result["accepted_per_position"] or [] for _, result in items]
+    per_position = [sum(column) for column in zip(*positions, strict=True)]
+    drafts, elapsed = max(total("drafts"), 1), total("elapsed_s")
+    row = {
+        "dataset": dataset,
+        "policy": policy,
+        "tolerance": ears.get("tolerance", 0.0) if ears["policy"] != "typical" else None,
+        "temperature": temperature,
+        "mean_acceptance_length": 1 + total("accepted") / drafts,
+        "acceptance_rate": total("accepted") / max(total("draft_tokens"), 1),
+        "acceptance_per_position": [a / drafts for a in per_position],
+        "relaxed_per_draft": total("relaxed") / max(total("random_drafts"), 1),
+        "output_tokens_per_s": total("output_tokens") / elapsed,
+        "requests_per_s": len(texts) / elapsed,
+        "num_prompts": len(texts),
+        # Outputs that ended on their own; a truncated GSM8K answer cannot be scored as right.
+        "finished": sum(reason == "stop" for reason in finish_reasons) / len(texts),
+        "accuracy": None,
+    }
+    if dataset == "gsm8k":
+        answers = [answer for spec, _ in items for answer in spec["answers"]]
+        correct = [datasets.gsm8k_correct(t, a) for t, a in zip(texts, answers, strict=True)]
+        row["accuracy"] = sum(correct) / len(correct)
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:

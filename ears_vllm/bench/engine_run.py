@@ -58,8 +58,9 @@ def run(spec: dict) -> dict:
                                                  add_generation_prompt=True) for p in prompts]  # fmt: skip
     stats_prefix = os.environ["EARS_VLLM_STATS_PATH"]
     results = []
+    first = spec.get("shard", [0])[0]  # a prompt's seed is its index in the whole prompt set
     for temperature in spec["temperatures"]:
-        params = [SamplingParams(temperature=temperature, max_tokens=spec["max_tokens"], seed=spec["seed"] + i)
+        params = [SamplingParams(temperature=temperature, max_tokens=spec["max_tokens"], seed=spec["seed"] + first + i)
                   for i in range(len(prompts))]  # fmt: skip
         before, ears_before = _counters(llm), read_stats(stats_prefix)
         start = time.perf_counter()

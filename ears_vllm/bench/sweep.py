@@ -28,7 +28,7 @@ from typing import Any
 from ears_vllm.bench.e2e import E2EConfig, cells, parse_policies, run_cell, write_summary
 
 GRID_KEYS = {"target", "draft", "method", "k", "datasets", "temperatures", "policies", "max_tokens",
-             "max_model_len", "seed", "out", "cpus_per_cell", "gpus_per_cell"}  # fmt: skip
+             "max_model_len", "seed", "out", "cpus_per_cell", "gpus_per_cell", "shard_size"}  # fmt: skip
 
 
 def load_grid(path: str | Path) -> tuple[E2EConfig, dict[str, float]]:
@@ -58,6 +58,7 @@ def load_grid(path: str | Path) -> tuple[E2EConfig, dict[str, float]]:
         max_tokens=int(grid.get("max_tokens", 96)),
         max_model_len=int(grid.get("max_model_len", 2048)),
         seed=int(grid.get("seed", 0)),
+        shard_size=grid.get("shard_size"),
     )
     resources = {"num_cpus": float(grid.get("cpus_per_cell", 1)), "num_gpus": float(grid.get("gpus_per_cell", 0))}
     return config, resources
@@ -71,7 +72,7 @@ def run_sweep(config: E2EConfig, resources: dict[str, float], *, ray_address: st
     ray.init(address=ray_address, **(ray_init or {}))
     try:
         cell = ray.remote(**resources)(run_cell)
-        pending = [cell.remote(config, dataset, prompts, policy) for dataset, prompts, policy in cells(config)]
+        pending = [cell.remote(config, c) for c in cells(config)]
         with tqdm(total=len(pending), desc="sweep cells", disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
