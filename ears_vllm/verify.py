@@ -22,11 +22,14 @@ from typing import Literal
 
 import torch
 
+from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig
 from ears_vllm.reference import VerifyResult, verify_reference
 
 Backend = Literal["auto", "torch", "triton"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+AUTO_KERNEL_DEVICES = ("cuda",)  # where backend="auto" runs the Triton kernel
+_kernel_failure: str | None = None  # why the kernel failed in this process; "auto" no longer tries it
 
 
 def verify(
@@ -54,8 +57,10 @@ def verify(
     width to ``max_spec_len + 1`` (default: the largest ``num_draft_tokens``).
 
     ``backend="auto"`` runs the fused Triton kernel for CUDA tensors and the PyTorch reference
-    otherwise. Returns a :class:`VerifyResult`. Raises ``ValueError`` naming the argument for bad
-    shapes, dtypes, devices or values, and for ``backend="triton"`` where the kernel cannot run.
+    otherwise; if the kernel fails (a Triton that cannot compile it, say), it warns once and the
+    process uses the PyTorch path from then on. Returns a :class:`VerifyResult`. Raises ``ValueError``
+    naming the argument for bad shapes, dtypes, devices or values, and for ``backend="triton"`` where
+    the kernel cannot run.
     """
     config = config if config is not None else EarsConfig()
     if backend not in ("auto", "torch", "triton"):
@@ -121,27 +126,31 @@ def verify(
     if batch_size and not bool(((tolerance >= 0) & (tolerance <= 1)).all()):
         raise ValueError(f"tolerance={tolerance.tolist()} must lie in [0, 1] for every request")
 
-    implementation = verify_reference
-    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+    args = (target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids, draft_probs, is_greedy,
+            uniform.to(torch.float64), recovery_noise.reciprocal(), tolerance, config, max_spec_len)  # fmt: skip
+    if backend == "triton" or (backend == "auto" and device.type in AUTO_KERNEL_DEVICES and not _kernel_failure):
         from ears_vllm import kernels
 
         problem = kernels.unusable_reason(device.type)
+        if problem is None and backend == "triton":
+            return kernels.verify_triton(*args)
         if problem is None:
-            implementation = kernels.verify_triton
+            try:
+                return kernels.verify_triton(*args)
+            except Exception as exc:  # a kernel that fails to compile or launch must not fail the request
+                _kernel_failed(exc)
         elif backend == "triton":
             raise ValueError(f"backend='triton' cannot run here: {problem}")
-    return implementation(
-        target_logits,
-        draft_token_ids,
-        num_draft_tokens,
-        bonus_token_ids,
-        draft_probs,
-        is_greedy,
-        uniform.to(torch.float64),
-        recovery_noise.reciprocal(),
-        tolerance,
-        config,
-        max_spec_len,
+    return verify_reference(*args)
+
+
+def _kernel_failed(exc: Exception) -> None:
+    global _kernel_failure
+    _kernel_failure = f"{type(exc).__name__}: {exc}"
+    get_logger().warning(
+        "ears-vllm: the Triton verification kernel failed (%s); this process verifies with the PyTorch path from "
+        "now on (same results, slower)",
+        _kernel_failure,
     )
 
 

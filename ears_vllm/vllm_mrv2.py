@@ -144,6 +144,7 @@ class _State:
     device_counts: torch.Tensor | None = None
     pending_steps: int = 0
     last_read: float = 0.0
+    kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
 
 
 state = _State()
@@ -245,24 +246,34 @@ def rejection_sample(
     """
     config = state.config
     if (
-        config is None
-        or config.policy != "ears"
-        or synthetic_conditional_rates is not None
-        or use_block_verification
-        or contexts is not None
+        config is not None
+        and config.policy == "ears"
+        and state.kernel_failure is None
+        and synthetic_conditional_rates is None
+        and not use_block_verification
+        and contexts is None
     ):
-        assert state.original_rejection_sample is not None
-        return state.original_rejection_sample(
-            target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
-            expanded_local_pos, temperature, seed, num_speculative_steps, synthetic_conditional_rates, use_fp64,
-            use_block_verification, contexts, **watermark,
-        )  # fmt: skip
-    sampled, num_sampled, num_relaxed = verify_mrv2(
+        try:
+            sampled, num_sampled, num_relaxed = verify_mrv2(
+                target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
+                expanded_local_pos, temperature, seed, num_speculative_steps, config, use_fp64=use_fp64,
+            )  # fmt: skip
+        except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
+            state.kernel_failure = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "ears-vllm: the MRV2 acceptance kernel failed (%s); this worker runs vLLM's own rejection "
+                "sampling from now on",
+                state.kernel_failure,
+            )
+        else:
+            _record(num_sampled, num_relaxed, cu_num_logits, idx_mapping, temperature)
+            return sampled, num_sampled
+    assert state.original_rejection_sample is not None
+    return state.original_rejection_sample(
         target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
-        expanded_local_pos, temperature, seed, num_speculative_steps, config, use_fp64=use_fp64,
+        expanded_local_pos, temperature, seed, num_speculative_steps, synthetic_conditional_rates, use_fp64,
+        use_block_verification, contexts, **watermark,
     )  # fmt: skip
-    _record(num_sampled, num_relaxed, cu_num_logits, idx_mapping, temperature)
-    return sampled, num_sampled
 
 
 def verify_mrv2(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -276,3 +277,33 @@ def test_triton_backend_on_cpu_without_the_interpreter_says_why(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         verify(**_valid_args(), backend="triton")
+
+
+def test_a_kernel_that_fails_falls_back_to_pytorch_with_one_warning(monkeypatch, caplog):
+    """Simulated: a Triton that cannot compile the kernel. CUDA is stood in for by letting "auto" pick the
+    kernel on the CPU, and the kernel by a function that raises as a compile error would."""
+    import logging
+
+    from ears_vllm import kernels
+
+    verify_module = importlib.import_module("ears_vllm.verify")
+    monkeypatch.setattr(verify_module, "AUTO_KERNEL_DEVICES", ("cpu",))
+    monkeypatch.setattr(verify_module, "_kernel_failure", None)
+    monkeypatch.setattr(verify_module, "get_logger", lambda: logging.getLogger("ears-test"))
+    monkeypatch.setattr(kernels, "unusable_reason", lambda device_type: None)
+    attempts = []
+
+    def kernel_that_does_not_compile(*args):
+        attempts.append(args)
+        raise RuntimeError("CompilationError: simulated, at 12:8: unsupported op")
+
+    monkeypatch.setattr(kernels, "verify_triton", kernel_that_does_not_compile)
+    expected = verify(**_valid_args(), backend="torch")
+    with caplog.at_level(logging.WARNING, logger="ears-test"):
+        results = [verify(**_valid_args()) for _ in range(3)]
+    assert all(torch.equal(r.token_ids, expected.token_ids) for r in results)
+    assert len(attempts) == 1, "after one failure the process stops trying the kernel"
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "simulated" in caplog.records[0].message and "PyTorch path" in caplog.records[0].message
+    with pytest.raises(RuntimeError, match="simulated"):
+        verify(**_valid_args(), backend="triton")  # asked for by name: the error is the caller's to see

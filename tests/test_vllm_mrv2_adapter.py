@@ -233,6 +233,26 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
     assert stats.relaxed == int(num_relaxed.sum())
 
 
+def test_a_kernel_that_fails_hands_the_step_to_mrv2s_own_sampler(mrv2, monkeypatch):
+    """Simulated compile failure: the walk raises as Triton would; the step is verified by vLLM instead."""
+    batch = mrv2_step(3, **STEPS["random-full-draft"])
+    monkeypatch.setattr(vllm_mrv2.state, "config", EarsConfig(policy="ears", tolerance=0.3))
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "kernel_failure", None)
+    attempts = []
+
+    def kernel_that_does_not_compile(*args, **kwargs):
+        attempts.append(args)
+        raise RuntimeError("CompilationError: simulated")
+
+    monkeypatch.setattr(vllm_mrv2, "verify_mrv2", kernel_that_does_not_compile)
+    expected = mrv2.utils.rejection_sample(**batch)
+    for _ in range(2):
+        got = vllm_mrv2.rejection_sample(**batch)
+        assert accepted_tokens(*got) == accepted_tokens(*expected)
+    assert len(attempts) == 1 and "simulated" in vllm_mrv2.state.kernel_failure
+
+
 @pytest.mark.parametrize(
     ("config", "sampler", "reason"),
     [
