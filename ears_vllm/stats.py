@@ -35,6 +35,7 @@ class VerifyStats:
     random_drafts: int = 0  # draft tokens of requests with temperature > 0
     random_accepted: int = 0
     relaxed: int = 0
+    invalid: int = 0  # draft ids outside the target vocabulary, rejected
     shadow_steps: int = 0
     shadow_mismatches: int = 0
     log_interval_s: float = dataclasses.field(
@@ -43,9 +44,18 @@ class VerifyStats:
     _last_report: float = dataclasses.field(default_factory=time.monotonic)
 
     def record(
-        self, drafts: int, accepted: int, random_drafts: int, random_accepted: int, relaxed: int, *, steps: int = 1
+        self,
+        drafts: int,
+        accepted: int,
+        random_drafts: int,
+        random_accepted: int,
+        relaxed: int,
+        *,
+        invalid: int = 0,
+        steps: int = 1,
     ) -> None:
         self.steps += steps
+        self.invalid += invalid
         self.drafts += drafts
         self.accepted += accepted
         self.random_drafts += random_drafts

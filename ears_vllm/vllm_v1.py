@@ -22,6 +22,7 @@ import torch
 from ears_vllm._hooks import check_module
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
+from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
 from ears_vllm.stats import VerifyStats
 from ears_vllm.verify import verify
 
@@ -183,9 +184,17 @@ def rejection_sample(
     counts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
     random_rows = ~is_greedy
     sums = torch.stack([counts.sum(), result.num_accepted.sum(), counts[random_rows].sum(),
-                        result.num_accepted[random_rows].sum(), result.num_relaxed.sum()])  # fmt: skip
-    drafts, accepted, random_drafts, random_accepted, relaxed = sums.tolist()  # one host sync per step
-    state.stats.record(drafts, accepted, random_drafts, random_accepted, relaxed)
+                        result.num_accepted[random_rows].sum(), result.num_relaxed.sum(),
+                        (draft_token_ids >= target_logits.shape[-1]).sum()])  # fmt: skip
+    drafts, accepted, random_drafts, random_accepted, relaxed, invalid = sums.tolist()  # one host sync per step
+    if invalid:
+        logger.warning(
+            "ears-vllm: %d draft token id(s) outside the target vocabulary [0, %d) were rejected (as a token the "
+            "target gives probability 0); the other drafts of the step were verified as usual",
+            invalid,
+            target_logits.shape[-1],
+        )
+    state.stats.record(drafts, accepted, random_drafts, random_accepted, relaxed, invalid=invalid)
     state.stats.maybe_report(logger)
     return result.token_ids
 
@@ -202,9 +211,18 @@ def _verify_like_vllm(
     *,
     use_fp64_gumbel: bool,
 ):
-    """Draw uniforms, then recovery noise, exactly as vLLM V1 does, and run :func:`ears_vllm.verify`."""
+    """Draw uniforms, then recovery noise, exactly as vLLM V1 does, and run :func:`ears_vllm.verify`.
+
+    Inputs stock vLLM cannot take are made safe first, so that one bad request never fails the batch: a
+    draft id outside the target vocabulary becomes a rejected placeholder, and draft probabilities of
+    another vocabulary width are cut or zero-padded to the target's (a padded vocabulary, as MRV2 does).
+    """
     batch_size, num_tokens = len(num_draft_tokens), draft_token_ids.shape[0]
     vocab_size, device = target_logits.shape[-1], target_logits.device
+    draft_token_ids = draft_token_ids.masked_fill(draft_token_ids >= vocab_size, PLACEHOLDER_TOKEN_ID)
+    if draft_probs is not None and draft_probs.shape[-1] != vocab_size:
+        draft_probs = draft_probs[:, :vocab_size]
+        draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab_size - draft_probs.shape[-1]))
     if sampling_metadata.all_greedy:
         # vLLM draws no randoms for an all-greedy batch; neither do we.
         is_greedy = torch.ones(batch_size, dtype=torch.bool, device=device)

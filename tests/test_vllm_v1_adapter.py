@@ -175,8 +175,8 @@ def test_target_distribution_is_softmax_of_logits_over_temperature_after_top_k(v
 def corrupt(step: dict, how: str) -> dict:
     """Pathological rows inside an otherwise normal batch (the verifier must behave as stock vLLM does).
 
-    Not here: a +inf logit. Its softmax row is all NaN, and the recovered token then differs (torch.argmax
-    returns the first NaN, vLLM's CPU path another index): an open item of the reliability issue.
+    A +inf logit is tested apart (``test_an_infinite_logit_...``): the token sampled from its all-NaN row
+    is arbitrary, and vLLM's CPU kernel and torch.argmax pick different ones.
     """
     logits = step["target_logits"]
     if how == "nan-row":
@@ -206,3 +206,61 @@ def test_pathological_batches_match_stock_vllm_at_tolerance_zero(vllm_sampler_mo
         )
         got = run_with_rng(ours, corrupt(random_step(seed, **PATHOLOGICAL[how]), how), seed)
         assert torch.equal(got, expected), f"{how}, step {seed}: {got} vs {expected}"
+
+
+def _other_rows_equal(got: torch.Tensor, expected: torch.Tensor, affected: int) -> bool:
+    keep = [i for i in range(got.shape[0]) if i != affected]
+    return torch.equal(got[keep], expected[keep])
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_a_draft_id_past_the_vocabulary_is_rejected_and_the_batch_goes_on(vllm_sampler_module, adapter, full_draft):
+    """Stock vLLM would index out of bounds. Here: that draft is rejected and its request gets a token sampled
+    from the target; the other requests are verified exactly as stock vLLM verifies them."""
+    ours = adapter(EarsConfig(policy="ears", tolerance=0.0))
+    shape = dict(num_draft_tokens=[3, 2, 4], temperatures=[0.8, 0.0, 1.0], seeded=[0], full_draft=full_draft)
+    for seed, affected in [(0, 0), (1, 1), (2, 2), (3, 0)]:
+        stock_step, bad_step = random_step(seed, **shape), random_step(seed, **shape)
+        bad_step["draft_token_ids"][sum(shape["num_draft_tokens"][:affected])] = 97 + 5  # its first draft
+        expected = run_with_rng(vllm_sampler_module.rejection_sample, stock_step, seed)
+        got = run_with_rng(ours, bad_step, seed)
+        assert _other_rows_equal(got, expected, affected)
+        assert 0 <= got[affected, 0] < 97 and (got[affected, 1:] == -1).all()
+    assert vllm_v1.state.stats.invalid == 4
+
+
+@pytest.mark.parametrize("width", [90, 101], ids=["narrower-draft-vocab", "wider-draft-vocab"])
+def test_draft_probs_of_another_vocabulary_width_are_fitted_to_the_target(vllm_sampler_module, adapter, width):
+    """Narrower: the missing tokens have q = 0 (a padded target vocabulary). Wider: the extra columns are cut."""
+    ours = adapter(EarsConfig(policy="ears", tolerance=0.0))
+    shape = dict(num_draft_tokens=[4, 2, 3], temperatures=[0.8, 1.0, 0.0], seeded=[1], full_draft=True)
+    for seed in range(3):
+        stock_step, other_width = random_step(seed, **shape), random_step(seed, **shape)
+        probs = stock_step["draft_probs"]
+        if width < 97:
+            stock_step["draft_probs"] = torch.cat([probs[:, :width], torch.zeros(probs.shape[0], 97 - width)], -1)
+            other_width["draft_probs"] = probs[:, :width].clone()
+            stock_step["draft_token_ids"] %= width
+            other_width["draft_token_ids"] %= width
+        else:
+            other_width["draft_probs"] = torch.cat([probs, torch.full((probs.shape[0], width - 97), 0.1)], -1)
+        expected = run_with_rng(vllm_sampler_module.rejection_sample, stock_step, seed)
+        assert torch.equal(run_with_rng(ours, other_width, seed), expected)
+
+
+def test_an_infinite_logit_leaves_the_other_requests_as_stock_vllm_has_them(vllm_sampler_module, adapter):
+    """A +inf logit makes its row's softmax all NaN: the draft there is rejected by both, and the token put
+    in its place is an arbitrary in-range id (vLLM's CPU kernel and torch.argmax pick different ones)."""
+    ours = adapter(EarsConfig(policy="ears", tolerance=0.0))
+    shape = dict(num_draft_tokens=[3, 2, 4], temperatures=[0.8, 1.0, 0.0], seeded=[0], full_draft=False)
+    for seed in range(12):
+        affected = seed % 3
+        steps = [random_step(seed, **shape) for _ in range(2)]
+        for step in steps:
+            step["target_logits"][sum(shape["num_draft_tokens"][:affected]), 7] = float("inf")
+        got = run_with_rng(ours, steps[0], seed)
+        expected = run_with_rng(vllm_sampler_module.rejection_sample, steps[1], seed)
+        assert _other_rows_equal(got, expected, affected)
+        tokens = got[affected].tolist()
+        accepted = next(i for i, t in enumerate([*tokens, -1]) if t == -1) - 1
+        assert all(0 <= t < 97 for t in tokens[: accepted + 1])
