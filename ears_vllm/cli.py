@@ -98,6 +98,26 @@ def _models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.e2e import parse_policies
+    from ears_vllm.bench.load import LoadConfig, markdown_table, run_load
+
+    out = Path(args.out)
+    target, draft = args.target, args.draft
+    if target is None:
+        from ears_vllm.tiny_models import build_tiny_pair
+
+        target, draft = build_tiny_pair(out / "tiny-models")
+    elif draft is None:
+        raise SystemExit("--draft is required with --target")
+    config = LoadConfig(str(target), str(draft), out, parse_policies(args.policies), num_requests=args.num_requests,
+                        concurrency=args.concurrency, seed=args.seed)  # fmt: skip
+    rows = run_load(config)
+    print(markdown_table(rows))
+    print(f"\nper-request results in {out}/<policy>/requests.json")
+    return 1 if any(r["problems"] for r in rows) else 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from ears_vllm.doctor import diagnose
 
@@ -167,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(acceptance, "gsm8k, humaneval (reference texts)",
                  "standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical", "0.6,0.9,1.0")  # fmt: skip
     acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20)
+
+    load = bench.add_parser("load", help="a bounded load run on a real vllm serve: errors, losses, reproducibility")
+    load.add_argument("--target", help="target model (default: tiny random models built offline, for speed)")
+    load.add_argument("--draft", help="draft model (with --target)")
+    load.add_argument("--num-requests", type=int, default=500)
+    load.add_argument("--concurrency", type=int, default=32)
+    load.add_argument("--policies", default="standard,ears:0.3", help="comma list; one server each")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--out", default="results/load")
+    load.set_defaults(run=_bench_load)
     return parser
 
 

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
 from ears_vllm.tiny_models import CORPUS
-from tests.served import VllmServer, free_port, serve_command, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -161,22 +161,32 @@ def test_ngram_drafter_is_verified_by_the_plugin(tmp_path_factory, tiny_pair):
     assert stats["steps"] > 0 and stats["drafts"] > 0
 
 
-BAD_CONFIGS = {
-    "tolerance-out-of-range": ({"policy": "ears", "tolerance": 1.5}, "tolerance"),
-    "unknown-policy": ({"policy": "nope"}, "policy"),
-    "unknown-key": ({"policy": "ears", "tolerence": 0.1}, "tolerence"),
+BAD_CONFIGS = {  # (the "ears" section, or a YAML text written to a file and passed by path; env; named)
+    "tolerance-out-of-range": ({"policy": "ears", "tolerance": 1.5}, {}, "tolerance"),
+    "tolerance-wrong-type": ({"policy": "ears", "tolerance": "high"}, {}, "tolerance"),
+    "tolerance-nan": ({"policy": "ears", "tolerance": float("nan")}, {}, "tolerance"),
+    "min-ratio-inf": ({"policy": "ears", "min_ratio": float("inf")}, {}, "min_ratio"),
+    "unknown-policy": ({"policy": "nope"}, {}, "policy"),
+    "unknown-key": ({"policy": "ears", "tolerence": 0.1}, {}, "tolerence"),
+    "section-not-a-mapping": ([0.1], {}, "ears"),
+    "yaml-missing": ("/nonexistent/ears.yaml", {}, "/nonexistent/ears.yaml"),
+    "yaml-malformed": ("yaml:policy: [ears\n", {}, "ears.yaml"),
+    "env-not-a-number": (None, {"EARS_VLLM_TOLERANCE": "lots"}, "EARS_VLLM_TOLERANCE"),
 }
 
 
-@pytest.mark.parametrize(("ears", "named"), BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
-def test_bad_config_stops_the_server_before_any_model_loads(tmp_path, tiny_pair, ears, named):
+@pytest.mark.parametrize(("ears", "env", "named"), BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_config_stops_the_server_before_any_model_loads(tmp_path, tiny_pair, ears, env, named):
     target, draft = tiny_pair
+    if isinstance(ears, str) and ears.startswith("yaml:"):
+        (tmp_path / "ears.yaml").write_text(ears.removeprefix("yaml:"))
+        ears = str(tmp_path / "ears.yaml")
     command = serve_command(target, free_port(), speculative=draft_model_spec(draft), ears=ears)
-    done = subprocess.run(command, env=server_env(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=server_env(tmp_path, env), capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "ears config" in output and named in output
-    assert "Starting to load model" not in output
+    assert "Starting to load model" not in output and "Uvicorn running" not in output
 
 
 def test_moved_hooks_leave_vllm_untouched_with_one_warning(tmp_path_factory, tiny_pair):

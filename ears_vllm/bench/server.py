@@ -1,4 +1,4 @@
-"""A real ``vllm serve`` subprocess for end-to-end tests (loopback only; stopped by the test)."""
+"""A real ``vllm serve`` subprocess, for end-to-end tests and the load benchmark (loopback only)."""
 
 from __future__ import annotations
 

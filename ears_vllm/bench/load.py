@@ -1,0 +1,229 @@
+"""``ears-vllm bench load``: a bounded load run against a real ``vllm serve`` with the plugin, per policy.
+
+For each policy it starts a server on the loopback interface, sends a fixed number of requests at a
+fixed concurrency through the OpenAI client, stops the server, and checks what a production server
+owes its users:
+
+* no request errors and none is lost (every request that was not cancelled on purpose finishes with
+  ``stop`` or ``length``);
+* seeded requests reproduce: a set of seeded probes is sent twice, at different moments, so inside
+  different batch compositions, and the two texts are compared;
+* the counters agree: the plugin's accepted and draft counts equal vLLM's own ``/metrics`` counters,
+  and the tokens returned fit within what those counters say was generated.
+
+The request mix, drawn from a seeded RNG: greedy and random (T=0.8), seeded and unseeded, stop strings,
+``max_tokens`` 1, ``n`` = 2, streaming and non-streaming, and streams cancelled after a few chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
+
+PROMPTS = [
+    "The quick brown fox",
+    "def add(a, b):",
+    "Once upon a time",
+    "Question: what is two plus two?",
+    "The sea",
+    "In the beginning",
+    "import numpy as np",
+    "A list of colours:",
+]
+NUM_PROBES = 16  # seeded requests sent twice
+
+
+@dataclasses.dataclass
+class LoadConfig:
+    target: str
+    draft: str
+    out_dir: Path
+    policies: dict[str, dict]
+    num_requests: int = 500
+    concurrency: int = 32
+    seed: int = 0
+    k: int = 4
+
+
+def request_mix(num_requests: int, seed: int) -> list[dict]:
+    """The requests of a run, in sending order: ``kind`` plus the completion parameters."""
+    rng = random.Random(seed)
+    probes = [{"kind": "probe", "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0.8, "seed": 1000 + i,
+               "max_tokens": 24, "probe": i} for i in range(NUM_PROBES)]  # fmt: skip
+    requests = []
+    for i in range(num_requests - 2 * NUM_PROBES):
+        r: dict[str, Any] = {"kind": "plain", "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(4, 32)}
+        r["temperature"] = 0.0 if rng.random() < 0.3 else 0.8
+        if rng.random() < 0.5:
+            r["seed"] = i
+        roll = rng.random()
+        if roll < 0.1:
+            r["max_tokens"] = 1
+        elif roll < 0.25:
+            r["stop"] = [" the", "\n"]
+        elif roll < 0.35:
+            r["n"] = 2
+        roll = rng.random()
+        if roll < 0.1:
+            r["kind"] = "cancelled"  # a stream the client closes after two chunks
+        elif roll < 0.5:
+            r["kind"] = "stream"
+        requests.append(r)
+    # The probes go out once early and once late: the same seed inside different batches.
+    third = len(requests) // 3
+    return probes[:8] + requests[:third] + probes[8:] + probes[:8] + requests[third:] + probes[8:]
+
+
+async def _one(client, model: str, request: dict) -> dict:
+    params = {k: v for k, v in request.items() if k not in ("kind", "prompt", "probe")}
+    start = time.perf_counter()
+    try:
+        if request["kind"] in ("stream", "cancelled"):
+            stream = await client.completions.create(model=model, prompt=request["prompt"], stream=True, **params)
+            texts: dict[int, str] = {}
+            finish: dict[int, str | None] = {}
+            chunks = 0
+            async for chunk in stream:
+                chunks += 1
+                for choice in chunk.choices:
+                    texts[choice.index] = texts.get(choice.index, "") + choice.text
+                    finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+                if request["kind"] == "cancelled" and chunks >= 2:
+                    await stream.close()
+                    break
+            outcome = {"texts": [texts[i] for i in sorted(texts)], "finish": [finish[i] for i in sorted(finish)]}
+        else:
+            response = await client.completions.create(model=model, prompt=request["prompt"], **params)
+            choices = response.choices
+            outcome = {"texts": [c.text for c in choices], "finish": [c.finish_reason for c in choices],
+                       "completion_tokens": response.usage.completion_tokens}  # fmt: skip
+        outcome["error"] = None
+    except Exception as exc:  # recorded, never raised: the run counts errors
+        outcome = {"texts": [], "finish": [], "error": f"{type(exc).__name__}: {exc}"}
+    return {**request, **outcome, "latency_s": time.perf_counter() - start}
+
+
+async def _send_all(url: str, model: str, requests: list[dict], concurrency: int, progress: bool) -> list[dict]:
+    import openai
+    from tqdm import tqdm
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(requests), desc="requests", disable=not progress)
+
+    async def gated(request: dict) -> dict:
+        async with gate:
+            result = await _one(client, model, request)
+            bar.update()
+            return result
+
+    results = await asyncio.gather(*(gated(r) for r in requests))
+    bar.close()
+    await client.close()
+    return list(results)
+
+
+def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, float], policy: dict) -> dict:
+    """The run's figures and the verdict of every check (``problems`` empty = all good)."""
+    problems = []
+    errors = [r for r in results if r["error"]]
+    lost = [r for r in results if r["kind"] != "cancelled" and not r["error"]
+            and (not r["texts"] or any(f not in ("stop", "length") for f in r["finish"]))]  # fmt: skip
+    probes: dict[int, list[str]] = {}
+    for r in results:
+        if r["kind"] == "probe" and not r["error"]:
+            probes.setdefault(r["probe"], []).append(r["texts"][0])
+    irreproducible = sorted(i for i, texts in probes.items() if len(set(texts)) != 1)
+    if errors:
+        problems.append(f"{len(errors)} request(s) failed, e.g. {errors[0]['error']}")
+    if lost:
+        problems.append(f"{len(lost)} request(s) lost (no text or no finish reason)")
+    if irreproducible:
+        problems.append(f"seeded probes {irreproducible} gave different texts in different batches")
+
+    returned_tokens = sum(r.get("completion_tokens", 0) for r in results)
+    generated = metrics["vllm:generation_tokens_total"]
+    if returned_tokens > generated:
+        problems.append(f"{returned_tokens} tokens returned but vLLM counted {generated} generated")
+    if policy.get("policy", "standard") != "standard":
+        for ours, theirs in (("accepted", "vllm:spec_decode_num_accepted_tokens_total"),
+                             ("drafts", "vllm:spec_decode_num_draft_tokens_total")):  # fmt: skip
+            if ears_stats.get(ours) != metrics[theirs]:
+                problems.append(f"plugin {ours}={ears_stats.get(ours)} but vLLM {theirs}={metrics[theirs]}")
+    latencies = sorted(r["latency_s"] for r in results if r["kind"] != "cancelled" and not r["error"])
+    return {
+        "requests": len(results),
+        "errors": len(errors),
+        "lost": len(lost),
+        "cancelled": sum(r["kind"] == "cancelled" for r in results),
+        "probes_reproduced": f"{len(probes) - len(irreproducible)}/{len(probes)}",
+        "latency_p50_s": statistics.median(latencies) if latencies else None,
+        "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+        "vllm_draft_tokens": metrics["vllm:spec_decode_num_draft_tokens_total"],
+        "vllm_accepted_tokens": metrics["vllm:spec_decode_num_accepted_tokens_total"],
+        "vllm_generated_tokens": generated,
+        "returned_tokens_non_streaming": returned_tokens,
+        "plugin_accepted": ears_stats.get("accepted"),
+        "plugin_relaxed": ears_stats.get("relaxed"),
+        "problems": problems,
+    }
+
+
+METRICS = ("vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
+           "vllm:spec_decode_num_accepted_tokens_total")  # fmt: skip
+
+
+def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
+    """One server per policy, the same request mix for each; writes ``load.json`` and ``load.md``."""
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    requests = request_mix(config.num_requests, config.seed)
+    rows = []
+    for name, ears in config.policies.items():
+        workdir = config.out_dir / name
+        port = free_port()
+        speculative = {"method": "draft_model", "model": config.draft, "num_speculative_tokens": config.k}
+        command = serve_command(Path(config.target), port, speculative=speculative, ears=ears,
+                                extra=["--max-num-seqs", str(config.concurrency)])  # fmt: skip
+        server = VllmServer(command, server_env(workdir), workdir, port).start()
+        try:
+            start = time.perf_counter()
+            results = asyncio.run(_send_all(server.url, command[2], requests, config.concurrency, progress))
+            wall = time.perf_counter() - start
+            time.sleep(2)  # let the last step's counters land (aborted streams finish after their clients)
+            metrics = {m: server.metric(m) for m in METRICS}
+            row = {"policy": name, "wall_s": wall, **check(results, metrics, server.ears_stats(), ears)}
+        finally:
+            server.stop()
+        (workdir / "requests.json").write_text(json.dumps(results, indent=1))
+        rows.append(row)
+    (config.out_dir / "load.json").write_text(json.dumps(rows, indent=1))
+    (config.out_dir / "load.md").write_text(markdown_table(rows) + "\n")
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| policy | requests | errors | lost | cancelled on purpose | seeded probes reproduced | p50 s | p99 s "
+        "| wall s | plugin = vLLM counters | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        agree = (
+            "n/a (vLLM's own)"
+            if r["plugin_accepted"] is None
+            else str(r["plugin_accepted"] == r["vllm_accepted_tokens"])
+        )
+        lines.append(
+            f"| {r['policy']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['cancelled']} | "
+            f"{r['probes_reproduced']} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['wall_s']:.0f} | "
+            f"{agree} | {'; '.join(r['problems']) or 'none'} |"
+        )
+    return "\n".join(lines)
