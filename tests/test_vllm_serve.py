@@ -241,3 +241,17 @@ def test_offline_llm_loads_the_plugin_in_spawned_workers(tmp_path, tiny_pair):
     assert len(result["texts"]) == 4 and all(result["texts"])
     assert "ears-vllm: policy=ears tolerance=0.3" in output
     assert "ears-vllm stats: steps=" in output
+
+
+def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
+    """The load benchmark's own checks, on a short mix (the full 500-request run is `ears-vllm bench load`)."""
+    from ears_vllm.bench.e2e import parse_policies
+    from ears_vllm.bench.load import LoadConfig, run_load
+
+    target, draft = tiny_pair
+    config = LoadConfig(str(target), str(draft), tmp_path, parse_policies("ears:0.3"), num_requests=60, concurrency=16)
+    (row,) = run_load(config, progress=False)
+    assert row["problems"] == []
+    assert (row["requests"], row["errors"], row["lost"]) == (60, 0, 0) and row["cancelled"] > 0
+    assert row["plugin_relaxed"] > 0 and row["vllm_accepted_tokens"] > 0
+    assert (tmp_path / "load.md").read_text().count("| ears-0.3 |") == 1
