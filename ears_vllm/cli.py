@@ -98,6 +98,24 @@ def _models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kernel(args: argparse.Namespace) -> int:
+    import itertools
+
+    import torch
+
+    from ears_vllm.bench.kernel import Shape, markdown_table, run_kernel_bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.allow_cpu:
+        raise SystemExit("bench kernel times GPU kernels and needs CUDA (--allow-cpu runs it anyway, untimed)")
+    ints = [[int(x) for x in getattr(args, a).split(",")] for a in ("batches", "ks", "vocabs")]
+    shapes = [Shape(*combo) for combo in itertools.product(*ints, args.dtypes.split(","))]
+    rows = run_kernel_bench(Path(args.out), shapes, device=device)
+    print(markdown_table(rows, {}))
+    print(f"\nCSV, table, plot and environment in {args.out}/")
+    return 0
+
+
 def _bench_load(args: argparse.Namespace) -> int:
     from ears_vllm.bench.e2e import parse_policies
     from ears_vllm.bench.load import LoadConfig, markdown_table, run_load
@@ -130,6 +148,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ears_vllm.bench.kernel import BATCHES, DTYPES, KS, VOCABS
+
     parser = argparse.ArgumentParser(prog="ears-vllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -187,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(acceptance, "gsm8k, humaneval (reference texts)",
                  "standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical", "0.6,0.9,1.0")  # fmt: skip
     acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20)
+
+    kernel = bench.add_parser("kernel", help="the verification step's time per implementation (GPU)")
+    kernel.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    kernel.add_argument("--ks", default=",".join(map(str, KS)))
+    kernel.add_argument("--vocabs", default=",".join(map(str, VOCABS)))
+    kernel.add_argument("--dtypes", default=",".join(DTYPES))
+    kernel.add_argument("--out", default="results/kernel")
+    kernel.add_argument("--allow-cpu", action="store_true", help="run without CUDA (tests the code; no kernel timing)")
+    kernel.set_defaults(run=_bench_kernel)
 
     load = bench.add_parser("load", help="a bounded load run on a real vllm serve: errors, losses, reproducibility")
     load.add_argument("--target", help="target model (default: tiny random models built offline, for speed)")

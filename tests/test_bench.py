@@ -161,3 +161,23 @@ def test_sweep_grid_errors_name_the_key(tmp_path):
     grid.write_text("target: x\npolicy: [ears]\n")
     with pytest.raises(ValueError, match="policy"):
         load_grid(grid)
+
+
+def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypatch):
+    """The code of `bench kernel` on a CPU (Triton's interpreter, two tiny shapes): files and columns, no timing."""
+    import importlib
+
+    from ears_vllm.bench.kernel import Shape, run_kernel_bench
+    from tests.triton_cpu import triton_interpreter
+
+    with triton_interpreter():
+        importlib.import_module("ears_vllm.kernels.verify_kernel")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    shapes = [Shape(1, 2, 300, "float32"), Shape(2, 1, 300, "bfloat16")]
+    rows = run_kernel_bench(tmp_path, shapes, device="cpu", progress=False)
+    impls = {r["impl"] for r in rows}
+    assert {"bandwidth-bound", "ears-vllm standard", "ears-vllm ears-0.1", "pytorch"} <= impls
+    assert all(r["median_us"] > 0 for r in rows)
+    table = (tmp_path / "kernel.md").read_text()
+    assert "not a kernel timing" in table and table.count("| 300 |") == 2
+    assert (tmp_path / "kernel.png").stat().st_size > 0 and (tmp_path / "kernel.csv").read_text().count("\n") == 9

@@ -1,0 +1,242 @@
+"""``ears-vllm bench kernel``: the verification step's time, every implementation side by side, on a GPU.
+
+For each shape (batch x k x vocabulary x logits dtype) one run times, with ``triton.testing.do_bench``
+(median and 20/80% quantiles, microseconds):
+
+* ``ears-vllm standard`` / ``ears-vllm ears-0.1``: the fused kernel (``kernels.verify_triton``), randoms
+  drawn beforehand; their ratio is the price of EARS;
+* ``pytorch``: the PyTorch path (softmax, gather, residual, as vLLM V1 computes it: ``verify_reference``);
+* ``vllm-v1`` / ``vllm-mrv2``: vLLM's own ``rejection_sample`` of each runner, where vLLM imports;
+* ``flashinfer``: FlashInfer's ``chain_speculative_sampling`` (softmax included), where it imports;
+* ``bandwidth-bound``: the bytes the step must read (the logits) at the copy bandwidth measured here.
+
+Without CUDA (``--allow-cpu``, for testing this code on small shapes) the timer is ``time.perf_counter``
+and the rows say so: those numbers are not kernel timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import itertools
+import json
+import statistics
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ears_vllm.config import EarsConfig
+from ears_vllm.reference import verify_reference
+
+BATCHES, KS, VOCABS, DTYPES = (1, 8, 32, 128, 256), (1, 4, 8), (32000, 151936), ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    k: int
+    vocab: int
+    dtype: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * self.k
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__}
+    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (not a kernel timing)"
+    for name in ("vllm", "flashinfer"):
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except Exception:
+            info[name] = "not importable"
+    return info
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
+    """(median, 20%, 80%) in microseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        def gpu(fn):
+            return tuple(1e3 * t for t in triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+
+        return gpu
+
+    def cpu(fn, repeats: int = 3):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(1e6 * (time.perf_counter() - start))
+        return statistics.median(times), min(times), max(times)
+
+    return cpu
+
+
+def step_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
+    """One random verification step in ears-vllm's flat layout (one-hot drafts; half of them the argmax)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, shape.dtype)
+    logits = (torch.randn(shape.num_tokens, shape.vocab, device=device, generator=g) * 3).to(dtype)
+    draft = torch.randint(0, shape.vocab, (shape.num_tokens,), device=device, generator=g)
+    draft = torch.where(torch.rand(shape.num_tokens, device=device, generator=g) < 0.5, logits.argmax(-1), draft)
+    return dict(
+        target_logits=logits,
+        draft_token_ids=draft,
+        num_draft_tokens=torch.full((shape.batch,), shape.k, dtype=torch.int64, device=device),
+        bonus_token_ids=torch.randint(0, shape.vocab, (shape.batch,), device=device, generator=g),
+        draft_probs=None,
+        is_greedy=torch.zeros(shape.batch, dtype=torch.bool, device=device),
+        uniform=torch.rand(shape.num_tokens, dtype=torch.float64, device=device, generator=g),
+        inv_recovery_noise=torch.empty(shape.batch, shape.vocab, device=device).exponential_(generator=g).reciprocal(),
+        tolerance=torch.full((shape.batch,), 0.1, dtype=torch.float64, device=device),
+    )
+
+
+def implementations(shape: Shape, inputs: dict) -> dict[str, Callable[[], object]]:
+    """Every implementation that can run here, as a no-argument call on prepared inputs."""
+    from ears_vllm import kernels
+
+    args = list(inputs.values())
+    found: dict[str, Callable[[], object]] = {}
+    if kernels.unusable_reason(inputs["target_logits"].device.type) is None:
+        for name, config in (("standard", EarsConfig()), ("ears-0.1", EarsConfig(policy="ears", tolerance=0.1))):
+            found[f"ears-vllm {name}"] = lambda c=config: kernels.verify_triton(*args, c, shape.k)
+    found["pytorch"] = lambda: verify_reference(*args, EarsConfig(), shape.k)
+    for name, build in (("vllm-v1", _vllm_v1), ("vllm-mrv2", _vllm_mrv2), ("flashinfer", _flashinfer)):
+        try:
+            call = build(shape, inputs)
+            call()  # a trial run: an implementation that cannot run on this device leaves its column empty
+        except Exception:
+            continue
+        found[name] = call
+    return found
+
+
+def _vllm_v1(shape: Shape, inputs: dict) -> Callable[[], object]:
+    from vllm.v1.sample.rejection_sampler import rejection_sample
+
+    device = inputs["target_logits"].device
+    metadata = types.SimpleNamespace(  # the four fields the verification reads
+        all_greedy=False, all_random=True, temperature=torch.ones(shape.batch, device=device), generators={}
+    )
+    cu = torch.arange(1, shape.batch + 1, device=device, dtype=torch.int32) * shape.k
+    return lambda: rejection_sample(
+        inputs["draft_token_ids"].to(torch.int32), [shape.k] * shape.batch, shape.k, cu, None,
+        inputs["target_logits"], inputs["bonus_token_ids"][:, None], metadata,
+    )  # fmt: skip
+
+
+def _vllm_mrv2(shape: Shape, inputs: dict) -> Callable[[], object]:
+    from vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils import rejection_sample
+
+    device, rows = inputs["target_logits"].device, shape.k + 1
+    # MRV2 verifies k + 1 rows per request (the drafts' and the bonus's); the input token of each row.
+    per_request = inputs["target_logits"].view(shape.batch, shape.k, -1)
+    logits = torch.cat([per_request, per_request[:, :1]], 1).view(shape.batch * rows, -1)
+    draft_sampled = torch.cat([inputs["bonus_token_ids"][:, None], inputs["draft_token_ids"].view(shape.batch, -1)], 1)
+    idx = torch.arange(shape.batch, device=device, dtype=torch.int32)
+    return lambda: rejection_sample(
+        logits, None, draft_sampled.reshape(-1), torch.arange(shape.batch + 1, device=device, dtype=torch.int32) * rows,
+        torch.arange(shape.batch * rows, device=device), idx, idx.repeat_interleave(rows),
+        torch.arange(rows, device=device, dtype=torch.int32).repeat(shape.batch),
+        torch.ones(shape.batch, device=device), torch.arange(shape.batch, device=device), shape.k,
+    )  # fmt: skip
+
+
+def _flashinfer(shape: Shape, inputs: dict) -> Callable[[], object]:
+    from flashinfer.sampling import chain_speculative_sampling
+
+    logits = inputs["target_logits"]
+    bonus_logits = logits.view(shape.batch, shape.k, -1)[:, :1]
+    target = torch.cat([logits.view(shape.batch, shape.k, -1), bonus_logits], 1)
+    draft_ids = inputs["draft_token_ids"].view(shape.batch, shape.k).to(torch.int32)
+    draft_probs = torch.nn.functional.one_hot(draft_ids.long(), shape.vocab).float()
+    return lambda: chain_speculative_sampling(draft_probs, draft_ids, target.float().softmax(-1))
+
+
+def copy_bandwidth(device: str, timer) -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
+    size = (1 << 30) if device == "cuda" else (1 << 24)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    median_us, _, _ = timer(lambda: dst.copy_(src))
+    return 2 * size / (median_us * 1e-6)
+
+
+def run_kernel_bench(out_dir: Path, shapes: list[Shape], *, device: str, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    timer = _timer(device)
+    bandwidth = copy_bandwidth(device, timer)
+    rows = []
+    for shape in tqdm(shapes, desc="shapes", disable=not progress):
+        inputs = step_inputs(shape, device)
+        logits_bytes = inputs["target_logits"].numel() * inputs["target_logits"].element_size()
+        base = dataclasses.asdict(shape)
+        rows.append({**base, "impl": "bandwidth-bound", "median_us": 1e6 * logits_bytes / bandwidth,
+                     "p20_us": None, "p80_us": None})  # fmt: skip
+        for name, fn in implementations(shape, inputs).items():
+            median, p20, p80 = timer(fn)
+            rows.append({**base, "impl": name, "median_us": median, "p20_us": p20, "p80_us": p80,
+                         "bandwidth_fraction": 1e6 * logits_bytes / bandwidth / median})  # fmt: skip
+        del inputs
+    write_results(out_dir, rows, {**environment(), "copy_bandwidth_GBps": f"{bandwidth / 1e9:.1f}"})
+    return rows
+
+
+def write_results(out_dir: Path, rows: list[dict], env: dict[str, str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "environment.json").write_text(json.dumps(env, indent=1))
+    fields = ["batch", "k", "vocab", "dtype", "impl", "median_us", "p20_us", "p80_us", "bandwidth_fraction"]
+    with open(out_dir / "kernel.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "kernel.md").write_text(markdown_table(rows, env) + "\n")
+    plot_kernel(rows, out_dir / "kernel.png")
+
+
+def markdown_table(rows: list[dict], env: dict[str, str]) -> str:
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    lines = [", ".join(f"{k} {v}" for k, v in env.items()), "",
+             "| batch | k | vocab | dtype | " + " | ".join(f"{i} (us)" for i in impls) + " | ears / standard |",
+             "|---" * (5 + len(impls)) + "|"]  # fmt: skip
+    for key, group in itertools.groupby(rows, key=lambda r: (r["batch"], r["k"], r["vocab"], r["dtype"])):
+        by_impl = {r["impl"]: r["median_us"] for r in group}
+        cells = [f"{by_impl[i]:.1f}" if i in by_impl else "" for i in impls]
+        ratio = ""
+        if "ears-vllm standard" in by_impl and "ears-vllm ears-0.1" in by_impl:
+            ratio = f"{by_impl['ears-vllm ears-0.1'] / by_impl['ears-vllm standard']:.3f}"
+        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot_kernel(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["vocab"], r["dtype"], r["k"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (vocab, dtype, k) in zip(axes[0], panels, strict=True):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            points = sorted((r["batch"], r["median_us"]) for r in rows
+                            if (r["vocab"], r["dtype"], r["k"], r["impl"]) == (vocab, dtype, k, impl))  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="median us", title=f"V={vocab} {dtype} k={k}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
