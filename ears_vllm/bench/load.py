@@ -13,7 +13,8 @@ owes its users:
   within what vLLM says was generated.
 
 The request mix, drawn from a seeded RNG: greedy and random (T=0.8), seeded and unseeded, stop strings,
-``max_tokens`` 1, ``n`` = 2, streaming and non-streaming, and streams cancelled after a few chunks.
+``max_tokens`` 1, ``n`` = 2, streaming and non-streaming, streams cancelled after a few chunks, and a
+few invalid requests (``temperature`` -1) that must be answered 400 without disturbing the others.
 """
 
 from __future__ import annotations
@@ -72,9 +73,13 @@ def request_mix(num_requests: int, seed: int) -> list[dict]:
         elif roll < 0.25:
             r["stop"] = [" the", "\n"]
         elif roll < 0.35:
-            r["n"] = 2
+            r["n"], r["temperature"] = 2, 0.8  # vLLM takes n > 1 only for random sampling
+        elif roll < 0.37:
+            r["kind"], r["temperature"] = "invalid", -1.0  # must get a 400 and disturb nothing else
         roll = rng.random()
-        if roll < 0.1:
+        if r["kind"] == "invalid":
+            pass
+        elif roll < 0.1:
             r["kind"] = "cancelled"  # a stream the client closes after two chunks
         elif roll < 0.5:
             r["kind"] = "stream"
@@ -136,9 +141,13 @@ async def _send_all(url: str, model: str, requests: list[dict], concurrency: int
 def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, float], policy: dict) -> dict:
     """The run's figures and the verdict of every check (``problems`` empty = all good)."""
     problems = []
-    errors = [r for r in results if r["error"]]
-    lost = [r for r in results if r["kind"] != "cancelled" and not r["error"]
+    invalid = [r for r in results if r["kind"] == "invalid"]
+    errors = [r for r in results if r["error"] and r["kind"] != "invalid"]
+    lost = [r for r in results if r["kind"] not in ("cancelled", "invalid") and not r["error"]
             and (not r["texts"] or any(f not in ("stop", "length") for f in r["finish"]))]  # fmt: skip
+    accepted_invalid = [r for r in invalid if not (r["error"] or "").startswith("BadRequestError")]
+    if accepted_invalid:
+        problems.append(f"{len(accepted_invalid)} invalid request(s) were not answered with 400 Bad Request")
     probes: dict[int, list[str]] = {}
     for r in results:
         if r["kind"] == "probe" and not r["error"]:
@@ -165,12 +174,13 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
                 problems.append(
                     f"plugin {ours}={counted} vs vLLM {theirs}={reported}: beyond the 5% of discarded steps"
                 )
-    latencies = sorted(r["latency_s"] for r in results if r["kind"] != "cancelled" and not r["error"])
+    latencies = sorted(r["latency_s"] for r in results if r["kind"] not in ("cancelled", "invalid") and not r["error"])
     return {
         "requests": len(results),
         "errors": len(errors),
         "lost": len(lost),
         "cancelled": sum(r["kind"] == "cancelled" for r in results),
+        "invalid_rejected": len(invalid) - len(accepted_invalid),
         "probes_reproduced": f"{len(probes) - len(irreproducible)}/{len(probes)}",
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
@@ -219,9 +229,10 @@ def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| policy | requests | errors | lost | cancelled on purpose | seeded probes reproduced | p50 s | p99 s "
+        "| policy | requests | errors | lost | cancelled on purpose | invalid, answered 400 | seeded probes reproduced "
+        "| p50 s | p99 s "
         "| wall s | plugin / vLLM counters | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         agree = "n/a (vLLM's own)"
@@ -229,6 +240,7 @@ def markdown_table(rows: list[dict]) -> str:
             agree = f"{r['plugin_accepted']:.0f} / {r['vllm_accepted_tokens']:.0f} accepted"
         lines.append(
             f"| {r['policy']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['cancelled']} | "
+            f"{r['invalid_rejected']} | "
             f"{r['probes_reproduced']} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['wall_s']:.0f} | "
             f"{agree} | {'; '.join(r['problems']) or 'none'} |"
         )
