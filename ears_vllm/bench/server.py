@@ -58,6 +58,8 @@ class VllmServer:
 
     def start(self, timeout_s: float = 420) -> VllmServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for old in self.workdir.glob("stats.*"):  # counters of an earlier server in this directory
+            old.unlink()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
