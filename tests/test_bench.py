@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ears_vllm.bench import datasets
-from ears_vllm.bench.e2e import E2EConfig, cells, parse_policies, run_e2e, summarize
+from ears_vllm.bench.e2e import E2EConfig, _paired_row, cells, paired_quality, parse_policies, run_e2e, summarize
 
 
 def test_parse_policies_names_and_validates():
@@ -57,6 +57,48 @@ def test_summary_pairs_policies_on_the_shards_all_of_them_finished(tmp_path):
     assert rows["standard"]["mean_acceptance_length"] == 1 + (4 + 2) / 8
     assert rows["ears-0.1"]["acceptance_per_position"] == [14 / 8, 0, 0, 0]
     assert rows["ears-0.1"]["relaxed_per_draft"] == 2 / 32
+
+    assert {r["policy"] for r in summarize(tmp_path, policies=["standard"])} == {"standard"}
+
+
+def test_paired_quality_counts_problems_solved_by_one_side_only(tmp_path):
+    _finished_run(tmp_path, "standard", (0, 4), 0, ["#### 1", "#### 2", "#### 0", "#### 0"], ["1", "2", "3", "4"])
+    _finished_run(tmp_path, "ears-0.3", (0, 4), 0, ["#### 1", "#### 0", "#### 3", "#### 4"], ["1", "2", "3", "4"])
+    _finished_run(tmp_path, "standard", (4, 6), 0, ["#### 5", "#### 6"], ["5", "6"])
+    _finished_run(tmp_path, "ears-0.3", (4, 6), 0, ["#### 5", "#### 6"], ["5", "6"])
+    _finished_run(tmp_path, "ears-0.1", (0, 4), 0, ["#### 1", "#### 2", "#### 0", "#### 0"], ["1", "2", "3", "4"])
+    pairs = {r["policy"]: r for r in paired_quality(tmp_path)}
+
+    # ears-0.1 ran one shard only; ears-0.3 is still compared with standard on both.
+    assert pairs["ears-0.3"]["num_problems"] == 6 and pairs["ears-0.1"]["num_problems"] == 4
+    ears = pairs["ears-0.3"]
+    assert (ears["both_correct"], ears["baseline_only"], ears["policy_only"]) == (3, 1, 2)
+    assert ears["accuracy_difference"] == pytest.approx(1 / 6)
+    half_width = 1.96 * (3 - 6 * (1 / 6) ** 2) ** 0.5 / 6
+    assert ears["difference_ci95"] == pytest.approx([1 / 6 - half_width, 1 / 6 + half_width])
+    assert ears["mcnemar_p"] == pytest.approx(1.0)  # 1 vs 2 discordant: min(1, 2 * (1 + 3) / 8)
+    same = pairs["ears-0.1"]
+    assert (same["baseline_only"], same["policy_only"], same["accuracy_difference"]) == (0, 0, 0)
+    assert same["mcnemar_p"] == 1.0
+
+
+MCNEMAR = {  # (solved by the baseline only, by the policy only) -> exact two-sided p
+    "none-discordant": (0, 0, 1.0),
+    "six-to-none": (0, 6, 2 / 64),
+    "one-to-seven": (1, 7, 2 * (1 + 8) / 256),
+    "balanced": (4, 4, 1.0),
+}
+
+
+@pytest.mark.parametrize(("baseline_only", "policy_only", "p"), MCNEMAR.values(), ids=MCNEMAR.keys())
+def test_mcnemar_p_is_the_exact_binomial_tail(baseline_only, policy_only, p):
+    n = 40
+    problems = list(range(n))
+    reference = {i: i < baseline_only for i in problems}
+    scores = {i: baseline_only <= i < baseline_only + policy_only for i in problems}
+    row = _paired_row("gsm8k", 0.9, "ears-0.3", "standard", problems, reference, scores)
+    assert row["mcnemar_p"] == pytest.approx(p)
+    assert row["accuracy_difference"] == pytest.approx((policy_only - baseline_only) / n)
 
 
 SCORING = {

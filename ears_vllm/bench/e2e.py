@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,9 +74,11 @@ class Cell:
 def run_e2e(config: E2EConfig, *, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    for cell in tqdm(cells(config), desc="e2e runs", disable=not progress):
-        run_cell(config, cell)
-    return write_summary(config.out_dir)
+    with tqdm(cells(config), desc="e2e runs", disable=not progress) as bar:
+        for cell in bar:
+            bar.set_postfix_str(cell.name)  # finished cells are skipped at once; this shows which one runs
+            run_cell(config, cell)
+    return write_summary(config.out_dir, policies=list(config.policies))
 
 
 def cells(config: E2EConfig) -> list[Cell]:
@@ -91,13 +94,17 @@ def cells(config: E2EConfig) -> list[Cell]:
     return grid
 
 
-def write_summary(out_dir: Path) -> list[dict]:
-    """rows.json, summary.md and the plots, from every finished run in ``out_dir``."""
+def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict]:
+    """rows.json, paired_quality.json, summary.md and the plots, from the finished runs in ``out_dir``
+    (of ``policies`` only, when given)."""
     from ears_vllm.bench.plots import plot_e2e
 
-    rows = summarize(out_dir)
+    rows = summarize(out_dir, policies)
+    pairs = paired_quality(out_dir, policies)
     (out_dir / "rows.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "summary.md").write_text(markdown_table(rows) + "\n")
+    (out_dir / "paired_quality.json").write_text(json.dumps(pairs, indent=1))
+    summary = markdown_table(rows) + ("\n\n" + paired_quality_table(pairs) if pairs else "")
+    (out_dir / "summary.md").write_text(summary + "\n")
     plot_e2e(rows, out_dir)
     return rows
 
@@ -142,20 +149,30 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def summarize(out_dir: Path) -> list[dict]:
+def _finished_runs(out_dir: Path, policies: list[str] | None) -> list[dict]:
+    paths = sorted(p for p in out_dir.glob("*__*.json") if not p.name.endswith(".spec.json"))
+    runs = [json.loads(p.read_text()) for p in paths]
+    return [run for run in runs if policies is None or run["spec"]["policy_name"] in policies]
+
+
+def _shard(run: dict) -> tuple[int, ...]:
+    return tuple(run["spec"].get("shard", ()))
+
+
+def summarize(out_dir: Path, policies: list[str] | None = None) -> list[dict]:
     """One row per (dataset, policy, temperature), summed over the shards that every policy has finished.
 
     Rows are paired: the same prompts, with the same seeds, under every policy of a dataset.
     """
-    runs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*__*.json")) if not p.name.endswith(".spec.json")]
+    runs = _finished_runs(out_dir, policies)
     shards: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))  # dataset -> policy -> shards
     for run in runs:
-        shards[run["spec"]["dataset"]][run["spec"]["policy_name"]].add(tuple(run["spec"].get("shard", ())))
+        shards[run["spec"]["dataset"]][run["spec"]["policy_name"]].add(_shard(run))
     paired = {dataset: set.intersection(*by_policy.values()) for dataset, by_policy in shards.items()}
     groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for run in runs:
         spec = run["spec"]
-        if tuple(spec.get("shard", ())) in paired[spec["dataset"]]:
+        if _shard(run) in paired[spec["dataset"]]:
             for result in run["results"]:
                 groups[(spec["dataset"], spec["policy_name"], result["temperature"])].append((spec, result))
     return [_row(dataset, policy, temperature, items) for (dataset, policy, temperature), items in groups.items()]
@@ -206,5 +223,71 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
             f"{r['acceptance_rate']:.3f} | {r['relaxed_per_draft']:.4f} | {r['output_tokens_per_s']:.2f} | "
             f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {accuracy} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_quality(out_dir: Path, policies: list[str] | None = None, baseline: str = "standard") -> list[dict]:
+    """Each policy against ``baseline`` on the scored (GSM8K) problems both have finished, problem by problem.
+
+    ``baseline_only`` / ``policy_only`` count the discordant problems (solved by one side only); the accuracy
+    difference gets a 95% normal interval for paired proportions and an exact two-sided McNemar p-value.
+    Unlike :func:`summarize`, each policy is paired with the baseline alone, so a policy that has run fewer
+    shards does not shrink the others' comparisons.
+    """
+    correct: dict[tuple, dict[str, dict[tuple, bool]]] = defaultdict(lambda: defaultdict(dict))
+    for run in _finished_runs(out_dir, policies):
+        spec = run["spec"]
+        if spec["dataset"] != "gsm8k":
+            continue
+        start = (spec.get("shard") or [0])[0]
+        for result in run["results"]:
+            scores = correct[(spec["dataset"], result["temperature"])][spec["policy_name"]]
+            for i, (text, answer) in enumerate(zip(result["texts"], spec["answers"], strict=True)):
+                scores[start + i] = datasets.gsm8k_correct(text, answer)
+    rows = []
+    for (dataset, temperature), by_policy in sorted(correct.items()):
+        reference = by_policy.get(baseline)
+        for policy, scores in sorted(by_policy.items()):
+            if reference is None or policy == baseline:
+                continue
+            problems = sorted(reference.keys() & scores.keys())
+            if problems:
+                rows.append(_paired_row(dataset, temperature, policy, baseline, problems, reference, scores))
+    return rows
+
+
+def _paired_row(dataset, temperature, policy, baseline, problems, reference, scores) -> dict:
+    n = len(problems)
+    baseline_only = sum(reference[i] and not scores[i] for i in problems)
+    policy_only = sum(scores[i] and not reference[i] for i in problems)
+    difference = (policy_only - baseline_only) / n
+    half_width = 1.96 * math.sqrt(max(baseline_only + policy_only - n * difference**2, 0.0)) / n
+    discordant = baseline_only + policy_only
+    tail = sum(math.comb(discordant, i) for i in range(min(baseline_only, policy_only) + 1)) / 2**discordant
+    return {
+        "dataset": dataset, "temperature": temperature, "policy": policy, "baseline": baseline, "num_problems": n,
+        "baseline_accuracy": sum(reference[i] for i in problems) / n,
+        "policy_accuracy": sum(scores[i] for i in problems) / n,
+        "both_correct": sum(reference[i] and scores[i] for i in problems),
+        "baseline_only": baseline_only, "policy_only": policy_only,
+        "accuracy_difference": difference, "difference_ci95": [difference - half_width, difference + half_width],
+        "mcnemar_p": min(1.0, 2 * tail),
+    }  # fmt: skip
+
+
+def paired_quality_table(pairs: list[dict]) -> str:
+    lines = [
+        "| dataset | T | policy vs baseline | problems | accuracy (baseline → policy) | solved by baseline only "
+        "| by policy only | difference, 95% CI (points) | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in pairs:
+        low, high = (100 * x for x in r["difference_ci95"])
+        lines.append(
+            f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} vs {r['baseline']} | {r['num_problems']} | "
+            f"{r['baseline_accuracy']:.3f} → {r['policy_accuracy']:.3f} | {r['baseline_only']} | "
+            f"{r['policy_only']} | {100 * r['accuracy_difference']:+.1f} [{low:+.1f}, {high:+.1f}] | "
+            f"{r['mcnemar_p']:.2f} |"
         )
     return "\n".join(lines)

@@ -80,4 +80,4 @@ def run_sweep(config: E2EConfig, resources: dict[str, float], *, ray_address: st
                 bar.update(len(done))
     finally:
         ray.shutdown()
-    return write_summary(config.out_dir)
+    return write_summary(config.out_dir, policies=list(config.policies))
