@@ -49,13 +49,25 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 
 
 def _bench_acceptance(args: argparse.Namespace) -> int:
-    from ears_vllm.bench.acceptance import markdown_table, reference_texts, run_acceptance
+    from ears_vllm.bench.acceptance import markdown_table, reference_texts, run_acceptance, run_outputs
     from ears_vllm.bench.e2e import parse_policies
 
     target, draft = _resolve_models(args)
-    pairs = [p for name in args.datasets.split(",") for p in reference_texts(name, args.dataset_path, args.num_prompts)]
-    temperatures = [float(t) for t in args.temperatures.split(",")]
-    rows = run_acceptance(target, draft, pairs, parse_policies(args.policies), temperatures, k=args.k)
+    policies = parse_policies(args.policies)
+    if args.from_run:
+        runs = [json.loads(Path(path).read_text()) for path in args.from_run]
+        found = sorted({result["temperature"] for run in runs for result in run["results"]})
+        temperatures = [float(t) for t in args.temperatures.split(",")] if args.temperatures else found
+        rows = []
+        for temperature in temperatures:  # each temperature is checked on the texts sampled at it
+            pairs = run_outputs(args.from_run, temperature)
+            rows += run_acceptance(target, draft, pairs, policies, [temperature], k=args.k, chat=True)
+    else:
+        pairs = [
+            p for name in args.datasets.split(",") for p in reference_texts(name, args.dataset_path, args.num_prompts)
+        ]
+        temperatures = [float(t) for t in (args.temperatures or "0.6,0.9,1.0").split(",")]
+        rows = run_acceptance(target, draft, pairs, policies, temperatures, k=args.k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "acceptance.json").write_text(json.dumps(rows, indent=1))
@@ -191,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
         p.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
         p.add_argument("--policies", default=policies, help="comma list, e.g. standard,ears:0.1,typical")
-        p.add_argument("--temperatures", default=temperatures, help="comma list, e.g. 0,0.6,0.9,1.0")
+        p.add_argument("--temperatures", default=temperatures, help=f"comma list (default {temperatures})")
         p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
 
     e2e = bench.add_parser("e2e", help="real vLLM speculative decoding, policies side by side")
@@ -204,9 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.set_defaults(run=_bench_e2e)
 
     acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")
-    grid_options(acceptance, "gsm8k, humaneval (reference texts)",
-                 "standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical", "0.6,0.9,1.0")  # fmt: skip
-    acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20)
+    all_policies = "standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical"
+    grid_options(
+        acceptance, "gsm8k, humaneval (reference texts)", all_policies, "0.6,0.9,1.0; with --from-run, the runs'"
+    )
+    acceptance.add_argument("--from-run", nargs="+", metavar="RUN_JSON",
+                            help="teacher-force the texts of finished `bench e2e` runs (standard policy) instead: "
+                            "checks the prediction on the engine's own samples")  # fmt: skip
+    acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20, temperatures=None)
 
     kernel = bench.add_parser("kernel", help="the verification step's time per implementation (GPU)")
     kernel.add_argument("--batches", default=",".join(map(str, BATCHES)))

@@ -145,6 +145,7 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     runs = {p: json.loads((config.out_dir / f"gsm8k__{p}.json").read_text()) for p in ("standard", "ears-0.5")}
     greedy = [run["results"][0]["texts"] for run in runs.values()]
     assert greedy[0] == greedy[1], "greedy requests are untouched by the policy"
+    assert runs["standard"]["spec"]["prompt_texts"] == [item["prompt"] for item in datasets.load("gsm8k", limit=2)]
 
     # Resume: finished runs are not rerun; a missing one (an interrupted run) is redone alone.
     mtimes = {p.name: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")}
@@ -173,6 +174,29 @@ def test_bench_acceptance_on_tiny_models(tiny_pair):
     assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
     assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
     assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
+
+
+def test_bench_acceptance_replays_the_texts_of_a_finished_run(tmp_path):
+    from ears_vllm.bench.acceptance import run_outputs
+
+    gsm8k = datasets.load("gsm8k", limit=4)
+    _finished_run(tmp_path, "standard", (2, 4), 0, ["two", "three"], [item["answer"] for item in gsm8k[2:]])
+    old_run = tmp_path / "gsm8k@2-4__standard.json"  # written before runs stored their prompts
+    assert run_outputs([old_run], 0.9) == [(gsm8k[2]["prompt"], "two"), (gsm8k[3]["prompt"], "three")]
+
+    run = json.loads(old_run.read_text())
+    run["spec"]["prompt_texts"] = ["first prompt", "second prompt"]
+    new_run = tmp_path / "new.json"
+    new_run.write_text(json.dumps(run))
+    assert run_outputs([new_run], 0.9) == [("first prompt", "two"), ("second prompt", "three")]
+
+    with pytest.raises(ValueError, match=r"no outputs at temperature 0.6; it has \[0.9\]"):
+        run_outputs([new_run], 0.6)
+    run["spec"].pop("prompt_texts")
+    run["spec"]["answers"] = ["1", "2"]
+    old_run.write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="no longer holds its prompts"):
+        run_outputs([old_run], 0.9)
 
 
 @pytest.mark.slow

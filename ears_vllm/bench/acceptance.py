@@ -6,9 +6,16 @@ accepted and that it is a relaxed acceptance (:func:`ears_vllm.policies.expected
 Chaining those along the text predicts vLLM's mean acceptance length for ``k`` drafts:
 ``1 + mean_t sum_{i=1..k} prod_{j<i} alpha_{t+j}``. A full policy sweep takes minutes where measuring it
 with real generation takes hours (on a CPU); compare with ``bench e2e`` to see how well it predicts.
+
+The references are either a dataset's own texts (GSM8K worked solutions, HumanEval canonical solutions) or,
+with :func:`run_outputs`, what the target itself generated in a finished ``bench e2e`` run under the standard
+policy: samples of exactly the distribution the engine verifies, so the prediction can be checked closely.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -29,11 +36,39 @@ def reference_texts(dataset: str, path: str | None, limit: int | None) -> list[t
     raise ValueError(f"bench acceptance needs reference texts: dataset {dataset!r} not in 'gsm8k', 'humaneval'")
 
 
+def run_outputs(paths: list[Path], temperature: float) -> list[tuple[str, str]]:
+    """(prompt, generated text) pairs at ``temperature`` from finished ``bench e2e`` run files.
+
+    The prompts are those the run stored; a run written before they were stored gets them again from the
+    dataset's default file (a run over another ``--dataset-path`` must be replayed from a newer run).
+    """
+    pairs = []
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        spec = run["spec"]
+        by_temperature = {result["temperature"]: result for result in run["results"]}
+        if temperature not in by_temperature:
+            raise ValueError(f"run {str(path)!r} has no outputs at temperature {temperature:g}; "
+                             f"it has {sorted(by_temperature)}")  # fmt: skip
+        texts = by_temperature[temperature]["texts"]
+        prompts = spec.get("prompt_texts")
+        if prompts is None:
+            start = (spec.get("shard") or [0])[0]
+            items = datasets.load(spec["dataset"], None, start + len(texts))[start:]
+            if [item["answer"] for item in items] != spec["answers"]:
+                raise ValueError(f"run {str(path)!r}: the dataset's default file no longer holds its prompts")
+            prompts = [item["prompt"] for item in items]
+        pairs += list(zip(prompts, texts, strict=True))
+    return pairs
+
+
 @torch.no_grad()
-def teacher_forced_logits(model, tokenizer, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
-    """Per pair, ``[len(continuation), V]`` logits predicting each continuation token."""
+def teacher_forced_logits(model, tokenizer, pairs: list[tuple[str, str]], chat: bool = False) -> list[torch.Tensor]:
+    """Per pair, ``[len(continuation), V]`` logits predicting each continuation token (after the prompt as
+    a chat user turn, the way ``bench e2e`` sends it, when ``chat``)."""
     out = []
     for prompt, continuation in pairs:
+        prompt = datasets.as_chat(tokenizer, prompt) if chat else prompt
         prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
         full_ids = tokenizer(prompt + continuation, return_tensors="pt").input_ids
         logits = model(full_ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
@@ -57,6 +92,7 @@ def run_acceptance(
     temperatures: list[float],
     k: int = 4,
     progress: bool = True,
+    chat: bool = False,
 ) -> list[dict]:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,7 +102,7 @@ def run_acceptance(
     for role, path in (("target", target), ("draft", draft)):
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
         logits[role] = teacher_forced_logits(model, tokenizer, tqdm(pairs, desc=f"{role} forward",
-                                                                      disable=not progress))  # fmt: skip
+                                                                      disable=not progress), chat)  # fmt: skip
         del model
     rows = []
     for temperature in temperatures:

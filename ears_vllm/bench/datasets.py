@@ -57,6 +57,14 @@ def load(name: str, path: str | None = None, limit: int | None = None) -> list[d
     return loaders[name](path, limit)
 
 
+def as_chat(tokenizer, prompt: str) -> str:
+    """``prompt`` as the user turn of the tokenizer's chat template (unchanged for a model without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+
 def gsm8k_correct(output: str, answer: str) -> bool:
     """Exact match on the final number: the one after '####', else the last number in the output."""
     tail = output.split("####")[-1] if "####" in output else output

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ears_vllm.bench.datasets import as_chat
 from ears_vllm.stats import read_stats
 
 
@@ -52,10 +53,7 @@ def run(spec: dict) -> dict:
         enforce_eager=spec.get("enforce_eager", False),
     )
     tokenizer = llm.get_tokenizer()
-    prompts = [item["prompt"] for item in spec["prompts"]]
-    if getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]  # fmt: skip
+    prompts = [as_chat(tokenizer, item["prompt"]) for item in spec["prompts"]]
     stats_prefix = os.environ["EARS_VLLM_STATS_PATH"]
     results = []
     first = spec.get("shard", [0])[0]  # a prompt's seed is its index in the whole prompt set
@@ -82,6 +80,7 @@ def run(spec: dict) -> dict:
         })  # fmt: skip
     kept = {k: v for k, v in spec.items() if k != "prompts"}
     kept["answers"] = [item["answer"] for item in spec["prompts"]]
+    kept["prompt_texts"] = [item["prompt"] for item in spec["prompts"]]  # lets `bench acceptance --from-run` replay
     return {"spec": kept, "results": results}
 
 
