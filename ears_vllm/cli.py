@@ -54,6 +54,7 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
 
     target, draft = _resolve_models(args)
     policies = parse_policies(args.policies)
+    sampling = tuple(args.draft_sampling.split(","))
     if args.from_run:
         runs = [json.loads(Path(path).read_text()) for path in args.from_run]
         found = sorted({result["temperature"] for run in runs for result in run["results"]})
@@ -61,13 +62,14 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
         rows = []
         for temperature in temperatures:  # each temperature is checked on the texts sampled at it
             pairs = run_outputs(args.from_run, temperature)
-            rows += run_acceptance(target, draft, pairs, policies, [temperature], k=args.k, chat=True)
+            rows += run_acceptance(target, draft, pairs, policies, [temperature], k=args.k, draft_sampling=sampling,
+                                   chat=True)  # fmt: skip
     else:
         pairs = [
             p for name in args.datasets.split(",") for p in reference_texts(name, args.dataset_path, args.num_prompts)
         ]
         temperatures = [float(t) for t in (args.temperatures or "0.6,0.9,1.0").split(",")]
-        rows = run_acceptance(target, draft, pairs, policies, temperatures, k=args.k)
+        rows = run_acceptance(target, draft, pairs, policies, temperatures, k=args.k, draft_sampling=sampling)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "acceptance.json").write_text(json.dumps(rows, indent=1))
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(
         acceptance, "gsm8k, humaneval (reference texts)", all_policies, "0.6,0.9,1.0; with --from-run, the runs'"
     )
+    acceptance.add_argument("--draft-sampling", default="greedy,probabilistic",
+                            help="comma list: greedy (vLLM's default draft_sample_method: the draft's argmax, one-hot "
+                            "q) and/or probabilistic (q = the draft's distribution)")  # fmt: skip
     acceptance.add_argument("--from-run", nargs="+", metavar="RUN_JSON",
                             help="teacher-force the texts of finished `bench e2e` runs (standard policy) instead: "
                             "checks the prediction on the engine's own samples")  # fmt: skip

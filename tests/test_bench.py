@@ -169,11 +169,29 @@ def test_bench_acceptance_on_tiny_models(tiny_pair):
     target, draft = tiny_pair
     rows = run_acceptance(str(target), str(draft), reference_texts("gsm8k", None, 2),
                           parse_policies("standard,ears:0.3,typical"), [0.9], k=4, progress=False)  # fmt: skip
-    by_policy = {r["policy"]: r for r in rows}
-    assert by_policy["standard"]["added_tv_per_position"] == 0
-    assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
-    assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
-    assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
+    assert len(rows) == 2 * 3
+    for sampling in ("greedy", "probabilistic"):
+        by_policy = {r["policy"]: r for r in rows if r["draft_sampling"] == sampling}
+        assert by_policy["standard"]["added_tv_per_position"] == 0
+        assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
+        assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
+        assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
+    with pytest.raises(ValueError, match=r"\[0.0, 'sampled'\] not allowed"):
+        run_acceptance(str(target), str(draft), [], {}, [0.0], draft_sampling=("sampled",))
+
+
+DRAFT_SAMPLING = {  # draft logits [2, 3] -> q as the verifier sees it
+    "greedy-is-one-hot-argmax": ("greedy", [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+    "probabilistic-is-softmax-at-T": ("probabilistic", torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 4.0]]).softmax(-1)),
+}
+
+
+@pytest.mark.parametrize(("sampling", "q"), DRAFT_SAMPLING.values(), ids=DRAFT_SAMPLING.keys())
+def test_draft_distribution_follows_vllms_draft_sample_method(sampling, q):
+    from ears_vllm.bench.acceptance import draft_distribution
+
+    draft_logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    assert torch.allclose(draft_distribution(draft_logits, 0.5, sampling), torch.as_tensor(q))
 
 
 def test_bench_acceptance_replays_the_texts_of_a_finished_run(tmp_path):

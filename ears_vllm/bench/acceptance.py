@@ -15,6 +15,7 @@ policy: samples of exactly the distribution the engine verifies, so the predicti
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -62,18 +63,17 @@ def run_outputs(paths: list[Path], temperature: float) -> list[tuple[str, str]]:
     return pairs
 
 
+DRAFT_SAMPLING = ("greedy", "probabilistic")
+
+
 @torch.no_grad()
-def teacher_forced_logits(model, tokenizer, pairs: list[tuple[str, str]], chat: bool = False) -> list[torch.Tensor]:
-    """Per pair, ``[len(continuation), V]`` logits predicting each continuation token (after the prompt as
-    a chat user turn, the way ``bench e2e`` sends it, when ``chat``)."""
-    out = []
-    for prompt, continuation in pairs:
-        prompt = datasets.as_chat(tokenizer, prompt) if chat else prompt
-        prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
-        full_ids = tokenizer(prompt + continuation, return_tensors="pt").input_ids
-        logits = model(full_ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
-        out.append(logits)
-    return out
+def teacher_forced_logits(model, tokenizer, prompt: str, continuation: str, chat: bool = False) -> torch.Tensor:
+    """``[len(continuation), V]`` logits predicting each continuation token (after the prompt as a chat user
+    turn, the way ``bench e2e`` sends it, when ``chat``)."""
+    prompt = datasets.as_chat(tokenizer, prompt) if chat else prompt
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    full_ids = tokenizer(prompt + continuation, return_tensors="pt").input_ids
+    return model(full_ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()
 
 
 def chained_acceptance_length(alpha: torch.Tensor, k: int) -> float:
@@ -84,6 +84,17 @@ def chained_acceptance_length(alpha: torch.Tensor, k: int) -> float:
     return float(1 + torch.cumprod(windows, dim=1).sum(dim=1).mean())
 
 
+def draft_distribution(draft_logits: torch.Tensor, temperature: float, sampling: str) -> torch.Tensor:
+    """``q`` as the verifier sees it (``draft_logits``: ``[n, V]``): vLLM's default ``draft_sample_method``
+    "greedy" proposes the draft's argmax and passes no probabilities, so ``q`` is one-hot; "probabilistic"
+    samples from the draft at the request's temperature and passes that distribution."""
+    if sampling == "greedy":
+        return torch.nn.functional.one_hot(draft_logits.argmax(-1), draft_logits.shape[-1]).float()
+    if sampling == "probabilistic":
+        return (draft_logits / temperature).softmax(-1)
+    raise ValueError(f"draft sampling {sampling!r} not in {DRAFT_SAMPLING}")
+
+
 def run_acceptance(
     target: str,
     draft: str,
@@ -91,49 +102,56 @@ def run_acceptance(
     policies: dict[str, dict],
     temperatures: list[float],
     k: int = 4,
+    draft_sampling: tuple[str, ...] = DRAFT_SAMPLING,
     progress: bool = True,
     chat: bool = False,
 ) -> list[dict]:
+    """One row per (temperature, draft sampling, policy). Text by text, so memory holds one text's logits."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bad = [t for t in temperatures if not t > 0] + [s for s in draft_sampling if s not in DRAFT_SAMPLING]
+    if bad:
+        raise ValueError(f"bench acceptance: {bad} not allowed: temperatures > 0 (a greedy request accepts exactly "
+                         f"the target's argmax), draft sampling in {DRAFT_SAMPLING}")  # fmt: skip
+    configs = {name: EarsConfig.from_dict(settings) for name, settings in policies.items()}
     tokenizer = AutoTokenizer.from_pretrained(target)
-    logits = {}
-    for role, path in (("target", target), ("draft", draft)):
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-        logits[role] = teacher_forced_logits(model, tokenizer, tqdm(pairs, desc=f"{role} forward",
-                                                                      disable=not progress), chat)  # fmt: skip
-        del model
+    models = {role: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for role, path in (("target", target), ("draft", draft))}  # fmt: skip
+    alphas, relaxed = defaultdict(list), defaultdict(list)  # (T, sampling, policy) -> per-text [positions]
+    for prompt, continuation in tqdm(pairs, desc="teacher-forced texts", disable=not progress):
+        logits = {role: teacher_forced_logits(model, tokenizer, prompt, continuation, chat)
+                  for role, model in models.items()}  # fmt: skip
+        for temperature in temperatures:
+            p = (logits["target"] / temperature).softmax(-1)
+            for sampling in draft_sampling:
+                q = draft_distribution(logits["draft"], temperature, sampling)
+                for name, config in configs.items():
+                    accept, relax = expected_acceptance(p, q, policy=config.policy, tolerance=config.tolerance,
+                                                        min_ratio=config.min_ratio, typical_eps=config.typical_eps,
+                                                        typical_delta=config.typical_delta)  # fmt: skip
+                    alphas[(temperature, sampling, name)].append(accept)
+                    relaxed[(temperature, sampling, name)].append(relax)
     rows = []
-    for temperature in temperatures:
-        per_text = [((t / temperature).softmax(-1), (d / temperature).softmax(-1))
-                    for t, d in zip(logits["target"], logits["draft"], strict=True)]  # fmt: skip
-        for name, settings in policies.items():
-            config = EarsConfig.from_dict(settings)
-            alphas, relaxed = [], []
-            for p, q in per_text:
-                accept, relax = expected_acceptance(p, q, policy=config.policy, tolerance=config.tolerance,
-                                                    min_ratio=config.min_ratio, typical_eps=config.typical_eps,
-                                                    typical_delta=config.typical_delta)  # fmt: skip
-                alphas.append(accept)
-                relaxed.append(relax)
-            lengths = [chained_acceptance_length(a, k) for a in alphas]
-            rows.append({
-                "policy": name,
-                "tolerance": None if config.policy == "typical" else config.tolerance,
-                "temperature": temperature,
-                "acceptance_rate": float(torch.cat(alphas).mean()),
-                "expected_acceptance_length": float(torch.tensor(lengths).nanmean()),
-                "added_tv_per_position": float(torch.cat(relaxed).mean()),
-                "positions": int(sum(a.numel() for a in alphas)),
-            })  # fmt: skip
+    for (temperature, sampling, name), per_text in alphas.items():
+        lengths = [chained_acceptance_length(a, k) for a in per_text]
+        rows.append({
+            "policy": name,
+            "tolerance": None if configs[name].policy == "typical" else configs[name].tolerance,
+            "temperature": temperature,
+            "draft_sampling": sampling,
+            "acceptance_rate": float(torch.cat(per_text).mean()),
+            "expected_acceptance_length": float(torch.tensor(lengths).nanmean()),
+            "added_tv_per_position": float(torch.cat(relaxed[(temperature, sampling, name)]).mean()),
+            "positions": int(sum(a.numel() for a in per_text)),
+        })  # fmt: skip
     return rows
 
 
 def markdown_table(rows: list[dict], k: int) -> str:
-    lines = [f"| T | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
-             "relaxed / draft (= added TV, standard/ears) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
+             "relaxed / draft (= added TV, standard/ears) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['temperature']:g} | {r['policy']} | {r['acceptance_rate']:.3f} | "
+        lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {r['acceptance_rate']:.3f} | "
                      f"{r['expected_acceptance_length']:.3f} | {r['added_tv_per_position']:.4f} |")  # fmt: skip
     return "\n".join(lines)
