@@ -106,7 +106,14 @@ def run_acceptance(
     progress: bool = True,
     chat: bool = False,
 ) -> list[dict]:
-    """One row per (temperature, draft sampling, policy). Text by text, so memory holds one text's logits."""
+    """One row per (temperature, draft sampling, policy).
+
+    One model at a time, one text at a time: the target's logits go to a temporary folder, then the draft's
+    pass reads them back, so memory holds one model and one text's logits (a 1.5B target over 150k-token
+    vocabularies would otherwise need gigabytes per few texts, beside a benchmark engine).
+    """
+    import tempfile
+
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,22 +123,27 @@ def run_acceptance(
                          f"the target's argmax), draft sampling in {DRAFT_SAMPLING}")  # fmt: skip
     configs = {name: EarsConfig.from_dict(settings) for name, settings in policies.items()}
     tokenizer = AutoTokenizer.from_pretrained(target)
-    models = {role: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-              for role, path in (("target", target), ("draft", draft))}  # fmt: skip
     alphas, relaxed = defaultdict(list), defaultdict(list)  # (T, sampling, policy) -> per-text [positions]
-    for prompt, continuation in tqdm(pairs, desc="teacher-forced texts", disable=not progress):
-        logits = {role: teacher_forced_logits(model, tokenizer, prompt, continuation, chat)
-                  for role, model in models.items()}  # fmt: skip
-        for temperature in temperatures:
-            p = (logits["target"] / temperature).softmax(-1)
-            for sampling in draft_sampling:
-                q = draft_distribution(logits["draft"], temperature, sampling)
-                for name, config in configs.items():
-                    accept, relax = expected_acceptance(p, q, policy=config.policy, tolerance=config.tolerance,
-                                                        min_ratio=config.min_ratio, typical_eps=config.typical_eps,
-                                                        typical_delta=config.typical_delta)  # fmt: skip
-                    alphas[(temperature, sampling, name)].append(accept)
-                    relaxed[(temperature, sampling, name)].append(relax)
+    with tempfile.TemporaryDirectory(prefix="ears-acceptance-") as spill:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+        for i, (prompt, continuation) in enumerate(tqdm(pairs, desc="target forward", disable=not progress)):
+            torch.save(teacher_forced_logits(model, tokenizer, prompt, continuation, chat), f"{spill}/{i}.pt")
+        del model
+        model = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval()
+        for i, (prompt, continuation) in enumerate(tqdm(pairs, desc="draft forward", disable=not progress)):
+            draft_logits = teacher_forced_logits(model, tokenizer, prompt, continuation, chat)
+            target_logits = torch.load(f"{spill}/{i}.pt")
+            for temperature in temperatures:
+                p = (target_logits / temperature).softmax(-1)
+                for sampling in draft_sampling:
+                    q = draft_distribution(draft_logits, temperature, sampling)
+                    for name, config in configs.items():
+                        accept, relax = expected_acceptance(p, q, policy=config.policy, tolerance=config.tolerance,
+                                                            min_ratio=config.min_ratio,
+                                                            typical_eps=config.typical_eps,
+                                                            typical_delta=config.typical_delta)  # fmt: skip
+                        alphas[(temperature, sampling, name)].append(accept)
+                        relaxed[(temperature, sampling, name)].append(relax)
     rows = []
     for (temperature, sampling, name), per_text in alphas.items():
         lengths = [chained_acceptance_length(a, k) for a in per_text]
