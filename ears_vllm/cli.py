@@ -37,6 +37,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         policies=parse_policies(args.policies),
         temperatures=[float(t) for t in args.temperatures.split(",")],
         method=args.method,
+        draft_sampling=args.draft_sampling,
         k=args.k,
         max_tokens=args.max_tokens,
         seed=args.seed,
@@ -90,6 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     args.datasets, args.dataset_path, args.temperatures = "gsm8k", None, "0.9"
     args.policies, args.method, args.k, args.seed = "standard,ears:0.1,ears:0.3", "draft_model", 4, 0
+    args.draft_sampling = "greedy"
     return _bench_e2e(args)
 
 
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = bench.add_parser("e2e", help="real vLLM speculative decoding, policies side by side")
     grid_options(e2e, "gsm8k, mt_bench, humaneval", "standard,ears:0.1,ears:0.3", "0.9")
     e2e.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
+    e2e.add_argument("--draft-sampling", default="greedy", choices=["greedy", "probabilistic"],
+                     help="vLLM's draft_sample_method for draft_model (default greedy, as in vLLM)")  # fmt: skip
     e2e.add_argument("--seed", type=int, default=0)
     e2e.add_argument(
         "--shard-size", type=int, help="prompts per engine run; a stopped run keeps its finished shards (resume)"

@@ -36,6 +36,7 @@ class VerifyStats:
     random_accepted: int = 0
     relaxed: int = 0
     invalid: int = 0  # draft ids outside the target vocabulary, rejected
+    draft_dist_steps: int = 0  # steps whose drafter passed its distribution (else one-hot drafts: greedy, n-gram)
     shadow_steps: int = 0
     shadow_mismatches: int = 0
     log_interval_s: float = dataclasses.field(
@@ -53,8 +54,10 @@ class VerifyStats:
         *,
         invalid: int = 0,
         steps: int = 1,
+        draft_dist_steps: int = 0,
     ) -> None:
         self.steps += steps
+        self.draft_dist_steps += draft_dist_steps
         self.invalid += invalid
         self.drafts += drafts
         self.accepted += accepted

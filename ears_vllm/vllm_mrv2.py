@@ -143,6 +143,7 @@ class _State:
     # each report, so a step costs no host synchronisation.
     device_counts: torch.Tensor | None = None
     pending_steps: int = 0
+    pending_draft_dist_steps: int = 0
     last_read: float = 0.0
     kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
 
@@ -266,7 +267,7 @@ def rejection_sample(
                 state.kernel_failure,
             )
         else:
-            _record(num_sampled, num_relaxed, cu_num_logits, idx_mapping, temperature)
+            _record(num_sampled, num_relaxed, cu_num_logits, idx_mapping, temperature, draft_logits is not None)
             return sampled, num_sampled
     assert state.original_rejection_sample is not None
     return state.original_rejection_sample(
@@ -414,6 +415,7 @@ def _record(
     cu_num_logits: torch.Tensor,  # [num_reqs + 1]
     idx_mapping: torch.Tensor,  # [num_reqs]
     temperature: torch.Tensor,  # [max_num_reqs]
+    has_draft_dist: bool,
 ) -> None:
     """Add this step's counts on the device; move them into the stats at the report interval."""
     drafts = (cu_num_logits[1:] - cu_num_logits[:-1] - 1).to(torch.int64)
@@ -424,10 +426,12 @@ def _record(
         state.device_counts = torch.zeros(5, dtype=torch.int64, device=step.device)
     state.device_counts += step.sum(dim=1)
     state.pending_steps += 1
+    state.pending_draft_dist_steps += has_draft_dist
     now = time.monotonic()
     if now - state.last_read >= state.stats.log_interval_s:
         state.last_read = now
-        state.stats.record(*state.device_counts.tolist(), steps=state.pending_steps)
+        state.stats.record(*state.device_counts.tolist(), steps=state.pending_steps,
+                           draft_dist_steps=state.pending_draft_dist_steps)  # fmt: skip
         state.device_counts.zero_()
-        state.pending_steps = 0
+        state.pending_steps = state.pending_draft_dist_steps = 0
         state.stats.report(logger)

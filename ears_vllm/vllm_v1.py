@@ -194,7 +194,8 @@ def rejection_sample(
             invalid,
             target_logits.shape[-1],
         )
-    state.stats.record(drafts, accepted, random_drafts, random_accepted, relaxed, invalid=invalid)
+    state.stats.record(drafts, accepted, random_drafts, random_accepted, relaxed, invalid=invalid,
+                       draft_dist_steps=int(draft_probs is not None))  # fmt: skip
     state.stats.maybe_report(logger)
     return result.token_ids
 

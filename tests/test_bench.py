@@ -146,6 +146,7 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     greedy = [run["results"][0]["texts"] for run in runs.values()]
     assert greedy[0] == greedy[1], "greedy requests are untouched by the policy"
     assert runs["standard"]["spec"]["prompt_texts"] == [item["prompt"] for item in datasets.load("gsm8k", limit=2)]
+    assert all(result["draft_dist_steps"] == 0 for run in runs.values() for result in run["results"])
 
     # Resume: finished runs are not rerun; a missing one (an interrupted run) is redone alone.
     mtimes = {p.name: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")}
@@ -153,6 +154,23 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     run_e2e(config, progress=False)
     assert (config.out_dir / "gsm8k__standard.json").stat().st_mtime_ns == mtimes["gsm8k__standard.json"]
     assert (config.out_dir / "gsm8k__ears-0.5.json").exists()
+
+
+@pytest.mark.slow
+def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
+    """draft_sample_method "probabilistic": the verifier gets the draft's distribution, not one-hot drafts."""
+    target, draft = tiny_pair
+    config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e", datasets=[("gsm8k", None, 2)],
+                       policies=parse_policies("standard,ears:0.5"), temperatures=[1.0], max_tokens=16,
+                       max_model_len=1024, draft_sampling="probabilistic")  # fmt: skip
+    rows = {r["policy"]: r for r in run_e2e(config, progress=False)}
+    assert rows["ears-0.5"]["relaxed_per_draft"] > 0 and rows["standard"]["relaxed_per_draft"] == 0
+    for policy in rows:
+        run = json.loads((config.out_dir / f"gsm8k__{policy}.json").read_text())
+        assert run["spec"]["draft_sample_method"] == "probabilistic"
+        assert run["results"][0]["draft_dist_steps"] > 0
+    with pytest.raises(ValueError, match="'sampled' not allowed"):
+        E2EConfig("t", "d", tmp_path, [], {}, [1.0], draft_sampling="sampled")
 
 
 def test_chained_acceptance_length():

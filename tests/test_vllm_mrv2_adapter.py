@@ -225,10 +225,11 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
     monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=0.0))
     monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
     monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_draft_dist_steps", 0)
     _, num_sampled = vllm_mrv2.rejection_sample(**batch)
     _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
     stats = vllm_mrv2.state.stats
-    assert (stats.steps, stats.drafts, stats.random_drafts) == (1, 9, 9)
+    assert (stats.steps, stats.drafts, stats.random_drafts, stats.draft_dist_steps) == (1, 9, 9, 1)
     assert stats.accepted == int(num_sampled.sum()) - 3
     assert stats.relaxed == int(num_relaxed.sum())
 

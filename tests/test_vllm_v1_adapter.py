@@ -115,6 +115,8 @@ def test_shadow_mode_counts_no_mismatch_at_tolerance_zero(adapter):
         run_with_rng(ours, random_step(seed, **STEPS[name]), seed)
     assert vllm_v1.state.stats.shadow_steps == len(STEPS)
     assert vllm_v1.state.stats.shadow_mismatches == 0
+    # Steps whose drafter passed its distribution (draft_sample_method "probabilistic") are counted apart.
+    assert vllm_v1.state.stats.draft_dist_steps == sum(step["full_draft"] for step in STEPS.values())
 
 
 def test_shadow_mode_sees_the_relaxation(adapter):

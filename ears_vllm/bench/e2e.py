@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ears_vllm.bench import datasets
+from ears_vllm.bench.acceptance import DRAFT_SAMPLING
 from ears_vllm.config import EarsConfig
 
 
@@ -31,6 +32,9 @@ class E2EConfig:
     policies: dict[str, dict]
     temperatures: list[float]
     method: str = "draft_model"
+    # vLLM's draft_sample_method: "greedy" (its default: the draft's argmax, verified as a one-hot q) or
+    # "probabilistic" (drafts sampled at the request's temperature, verified against the draft's distribution).
+    draft_sampling: str = "greedy"
     k: int = 4
     max_tokens: int = 96
     max_model_len: int = 2048
@@ -41,6 +45,10 @@ class E2EConfig:
     # On a CPU, torch.compile's warmup (a full-size profile run) costs ~10 minutes per engine for the 1.5B
     # target; eager mode skips it. None = eager exactly when there is no CUDA device.
     enforce_eager: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_sampling not in DRAFT_SAMPLING:
+            raise ValueError(f"draft sampling {self.draft_sampling!r} not allowed; allowed: {DRAFT_SAMPLING}")
 
 
 def parse_policies(text: str) -> dict[str, dict]:
@@ -122,6 +130,8 @@ def run_cell(config: E2EConfig, cell: Cell) -> Path:
     }  # fmt: skip
     if cell.shard:
         spec["shard"] = list(cell.shard)
+    if config.draft_sampling != "greedy":  # only when set, so runs made before the option keep their keys
+        spec["draft_sample_method"] = config.draft_sampling
     spec["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     if output.exists() and json.loads(output.read_text())["spec"].get("key") == spec["key"]:
         return output  # resumable: this run is done

@@ -40,6 +40,8 @@ def run(spec: dict) -> dict:
     speculative = {"method": spec["method"], "num_speculative_tokens": spec["k"]}
     if spec["method"] == "draft_model":
         speculative["model"] = spec["draft"]
+        if "draft_sample_method" in spec:
+            speculative["draft_sample_method"] = spec["draft_sample_method"]
     else:
         speculative.update(prompt_lookup_max=4, prompt_lookup_min=2)
     llm = LLM(
@@ -75,6 +77,7 @@ def run(spec: dict) -> dict:
             "accepted_per_position": _delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos"),
             "relaxed": _delta(ears_after, ears_before, "relaxed"),
             "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
+            "draft_dist_steps": _delta(ears_after, ears_before, "draft_dist_steps"),  # 0 with one-hot drafts
             "texts": [o.outputs[0].text for o in outputs],
             "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
         })  # fmt: skip

@@ -10,6 +10,7 @@ Grid file::
     target: /path/or/model-id      # omit target and draft for the offline Qwen2.5-Coder pair
     draft: /path/or/model-id
     method: draft_model             # or ngram
+    draft_sampling: greedy          # vLLM's draft_sample_method: greedy (its default) or probabilistic
     k: 4
     datasets: [{name: gsm8k, limit: 100}, {name: mt_bench}]
     temperatures: [0.9, 1.0]
@@ -27,7 +28,7 @@ from typing import Any
 
 from ears_vllm.bench.e2e import E2EConfig, cells, parse_policies, run_cell, write_summary
 
-GRID_KEYS = {"target", "draft", "method", "k", "datasets", "temperatures", "policies", "max_tokens",
+GRID_KEYS = {"target", "draft", "method", "draft_sampling", "k", "datasets", "temperatures", "policies", "max_tokens",
              "max_model_len", "seed", "out", "cpus_per_cell", "gpus_per_cell", "shard_size"}  # fmt: skip
 
 
@@ -54,6 +55,7 @@ def load_grid(path: str | Path) -> tuple[E2EConfig, dict[str, float]]:
         policies=parse_policies(",".join(map(str, policies))),
         temperatures=[float(t) for t in grid.get("temperatures", [0.9])],
         method=grid.get("method", "draft_model"),
+        draft_sampling=grid.get("draft_sampling", "greedy"),
         k=int(grid.get("k", 4)),
         max_tokens=int(grid.get("max_tokens", 96)),
         max_model_len=int(grid.get("max_model_len", 2048)),
