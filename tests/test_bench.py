@@ -165,10 +165,10 @@ def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
                        max_model_len=1024, draft_sampling="probabilistic")  # fmt: skip
     rows = {r["policy"]: r for r in run_e2e(config, progress=False)}
     assert rows["ears-0.5"]["relaxed_per_draft"] > 0 and rows["standard"]["relaxed_per_draft"] == 0
-    for policy in rows:
-        run = json.loads((config.out_dir / f"gsm8k__{policy}.json").read_text())
-        assert run["spec"]["draft_sample_method"] == "probabilistic"
-        assert run["results"][0]["draft_dist_steps"] > 0
+    runs = {policy: json.loads((config.out_dir / f"gsm8k__{policy}.json").read_text()) for policy in rows}
+    assert all(run["spec"]["draft_sample_method"] == "probabilistic" for run in runs.values())
+    # Under "standard" vLLM's own sampler verifies and the plugin counts nothing; under EARS it counts the steps.
+    assert runs["ears-0.5"]["results"][0]["draft_dist_steps"] > 0
     with pytest.raises(ValueError, match="'sampled' not allowed"):
         E2EConfig("t", "d", tmp_path, [], {}, [1.0], draft_sampling="sampled")
 
