@@ -1,7 +1,9 @@
 """Running counts of the verification steps a process has made, reported in a periodic log line.
 
-``relaxed`` counts drafts accepted only because of the relaxation (DESIGN.md section 2): per draft it
-is an exact, unbiased estimate of the total-variation distance added to the output. With
+``relaxed`` counts drafts accepted only because of the relaxation (DESIGN.md section 2). Per *verified*
+position (a draft the verifier decided on: every accepted one and the first rejected one of a request; the
+drafts after a rejection are never examined) it is an exact, unbiased estimate of the total-variation
+distance added to the output distribution at that position. With
 ``EARS_VLLM_STATS_PATH`` set, the counts are also written there as JSON at each report (one file per
 process: the process id is appended).
 """
@@ -34,6 +36,7 @@ class VerifyStats:
     accepted: int = 0
     random_drafts: int = 0  # draft tokens of requests with temperature > 0
     random_accepted: int = 0
+    random_verified: int = 0  # verified positions of requests with temperature > 0 (see the module docstring)
     relaxed: int = 0
     invalid: int = 0  # draft ids outside the target vocabulary, rejected
     draft_dist_steps: int = 0  # steps whose drafter passed its distribution (else one-hot drafts: greedy, n-gram)
@@ -51,12 +54,14 @@ class VerifyStats:
         random_drafts: int,
         random_accepted: int,
         relaxed: int,
+        random_verified: int = 0,
         *,
         invalid: int = 0,
         steps: int = 1,
         draft_dist_steps: int = 0,
     ) -> None:
         self.steps += steps
+        self.random_verified += random_verified
         self.draft_dist_steps += draft_dist_steps
         self.invalid += invalid
         self.drafts += drafts
@@ -71,7 +76,7 @@ class VerifyStats:
 
     def as_dict(self) -> dict[str, float]:
         counts = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_") and k != "log_interval_s"}
-        counts["relaxed_per_random_draft"] = self.relaxed / self.random_drafts if self.random_drafts else 0.0
+        counts["relaxed_per_verified"] = self.relaxed / self.random_verified if self.random_verified else 0.0
         counts["pid"] = os.getpid()
         return counts
 
@@ -87,12 +92,12 @@ class VerifyStats:
         shadow = f", shadow steps={self.shadow_steps} mismatches={self.shadow_mismatches}" if self.shadow_steps else ""
         logger.info(
             "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d "
-            "(relaxed per random draft %.4f = added TV per position)%s",
+            "(relaxed per verified position %.4f = added TV per position)%s",
             self.steps,
             self.drafts,
             self.accepted,
             self.relaxed,
-            s["relaxed_per_random_draft"],
+            s["relaxed_per_verified"],
             shadow,
         )
         path = os.environ.get("EARS_VLLM_STATS_PATH")

@@ -421,9 +421,12 @@ def _record(
     drafts = (cu_num_logits[1:] - cu_num_logits[:-1] - 1).to(torch.int64)
     accepted = num_sampled.to(torch.int64) - 1
     is_random = (temperature[idx_mapping.long()] != 0).to(torch.int64)
-    step = torch.stack([drafts, accepted, drafts * is_random, accepted * is_random, num_relaxed.to(torch.int64)])
+    verified = accepted + (accepted < drafts).to(torch.int64)
+    step = torch.stack(
+        [drafts, accepted, drafts * is_random, accepted * is_random, num_relaxed.to(torch.int64), verified * is_random]
+    )  # fmt: skip  (VerifyStats.record's order)
     if state.device_counts is None or state.device_counts.device != step.device:
-        state.device_counts = torch.zeros(5, dtype=torch.int64, device=step.device)
+        state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
     state.device_counts += step.sum(dim=1)
     state.pending_steps += 1
     state.pending_draft_dist_steps += has_draft_dist

@@ -183,10 +183,11 @@ def rejection_sample(
 
     counts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
     random_rows = ~is_greedy
+    verified = result.num_accepted + (result.num_accepted < counts).to(result.num_accepted.dtype)
     sums = torch.stack([counts.sum(), result.num_accepted.sum(), counts[random_rows].sum(),
-                        result.num_accepted[random_rows].sum(), result.num_relaxed.sum(),
+                        result.num_accepted[random_rows].sum(), result.num_relaxed.sum(), verified[random_rows].sum(),
                         (draft_token_ids >= target_logits.shape[-1]).sum()])  # fmt: skip
-    drafts, accepted, random_drafts, random_accepted, relaxed, invalid = sums.tolist()  # one host sync per step
+    *counted, invalid = sums.tolist()  # one host sync per step
     if invalid:
         logger.warning(
             "ears-vllm: %d draft token id(s) outside the target vocabulary [0, %d) were rejected (as a token the "
@@ -194,8 +195,7 @@ def rejection_sample(
             invalid,
             target_logits.shape[-1],
         )
-    state.stats.record(drafts, accepted, random_drafts, random_accepted, relaxed, invalid=invalid,
-                       draft_dist_steps=int(draft_probs is not None))  # fmt: skip
+    state.stats.record(*counted, invalid=invalid, draft_dist_steps=int(draft_probs is not None))
     state.stats.maybe_report(logger)
     return result.token_ids
 

