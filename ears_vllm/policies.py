@@ -101,19 +101,42 @@ def expected_acceptance(
     p = target_probs.to(torch.float64)
     q = draft_probs.to(torch.float64)
     ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.zeros_like(p))
+    per_token, standard = _accept_probability(ratio, p, p, policy, tolerance, min_ratio, typical_eps, typical_delta)
+    return (q * per_token).sum(dim=-1), (q * (per_token - standard).clamp_min(0.0)).sum(dim=-1)
+
+
+def expected_acceptance_one_hot(
+    target_probs: torch.Tensor,  # [n, V] float
+    draft_ids: torch.Tensor,  # [n] int: the drafts of a one-hot drafter (greedy, n-gram)
+    **policy_settings,  # as expected_acceptance
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n])
+    """:func:`expected_acceptance` for ``q = one-hot(d)``, reading one column of ``p`` instead of all V."""
+    p = target_probs.to(torch.float64)
+    p_draft = p.gather(-1, draft_ids.long().unsqueeze(-1))  # [n, 1] = the ratio, as q(d) = 1
+    per_token, standard = _accept_probability(p_draft, p_draft, p, **policy_settings)
+    return per_token.squeeze(-1), (per_token - standard).clamp_min(0.0).squeeze(-1)
+
+
+def _accept_probability(
+    ratio: torch.Tensor,  # [n, m] float64, p/q per candidate draft token (0 where q = 0)
+    p_token: torch.Tensor,  # [n, m] float64, p of those tokens
+    p: torch.Tensor,  # [n, V] float64, the whole target row (for max p and the entropy)
+    policy: str,
+    tolerance: float | torch.Tensor = 0.0,
+    min_ratio: float = 0.01,
+    typical_eps: float = 0.09,
+    typical_delta: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n, m], [n, m]): the policy's and the standard rule's
+    """Probability over ``u`` that each candidate draft token is accepted."""
     standard = torch.clamp(ratio, max=1.0)
     if policy == "standard":
-        per_token = standard
-    elif policy == "ears":
+        return standard, standard
+    if policy == "ears":
         tol = torch.as_tensor(tolerance, dtype=torch.float64, device=p.device).reshape(-1, 1)
         t = tol * (1.0 - p.max(dim=-1, keepdim=True).values)
         relaxed = torch.clamp(ratio + t, max=1.0)
-        per_token = torch.where((ratio >= min_ratio) & (p > 0), relaxed, standard)
-    elif policy == "typical":
+        return torch.where((ratio >= min_ratio) & (p_token > 0), relaxed, standard), standard
+    if policy == "typical":
         threshold = torch.clamp(typical_delta * torch.exp(-entropy(p)), max=typical_eps).unsqueeze(-1)
-        per_token = (p > threshold).to(torch.float64)
-    else:
-        raise ValueError(f"unknown policy {policy!r}; allowed: 'standard', 'ears', 'typical'")
-    accept = (q * per_token).sum(dim=-1)
-    relaxed = (q * (per_token - standard).clamp_min(0.0)).sum(dim=-1)
-    return accept, relaxed
+        return (p_token > threshold).to(torch.float64), standard
+    raise ValueError(f"unknown policy {policy!r}; allowed: 'standard', 'ears', 'typical'")

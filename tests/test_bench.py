@@ -9,6 +9,7 @@ import torch
 
 from ears_vllm.bench import datasets
 from ears_vllm.bench.e2e import E2EConfig, _paired_row, cells, paired_quality, parse_policies, run_e2e, summarize
+from ears_vllm.config import EarsConfig
 
 
 def test_parse_policies_names_and_validates():
@@ -200,18 +201,25 @@ def test_bench_acceptance_on_tiny_models(tiny_pair):
         run_acceptance(str(target), str(draft), [], {}, [0.0], draft_sampling=("sampled",))
 
 
-DRAFT_SAMPLING = {  # draft logits [2, 3] -> q as the verifier sees it
-    "greedy-is-one-hot-argmax": ("greedy", [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
-    "probabilistic-is-softmax-at-T": ("probabilistic", torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 4.0]]).softmax(-1)),
+DRAFT_SAMPLING = {  # draft_sample_method -> q as the verifier sees it, from draft logits at T = 0.5
+    "greedy-is-one-hot-argmax": ("greedy", lambda logits: torch.nn.functional.one_hot(logits.argmax(-1), 3).double()),
+    "probabilistic-is-softmax-at-T": ("probabilistic", lambda logits: (logits / 0.5).softmax(-1)),
 }
 
 
 @pytest.mark.parametrize(("sampling", "q"), DRAFT_SAMPLING.values(), ids=DRAFT_SAMPLING.keys())
-def test_draft_distribution_follows_vllms_draft_sample_method(sampling, q):
-    from ears_vllm.bench.acceptance import draft_distribution
+@pytest.mark.parametrize("policy", ["standard", "ears", "typical"])
+def test_position_acceptance_follows_vllms_draft_sample_method(sampling, q, policy):
+    from ears_vllm.bench.acceptance import position_acceptance
+    from ears_vllm.policies import expected_acceptance
 
+    config = EarsConfig.from_dict({"policy": policy} | ({"tolerance": 0.4} if policy == "ears" else {}))
     draft_logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
-    assert torch.allclose(draft_distribution(draft_logits, 0.5, sampling), torch.as_tensor(q))
+    target = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    got = position_acceptance(target, draft_logits, 0.5, sampling, config)
+    expected = expected_acceptance(target, q(draft_logits), policy=policy, tolerance=config.tolerance)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
 def test_bench_acceptance_replays_the_texts_of_a_finished_run(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ears_vllm import EarsConfig, verify
-from ears_vllm.policies import expected_acceptance
+from ears_vllm.policies import expected_acceptance, expected_acceptance_one_hot
 from tests.naive import naive_verify
 
 
@@ -183,6 +183,29 @@ def test_ears_acceptance_and_bias_match_the_analytic_rule(tolerance, min_ratio, 
         t = tolerance * (1 - 0.40)
         analytic = min(1.0, 0.10 + t) if min_ratio <= 0.10 else 0.10
         assert float(accept) == pytest.approx(analytic)
+
+
+ONE_HOT_POLICIES = {
+    "standard": dict(policy="standard"),
+    "ears-0.3": dict(policy="ears", tolerance=0.3),
+    "ears-1.0-no-floor": dict(policy="ears", tolerance=1.0, min_ratio=0.0),
+    "ears-per-request": dict(policy="ears", tolerance=torch.linspace(0, 1, 64, dtype=torch.float64)),
+    "typical": dict(policy="typical"),
+}
+
+
+@pytest.mark.parametrize("settings", ONE_HOT_POLICIES.values(), ids=ONE_HOT_POLICIES.keys())
+def test_one_hot_closed_form_reads_one_column_and_agrees_with_the_dense_one(settings):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 50, generator=generator) * 3
+    logits[:, :5] = -torch.inf  # masked tokens, some of them drafted
+    target = logits.softmax(-1)
+    draft_ids = torch.randint(0, 50, (64,), generator=generator)
+    dense = expected_acceptance(target, torch.nn.functional.one_hot(draft_ids, 50).float(), **settings)
+    one_hot = expected_acceptance_one_hot(target, draft_ids, **settings)
+    for got, expected in zip(one_hot, dense, strict=True):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    assert (one_hot[0][draft_ids < 5] == 0).all()
 
 
 @pytest.mark.parametrize("tolerance", [0.5, 1.0], ids=lambda t: f"beta{t}")

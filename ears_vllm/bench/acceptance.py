@@ -22,7 +22,7 @@ import torch
 
 from ears_vllm.bench import datasets
 from ears_vllm.config import EarsConfig
-from ears_vllm.policies import expected_acceptance
+from ears_vllm.policies import expected_acceptance, expected_acceptance_one_hot
 
 
 def reference_texts(dataset: str, path: str | None, limit: int | None) -> list[tuple[str, str]]:
@@ -84,14 +84,22 @@ def chained_acceptance_length(alpha: torch.Tensor, k: int) -> float:
     return float(1 + torch.cumprod(windows, dim=1).sum(dim=1).mean())
 
 
-def draft_distribution(draft_logits: torch.Tensor, temperature: float, sampling: str) -> torch.Tensor:
-    """``q`` as the verifier sees it (``draft_logits``: ``[n, V]``): vLLM's default ``draft_sample_method``
-    "greedy" proposes the draft's argmax and passes no probabilities, so ``q`` is one-hot; "probabilistic"
-    samples from the draft at the request's temperature and passes that distribution."""
+def position_acceptance(
+    target_probs: torch.Tensor,  # [n, V], at the request's temperature
+    draft_logits: torch.Tensor,  # [n, V]
+    temperature: float,
+    sampling: str,
+    config: EarsConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n]): P(accept), P(relaxed acceptance)
+    """Per position, with ``q`` as the verifier sees it: vLLM's default ``draft_sample_method`` "greedy"
+    proposes the draft's argmax and passes no probabilities (``q`` one-hot); "probabilistic" samples from
+    the draft at the request's temperature and passes that distribution."""
+    settings = dict(policy=config.policy, tolerance=config.tolerance, min_ratio=config.min_ratio,
+                    typical_eps=config.typical_eps, typical_delta=config.typical_delta)  # fmt: skip
     if sampling == "greedy":
-        return torch.nn.functional.one_hot(draft_logits.argmax(-1), draft_logits.shape[-1]).float()
+        return expected_acceptance_one_hot(target_probs, draft_logits.argmax(-1), **settings)
     if sampling == "probabilistic":
-        return (draft_logits / temperature).softmax(-1)
+        return expected_acceptance(target_probs, (draft_logits / temperature).softmax(-1), **settings)
     raise ValueError(f"draft sampling {sampling!r} not in {DRAFT_SAMPLING}")
 
 
@@ -134,14 +142,10 @@ def run_acceptance(
             draft_logits = teacher_forced_logits(model, tokenizer, prompt, continuation, chat)
             target_logits = torch.load(f"{spill}/{i}.pt")
             for temperature in temperatures:
-                p = (target_logits / temperature).softmax(-1)
+                p = (target_logits.double() / temperature).softmax(-1)
                 for sampling in draft_sampling:
-                    q = draft_distribution(draft_logits, temperature, sampling)
                     for name, config in configs.items():
-                        accept, relax = expected_acceptance(p, q, policy=config.policy, tolerance=config.tolerance,
-                                                            min_ratio=config.min_ratio,
-                                                            typical_eps=config.typical_eps,
-                                                            typical_delta=config.typical_delta)  # fmt: skip
+                        accept, relax = position_acceptance(p, draft_logits, temperature, sampling, config)
                         alphas[(temperature, sampling, name)].append(accept)
                         relaxed[(temperature, sampling, name)].append(relax)
     rows = []
