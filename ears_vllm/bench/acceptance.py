@@ -166,7 +166,7 @@ def run_acceptance(
 
 def markdown_table(rows: list[dict], k: int) -> str:
     lines = [f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
-             "relaxed / draft (= added TV, standard/ears) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "added TV per verified position (standard/ears) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {r['acceptance_rate']:.3f} | "
                      f"{r['expected_acceptance_length']:.3f} | {r['added_tv_per_position']:.4f} |")  # fmt: skip
