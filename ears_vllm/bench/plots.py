@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -34,8 +35,10 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for temperature in sorted({r["temperature"] for r in scored}):
             group = [r for r in scored if r["temperature"] == temperature]
-            ax.scatter([r["mean_acceptance_length"] for r in group], [r["accuracy"] for r in group],
-                       label=f"T={temperature:g}")  # fmt: skip
+            # 95% binomial interval of each accuracy: with ~100 problems it spans about +-9 points.
+            spread = [1.96 * math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["num_prompts"]) for r in group]
+            ax.errorbar([r["mean_acceptance_length"] for r in group], [r["accuracy"] for r in group], yerr=spread,
+                        fmt="o", capsize=3, label=f"T={temperature:g} (95% interval)")  # fmt: skip
             for r in group:
                 ax.annotate(r["policy"], (r["mean_acceptance_length"], r["accuracy"]), fontsize=8,
                             textcoords="offset points", xytext=(4, 4))  # fmt: skip
