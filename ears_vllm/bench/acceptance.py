@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ears_vllm.bench import datasets
+from ears_vllm.bench.e2e import DRAFT_SAMPLING
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies import expected_acceptance, expected_acceptance_one_hot
 
@@ -61,9 +62,6 @@ def run_outputs(paths: list[Path], temperature: float) -> list[tuple[str, str]]:
             prompts = [item["prompt"] for item in items]
         pairs += list(zip(prompts, texts, strict=True))
     return pairs
-
-
-DRAFT_SAMPLING = ("greedy", "probabilistic")
 
 
 @torch.no_grad()

@@ -19,8 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from ears_vllm.bench import datasets
-from ears_vllm.bench.acceptance import DRAFT_SAMPLING
 from ears_vllm.config import EarsConfig
+
+# vLLM's draft_sample_method values: "greedy" (its default) proposes the draft model's argmax and passes no
+# probabilities, so the verifier sees a one-hot q; "probabilistic" samples at the request's temperature and
+# passes the draft's distribution.
+DRAFT_SAMPLING = ("greedy", "probabilistic")
 
 
 @dataclasses.dataclass
@@ -32,9 +36,7 @@ class E2EConfig:
     policies: dict[str, dict]
     temperatures: list[float]
     method: str = "draft_model"
-    # vLLM's draft_sample_method: "greedy" (its default: the draft's argmax, verified as a one-hot q) or
-    # "probabilistic" (drafts sampled at the request's temperature, verified against the draft's distribution).
-    draft_sampling: str = "greedy"
+    draft_sampling: str = "greedy"  # one of DRAFT_SAMPLING
     k: int = 4
     max_tokens: int = 96
     max_model_len: int = 2048
