@@ -60,6 +60,7 @@ def test_summary_pairs_policies_on_the_shards_all_of_them_finished(tmp_path):
     assert rows["ears-0.1"]["relaxed_per_draft"] == 2 / 32
     # 14 accepted drafts + 8 steps, none of which accepted its 4th draft, so 8 rejected drafts were verified.
     assert rows["ears-0.1"]["added_tv_per_verified"] == 2 / (14 + 8)
+    assert rows["standard"]["distinct_4grams"] == 1.0  # two-word outputs repeat no 4-gram
 
     assert {r["policy"] for r in summarize(tmp_path, policies=["standard"])} == {"standard"}
 
@@ -116,6 +117,19 @@ SCORING = {
 @pytest.mark.parametrize(("output", "answer", "correct"), SCORING.values(), ids=SCORING.keys())
 def test_gsm8k_scoring(output, answer, correct):
     assert datasets.gsm8k_correct(output, answer) is correct
+
+
+DISTINCT_4GRAMS = {
+    "no-repeat": ("the air was thick with bread", 1.0),
+    "one-phrase-twice": ("the cat sat on the cat sat on", 4 / 5),
+    "all-the-same": ("a b c d a b c d a b c d", 4 / 9),
+    "shorter-than-n": ("too short", 1.0),
+}
+
+
+@pytest.mark.parametrize(("output", "fraction"), DISTINCT_4GRAMS.values(), ids=DISTINCT_4GRAMS.keys())
+def test_distinct_4gram_fraction(output, fraction):
+    assert datasets.distinct_ngram_fraction(output) == pytest.approx(fraction)
 
 
 def test_datasets_load_from_shared_data():

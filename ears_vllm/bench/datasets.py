@@ -77,6 +77,15 @@ def gsm8k_correct(output: str, answer: str) -> bool:
         return False
 
 
+def distinct_ngram_fraction(output: str, n: int = 4) -> float:
+    """Distinct word n-grams / all word n-grams of one output (1.0: no n-gram repeats; 1.0 for a text shorter
+    than n words). A quality signal for open prompts, where no answer can be scored: a policy that collapses
+    toward repeated phrases lowers it."""
+    words = output.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def _lines(path: Path, what: str) -> list[str]:
     if not path.exists():
         raise ValueError(f"{what} data not found at {str(path)!r}; pass its path (--dataset-path)")

@@ -219,6 +219,7 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
         "num_prompts": len(texts),
         # Outputs that ended on their own; a truncated GSM8K answer cannot be scored as right.
         "finished": sum(reason == "stop" for reason in finish_reasons) / len(texts),
+        "distinct_4grams": sum(map(datasets.distinct_ngram_fraction, texts)) / len(texts),
         "accuracy": None,
     }
     if dataset == "gsm8k":
@@ -231,15 +232,15 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| dataset | T | policy | mean acceptance length | accepted / draft | added TV per verified position "
-        "| output tok/s | req/s | finished | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| output tok/s | req/s | finished | distinct 4-grams | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"], r["policy"])):
         accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
             f"{r['acceptance_rate']:.3f} | {r['added_tv_per_verified']:.4f} | {r['output_tokens_per_s']:.2f} | "
-            f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {accuracy} |"
+            f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {r['distinct_4grams']:.3f} | {accuracy} |"
         )
     return "\n".join(lines)
 
