@@ -152,7 +152,13 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     assert {(r["policy"], r["temperature"]) for r in rows} == {
         ("standard", 0.0), ("standard", 1.0), ("ears-0.5", 0.0), ("ears-0.5", 1.0)
     }  # fmt: skip
-    for name in ("summary.md", "rows.json", "acceptance_length_vs_tolerance.png", "accuracy_vs_acceptance_length.png"):
+    for name in (
+        "summary.md",
+        "rows.json",
+        "acceptance_length_vs_tolerance.png",
+        "acceptance_length_vs_added_tv.png",
+        "accuracy_vs_acceptance_length.png",
+    ):
         assert (config.out_dir / name).stat().st_size > 0, name
     by_key = {(r["policy"], r["temperature"]): r for r in rows}
     assert by_key[("ears-0.5", 1.0)]["relaxed_per_draft"] > 0

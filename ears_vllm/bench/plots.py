@@ -30,6 +30,24 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
+    # The price of each policy's acceptance in distribution, every policy on it (typical has no tolerance).
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for temperature in sorted({r["temperature"] for r in rows if r["dataset"] == dataset}):
+            group = [r for r in rows if r["dataset"] == dataset and r["temperature"] == temperature]
+            ax.scatter([r["added_tv_per_verified"] for r in group], [r["mean_acceptance_length"] for r in group],
+                       label=f"T={temperature:g}")  # fmt: skip
+            for r in group:
+                ax.annotate(r["policy"], (r["added_tv_per_verified"], r["mean_acceptance_length"]), fontsize=8,
+                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+        ax.set(title=dataset, xlabel="added TV per verified position", ylabel="mean acceptance length")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "acceptance_length_vs_added_tv.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
     scored = [r for r in rows if r["accuracy"] is not None]
     if scored:
         fig, ax = plt.subplots(figsize=(6, 4.5))
