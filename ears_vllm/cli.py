@@ -18,6 +18,8 @@ def _bench_synthetic(args: argparse.Namespace) -> int:
 
 def _resolve_models(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.target:
+        if args.draft is None and getattr(args, "method", "draft_model") == "draft_model":
+            raise SystemExit("--draft is required with --target (or use --method ngram)")
         return args.target, args.draft
     from ears_vllm.models import fetch_pair
 
@@ -40,6 +42,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         draft_sampling=args.draft_sampling,
         k=args.k,
         max_tokens=args.max_tokens,
+        max_model_len=-1 if args.max_model_len is None else args.max_model_len,
         seed=args.seed,
         shard_size=args.shard_size,
     )
@@ -80,18 +83,24 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
+# `demo` is `bench e2e` with these defaults, parsed by the same options (build_parser): a preset cannot drift
+# from the command it presets.
+DEMO_PRESET = {
+    "datasets": "gsm8k", "temperatures": "0.9", "policies": "standard,ears:0.1,ears:0.3", "method": "draft_model",
+    "draft_sampling": "greedy", "k": 4, "num_prompts": 4, "max_tokens": 96, "out": "results/demo",
+}  # fmt: skip
+
+
 def _demo(args: argparse.Namespace) -> int:
+    pair = (f"{args.target} verifying drafts of {args.draft}" if args.target else
+            "Qwen2.5-Coder-1.5B-Instruct verifying drafts of Qwen2.5-Coder-0.5B-Instruct (float32)")  # fmt: skip
     print(
-        "ears-vllm demo: real speculative decoding with vLLM, Qwen2.5-Coder-1.5B-Instruct verifying drafts of\n"
-        "Qwen2.5-Coder-0.5B-Instruct (k=4, float32), standard vs EARS 0.1 vs EARS 0.3, T=0.9, on "
-        f"{args.num_prompts} GSM8K problems.\n"
+        f"ears-vllm demo: real speculative decoding with vLLM, {pair}, k={args.k}, policies {args.policies}, "
+        f"T={args.temperatures}, on {args.num_prompts} {args.datasets} problems.\n"
         "First run: fetches and converts the pair (~5 min). Each policy then starts its own engine.\n"
         f"Outputs stop at {args.max_tokens} tokens, so GSM8K accuracy here is not meaningful (see the 'finished'\n"
         "column); for quality use `ears-vllm bench e2e --max-tokens 512 --num-prompts 100`.\n"
     )
-    args.datasets, args.dataset_path, args.temperatures = "gsm8k", None, "0.9"
-    args.policies, args.method, args.k, args.seed = "standard,ears:0.1,ears:0.3", "draft_model", 4, 0
-    args.draft_sampling = "greedy"
     return _bench_e2e(args)
 
 
@@ -176,9 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-prompts", type=int, default=4, help="prompts per dataset")
         p.add_argument("--max-tokens", type=int, default=96)
 
-    demo = commands.add_parser("demo", help="the main job: standard vs EARS on the offline Qwen pair")
-    model_options(demo)
-    demo.set_defaults(run=_demo, out="results/demo")
+    def grid_options(p: argparse.ArgumentParser, datasets: str, policies: str, temperatures: str) -> None:
+        model_options(p)
+        p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
+        p.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
+        p.add_argument("--policies", default=policies, help="comma list, e.g. standard,ears:0.1,typical")
+        p.add_argument("--temperatures", default=temperatures, help=f"comma list (default {temperatures})")
+        p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+
+    def e2e_options(p: argparse.ArgumentParser) -> None:
+        grid_options(p, "gsm8k, mt_bench, humaneval", "standard,ears:0.1,ears:0.3", "0.9")
+        p.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
+        p.add_argument("--draft-sampling", default="greedy", choices=["greedy", "probabilistic"],
+                       help="vLLM's draft_sample_method for draft_model (default greedy, as in vLLM)")  # fmt: skip
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--shard-size", type=int, help="prompts per engine run; a stopped run keeps its finished shards (resume)"
+        )
+        p.add_argument("--max-model-len", type=int, help="the engine's context length (default: the model's own)")
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: standard vs EARS on the offline Qwen pair (`bench e2e` with the demo's defaults)",
+        description="`ears-vllm bench e2e` with the demo's defaults: "
+        + ", ".join(f"{key}={value}" for key, value in DEMO_PRESET.items()),
+    )
+    e2e_options(demo)
+    demo.set_defaults(run=_demo, **DEMO_PRESET)
 
     doctor = commands.add_parser("doctor", help="what the plugin would do here: vLLM, hooks, runner, backend, config")
     doctor.add_argument(
@@ -190,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser("fetch", help="fetch + verify + convert the Qwen2.5-Coder pair").set_defaults(run=_models_fetch)
 
     sweep = commands.add_parser("sweep", help="an e2e benchmark grid over a Ray cluster (local by default)")
-    sweep.add_argument("grid", help="grid YAML, e.g. configs/sweep-demo.yaml")
+    sweep.add_argument("grid", help="grid YAML, e.g. configs/sweep-gsm8k-creative.yaml")
     sweep.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     sweep.set_defaults(run=_sweep)
 
@@ -202,23 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.set_defaults(run=_bench_synthetic)
 
-    def grid_options(p: argparse.ArgumentParser, datasets: str, policies: str, temperatures: str) -> None:
-        model_options(p)
-        p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
-        p.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
-        p.add_argument("--policies", default=policies, help="comma list, e.g. standard,ears:0.1,typical")
-        p.add_argument("--temperatures", default=temperatures, help=f"comma list (default {temperatures})")
-        p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-
     e2e = bench.add_parser("e2e", help="real vLLM speculative decoding, policies side by side")
-    grid_options(e2e, "gsm8k, mt_bench, humaneval", "standard,ears:0.1,ears:0.3", "0.9")
-    e2e.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
-    e2e.add_argument("--draft-sampling", default="greedy", choices=["greedy", "probabilistic"],
-                     help="vLLM's draft_sample_method for draft_model (default greedy, as in vLLM)")  # fmt: skip
-    e2e.add_argument("--seed", type=int, default=0)
-    e2e.add_argument(
-        "--shard-size", type=int, help="prompts per engine run; a stopped run keeps its finished shards (resume)"
-    )
+    e2e_options(e2e)
     e2e.set_defaults(run=_bench_e2e)
 
     acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")

@@ -23,9 +23,13 @@ def _distribution_version(*names: str) -> str | None:
 
 def diagnose(additional_config: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """(label, finding) rows. Never raises for an environment problem: it reports it."""
-    from ears_vllm import __version__, kernels
+    from pathlib import Path
 
-    rows: list[tuple[str, str]] = [("ears-vllm", __version__)]
+    import ears_vllm
+    from ears_vllm import kernels
+
+    location = Path(ears_vllm.__file__).parent
+    rows: list[tuple[str, str]] = [("ears-vllm", f"{ears_vllm.__version__}, installed at {location}")]
     try:
         config = resolve_config(additional_config)
         source = "additional_config" if additional_config and "ears" in additional_config else "environment/defaults"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
 import torch
 
+from ears_vllm import cli
 from ears_vllm.bench import datasets
 from ears_vllm.bench.e2e import E2EConfig, _paired_row, cells, paired_quality, parse_policies, run_e2e, summarize
 from ears_vllm.config import EarsConfig
@@ -143,11 +145,16 @@ def test_datasets_load_from_shared_data():
 
 @pytest.mark.slow
 def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
+    """`ears-vllm bench e2e` through its command line: paired policies, plots, resume."""
     target, draft = tiny_pair
-    config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e",
-                       datasets=[("gsm8k", None, 2)], policies=parse_policies("standard,ears:0.5"),
-                       temperatures=[0.0, 1.0], max_tokens=16, max_model_len=1024)  # fmt: skip
-    rows = run_e2e(config, progress=False)
+    out = tmp_path / "e2e"
+    argv = ["bench", "e2e", "--target", str(target), "--draft", str(draft), "--out", str(out), "--num-prompts", "2",
+            "--policies", "standard,ears:0.5", "--temperatures", "0,1", "--max-tokens", "16", "--shard-size", "2",
+            "--max-model-len", "512", "--seed", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = json.loads((out / "rows.json").read_text())
+    spec = json.loads((out / "gsm8k@0-2__standard.json").read_text())["spec"]
+    assert (spec["shard"], spec["max_model_len"], spec["seed"], spec["k"]) == ([0, 2], 512, 3, 4)
 
     assert {(r["policy"], r["temperature"]) for r in rows} == {
         ("standard", 0.0), ("standard", 1.0), ("ears-0.5", 0.0), ("ears-0.5", 1.0)
@@ -159,24 +166,24 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
         "acceptance_length_vs_added_tv.png",
         "accuracy_vs_acceptance_length.png",
     ):
-        assert (config.out_dir / name).stat().st_size > 0, name
+        assert (out / name).stat().st_size > 0, name
     by_key = {(r["policy"], r["temperature"]): r for r in rows}
     assert by_key[("ears-0.5", 1.0)]["relaxed_per_draft"] > 0
     assert by_key[("standard", 1.0)]["relaxed_per_draft"] == 0
     assert all(r["accuracy"] is not None and r["mean_acceptance_length"] >= 1 for r in rows)
     assert all(0 <= r["finished"] <= 1 for r in rows)
-    runs = {p: json.loads((config.out_dir / f"gsm8k__{p}.json").read_text()) for p in ("standard", "ears-0.5")}
+    runs = {p: json.loads((out / f"gsm8k@0-2__{p}.json").read_text()) for p in ("standard", "ears-0.5")}
     greedy = [run["results"][0]["texts"] for run in runs.values()]
     assert greedy[0] == greedy[1], "greedy requests are untouched by the policy"
     assert runs["standard"]["spec"]["prompt_texts"] == [item["prompt"] for item in datasets.load("gsm8k", limit=2)]
     assert all(result["draft_dist_steps"] == 0 for run in runs.values() for result in run["results"])
 
     # Resume: finished runs are not rerun; a missing one (an interrupted run) is redone alone.
-    mtimes = {p.name: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")}
-    (config.out_dir / "gsm8k__ears-0.5.json").unlink()
-    run_e2e(config, progress=False)
-    assert (config.out_dir / "gsm8k__standard.json").stat().st_mtime_ns == mtimes["gsm8k__standard.json"]
-    assert (config.out_dir / "gsm8k__ears-0.5.json").exists()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("gsm8k@0-2__*.json")}
+    (out / "gsm8k@0-2__ears-0.5.json").unlink()
+    assert cli.main(argv) == 0
+    assert (out / "gsm8k@0-2__standard.json").stat().st_mtime_ns == mtimes["gsm8k@0-2__standard.json"]
+    assert (out / "gsm8k@0-2__ears-0.5.json").exists()
 
 
 @pytest.mark.slow
@@ -185,7 +192,7 @@ def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     target, draft = tiny_pair
     config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e", datasets=[("gsm8k", None, 2)],
                        policies=parse_policies("standard,ears:0.5"), temperatures=[1.0], max_tokens=16,
-                       max_model_len=1024, draft_sampling="probabilistic")  # fmt: skip
+                       draft_sampling="probabilistic")  # fmt: skip
     rows = {r["policy"]: r for r in run_e2e(config, progress=False)}
     assert rows["ears-0.5"]["relaxed_per_draft"] > 0 and rows["standard"]["relaxed_per_draft"] == 0
     runs = {policy: json.loads((config.out_dir / f"gsm8k__{policy}.json").read_text()) for policy in rows}
@@ -204,12 +211,15 @@ def test_chained_acceptance_length():
     assert chained_acceptance_length(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2) == pytest.approx(1 + (1 + 0 + 1 + 1) / 3)
 
 
-def test_bench_acceptance_on_tiny_models(tiny_pair):
-    from ears_vllm.bench.acceptance import reference_texts, run_acceptance
+def test_bench_acceptance_on_tiny_models(tiny_pair, tmp_path):
+    """`ears-vllm bench acceptance` through its command line."""
+    from ears_vllm.bench.acceptance import run_acceptance
 
     target, draft = tiny_pair
-    rows = run_acceptance(str(target), str(draft), reference_texts("gsm8k", None, 2),
-                          parse_policies("standard,ears:0.3,typical"), [0.9], k=4, progress=False)  # fmt: skip
+    argv = ["bench", "acceptance", "--target", str(target), "--draft", str(draft), "--num-prompts", "2",
+            "--policies", "standard,ears:0.3,typical", "--temperatures", "0.9", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "acceptance.json").read_text())
     assert len(rows) == 2 * 3
     for sampling in ("greedy", "probabilistic"):
         by_policy = {r["policy"]: r for r in rows if r["draft_sampling"] == sampling}
@@ -217,6 +227,7 @@ def test_bench_acceptance_on_tiny_models(tiny_pair):
         assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
         assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
         assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
+    assert (tmp_path / "acceptance.md").read_text().count("| ears-0.3 |") == 2
     with pytest.raises(ValueError, match=r"\[0.0, 'sampled'\] not allowed"):
         run_acceptance(str(target), str(draft), [], {}, [0.0], draft_sampling=("sampled",))
 
@@ -267,23 +278,22 @@ def test_bench_acceptance_replays_the_texts_of_a_finished_run(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_a_two_cell_grid_on_local_ray_and_resumes(tmp_path, tiny_pair):
-    from ears_vllm.bench.sweep import load_grid, run_sweep
-
+    """`ears-vllm sweep GRID` through its command line, on a local Ray instance."""
     target, draft = tiny_pair
     grid = tmp_path / "grid.yaml"
+    out = tmp_path / "sweep"
     grid.write_text(
         f"target: {target}\ndraft: {draft}\ndatasets: [{{name: gsm8k, limit: 2}}]\ntemperatures: [1.0]\n"
-        f"policies: [standard, 'ears:0.5']\nmax_tokens: 8\nmax_model_len: 1024\nout: {tmp_path / 'sweep'}\n"
-        "cpus_per_cell: 1\n"
+        f"policies: [standard, 'ears:0.5']\nmax_tokens: 8\nout: {out}\ncpus_per_cell: 1\n"
     )
-    config, resources = load_grid(grid)
-    rows = run_sweep(config, resources, ray_init={"num_cpus": 2, "include_dashboard": False}, progress=False)
+    assert cli.main(["sweep", str(grid)]) == 0
+    rows = json.loads((out / "rows.json").read_text())
     assert {r["policy"] for r in rows} == {"standard", "ears-0.5"}
-    assert (config.out_dir / "acceptance_length_vs_tolerance.png").exists()
+    assert (out / "acceptance_length_vs_tolerance.png").exists()
     # Resume: with both cells done, a second sweep runs no engine.
-    mtimes = {p: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")}
-    run_sweep(config, resources, ray_init={"num_cpus": 2, "include_dashboard": False}, progress=False)
-    assert {p: p.stat().st_mtime_ns for p in config.out_dir.glob("gsm8k__*.json")} == mtimes
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("gsm8k__*.json")}
+    assert cli.main(["sweep", str(grid)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("gsm8k__*.json")} == mtimes
 
 
 def test_sweep_grid_errors_name_the_key(tmp_path):
@@ -295,21 +305,25 @@ def test_sweep_grid_errors_name_the_key(tmp_path):
         load_grid(grid)
 
 
-def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypatch):
-    """The code of `bench kernel` on a CPU (Triton's interpreter, two tiny shapes): files and columns, no timing."""
+def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypatch, capsys):
+    """`ears-vllm bench kernel --allow-cpu` through its command line (Triton's interpreter, two tiny shapes):
+    files and columns, no timing."""
     import importlib
 
-    from ears_vllm.bench.kernel import Shape, run_kernel_bench
     from tests.triton_cpu import triton_interpreter
 
     with triton_interpreter():
         importlib.import_module("ears_vllm.kernels.verify_kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    shapes = [Shape(1, 2, 300, "float32"), Shape(2, 1, 300, "bfloat16")]
-    rows = run_kernel_bench(tmp_path, shapes, device="cpu", progress=False)
+    argv = ["bench", "kernel", "--allow-cpu", "--batches", "1", "--ks", "2", "--vocabs", "300",
+            "--dtypes", "float32,bfloat16", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "kernel.csv").open()))
     impls = {r["impl"] for r in rows}
     assert {"bandwidth-bound", "ears-vllm standard", "ears-vllm ears-0.1", "pytorch"} <= impls
-    assert all(r["median_us"] > 0 for r in rows)
+    assert all(float(r["median_us"]) > 0 for r in rows)
     table = (tmp_path / "kernel.md").read_text()
     assert "not a kernel timing" in table and table.count("| 300 |") == 2
-    assert (tmp_path / "kernel.png").stat().st_size > 0 and (tmp_path / "kernel.csv").read_text().count("\n") == 9
+    assert (tmp_path / "kernel.png").stat().st_size > 0 and len(rows) == 8
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        cli.main(["bench", "kernel", "--out", str(tmp_path)])

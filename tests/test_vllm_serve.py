@@ -244,13 +244,14 @@ def test_offline_llm_loads_the_plugin_in_spawned_workers(tmp_path, tiny_pair):
 
 
 def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
-    """The load benchmark's own checks, on a short mix (the full 500-request run is `ears-vllm bench load`)."""
-    from ears_vllm.bench.e2e import parse_policies
-    from ears_vllm.bench.load import LoadConfig, run_load
+    """`ears-vllm bench load` through its command line, on a short mix (the full run is 500 requests)."""
+    from ears_vllm import cli
 
     target, draft = tiny_pair
-    config = LoadConfig(str(target), str(draft), tmp_path, parse_policies("ears:0.3"), num_requests=60, concurrency=16)
-    (row,) = run_load(config, progress=False)
+    argv = ["bench", "load", "--target", str(target), "--draft", str(draft), "--policies", "ears:0.3",
+            "--num-requests", "60", "--concurrency", "16", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0  # 1 when the run found a problem
+    (row,) = json.loads((tmp_path / "load.json").read_text())
     assert row["problems"] == []
     assert (row["requests"], row["errors"], row["lost"]) == (60, 0, 0) and row["cancelled"] > 0
     assert row["plugin_relaxed"] > 0 and row["vllm_accepted_tokens"] > 0

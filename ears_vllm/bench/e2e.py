@@ -39,7 +39,8 @@ class E2EConfig:
     draft_sampling: str = "greedy"  # one of DRAFT_SAMPLING
     k: int = 4
     max_tokens: int = 96
-    max_model_len: int = 2048
+    # The engine's context length; -1 = the model's own, cut by vLLM to what the KV cache holds (auto-fit).
+    max_model_len: int = -1
     seed: int = 0
     # Split each prompt set into cells of this many prompts (one engine each), so a long run keeps what it
     # finished when it is stopped; None = one cell per prompt set.
@@ -235,7 +236,7 @@ def markdown_table(rows: list[dict]) -> str:
         "| output tok/s | req/s | finished | distinct 4-grams | accuracy |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"], r["policy"])):
+    for r in sorted(rows, key=_row_order):
         accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
@@ -243,6 +244,11 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {r['distinct_4grams']:.3f} | {accuracy} |"
         )
     return "\n".join(lines)
+
+
+def _row_order(row: dict) -> tuple:
+    """The baseline first, then the other policies by name (so ears-0.1 before ears-0.3)."""
+    return row["dataset"], row["temperature"], row["policy"] != "standard", row["policy"]
 
 
 def paired_quality(out_dir: Path, policies: list[str] | None = None, baseline: str = "standard") -> list[dict]:

@@ -16,6 +16,7 @@ Grid file::
     temperatures: [0.9, 1.0]
     policies: [standard, "ears:0.1", "ears:0.3", typical]
     max_tokens: 256
+    max_model_len: -1               # -1: the model's own, cut to what the KV cache holds
     out: results/sweep
     cpus_per_cell: 2
     gpus_per_cell: 0
@@ -58,7 +59,7 @@ def load_grid(path: str | Path) -> tuple[E2EConfig, dict[str, float]]:
         draft_sampling=grid.get("draft_sampling", "greedy"),
         k=int(grid.get("k", 4)),
         max_tokens=int(grid.get("max_tokens", 96)),
-        max_model_len=int(grid.get("max_model_len", 2048)),
+        max_model_len=int(grid.get("max_model_len", -1)),
         seed=int(grid.get("seed", 0)),
         shard_size=grid.get("shard_size"),
     )
