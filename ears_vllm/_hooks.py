@@ -20,3 +20,13 @@ def check_module(module_name: str, names: tuple[str, ...], function: str, parame
     if found[: len(parameters)] != parameters:
         return f"{module_name}.{function} has parameters {found}, expected {parameters} first"
     return None
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version, as vLLM reports it (``unknown`` when it cannot be read)."""
+    try:
+        import vllm
+
+        return str(getattr(vllm, "__version__", "unknown"))
+    except Exception:
+        return "unknown"

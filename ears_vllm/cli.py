@@ -165,7 +165,8 @@ def _doctor(args: argparse.Namespace) -> int:
     from ears_vllm.doctor import diagnose
 
     additional = json.loads(args.additional_config) if args.additional_config else None
-    rows = diagnose(additional)
+    speculative = json.loads(args.speculative_config) if args.speculative_config else {}
+    rows = diagnose(additional, method=speculative.get("rejection_sample_method"))
     width = max(len(label) for label, _ in rows)
     for label, finding in rows:
         print(f"{label:<{width}}  {finding}")
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     def grid_options(p: argparse.ArgumentParser, datasets: str, policies: str, temperatures: str) -> None:
         model_options(p)
         p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
-        p.add_argument("--dataset-path", help="path of the dataset file (default: the project's shared/data)")
+        p.add_argument("--dataset-path", help="path of the dataset file (default: the copy shipped in the package)")
         p.add_argument("--policies", default=policies, help="comma list, e.g. standard,ears:0.1,typical")
         p.add_argument("--temperatures", default=temperatures, help=f"comma list (default {temperatures})")
         p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--additional-config", help='the JSON you pass to vllm serve, e.g. \'{"ears": {"policy": "ears"}}\''
     )
+    doctor.add_argument("--speculative-config", help="the JSON you pass to vllm serve (its rejection_sample_method "
+                        "decides whether ears-vllm verifies)")  # fmt: skip
     doctor.set_defaults(run=_doctor)
 
     models = commands.add_parser("models", help="offline models").add_subparsers(dest="models", required=True)

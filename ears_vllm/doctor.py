@@ -21,8 +21,11 @@ def _distribution_version(*names: str) -> str | None:
     return None
 
 
-def diagnose(additional_config: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(label, finding) rows. Never raises for an environment problem: it reports it."""
+def diagnose(additional_config: dict[str, Any] | None = None, method: str | None = None) -> list[tuple[str, str]]:
+    """(label, finding) rows. Never raises for an environment problem: it reports it.
+
+    ``method``: the ``rejection_sample_method`` of the ``--speculative-config`` the server will get.
+    """
     from pathlib import Path
 
     import ears_vllm
@@ -46,28 +49,38 @@ def diagnose(additional_config: dict[str, Any] | None = None) -> list[tuple[str,
         return rows
 
     from ears_vllm import vllm_mrv2, vllm_v1
+    from ears_vllm._hooks import vllm_version as reported_version
+    from ears_vllm.verification import plan_verification
 
-    v1_problem, mrv2_problem = vllm_v1.check_hooks(), vllm_mrv2.check_hooks()
-    rows.append(("hook V1", "found: vllm.v1.sample.rejection_sampler.rejection_sample" if v1_problem is None
-                 else f"missing: {v1_problem}"))  # fmt: skip
-    rows.append(("hook MRV2", "found" if mrv2_problem is None else f"missing: {mrv2_problem}"))
-    forced = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    runner = "MRV2" if cuda and mrv2_problem is None and forced != "0" else "V1"
-    rows.append(("runner", f"{runner} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
+    forced = settings_of_vllm_runner()
+    picked = "MRV2" if cuda and forced != "0" else "V1"
+    rows.append(("runner", f"{picked} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
                            "or the spec method needs V1)"))  # fmt: skip
     if not kernels.AVAILABLE:
         rows.append(("backend", f"torch (Triton kernel unavailable: {kernels.UNAVAILABLE_REASON})"))
     else:
         rows.append(("backend", "triton" if cuda else "torch (no CUDA device)"))
-    if v1_problem is None:
+    plans = {}
+    for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
+        problem = adapter.check_hooks()
+        rows.append((f"hooks {runner}", "found" if problem is None else f"moved: {problem}"))
+        if config is not None:
+            plans[runner] = plan_verification(runner, config, vllm_version=reported_version(), hook_problem=problem,
+                                              method=method)  # fmt: skip
+            rows.append((f"verification {runner}", plans[runner].summary))
+    if plans.get("V1") is not None and "moved" not in dict(rows)["hooks V1"]:
         from vllm.platforms import current_platform
 
-        current_platform.register_triton_kernel_overrides()  # as vLLM's worker does
+        getattr(current_platform, "register_triton_kernel_overrides", lambda: None)()  # as vLLM's worker does
         import vllm.v1.sample.rejection_sampler as module
 
         broken = vllm_v1.expand_is_broken(module.expand_batch_to_tokens)
         rows.append(("vLLM expand_batch_to_tokens", "BROKEN here: the plugin replaces it" if broken else "correct"))
-    if config is not None:
-        active = config.policy != "standard" and (runner == "V1" and v1_problem is None)
-        rows.append(("verification", f"ears-vllm {config.policy}" if active else "vLLM's own (standard)"))
+    if picked in plans:
+        rows.append(("verification", f"{picked}: {plans[picked].summary}"))
     return rows
+
+
+def settings_of_vllm_runner() -> str | None:
+    """vLLM's own switch between its runners (read by vLLM; reported here)."""
+    return os.environ.get("VLLM_USE_V2_MODEL_RUNNER")

@@ -5,8 +5,10 @@ it builds the config or the model runner. Registration:
 
 * makes ``VllmConfig`` validate ``additional_config["ears"]`` (or the ``EARS_VLLM_*`` environment) as
   it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded;
-* checks each runner's hooks and wraps their ``RejectionSampler`` constructors (see the adapters);
-  where a hook moved, it logs one warning naming the vLLM version and leaves that runner untouched.
+* checks each runner's hooks and wraps its ``RejectionSampler`` (see the adapters and
+  :mod:`ears_vllm.patches`). Where a hook moved, only the constructor is wrapped, so that a sampler built
+  with a non-standard policy stops the server with the reason (or, with ``on_unsupported: fallback``,
+  warns and runs vLLM's own rule): the plugin is never silently inert.
 """
 
 from __future__ import annotations
@@ -41,16 +43,21 @@ def register() -> None:
     for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
         try:
             problem = adapter.check_hooks()
-            if problem is None:
-                adapter.install()
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
-        hook_report[runner] = "patched" if problem is None else problem
-        if problem is not None and runner == "V1":
-            logger.warning("ears-vllm: vLLM %s: %s; the V1 runner stays unpatched", version, problem)
-        elif problem is not None:
-            # MRV2 needs Triton; on CPU builds it is expected to be absent.
-            logger.debug("ears-vllm: vLLM %s: %s; Model Runner V2 stays unpatched", version, problem)
+        try:
+            # Guards the sampler even when the hooks moved: its plan then refuses a non-standard policy.
+            adapter.install(problem)
+        except Exception as exc:
+            hook_report[runner] = f"not guarded ({type(exc).__name__}: {exc})"
+            logger.warning("ears-vllm: vLLM %s: cannot wrap the %s rejection sampler (%s: %s); if vLLM verifies "
+                           "there, it runs its own rule", version, runner, type(exc).__name__, exc)  # fmt: skip
+            continue
+        hook_report[runner] = "patched" if problem is None else f"hooks moved: {problem}"
+        if problem is not None:
+            # Said again, as an error or a warning, when a sampler of this runner is built with a non-standard
+            # policy (ears_vllm.verification); MRV2 is expected to be absent from CPU builds.
+            logger.debug("ears-vllm: vLLM %s: %s hooks moved: %s", version, runner, problem)
 
 
 def _validate_config_on_creation() -> None:

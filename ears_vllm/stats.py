@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from ears_vllm.config import settings
+
 STATS_SUFFIX = "json"
 
 
@@ -42,9 +44,7 @@ class VerifyStats:
     draft_dist_steps: int = 0  # steps whose drafter passed its distribution (else one-hot drafts: greedy, n-gram)
     shadow_steps: int = 0
     shadow_mismatches: int = 0
-    log_interval_s: float = dataclasses.field(
-        default_factory=lambda: float(os.environ.get("EARS_VLLM_LOG_INTERVAL", "10"))
-    )
+    log_interval_s: float = dataclasses.field(default_factory=lambda: settings().log_interval_s)
     _last_report: float = dataclasses.field(default_factory=time.monotonic)
 
     def record(
@@ -100,7 +100,7 @@ class VerifyStats:
             s["relaxed_per_verified"],
             shadow,
         )
-        path = os.environ.get("EARS_VLLM_STATS_PATH")
+        path = settings().stats_path
         if path:
             target = Path(f"{path}.{os.getpid()}.{STATS_SUFFIX}")
             tmp = target.with_suffix(".tmp")

