@@ -48,7 +48,7 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
     if vllm_version is None:
         return rows
 
-    from ears_vllm import vllm_mrv2, vllm_v1
+    from ears_vllm import patches, vllm_mrv2, vllm_v1
     from ears_vllm._hooks import vllm_version as reported_version
     from ears_vllm.verification import plan_verification
 
@@ -74,7 +74,7 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
         getattr(current_platform, "register_triton_kernel_overrides", lambda: None)()  # as vLLM's worker does
         import vllm.v1.sample.rejection_sampler as module
 
-        broken = vllm_v1.expand_is_broken(module.expand_batch_to_tokens)
+        broken = vllm_v1.expand_is_broken(patches.original(module, "expand_batch_to_tokens"))
         rows.append(("vLLM expand_batch_to_tokens", "BROKEN here: the plugin replaces it" if broken else "correct"))
     if picked in plans:
         rows.append(("verification", f"{picked}: {plans[picked].summary}"))

@@ -29,7 +29,7 @@ class VerificationPlan:
     policy: str
     verifies: bool  # ears-vllm runs this sampler's verification step
     reason: str  # why (one clause, for logs and doctor)
-    refuses: bool  # the configured policy cannot run here and on_unsupported is "error"
+    refuses: bool  # the policy cannot run here (hook moved, runner lacks it) and on_unsupported is "error"
 
     @property
     def summary(self) -> str:
@@ -54,13 +54,16 @@ def plan_verification(
     method = method or VLLM_STANDARD_METHOD
     if config.policy == "standard":
         return VerificationPlan(runner, config.policy, False, "policy 'standard' is vLLM's own rule", False)
+    # What the user asked of vLLM itself wins, named beside the ears policy (a warning, not a refusal).
+    if method != VLLM_STANDARD_METHOD:
+        reason = (f"vLLM was asked for rejection_sample_method={method!r}, its own rule, which does not combine "
+                  f"with ears policy {config.policy!r}")  # fmt: skip
+        return VerificationPlan(runner, config.policy, False, reason, False)
+    if watermarking:
+        reason = f"vLLM was asked to watermark the output, which does not combine with ears policy {config.policy!r}"
+        return VerificationPlan(runner, config.policy, False, reason, False)
     if hook_problem is not None:
         problem = f"vLLM {vllm_version} moved the {runner} hook: {hook_problem}"
-    elif method != VLLM_STANDARD_METHOD:
-        problem = (f"vLLM was asked for rejection_sample_method={method!r}, its own rule, which does not combine with "
-                   f"ears policy {config.policy!r}")  # fmt: skip
-    elif watermarking:
-        problem = f"vLLM watermarks the output, which does not combine with ears policy {config.policy!r}"
     elif config.policy not in POLICIES_BY_RUNNER[runner]:
         other = [r for r, policies in POLICIES_BY_RUNNER.items() if config.policy in policies]
         problem = f"policy {config.policy!r} is not available on the {runner} runner (it is on {other})"
@@ -78,5 +81,4 @@ def enforce(plan: VerificationPlan, logger) -> None:
             'vLLM\'s own rule; set "on_unsupported": "fallback" in the ears config to run vLLM\'s rule instead.'
         )
     if not plan.verifies and plan.policy != "standard":
-        logger.warning("ears-vllm: %s; on_unsupported=fallback: runner %s runs vLLM's own rule", plan.reason,
-                       plan.runner)  # fmt: skip
+        logger.warning("ears-vllm: %s; runner %s runs vLLM's own rule", plan.reason, plan.runner)

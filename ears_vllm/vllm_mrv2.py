@@ -138,11 +138,8 @@ def install(hook_problem: str | None) -> None:
 
     def wrap_call(original_call: Callable[..., Any]) -> Callable[..., Any]:
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            token = _verifying_config.set(getattr(self, "_ears_config", None))
-            try:
+            with as_sampler(self):
                 return original_call(self, *args, **kwargs)
-            finally:
-                _verifying_config.reset(token)
 
         return __call__
 
@@ -151,7 +148,14 @@ def install(hook_problem: str | None) -> None:
 
 
 @contextlib.contextmanager
-def verifying_with(config: EarsConfig) -> Iterator[None]:
+def as_sampler(sampler: Any) -> Iterator[None]:
+    """Calls to ``rejection_sample`` inside are made for ``sampler``: ours if its plan verifies, else vLLM's."""
+    with verifying_with(getattr(sampler, "_ears_config", None)):
+        yield
+
+
+@contextlib.contextmanager
+def verifying_with(config: EarsConfig | None) -> Iterator[None]:
     """Run :func:`rejection_sample` as a sampler planned for ``config`` does (for callers outside __call__)."""
     token = _verifying_config.set(config)
     try:

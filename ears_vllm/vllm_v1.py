@@ -83,17 +83,15 @@ def install(hook_problem: str | None) -> None:
     def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             original_init(self, *args, **kwargs)
-            self._ears_config = _configure(self, module)
+            spec_config = inspect.signature(original_init).bind(self, *args, **kwargs).arguments.get("spec_config")
+            self._ears_config = _configure(module, spec_config)
 
         return __init__
 
     def wrap_forward(original_forward: Callable[..., Any]) -> Callable[..., Any]:
         def forward(self, *args: Any, **kwargs: Any) -> Any:
-            token = _verifying_config.set(getattr(self, "_ears_config", None))
-            try:
+            with as_sampler(self):
                 return original_forward(self, *args, **kwargs)
-            finally:
-                _verifying_config.reset(token)
 
         return forward
 
@@ -102,7 +100,14 @@ def install(hook_problem: str | None) -> None:
 
 
 @contextlib.contextmanager
-def verifying_with(config: EarsConfig) -> Iterator[None]:
+def as_sampler(sampler: Any) -> Iterator[None]:
+    """Calls to ``rejection_sample`` inside are made for ``sampler``: ours if its plan verifies, else vLLM's."""
+    with verifying_with(getattr(sampler, "_ears_config", None)):
+        yield
+
+
+@contextlib.contextmanager
+def verifying_with(config: EarsConfig | None) -> Iterator[None]:
     """Run :func:`rejection_sample` as a sampler planned for ``config`` does (for callers outside forward())."""
     token = _verifying_config.set(config)
     try:
@@ -111,13 +116,14 @@ def verifying_with(config: EarsConfig) -> Iterator[None]:
         _verifying_config.reset(token)
 
 
-def _configure(sampler: Any, module: Any) -> EarsConfig | None:
-    """Plan this sampler (raises when it must refuse), apply the plan, log it; the config when ours verifies."""
+def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
+    """Plan a sampler built with ``spec_config`` (raises when it must refuse), apply the plan, log it; the config
+    when ours verifies."""
     from vllm.config import get_current_vllm_config_or_none
 
     vllm_config = get_current_vllm_config_or_none()
     config = resolve_config(getattr(vllm_config, "additional_config", None))
-    spec_config = getattr(vllm_config, "speculative_config", None) or getattr(sampler, "spec_config", None)
+    spec_config = spec_config if spec_config is not None else getattr(vllm_config, "speculative_config", None)
     plan = plan_verification("V1", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
                              method=getattr(spec_config, "rejection_sample_method", None))  # fmt: skip
     enforce(plan, logger)

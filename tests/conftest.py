@@ -18,3 +18,12 @@ if not torch.cuda.is_available():
 def tiny_pair(tmp_path_factory):
     """A tiny random Llama target and a noisy copy as draft, built at test time (no model hub)."""
     return build_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture
+def fresh_registration(monkeypatch):
+    """Let register() run again in this process (vLLM itself calls it once per process)."""
+    from ears_vllm import plugin
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(plugin, "hook_report", {})

