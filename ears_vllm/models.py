@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from ears_vllm.config import settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ QWEN_PAIR = (QWEN_TARGET, QWEN_DRAFT)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EARS_VLLM_CACHE", Path.home() / ".cache" / "ears-vllm"))
+    return settings().cache_dir
 
 
 def fetch(model: GgufModel, *, progress: bool = True) -> Path:

@@ -6,7 +6,7 @@ it builds the config or the model runner. Registration:
 * makes ``VllmConfig`` validate ``additional_config["ears"]`` (or the ``EARS_VLLM_*`` environment) as
   it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded;
 * checks each runner's hooks and wraps its ``RejectionSampler`` (see the adapters and
-  :mod:`ears_vllm.patches`). Where a hook moved, only the constructor is wrapped, so that a sampler built
+  :mod:`ears_vllm.seam.patches`). Where a hook moved, only the constructor is wrapped, so that a sampler built
   with a non-standard policy stops the server with the reason (or, with ``on_unsupported: fallback``,
   warns and runs vLLM's own rule): the plugin is never silently inert.
 """
@@ -38,7 +38,7 @@ def register() -> None:
         logger.warning("ears-vllm: not active, cannot hook into vLLM: %s: %s", type(exc).__name__, exc)
         return
 
-    from ears_vllm import vllm_mrv2, vllm_v1
+    from ears_vllm.seam import vllm_mrv2, vllm_v1
 
     for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
         try:
@@ -56,7 +56,7 @@ def register() -> None:
         hook_report[runner] = "patched" if problem is None else f"hooks moved: {problem}"
         if problem is not None:
             # Said again, as an error or a warning, when a sampler of this runner is built with a non-standard
-            # policy (ears_vllm.verification); MRV2 is expected to be absent from CPU builds.
+            # policy (ears_vllm.seam.verification); MRV2 is expected to be absent from CPU builds.
             logger.debug("ears-vllm: vLLM %s: %s hooks moved: %s", version, runner, problem)
 
 

@@ -22,7 +22,7 @@ VENV_BIN = Path(sys.executable).parent
 # Every leaf command of the parser, and the test that runs it through ``cli.main`` (or the console script).
 COMMANDS = {
     "demo": "test_demo_through_the_console_script_prints_the_standard_vs_ears_table",
-    "doctor": "tests/test_plugin.py::test_doctor_reports_vllm_hooks_and_config",
+    "doctor": "tests/test_plugin.py::test_doctor_says_per_runner_whether_ears_vllm_verifies",
     "models fetch": "test_models_fetch_help (a real fetch needs the Qwen pair: tests/test_models.py)",
     "sweep": "tests/test_bench.py::test_sweep_runs_a_two_cell_grid_on_local_ray_and_resumes",
     "bench synthetic": "test_bench_synthetic_prints_every_policy",

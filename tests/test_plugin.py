@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from ears_vllm import cli, plugin, vllm_v1
+from ears_vllm import cli, plugin
+from ears_vllm.seam import vllm_v1
 from tests.vllm_release import IS_VLLM_CPU, VLLM_VERSION
 
 

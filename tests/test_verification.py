@@ -1,4 +1,4 @@
-"""The one decision: does ears-vllm verify on this runner, and if not, why (ears_vllm.verification)."""
+"""The one decision: does ears-vllm verify on this runner, and if not, why (ears_vllm.seam.verification)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ears_vllm.config import EarsConfig
-from ears_vllm.verification import UnsupportedPolicyError, enforce, plan_verification
+from ears_vllm.seam.verification import UnsupportedPolicyError, enforce, plan_verification
 
 EARS = EarsConfig(policy="ears", tolerance=0.1)
 EARS_FALLBACK = EarsConfig(policy="ears", tolerance=0.1, on_unsupported="fallback")

