@@ -17,9 +17,16 @@ endif
 # its verification code is torch and Triton, which the tests run on CPU tensors under Triton's interpreter).
 VLLM033 := .venv-vllm033
 VLLM033_STAMP := $(VLLM033)/.ears-setup-stamp
-SEAM_TESTS := tests/test_vllm_seam.py tests/test_plugin.py tests/test_vllm_v1_adapter.py tests/test_vllm_mrv2_adapter.py
+SEAM_TESTS := tests/test_vllm_seam.py tests/test_plugin.py tests/test_vllm_v1_adapter.py tests/test_vllm_mrv2_adapter.py \
+	tests/test_gpu_check.py
+# The GPU checks (docs/vllm-seam.md): `make gpu-bundle` here copies vLLM 0.33's MRV2 sources into .gpu-bundle;
+# on a GPU machine (torch + Triton; no vLLM, no network) `make gpu-check` runs them into docs/results/gpu.
+GPU_BUNDLE ?= .gpu-bundle
+GPU_CHECK_OUT ?= docs/results/gpu
+GPU_CHECK_DEVICE ?= cuda
+GPU_PYTHON ?= python3
 
-.PHONY: setup test test-vllm033 lint format demo clean
+.PHONY: setup test test-vllm033 gpu-bundle gpu-check lint format demo clean
 
 setup: $(STAMP)
 
@@ -42,6 +49,13 @@ ifneq ($(HAS_CUDA),1)
 endif
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
+
+gpu-bundle: $(VLLM033_STAMP)
+	PYTHONPATH=$(abspath $(VLLM033)) $(BIN)/ears-vllm gpu-check bundle --out $(GPU_BUNDLE)
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m ears_vllm.cli gpu-check run --bundle $(GPU_BUNDLE) --out $(GPU_CHECK_OUT) \
+		--device $(GPU_CHECK_DEVICE)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -67,4 +81,4 @@ demo: setup
 	$(BIN)/ears-vllm demo
 
 clean:
-	rm -rf $(VENV) $(VLLM033) *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM033) $(GPU_BUNDLE) *.egg-info .pytest_cache .ruff_cache .hypothesis

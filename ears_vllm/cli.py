@@ -161,6 +161,26 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 1 if any(r["problems"] for r in rows) else 0
 
 
+def _gpu_check_bundle(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.gpu_check import make_bundle
+
+    if args.vllm_dir is None:
+        import vllm
+
+        args.vllm_dir = Path(vllm.__file__).parent
+    manifest = make_bundle(Path(args.vllm_dir), Path(args.out))
+    print(f"bundled {len(manifest['sha256'])} vLLM {manifest['vllm_version']} sources into {args.out}/")
+    return 0
+
+
+def _gpu_check_run(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.gpu_check import markdown, run
+
+    report = run(Path(args.bundle), Path(args.out), args.device)
+    print(markdown(report))
+    return 0 if report["passed"] else 1
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from ears_vllm.doctor import diagnose
 
@@ -221,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--speculative-config", help="the JSON you pass to vllm serve (its rejection_sample_method "
                         "decides whether ears-vllm verifies)")  # fmt: skip
     doctor.set_defaults(run=_doctor)
+
+    gpu_help = "the GPU checks in one command: kernel and MRV2 parity at real shapes, bench kernel (make gpu-check)"
+    gpu = commands.add_parser("gpu-check", help=gpu_help).add_subparsers(dest="gpu", required=True)
+    bundle = gpu.add_parser("bundle", help="copy vLLM 0.33's MRV2 verification sources for a machine without vLLM")
+    bundle.add_argument("--vllm-dir", help="an installed vLLM 0.33 package (default: the importable vllm)")
+    bundle.add_argument("--out", default=".gpu-bundle")
+    bundle.set_defaults(run=_gpu_check_bundle)
+    gpu_run = gpu.add_parser("run", help="run the checks (needs no vLLM: the bundle brings its sources)")
+    gpu_run.add_argument("--bundle", default=".gpu-bundle")
+    gpu_run.add_argument("--out", default="docs/results/gpu")
+    gpu_run.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                         help="cpu: the same checks under Triton's interpreter, small shapes, no timing")  # fmt: skip
+    gpu_run.set_defaults(run=_gpu_check_run)
 
     models = commands.add_parser("models", help="offline models").add_subparsers(dest="models", required=True)
     models.add_parser("fetch", help="fetch + verify + convert the Qwen2.5-Coder pair").set_defaults(run=_models_fetch)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ears_vllm import EarsConfig, verify
-from tests.test_verify import make_batch
+from ears_vllm.bench.steps import verify_batch
 from tests.triton_cpu import triton_interpreter
 
 # A NaN or inf computed anywhere in a kernel (even one later masked away) fails the test.
@@ -61,13 +61,13 @@ def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, **k
 @pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
 @pytest.mark.parametrize("vocab", [1000, 1037], ids=["vocab1000", "vocab1037"])
 def test_kernel_equals_reference(config, name, full_draft, vocab):
-    batch = make_batch(BATCHES[name], vocab, seed=vocab, full_draft=full_draft, masked_fraction=0.2)
+    batch = verify_batch(BATCHES[name], vocab, seed=vocab, full_draft=full_draft, masked_fraction=0.2)
     # Several splits of several blocks each, with a ragged last block.
     assert_kernel_equals_reference(batch, config, torch.tensor(GREEDY[name]), block_size=128, num_splits=3)
 
 
 def test_per_request_tolerance():
-    batch = make_batch(BATCHES["batch7-ragged-with-zeros"], 1037, seed=5, full_draft=False)
+    batch = verify_batch(BATCHES["batch7-ragged-with-zeros"], 1037, seed=5, full_draft=False)
     tolerance = torch.tensor([0.0, 0.2, 0.5, 1.0, 0.1, 0.9, 0.3], dtype=torch.float64)
     result = assert_kernel_equals_reference(
         batch, EarsConfig(policy="ears"), torch.zeros(7, dtype=torch.bool), tolerance, block_size=256
@@ -77,20 +77,20 @@ def test_per_request_tolerance():
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8], ids=lambda s: f"splits{s}")
 def test_split_count_does_not_change_the_result(num_splits):
-    batch = make_batch([4, 4, 4], 1000, seed=9, full_draft=True)
+    batch = verify_batch([4, 4, 4], 1000, seed=9, full_draft=True)
     assert_kernel_equals_reference(batch, EarsConfig(policy="ears", tolerance=0.2), torch.zeros(3, dtype=torch.bool),
                                    block_size=64, num_splits=num_splits)  # fmt: skip
 
 
 def test_bf16_logits():
-    batch = make_batch([4, 2], 1037, seed=2, full_draft=False)
+    batch = verify_batch([4, 2], 1037, seed=2, full_draft=False)
     batch["target_logits"] = batch["target_logits"].to(torch.bfloat16)
     assert_kernel_equals_reference(batch, EarsConfig(policy="ears", tolerance=0.3), torch.tensor([False, True]),
                                    block_size=256)  # fmt: skip
 
 
 def test_verify_dispatches_to_the_kernel():
-    batch = make_batch([3, 2], 300, seed=1, full_draft=True)
+    batch = verify_batch([3, 2], 300, seed=1, full_draft=True)
     via_verify = verify(**batch, config=EarsConfig(policy="ears", tolerance=0.1), backend="triton")
     reference = verify(**batch, config=EarsConfig(policy="ears", tolerance=0.1), backend="torch")
     assert torch.equal(via_verify.token_ids, reference.token_ids)
@@ -99,7 +99,7 @@ def test_verify_dispatches_to_the_kernel():
 @pytest.mark.parametrize("config", [EarsConfig(), EarsConfig(policy="typical")], ids=["greedy-rows", "typical"])
 def test_argmax_ties_go_to_the_first_index_across_blocks_and_splits(config):
     """Constant logits: every token ties; torch.argmax (the reference) returns index 0."""
-    batch = make_batch([2, 2], 1000, seed=0, full_draft=False)
+    batch = verify_batch([2, 2], 1000, seed=0, full_draft=False)
     batch["target_logits"] = torch.zeros(4, 1000)
     batch["draft_token_ids"] = torch.tensor([700, 3, 999, 1])  # all rejected under either rule
     is_greedy = torch.tensor([True, config.policy == "standard"])

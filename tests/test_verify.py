@@ -11,39 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ears_vllm import EarsConfig, verify
+from ears_vllm.bench.steps import verify_batch
 from ears_vllm.policies import expected_acceptance, expected_acceptance_one_hot
 from tests.naive import naive_verify
-
-
-def make_batch(
-    num_draft_tokens: list[int],
-    vocab: int,
-    *,
-    seed: int,
-    full_draft: bool,
-    masked_fraction: float = 0.0,
-    sharpness: float = 3.0,
-) -> dict:
-    """Random target logits (some entries masked to -inf), drafts drawn from a nearby distribution."""
-    g = torch.Generator().manual_seed(seed)
-    num_tokens, batch = sum(num_draft_tokens), len(num_draft_tokens)
-    logits = torch.randn(num_tokens, vocab, generator=g) * sharpness
-    if masked_fraction:
-        mask = torch.rand(num_tokens, vocab, generator=g) < masked_fraction
-        mask[:, 0] = False  # keep every row normalisable
-        logits[mask] = float("-inf")
-    draft_logits = logits.nan_to_num(neginf=-30.0) + torch.randn(num_tokens, vocab, generator=g)
-    draft_probs = draft_logits.softmax(-1)
-    draft_ids = torch.multinomial(draft_probs, 1, generator=g).squeeze(-1)
-    return dict(
-        target_logits=logits,
-        draft_token_ids=draft_ids,
-        num_draft_tokens=num_draft_tokens,
-        bonus_token_ids=torch.randint(0, vocab, (batch,), generator=g),
-        draft_probs=draft_probs if full_draft else None,
-        uniform=torch.rand(num_tokens, dtype=torch.float64, generator=g),
-        recovery_noise=torch.empty(batch, vocab).exponential_(generator=g),
-    )
 
 
 def assert_matches_naive(batch: dict, config: EarsConfig, is_greedy=None, tolerance=None) -> None:
@@ -86,7 +56,7 @@ SHAPES = {
 @pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot-draft", "full-draft"])
 @pytest.mark.parametrize("vocab", [37, 1000], ids=["vocab37", "vocab1000"])
 def test_token_ids_equal_the_naive_implementation(config, num_draft_tokens, full_draft, vocab):
-    batch = make_batch(num_draft_tokens, vocab, seed=vocab + len(num_draft_tokens), full_draft=full_draft,
+    batch = verify_batch(num_draft_tokens, vocab, seed=vocab + len(num_draft_tokens), full_draft=full_draft,
                        masked_fraction=0.3)  # fmt: skip
     assert_matches_naive(batch, config)
 
@@ -95,14 +65,14 @@ def test_token_ids_equal_the_naive_implementation(config, num_draft_tokens, full
 @pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot-draft", "full-draft"])
 def test_mixed_greedy_random_batch_with_per_request_tolerance(config, full_draft):
     num_draft_tokens = [4, 0, 2, 5, 3, 1]
-    batch = make_batch(num_draft_tokens, 101, seed=7, full_draft=full_draft, masked_fraction=0.2)
+    batch = verify_batch(num_draft_tokens, 101, seed=7, full_draft=full_draft, masked_fraction=0.2)
     is_greedy = torch.tensor([True, False, False, True, False, False])
     tolerance = torch.tensor([0.0, 0.5, 0.1, 0.9, 1.0, 0.3], dtype=torch.float64)
     assert_matches_naive(batch, config, is_greedy=is_greedy, tolerance=tolerance)
 
 
 def test_tolerance_zero_is_the_standard_rule_bit_for_bit():
-    batch = make_batch([6] * 64, 257, seed=3, full_draft=True, masked_fraction=0.1)
+    batch = verify_batch([6] * 64, 257, seed=3, full_draft=True, masked_fraction=0.1)
     standard = verify(**batch, config=EarsConfig())
     ears_zero = verify(**batch, config=EarsConfig(policy="ears", tolerance=0.0, min_ratio=0.5))
     assert torch.equal(standard.token_ids, ears_zero.token_ids)
@@ -110,7 +80,7 @@ def test_tolerance_zero_is_the_standard_rule_bit_for_bit():
 
 
 def test_greedy_rows_ignore_the_policy():
-    batch = make_batch([5] * 8, 50, seed=11, full_draft=False)
+    batch = verify_batch([5] * 8, 50, seed=11, full_draft=False)
     greedy = torch.ones(8, dtype=torch.bool)
     outputs = [verify(**batch, is_greedy=greedy, config=config).token_ids for config in POLICIES.values()]
     for out in outputs[1:]:
@@ -242,7 +212,7 @@ def test_typical_acceptance_is_deterministic_and_emits_argmax():
     seed=st.integers(0, 2**16),
 )
 def test_output_layout_invariants(num_draft_tokens, vocab, policy, full_draft, greedy_mask, seed):
-    batch = make_batch(num_draft_tokens, vocab, seed=seed, full_draft=full_draft, masked_fraction=0.3)
+    batch = verify_batch(num_draft_tokens, vocab, seed=seed, full_draft=full_draft, masked_fraction=0.3)
     is_greedy = torch.tensor([bool(greedy_mask >> i & 1) for i in range(len(num_draft_tokens))])
     result = verify(**batch, is_greedy=is_greedy, config=POLICIES[policy])
     k = torch.tensor(num_draft_tokens)
@@ -266,7 +236,7 @@ def test_output_layout_invariants(num_draft_tokens, vocab, policy, full_draft, g
 
 
 def _valid_args() -> dict:
-    return make_batch([2, 1], 10, seed=0, full_draft=True)
+    return verify_batch([2, 1], 10, seed=0, full_draft=True)
 
 
 BAD_INPUTS = {

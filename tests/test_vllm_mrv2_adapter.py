@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ears_vllm import EarsConfig
+from ears_vllm.bench.steps import mrv2_batch
 from ears_vllm.seam import vllm_mrv2
 from ears_vllm.stats import VerifyStats
 from tests.triton_cpu import triton_interpreter, vllm_triton_modules
@@ -58,48 +59,6 @@ def mrv2():
         yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms)
 
 
-def mrv2_step(seed: int, *, num_drafts: list[int], greedy: list[bool], k: int, vocab: int, full_draft: bool,
-              placeholder: bool = False) -> dict:  # fmt: skip
-    """One MRV2 verification step: ``num_drafts[r]`` drafts (<= k) for request r; drafts near the target."""
-    g = torch.Generator().manual_seed(seed)
-    num_reqs, max_num_reqs = len(num_drafts), len(num_drafts) + 2
-    rows = torch.tensor(num_drafts) + 1
-    cu_num_logits = torch.cat([torch.zeros(1, dtype=torch.int64), rows.cumsum(0)]).to(torch.int32)
-    num_logits = int(rows.sum())
-    idx_mapping = torch.randperm(max_num_reqs, generator=g)[:num_reqs].to(torch.int32)
-    expanded_idx_mapping = idx_mapping.repeat_interleave(rows)
-    expanded_local_pos = torch.cat([torch.arange(n) for n in rows.tolist()]).to(torch.int32)
-    temperature = torch.rand(max_num_reqs, generator=g) * 0.6 + 0.6
-    temperature[idx_mapping[torch.tensor(greedy)].long()] = 0.0
-
-    base = torch.randn(num_logits, vocab, generator=g) * 3
-    target_logits = base + torch.randn(num_logits, vocab, generator=g)
-    draft_logits = torch.randn(max_num_reqs, k, vocab, generator=g)
-    draft_sampled = torch.randint(0, vocab, (num_logits,), generator=g)
-    for r in range(num_reqs):
-        state, start = int(idx_mapping[r]), int(cu_num_logits[r])
-        for i in range(num_drafts[r]):
-            draft_logits[state, i] = base[start + i] + torch.randn(vocab, generator=g)
-            q = (draft_logits[state, i] / max(float(temperature[state]), 0.5)).softmax(-1)
-            draft_sampled[start + i + 1] = torch.multinomial(q, 1, generator=g)
-        if placeholder and num_drafts[r] > 1:
-            draft_sampled[start + num_drafts[r]] = -1  # MRV2's placeholder draft: always rejected
-    pos = (torch.randint(0, 500, (max_num_reqs,), generator=g)[expanded_idx_mapping.long()] + expanded_local_pos).long()
-    return dict(
-        target_logits=target_logits,
-        draft_logits=draft_logits if full_draft else None,
-        draft_sampled=draft_sampled,
-        cu_num_logits=cu_num_logits,
-        pos=pos,
-        idx_mapping=idx_mapping,
-        expanded_idx_mapping=expanded_idx_mapping,
-        expanded_local_pos=expanded_local_pos,
-        temperature=temperature,
-        seed=torch.randint(0, 2**31, (max_num_reqs,), generator=g),
-        num_speculative_steps=k,
-    )
-
-
 def accepted_tokens(sampled: torch.Tensor, num_sampled: torch.Tensor) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(sampled, num_sampled.tolist(), strict=True)]
 
@@ -128,7 +87,7 @@ STEPS = {
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
 def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed):
-    batch = mrv2_step(seed, **step)
+    batch = mrv2_batch(seed, **step)
     expected = mrv2.utils.rejection_sample(**batch)
     sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
     assert num_sampled.tolist() == expected[1].tolist()
@@ -171,7 +130,7 @@ def expected_acceptance(batch: dict, u: torch.Tensor, config: EarsConfig) -> tup
 @pytest.mark.parametrize("tolerance", [0.3, 1.0], ids=["ears-0.3", "ears-1.0"])
 @pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
 def test_ears_acceptance_follows_the_rule_with_mrv2_randomness(mrv2, step, tolerance):
-    batch = mrv2_step(7, **step)
+    batch = mrv2_batch(7, **step)
     config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=0.05)
     sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
@@ -194,7 +153,7 @@ def test_ears_acceptance_follows_the_rule_with_mrv2_randomness(mrv2, step, toler
 @pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
 def test_a_draft_the_target_masked_is_never_accepted(mrv2, full_draft):
     """p(d) = 0 (top-k, bad words, grammar) rejects even at tolerance 1 with no floor (log(u - t) = -inf)."""
-    batch = mrv2_step(5, **(STEPS["random-one-hot"] | {"full_draft": full_draft}))
+    batch = mrv2_batch(5, **(STEPS["random-one-hot"] | {"full_draft": full_draft}))
     batch["target_logits"] /= 20  # a flat target: t = 1 - max p is close to 1, above most u
     starts = batch["cu_num_logits"][:-1].long()
     batch["target_logits"][starts, batch["draft_sampled"][starts + 1]] = -torch.inf
@@ -208,12 +167,14 @@ def test_a_draft_the_target_masked_is_never_accepted(mrv2, full_draft):
 def test_relaxation_happens_in_these_batches(mrv2):
     """Guards the test above against batches in which EARS never has anything to do."""
     config = EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.05)
-    relaxed = sum(int(vllm_mrv2.verify_mrv2(**mrv2_step(7, **step), config=config)[2].sum()) for step in STEPS.values())
+    relaxed = sum(
+        int(vllm_mrv2.verify_mrv2(**mrv2_batch(7, **step), config=config)[2].sum()) for step in STEPS.values()
+    )
     assert relaxed >= 3
 
 
 def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
-    batch = mrv2_step(3, **STEPS["random-full-draft"])
+    batch = mrv2_batch(3, **STEPS["random-full-draft"])
     config = EarsConfig(policy="ears", tolerance=1.0)
     monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
     monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=0.0))
@@ -232,7 +193,7 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
 
 def test_a_kernel_that_fails_hands_the_step_to_mrv2s_own_sampler(mrv2, monkeypatch):
     """Simulated compile failure: the walk raises as Triton would; the step is verified by vLLM instead."""
-    batch = mrv2_step(3, **STEPS["random-full-draft"])
+    batch = mrv2_batch(3, **STEPS["random-full-draft"])
     monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
     monkeypatch.setattr(vllm_mrv2.state, "kernel_failure", None)
     attempts = []

