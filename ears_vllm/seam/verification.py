@@ -8,9 +8,15 @@ the package decides whether the plugin is on.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ears_vllm.config import EarsConfig
+from ears_vllm.seam import patches
 
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
 # later vLLM adds) are vLLM's own rules, which a user who asked for them gets.
@@ -82,3 +88,62 @@ def enforce(plan: VerificationPlan, logger) -> None:
         )
     if not plan.verifies and plan.policy != "standard":
         logger.warning("ears-vllm: %s; runner %s runs vLLM's own rule", plan.reason, plan.runner)
+
+
+def log_plan(plan: VerificationPlan, config: EarsConfig, logger, extra: str = "") -> None:
+    """The startup line of a sampler: its config and its plan."""
+    logger.info("ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=%s verification=%s%s", config.policy,
+                config.tolerance, config.min_ratio, plan.runner, plan.summary, extra)  # fmt: skip
+
+
+# (sampler, its constructor's arguments by name) -> the config when ears-vllm verifies for it, else None.
+Configure = Callable[[Any, dict[str, Any]], EarsConfig | None]
+
+
+class ActiveSampler:
+    """Which sampler the verification call in progress is made for, so that the process-wide swap of vLLM's
+    module-level ``rejection_sample`` still honours each sampler's own plan."""
+
+    def __init__(self, name: str) -> None:
+        self._config: contextvars.ContextVar[EarsConfig | None] = contextvars.ContextVar(name, default=None)
+
+    @property
+    def config(self) -> EarsConfig | None:
+        """The config ears-vllm verifies with now; None: vLLM's own function runs."""
+        return self._config.get()
+
+    @contextlib.contextmanager
+    def verifying_with(self, config: EarsConfig | None) -> Iterator[None]:
+        token = self._config.set(config)
+        try:
+            yield
+        finally:
+            self._config.reset(token)
+
+    def of(self, sampler: Any) -> contextlib.AbstractContextManager[None]:
+        """Calls inside are made for ``sampler``: ears-vllm's rule if its plan verifies, else vLLM's."""
+        return self.verifying_with(getattr(sampler, "_ears_config", None))
+
+    def guard(
+        self, sampler_cls: type, call: str, configure: Callable[[Any, dict[str, Any]], EarsConfig | None]
+    ) -> None:
+        """Wrap ``sampler_cls``: its constructor plans the sampler (``configure(sampler, constructor arguments)``
+        returns the config when ears-vllm verifies), and its ``call`` method runs inside :meth:`of`."""
+
+        def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                original_init(self, *args, **kwargs)
+                arguments = inspect.signature(original_init).bind(self, *args, **kwargs).arguments
+                self._ears_config = configure(self, arguments)
+
+            return __init__
+
+        def wrap_call(original_call: Callable[..., Any]) -> Callable[..., Any]:
+            def call_for_this_sampler(sampler: Any, *args: Any, **kwargs: Any) -> Any:
+                with self.of(sampler):
+                    return original_call(sampler, *args, **kwargs)
+
+            return call_for_this_sampler
+
+        patches.apply(sampler_cls, "__init__", wrap_init, "each sampler plans whether ears-vllm verifies")
+        patches.apply(sampler_cls, call, wrap_call, "rejection_sample learns which sampler calls it")

@@ -24,12 +24,10 @@ carry: use the V1 runner), FLy, block verification, synthetic acceptance rates a
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +36,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, vllm_version
-from ears_vllm.seam.verification import enforce, plan_verification
+from ears_vllm.seam.verification import ActiveSampler, enforce, log_plan, plan_verification
 from ears_vllm.stats import VerifyStats
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
@@ -79,8 +77,9 @@ RESAMPLE_BLOCK_SIZE = 1024
 logger = get_logger()
 
 
-# The config of the sampler whose __call__ is running, when its plan is that ears-vllm verifies.
-_verifying_config: contextvars.ContextVar[EarsConfig | None] = contextvars.ContextVar("ears_mrv2", default=None)
+# The sampler whose __call__ is running: ears-vllm's rule when its plan says so, else vLLM's.
+active = ActiveSampler("ears_vllm_mrv2")
+as_sampler, verifying_with = active.of, active.verifying_with
 
 
 class _State:
@@ -127,41 +126,7 @@ def install(hook_problem: str | None) -> None:
     """Wrap MRV2's ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
     module = importlib.import_module(MODULE)
     state.hook_problem = hook_problem
-    sampler_cls = module.RejectionSampler
-
-    def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            original_init(self, *args, **kwargs)
-            self._ears_config = _configure(module, self)
-
-        return __init__
-
-    def wrap_call(original_call: Callable[..., Any]) -> Callable[..., Any]:
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            with as_sampler(self):
-                return original_call(self, *args, **kwargs)
-
-        return __call__
-
-    patches.apply(sampler_cls, "__init__", wrap_init, "each sampler plans whether ears-vllm verifies")
-    patches.apply(sampler_cls, "__call__", wrap_call, "rejection_sample learns which sampler calls it")
-
-
-@contextlib.contextmanager
-def as_sampler(sampler: Any) -> Iterator[None]:
-    """Calls to ``rejection_sample`` inside are made for ``sampler``: ours if its plan verifies, else vLLM's."""
-    with verifying_with(getattr(sampler, "_ears_config", None)):
-        yield
-
-
-@contextlib.contextmanager
-def verifying_with(config: EarsConfig | None) -> Iterator[None]:
-    """Run :func:`rejection_sample` as a sampler planned for ``config`` does (for callers outside __call__)."""
-    token = _verifying_config.set(config)
-    try:
-        yield
-    finally:
-        _verifying_config.reset(token)
+    active.guard(module.RejectionSampler, "__call__", lambda sampler, arguments: _configure(module, sampler))
 
 
 def _configure(module: Any, sampler: Any) -> EarsConfig | None:
@@ -185,8 +150,7 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
-    logger.info("ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=MRV2 verification=%s", config.policy,
-                config.tolerance, config.min_ratio, plan.summary)  # fmt: skip
+    log_plan(plan, config, logger)
     return config if plan.verifies else None
 
 
@@ -203,7 +167,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     """
     original = state.original_rejection_sample
     assert original is not None
-    config = _verifying_config.get()
+    config = active.config
     if config is None or config.policy != "ears" or state.kernel_failure is not None:
         return original(*args, **kwargs)
     bound = inspect.signature(original).bind(*args, **kwargs)

@@ -19,10 +19,9 @@ vLLM's output bit for bit. Patched (see :mod:`ears_vllm.seam.patches`):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, vllm_version
-from ears_vllm.seam.verification import VerificationPlan, enforce, plan_verification
+from ears_vllm.seam.verification import ActiveSampler, enforce, log_plan, plan_verification
 from ears_vllm.stats import VerifyStats
 from ears_vllm.verify import verify
 
@@ -51,8 +50,9 @@ REQUIRED_NAMES = ("RejectionSampler", "expand_batch_to_tokens", "generate_unifor
 
 logger = get_logger()
 
-# The config of the sampler whose forward() is running, when its plan is that ears-vllm verifies.
-_verifying_config: contextvars.ContextVar[EarsConfig | None] = contextvars.ContextVar("ears_v1", default=None)
+# The sampler whose forward() is running: ears-vllm's rule when its plan says so, else vLLM's.
+active = ActiveSampler("ears_vllm_v1")
+as_sampler, verifying_with = active.of, active.verifying_with
 
 
 class _State:
@@ -78,42 +78,8 @@ def install(hook_problem: str | None) -> None:
     """Wrap ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
     module = importlib.import_module(MODULE)
     state.module, state.hook_problem = module, hook_problem
-    sampler_cls = module.RejectionSampler
-
-    def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            original_init(self, *args, **kwargs)
-            spec_config = inspect.signature(original_init).bind(self, *args, **kwargs).arguments.get("spec_config")
-            self._ears_config = _configure(module, spec_config)
-
-        return __init__
-
-    def wrap_forward(original_forward: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            with as_sampler(self):
-                return original_forward(self, *args, **kwargs)
-
-        return forward
-
-    patches.apply(sampler_cls, "__init__", wrap_init, "each sampler plans whether ears-vllm verifies")
-    patches.apply(sampler_cls, "forward", wrap_forward, "rejection_sample learns which sampler calls it")
-
-
-@contextlib.contextmanager
-def as_sampler(sampler: Any) -> Iterator[None]:
-    """Calls to ``rejection_sample`` inside are made for ``sampler``: ours if its plan verifies, else vLLM's."""
-    with verifying_with(getattr(sampler, "_ears_config", None)):
-        yield
-
-
-@contextlib.contextmanager
-def verifying_with(config: EarsConfig | None) -> Iterator[None]:
-    """Run :func:`rejection_sample` as a sampler planned for ``config`` does (for callers outside forward())."""
-    token = _verifying_config.set(config)
-    try:
-        yield
-    finally:
-        _verifying_config.reset(token)
+    active.guard(module.RejectionSampler, "forward",
+                 lambda sampler, arguments: _configure(module, arguments.get("spec_config")))  # fmt: skip
 
 
 def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
@@ -133,14 +99,9 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
-    _log_plan(plan, config, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
+    log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
               + (" shadow=on" if state.shadow else ""))  # fmt: skip
     return config if plan.verifies else None
-
-
-def _log_plan(plan: VerificationPlan, config: EarsConfig, extra: str = "") -> None:
-    logger.info("ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=%s verification=%s%s", config.policy,
-                config.tolerance, config.min_ratio, plan.runner, plan.summary, extra)  # fmt: skip
 
 
 def _fix_expand(module: Any) -> str:
@@ -192,7 +153,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
     """
     original = state.original_rejection_sample
     assert original is not None
-    config = _verifying_config.get()
+    config = active.config
     if config is None:
         return original(*args, **kwargs)
     bound = _signature(original).bind(*args, **kwargs)
