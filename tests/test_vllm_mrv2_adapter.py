@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import types
 
 import pytest
@@ -86,12 +87,20 @@ STEPS = {
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
-def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed):
+def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed, monkeypatch):
+    """Through the patched ``rejection_sample``, with every keyword the release's sampler passes at its default
+    (0.33: watermarking's and FLy's)."""
     batch = mrv2_batch(seed, **step)
-    expected = mrv2.utils.rejection_sample(**batch)
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
+    parameters = list(inspect.signature(mrv2.utils.rejection_sample).parameters.values())
+    keywords = {p.name: p.default for p in parameters[len(vllm_mrv2.EXPECTED_PARAMETERS) :]}
+    expected = mrv2.utils.rejection_sample(**batch, **keywords)
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    with vllm_mrv2.verifying_with(EarsConfig(policy="ears", tolerance=0.0)):
+        sampled, num_sampled = vllm_mrv2.rejection_sample(**batch, **keywords)
     assert num_sampled.tolist() == expected[1].tolist()
     assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
+    _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
     assert num_relaxed.tolist() == [0] * len(num_sampled)
 
 

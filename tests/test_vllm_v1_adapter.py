@@ -8,6 +8,7 @@ of behaviour; every tensor operation is vLLM's or ours.
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import pytest
@@ -96,6 +97,12 @@ STEPS = {
 }  # fmt: skip
 
 
+def vllm_keywords(function) -> dict:
+    """The keyword parameters of vLLM's function beyond the eight ears-vllm reads, at their defaults."""
+    parameters = list(inspect.signature(function).parameters.values())[len(vllm_v1.EXPECTED_PARAMETERS) :]
+    return {p.name: p.default for p in parameters}
+
+
 def run_with_rng(fn, step: dict, rng_seed: int, **kwargs) -> torch.Tensor:
     torch.manual_seed(rng_seed)
     for i, generator in step["sampling_metadata"].generators.items():
@@ -113,11 +120,13 @@ def rng_states(step: dict) -> list[torch.Tensor]:
 @pytest.mark.parametrize("use_fp64_gumbel", [False, True], ids=["fp32-noise", "fp64-noise"])
 def test_tolerance_zero_is_bit_identical_to_vllm(vllm_sampler_module, adapter, name, min_ratio, use_fp64_gumbel):
     ours = adapter(EarsConfig(policy="ears", tolerance=0.0, min_ratio=min_ratio))
+    # Every keyword the release's RejectionSampler.forward passes for a standard sampler (0.33: FLy's three).
+    keywords = vllm_keywords(vllm_sampler_module.rejection_sample) | {"use_fp64_gumbel": use_fp64_gumbel}
     for seed in range(8):
         step = random_step(seed, **STEPS[name])
-        expected = run_with_rng(vllm_sampler_module.rejection_sample, step, seed, use_fp64_gumbel=use_fp64_gumbel)
+        expected = run_with_rng(vllm_sampler_module.rejection_sample, step, seed, **keywords)
         states_after_vllm = rng_states(step)
-        got = run_with_rng(ours, step, seed, use_fp64_gumbel=use_fp64_gumbel)
+        got = run_with_rng(ours, step, seed, **keywords)
         assert torch.equal(got, expected), f"step {seed}"
         # Same randoms consumed: the next step sees the same generator states either way.
         for ours_state, vllm_state in zip(rng_states(step), states_after_vllm, strict=True):

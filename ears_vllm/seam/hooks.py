@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 
 def check_module(module_name: str, names: tuple[str, ...], function: str, parameters: tuple[str, ...]) -> str | None:
@@ -30,3 +33,10 @@ def vllm_version() -> str:
         return str(getattr(vllm, "__version__", "unknown"))
     except Exception:
         return "unknown"
+
+
+@functools.lru_cache(maxsize=64)
+def signature_of(function: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature``, computed once per function (read at every verification step to bind vLLM's
+    arguments by name)."""
+    return inspect.signature(function)

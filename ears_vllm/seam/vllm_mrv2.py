@@ -35,7 +35,7 @@ import torch
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.seam import patches
-from ears_vllm.seam.hooks import check_module, vllm_version
+from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, enforce, log_plan, plan_verification
 from ears_vllm.stats import VerifyStats
 
@@ -170,7 +170,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     config = active.config
     if config is None or config.policy != "ears" or state.kernel_failure is not None:
         return original(*args, **kwargs)
-    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound = signature_of(original).bind(*args, **kwargs)
     bound.apply_defaults()
     given = bound.arguments
     try:

@@ -18,9 +18,7 @@ vLLM's output bit for bit. Patched (see :mod:`ears_vllm.seam.patches`):
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +28,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
 from ears_vllm.seam import patches
-from ears_vllm.seam.hooks import check_module, vllm_version
+from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, enforce, log_plan, plan_verification
 from ears_vllm.stats import VerifyStats
 from ears_vllm.verify import verify
@@ -156,7 +154,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
     config = active.config
     if config is None:
         return original(*args, **kwargs)
-    bound = _signature(original).bind(*args, **kwargs)
+    bound = signature_of(original).bind(*args, **kwargs)
     bound.apply_defaults()
     given = bound.arguments
     (draft_token_ids, num_draft_tokens, _, _, draft_probs, target_logits, _, sampling_metadata) = (
@@ -250,15 +248,6 @@ def _verify_like_vllm(
         max_spec_len=max_spec_len,
     )
     return result, is_greedy
-
-
-def _signature(function: Callable[..., Any]) -> inspect.Signature:
-    signature = getattr(function, "_ears_signature", None)
-    if signature is None:
-        signature = inspect.signature(function)
-        with contextlib.suppress(AttributeError, TypeError):
-            function._ears_signature = signature  # type: ignore[attr-defined]
-    return signature
 
 
 def _rng_snapshot(generators: dict[int, torch.Generator], device: torch.device) -> dict[Any, torch.Tensor]:
