@@ -13,10 +13,12 @@ it builds the config or the model runner. Registration:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import resolve_config
+from ears_vllm.seam import patches
 
 _registered = False
 hook_report: dict[str, str] = {}  # runner -> "patched" or why not
@@ -63,13 +65,11 @@ def register() -> None:
 def _validate_config_on_creation() -> None:
     from vllm.config import VllmConfig
 
-    if getattr(VllmConfig.__post_init__, "_ears_wrapped", False):
-        return
-    original_post_init = VllmConfig.__post_init__
+    def wrap(original_post_init: Callable[..., None]) -> Callable[..., None]:
+        def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original_post_init(self, *args, **kwargs)
+            resolve_config(self.additional_config)  # raises ValueError naming the bad key
 
-    def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original_post_init(self, *args, **kwargs)
-        resolve_config(self.additional_config)  # raises ValueError naming the bad key
+        return __post_init__
 
-    __post_init__._ears_wrapped = True  # type: ignore[attr-defined]
-    VllmConfig.__post_init__ = __post_init__
+    patches.apply(VllmConfig, "__post_init__", wrap, "a bad ears config stops vLLM while it builds its config")

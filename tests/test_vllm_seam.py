@@ -45,6 +45,13 @@ def test_vllms_plugin_loader_registers_the_plugin_and_both_runners_are_patched(f
     assert plugin.hook_report == {"V1": "patched", "MRV2": "patched"}, VLLM_VERSION
     for cls, method in ((v1_module.RejectionSampler, "forward"), (mrv2_module.RejectionSampler, "__call__")):
         assert patches.is_patched(cls, "__init__") and patches.is_patched(cls, method)
+    listed = "\n".join(patches.describe())
+    for target in (
+        "vllm.config.vllm.VllmConfig.__post_init__",
+        "vllm.v1.sample.rejection_sampler.RejectionSampler.forward",
+        "vllm.v1.worker.gpu.spec_decode.rejection_sampler.RejectionSampler.__call__",
+    ):
+        assert target in listed, listed
 
 
 def test_each_sampler_has_its_own_plan(fresh_registration, monkeypatch):
