@@ -7,6 +7,7 @@ For each shape (batch x k x vocabulary x logits dtype) one run times, with ``tri
   drawn beforehand; their ratio is the price of EARS;
 * ``pytorch``: the PyTorch path (softmax, gather, residual, as vLLM V1 computes it: ``verify_reference``);
 * ``vllm-v1`` / ``vllm-mrv2``: vLLM's own ``rejection_sample`` of each runner, where vLLM imports;
+* ``ears-vllm mrv2 ears-0.1``: ears-vllm's path on Model Runner V2 (vLLM's launches around our walk);
 * ``flashinfer``: FlashInfer's ``chain_speculative_sampling`` (softmax included), where it imports;
 * ``bandwidth-bound``: the bytes the step must read (the logits) at the copy bandwidth measured here.
 
@@ -112,7 +113,9 @@ def implementations(shape: Shape, inputs: dict) -> dict[str, Callable[[], object
         for name, config in (("standard", EarsConfig()), ("ears-0.1", EarsConfig(policy="ears", tolerance=0.1))):
             found[f"ears-vllm {name}"] = lambda c=config: kernels.verify_triton(*args, c, shape.k)
     found["pytorch"] = lambda: verify_reference(*args, EarsConfig(), shape.k)
-    for name, build in (("vllm-v1", _vllm_v1), ("vllm-mrv2", _vllm_mrv2), ("flashinfer", _flashinfer)):
+    others = (("vllm-v1", _vllm_v1), ("vllm-mrv2", _vllm_mrv2), ("ears-vllm mrv2 ears-0.1", _ears_vllm_mrv2),
+              ("flashinfer", _flashinfer))  # fmt: skip
+    for name, build in others:
         try:
             call = build(shape, inputs)
             call()  # a trial run: an implementation that cannot run on this device leaves its column empty
@@ -136,21 +139,38 @@ def _vllm_v1(shape: Shape, inputs: dict) -> Callable[[], object]:
     )  # fmt: skip
 
 
+def _mrv2_arguments(shape: Shape, inputs: dict) -> dict:
+    """The step in MRV2's layout: k + 1 logits rows per request (the drafts' and the bonus's)."""
+    device, rows = inputs["target_logits"].device, shape.k + 1
+    per_request = inputs["target_logits"].view(shape.batch, shape.k, -1)
+    logits = torch.cat([per_request, per_request[:, :1]], 1).view(shape.batch * rows, -1)
+    # The input token of each row: the draft row i verifies is draft_sampled[i + 1].
+    draft_sampled = torch.cat([inputs["bonus_token_ids"][:, None], inputs["draft_token_ids"].view(shape.batch, -1)], 1)
+    idx = torch.arange(shape.batch, device=device, dtype=torch.int32)
+    return dict(
+        target_logits=logits, draft_logits=None, draft_sampled=draft_sampled.reshape(-1),
+        cu_num_logits=torch.arange(shape.batch + 1, device=device, dtype=torch.int32) * rows,
+        pos=torch.arange(shape.batch * rows, device=device), idx_mapping=idx,
+        expanded_idx_mapping=idx.repeat_interleave(rows),
+        expanded_local_pos=torch.arange(rows, device=device, dtype=torch.int32).repeat(shape.batch),
+        temperature=torch.ones(shape.batch, device=device), seed=torch.arange(shape.batch, device=device),
+        num_speculative_steps=shape.k,
+    )  # fmt: skip
+
+
 def _vllm_mrv2(shape: Shape, inputs: dict) -> Callable[[], object]:
     from vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils import rejection_sample
 
-    device, rows = inputs["target_logits"].device, shape.k + 1
-    # MRV2 verifies k + 1 rows per request (the drafts' and the bonus's); the input token of each row.
-    per_request = inputs["target_logits"].view(shape.batch, shape.k, -1)
-    logits = torch.cat([per_request, per_request[:, :1]], 1).view(shape.batch * rows, -1)
-    draft_sampled = torch.cat([inputs["bonus_token_ids"][:, None], inputs["draft_token_ids"].view(shape.batch, -1)], 1)
-    idx = torch.arange(shape.batch, device=device, dtype=torch.int32)
-    return lambda: rejection_sample(
-        logits, None, draft_sampled.reshape(-1), torch.arange(shape.batch + 1, device=device, dtype=torch.int32) * rows,
-        torch.arange(shape.batch * rows, device=device), idx, idx.repeat_interleave(rows),
-        torch.arange(rows, device=device, dtype=torch.int32).repeat(shape.batch),
-        torch.ones(shape.batch, device=device), torch.arange(shape.batch, device=device), shape.k,
-    )  # fmt: skip
+    arguments = _mrv2_arguments(shape, inputs)
+    return lambda: rejection_sample(**arguments)
+
+
+def _ears_vllm_mrv2(shape: Shape, inputs: dict) -> Callable[[], object]:
+    """ears-vllm on Model Runner V2: vLLM's statistics and resampling launches around our walk (EARS 0.1)."""
+    from ears_vllm.seam.vllm_mrv2 import verify_mrv2
+
+    arguments, config = _mrv2_arguments(shape, inputs), EarsConfig(policy="ears", tolerance=0.1)
+    return lambda: verify_mrv2(**arguments, config=config)
 
 
 def _flashinfer(shape: Shape, inputs: dict) -> Callable[[], object]:
