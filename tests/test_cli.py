@@ -30,6 +30,8 @@ COMMANDS = {
     "bench acceptance": "tests/test_bench.py::test_bench_acceptance_on_tiny_models",
     "bench kernel": "tests/test_bench.py::test_kernel_bench_writes_every_implementation_it_can_run",
     "bench load": "tests/test_vllm_serve.py::test_a_load_run_loses_nothing_and_its_counters_agree",
+    "gpu-check bundle": "tests/test_gpu_check.py (both tests; the 0.33 one in make test-vllm033)",
+    "gpu-check run": "tests/test_gpu_check.py::test_gpu_check_runs_from_a_bundle_of_vllm_033_sources (via make)",
 }
 
 
