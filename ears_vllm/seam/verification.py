@@ -2,8 +2,9 @@
 
 vLLM builds one rejection sampler per worker, on one of two runners (``V1``, ``MRV2``). When it does,
 the adapter of that runner calls :func:`plan_verification` with what it found, and :func:`enforce`
-acts on the plan; the startup log line and ``ears-vllm doctor`` print the same plan. Nothing else in
-the package decides whether the plugin is on.
+acts on the plan; the startup log line (:func:`log_plan`) and ``ears-vllm doctor`` print the same plan.
+Nothing else in the package decides whether the plugin is on. :class:`ActiveSampler` then applies each
+sampler's plan to the calls it makes.
 """
 
 from __future__ import annotations
