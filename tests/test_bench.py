@@ -178,6 +178,14 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     assert runs["standard"]["spec"]["prompt_texts"] == [item["prompt"] for item in datasets.load("gsm8k", limit=2)]
     assert all(result["draft_dist_steps"] == 0 for run in runs.values() for result in run["results"])
 
+    # `bench acceptance --from-run`: the prediction on the texts this run generated (README's command).
+    replay = ["bench", "acceptance", "--target", str(target), "--draft", str(draft), "--from-run",
+              str(out / "gsm8k@0-2__standard.json"), "--temperatures", "1", "--policies", "standard,ears:0.5",
+              "--draft-sampling", "greedy", "--out", str(tmp_path / "replay")]  # fmt: skip
+    assert cli.main(replay) == 0
+    predicted = {r["policy"]: r for r in json.loads((tmp_path / "replay" / "acceptance.json").read_text())}
+    assert predicted.keys() == {"standard", "ears-0.5"} and predicted["ears-0.5"]["added_tv_per_position"] > 0
+
     # Resume: finished runs are not rerun; a missing one (an interrupted run) is redone alone.
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("gsm8k@0-2__*.json")}
     (out / "gsm8k@0-2__ears-0.5.json").unlink()
