@@ -224,6 +224,6 @@ def settings(environ: Mapping[str, str] | None = None) -> ProcessSettings:
         fix_expand=environ.get("EARS_VLLM_FIX_EXPAND", "1") != "0",
         log_interval_s=interval,
         stats_path=environ.get("EARS_VLLM_STATS_PATH") or None,
-        cache_dir=Path(environ.get("EARS_VLLM_CACHE") or Path.home() / ".cache" / "ears-vllm"),
+        cache_dir=Path(environ["EARS_VLLM_CACHE"]) if environ.get("EARS_VLLM_CACHE") else ProcessSettings.cache_dir,
         data_dir=Path(environ["EARS_VLLM_DATA"]) if environ.get("EARS_VLLM_DATA") else None,
     )

@@ -52,23 +52,22 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
     from ears_vllm.seam.hooks import vllm_version as reported_version
     from ears_vllm.seam.verification import plan_verification
 
-    forced = settings_of_vllm_runner()
-    picked = "MRV2" if cuda and forced != "0" else "V1"
+    picked = "MRV2" if cuda and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0" else "V1"  # vLLM's switch
     rows.append(("runner", f"{picked} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
                            "or the spec method needs V1)"))  # fmt: skip
     if not kernels.AVAILABLE:
         rows.append(("backend", f"torch (Triton kernel unavailable: {kernels.UNAVAILABLE_REASON})"))
     else:
         rows.append(("backend", "triton" if cuda else "torch (no CUDA device)"))
-    plans = {}
+    plans, problems = {}, {}
     for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
-        problem = adapter.check_hooks()
+        problems[runner] = problem = adapter.check_hooks()
         rows.append((f"hooks {runner}", "found" if problem is None else f"moved: {problem}"))
         if config is not None:
             plans[runner] = plan_verification(runner, config, vllm_version=reported_version(), hook_problem=problem,
                                               method=method)  # fmt: skip
             rows.append((f"verification {runner}", plans[runner].summary))
-    if plans.get("V1") is not None and "moved" not in dict(rows)["hooks V1"]:
+    if problems["V1"] is None:
         from vllm.platforms import current_platform
 
         getattr(current_platform, "register_triton_kernel_overrides", lambda: None)()  # as vLLM's worker does
@@ -79,8 +78,3 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
     if picked in plans:
         rows.append(("verification", f"{picked}: {plans[picked].summary}"))
     return rows
-
-
-def settings_of_vllm_runner() -> str | None:
-    """vLLM's own switch between its runners (read by vLLM; reported here)."""
-    return os.environ.get("VLLM_USE_V2_MODEL_RUNNER")

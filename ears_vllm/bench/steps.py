@@ -1,4 +1,4 @@
-"""Random verification steps shaped as each verifier takes them, for tests, ``bench kernel`` and ``gpu_check``.
+"""Random verification steps shaped as each verifier takes them, for the tests and ``gpu-check``.
 
 Built on the CPU from a seed (so every device sees the same step), then moved to ``device``.
 """

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ears_vllm.config import EarsConfig
 from ears_vllm.seam import patches
+from ears_vllm.seam.hooks import signature_of
 
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
 # later vLLM adds) are vLLM's own rules, which a user who asked for them gets.
@@ -125,16 +125,14 @@ class ActiveSampler:
         """Calls inside are made for ``sampler``: ears-vllm's rule if its plan verifies, else vLLM's."""
         return self.verifying_with(getattr(sampler, "_ears_config", None))
 
-    def guard(
-        self, sampler_cls: type, call: str, configure: Callable[[Any, dict[str, Any]], EarsConfig | None]
-    ) -> None:
+    def guard(self, sampler_cls: type, call: str, configure: Configure) -> None:
         """Wrap ``sampler_cls``: its constructor plans the sampler (``configure(sampler, constructor arguments)``
         returns the config when ears-vllm verifies), and its ``call`` method runs inside :meth:`of`."""
 
         def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 original_init(self, *args, **kwargs)
-                arguments = inspect.signature(original_init).bind(self, *args, **kwargs).arguments
+                arguments = signature_of(original_init).bind(self, *args, **kwargs).arguments
                 self._ears_config = configure(self, arguments)
 
             return __init__
