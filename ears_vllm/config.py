@@ -10,73 +10,78 @@ allowed, so a server refuses to start instead of failing mid-request.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Policy = Literal["standard", "ears", "typical"]
-POLICIES: tuple[str, ...] = ("standard", "ears", "typical")
+from ears_vllm.policies.registry import PARAMS, POLICIES, get_policy
+
 # What a server does when the runner that verifies cannot run the configured policy (a hook moved, a
 # method vLLM keeps for itself): stop at startup ("error"), or log a warning and run vLLM's own rule.
 ON_UNSUPPORTED: tuple[str, ...] = ("error", "fallback")
 
 ENV_CONFIG_PATH = "EARS_VLLM_CONFIG"
-# Environment variable -> EarsConfig field, for the few settings worth a variable of their own.
+# Environment variable -> EarsConfig key, for the few settings worth a variable of their own.
 ENV_FIELDS: dict[str, str] = {
     "EARS_VLLM_POLICY": "policy",
     "EARS_VLLM_TOLERANCE": "tolerance",
     "EARS_VLLM_MIN_RATIO": "min_ratio",
     "EARS_VLLM_ON_UNSUPPORTED": "on_unsupported",
 }
+_STRING_KEYS = ("policy", "on_unsupported")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class EarsConfig:
     """Acceptance policy settings.
 
-    Attributes:
-        policy: ``"standard"`` (lossless, vLLM's own rule), ``"ears"`` (relaxed by the target's
-            uncertainty ``1 - max p``) or ``"typical"`` (Medusa / vLLM-V0 typical acceptance).
-        tolerance: EARS ``beta`` in [0, 1]; the relaxation is ``beta * (1 - max p)``. 0 = standard.
-        min_ratio: EARS ``rho_min`` in [0, 1]: the relaxed threshold never drops below it, so a draft the
-            target finds very unlikely is not accepted just because the target is uncertain.
-        typical_eps: typical acceptance ``eps`` (posterior threshold), in (0, 1].
-        typical_delta: typical acceptance ``delta`` (entropy-scaled threshold), in (0, 1].
-        on_unsupported: ``"error"`` (default): a non-standard policy that the verifying runner cannot run
-            stops the server at startup; ``"fallback"``: a warning, then vLLM's own rule runs.
+    Keys (all optional): ``policy``, one of the registry's policies (:data:`ears_vllm.policies.POLICIES`:
+    standard, ears, typical, fly, sglang, relaxed_topk); ``on_unsupported``: ``"error"`` (default: a
+    non-standard policy the verifying runner cannot run stops the server at startup) or ``"fallback"`` (a
+    warning, then vLLM's own rule runs); and every parameter of :data:`ears_vllm.policies.PARAMS`
+    (``tolerance``, ``min_ratio``, ``fly_window_size``, ...), each validated there and readable as an
+    attribute (``config.tolerance``). A parameter of another policy than the configured one is allowed and
+    unused, so a preset can carry several.
     """
 
-    policy: Policy = "standard"
-    tolerance: float = 0.0
-    min_ratio: float = 0.01
-    typical_eps: float = 0.09
-    typical_delta: float = 0.3
-    on_unsupported: Literal["error", "fallback"] = "error"
+    policy: str
+    on_unsupported: str
+    params: tuple[tuple[str, float | int | None], ...]  # every PARAMS key with its value, in PARAMS order
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.policy, str) or self.policy not in POLICIES:
-            raise ValueError(f"ears config key 'policy' = {self.policy!r} is not one of {list(POLICIES)}")
-        if self.on_unsupported not in ON_UNSUPPORTED:
+    def __init__(self, policy: str = "standard", on_unsupported: str = "error", **params: Any) -> None:
+        get_policy(policy)
+        if on_unsupported not in ON_UNSUPPORTED:
             raise ValueError(
-                f"ears config key 'on_unsupported' = {self.on_unsupported!r} is not one of {list(ON_UNSUPPORTED)}"
+                f"ears config key 'on_unsupported' = {on_unsupported!r} is not one of {list(ON_UNSUPPORTED)}"
             )
-        _check_unit_interval("tolerance", self.tolerance, allow_zero=True)
-        _check_unit_interval("min_ratio", self.min_ratio, allow_zero=True)
-        _check_unit_interval("typical_eps", self.typical_eps, allow_zero=False)
-        _check_unit_interval("typical_delta", self.typical_delta, allow_zero=False)
-        # Store plain floats (an int 0 or a numpy scalar would otherwise leak through).
-        for name in ("tolerance", "min_ratio", "typical_eps", "typical_delta"):
-            object.__setattr__(self, name, float(getattr(self, name)))
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:
+            raise ValueError(f"ears config has unknown key(s) {unknown} (values {[params[k] for k in unknown]!r}); "
+                             f"allowed keys: {sorted(_KEYS)}")  # fmt: skip
+        values = tuple((name, spec.validate(params.get(name, spec.default))) for name, spec in PARAMS.items())
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "on_unsupported", on_unsupported)
+        object.__setattr__(self, "params", values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in PARAMS:
+            return dict(self.params)[name]
+        raise AttributeError(f"EarsConfig has no attribute {name!r}")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The parameters the configured policy reads."""
+        values = dict(self.params)
+        return {name: values[name] for name in get_policy(self.policy).params}
 
     @property
     def is_lossless(self) -> bool:
         """True when every verification step equals vLLM's standard rejection sampling."""
-        return self.policy == "standard" or (self.policy == "ears" and self.tolerance == 0.0)
+        return get_policy(self.policy).lossless(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"policy": self.policy, "on_unsupported": self.on_unsupported, **dict(self.params)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> EarsConfig:
@@ -86,23 +91,14 @@ class EarsConfig:
         if not isinstance(data, Mapping):
             raise ValueError(
                 f"ears config must be a mapping of settings, got {type(data).__name__} {data!r}; "
-                f"allowed keys: {sorted(_FIELD_NAMES)}"
+                f"allowed keys: {sorted(_KEYS)}"
             )
-        unknown = sorted(str(k) for k in data if k not in _FIELD_NAMES)
-        if unknown:
-            raise ValueError(
-                f"ears config has unknown key(s) {unknown} (values {[data[k] for k in unknown]!r}); "
-                f"allowed keys: {sorted(_FIELD_NAMES)}"
-            )
-        for key, value in data.items():
-            expected = _FIELD_TYPES[key]
-            # bool is an int subclass: `tolerance: true` is a typo, not a number.
-            if isinstance(value, bool) or not isinstance(value, expected):
-                allowed = "a string" if expected is str else "a number"
-                raise ValueError(
-                    f"ears config key {key!r} = {value!r} has type {type(value).__name__}; expected {allowed}"
-                )
-        return cls(**dict(data))
+        for key in _STRING_KEYS:
+            if key in data and not isinstance(data[key], str):
+                value = data[key]
+                raise ValueError(f"ears config key {key!r} = {value!r} has type {type(value).__name__}; expected a "
+                                 f"string, one of {list(POLICIES) if key == 'policy' else list(ON_UNSUPPORTED)}")  # fmt: skip
+        return cls(**{str(k): v for k, v in data.items()})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> EarsConfig:
@@ -138,7 +134,7 @@ class EarsConfig:
             raw = environ.get(var)
             if raw is None or raw == "":
                 continue
-            if _FIELD_TYPES[field] is str:
+            if field in _STRING_KEYS:
                 overrides[field] = raw.strip()
                 continue
             try:
@@ -154,28 +150,7 @@ class EarsConfig:
         return EarsConfig.from_dict({**self.to_dict(), **overrides})
 
 
-_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(EarsConfig))
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "policy": str,
-    "tolerance": (int, float),
-    "min_ratio": (int, float),
-    "typical_eps": (int, float),
-    "typical_delta": (int, float),
-    "on_unsupported": str,
-}
-
-
-def _check_unit_interval(key: str, value: Any, *, allow_zero: bool) -> None:
-    allowed = "[0, 1]" if allow_zero else "(0, 1]"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"ears config key {key!r} = {value!r} is not a number; allowed: {allowed}") from None
-    if isinstance(value, bool) or math.isnan(number) or math.isinf(number):
-        raise ValueError(f"ears config key {key!r} = {value!r} is not a finite number; allowed: {allowed}")
-    low_ok = number >= 0.0 if allow_zero else number > 0.0
-    if not (low_ok and number <= 1.0):
-        raise ValueError(f"ears config key {key!r} = {value!r} is out of range; allowed: {allowed}")
+_KEYS = frozenset((*_STRING_KEYS, *PARAMS))
 
 
 def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> EarsConfig:

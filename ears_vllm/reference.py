@@ -3,9 +3,11 @@
 Terms follow vLLM's ``RejectionSampler``:
     accepted tokens   draft tokens the acceptance rule keeps, a prefix of each request's drafts;
     recovered token   emitted at the first rejected position, sampled from ``norm(max(0, p - q))``
-                      (the target argmax for greedy requests and for the ``typical`` policy);
+                      (the policy's ``recovery`` says otherwise for typical and sglang; the target argmax
+                      for greedy requests);
     bonus token       emitted after the last draft when every draft is accepted (sampled by the caller);
-    relaxed tokens    accepted tokens that the standard test with the same ``u`` would have rejected.
+    relaxed tokens    accepted tokens that vLLM's native test (the standard test with the same ``u``; argmax
+                      match on greedy rows) would have rejected.
 
 All inputs are assumed validated (see :func:`ears_vllm.verify`); the arithmetic mirrors vLLM V1's
 kernels (float32 probabilities, float64 uniforms, ``argmax(prob * noise.reciprocal())``) so that the
@@ -18,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from ears_vllm import policies
 from ears_vllm.config import EarsConfig
+from ears_vllm.policies import DraftPositions, get_policy, settings_for
 
 PLACEHOLDER_TOKEN_ID = -1
 
@@ -58,45 +60,31 @@ def verify_reference(
 
     target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
     draft_ids = draft_token_ids.long()
-    is_padding = draft_ids < 0
     safe_ids = draft_ids.clamp_min(0).unsqueeze(-1)
-    target_prob = target_probs.gather(-1, safe_ids).squeeze(-1)
     if draft_probs is None:
-        draft_prob = torch.ones_like(target_prob)
+        draft_prob = torch.ones(num_tokens, dtype=torch.float32, device=device)
     else:
         draft_prob = draft_probs.gather(-1, safe_ids).squeeze(-1).to(torch.float32)
-
-    accept_standard = policies.standard_accept(target_prob, draft_prob, uniform)
-    if config.policy == "ears":
-        accept = policies.ears_accept(
-            target_prob,
-            draft_prob,
-            uniform,
-            target_probs.max(dim=-1).values,
-            tolerance[req_of_token],
-            config.min_ratio,
-        )
-    elif config.policy == "typical":
-        accept = policies.typical_accept(
-            target_prob, policies.entropy(target_probs), config.typical_eps, config.typical_delta
-        )
-    else:
-        accept = accept_standard
-
-    # Greedy requests: argmax match on the logits (vLLM does not apply temperature to greedy rows).
-    target_argmax = target_logits.argmax(dim=-1)
     token_greedy = is_greedy[req_of_token]
-    accept = torch.where(token_greedy, draft_ids == target_argmax, accept) & ~is_padding
-    relaxed = accept & ~accept_standard & ~token_greedy
+    positions = DraftPositions(target_logits, target_probs, draft_ids, draft_prob, uniform, tolerance[req_of_token],
+                               token_greedy, num_draft_tokens, req_of_token)  # fmt: skip
 
-    if config.policy == "typical":
+    spec = get_policy(config.policy)
+    accept = spec.rule(positions, settings_for(config.policy, dict(config.params), max_spec_len))
+    # Greedy requests: argmax match on the logits (vLLM does not apply temperature to greedy rows), unless the
+    # policy's source applies its rule there too.
+    if not spec.greedy_rows:
+        accept = torch.where(token_greedy, positions.native, accept)
+    accept = accept & positions.is_valid
+    relaxed = accept & ~positions.native
+
+    target_argmax = positions.target_argmax
+    if spec.recovery == "argmax":
         recovered = target_argmax
     else:
-        recovered = torch.where(
-            token_greedy,
-            target_argmax,
-            _sample_recovered(target_probs, draft_probs, draft_ids, inv_recovery_noise[req_of_token]),
-        )
+        residual_of = draft_probs if spec.recovery == "residual" else None
+        sampled = _sample_recovered(target_probs, residual_of, draft_ids, inv_recovery_noise[req_of_token])
+        recovered = torch.where(token_greedy, target_argmax, sampled)
 
     # The accepted prefix of each request: positions before its first rejection.
     start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens

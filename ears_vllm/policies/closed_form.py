@@ -1,0 +1,186 @@
+"""Closed forms, per draft position: the probability of acceptance, of a relaxed acceptance, and the exact
+total-variation distance a policy adds to the output distribution.
+
+For a policy whose decision at a position depends on that position alone (``PolicySpec.per_position``),
+averaging over ``d ~ q`` and ``u ~ U[0, 1)`` gives, per candidate token ``x``, an acceptance probability
+``a(x)``; the emitted distribution is then ``out = q * a + (1 - sum q a) * R`` where ``R`` is the recovery
+(the residual ``norm(max(p - q, 0))``, the target without the rejected draft, or the argmax), so its
+distance from ``p`` is exact and O(V). For a policy that only adds acceptances and recovers like the
+standard rule (ears, relaxed_topk; sglang with one-hot drafts) the relaxed probability equals that
+distance (the bias identity of DESIGN.md section 2); for typical and for sglang with sampled drafts it does
+not, and ``added_tv`` says by how much. FLy decides from the next W positions too: no per-position form
+(:func:`fly_chain` gives its chained expectation under independent positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from ears_vllm.policies.registry import PARAMS, get_policy
+from ears_vllm.policies.rules import entropy, fly_entropy
+
+
+class PositionForm(NamedTuple):
+    accept: torch.Tensor  # [n] P(the draft is accepted)
+    relaxed: torch.Tensor  # [n] P(accepted where the standard test with the same u rejects)
+    added_tv: torch.Tensor  # [n] TV(output distribution, p)
+
+
+def _settings(policy: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    spec = get_policy(policy)
+    return {name: overrides.get(name, PARAMS[name].default) for name in spec.params}
+
+
+def token_acceptance(
+    p: torch.Tensor,  # [n, m] float64 target probability of m candidate draft tokens
+    q: torch.Tensor,  # [n, m] float64 their draft probability (1 for a one-hot drafter's draft)
+    row: torch.Tensor,  # [n, V] float64 the whole target row (max p, entropy, top-k)
+    policy: str,
+    settings: Mapping[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n, m], [n, m]): the policy's a(x) and the standard min(1, p/q)
+    """Probability over ``u`` that candidate draft token ``x`` is accepted (random rows)."""
+    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.zeros_like(p))
+    standard = ratio.clamp(max=1.0)
+    s = _settings(policy, settings)
+    if policy == "standard":
+        return standard, standard
+    if policy == "ears":
+        tolerance = torch.as_tensor(s["tolerance"], dtype=torch.float64, device=p.device).reshape(-1, 1)
+        relaxed = (ratio + tolerance * (1.0 - row.max(dim=-1, keepdim=True).values)).clamp(max=1.0)
+        return torch.where((ratio >= s["min_ratio"]) & (p > 0), relaxed, standard), standard
+    if policy == "typical":
+        threshold = torch.clamp(s["typical_delta"] * torch.exp(-entropy(row)), max=s["typical_eps"]).unsqueeze(-1)
+        return (p > threshold).to(torch.float64), standard
+    if policy == "sglang":
+        by_coin = (p / max(s["accept_threshold_acc"], 1e-9)).clamp(max=1.0)
+        return torch.where(p >= s["accept_threshold_single"], torch.ones_like(p), by_coin), standard
+    if policy == "relaxed_topk":
+        top = torch.topk(row, min(s["relaxed_topk"], row.shape[-1]), dim=-1).values
+        floor = torch.maximum(top[:, -1:], top[:, :1] - s["relaxed_delta"])
+        candidate = ((p >= floor) | (p == top[:, :1])) & (p > 0)
+        return torch.where(candidate, torch.ones_like(p), standard), standard
+    raise ValueError(f"policy {policy!r} has no per-position closed form (its decision looks at other positions)")
+
+
+def position_form(
+    target_probs: torch.Tensor,  # [n, V]
+    draft_probs: torch.Tensor,  # [n, V]
+    policy: str,
+    **settings: Any,
+) -> PositionForm:
+    """Exact per-position acceptance, relaxed acceptance and added TV for a drafter sampling ``d ~ q``."""
+    p, q = target_probs.to(torch.float64), draft_probs.to(torch.float64)
+    a, standard = token_acceptance(p, q, p, policy, settings)
+    accept = (q * a).sum(-1)
+    relaxed = (q * (a - standard).clamp_min(0.0)).sum(-1)
+    rejected = (1.0 - accept).unsqueeze(-1)
+    recovery = get_policy(policy).recovery
+    if recovery == "residual":
+        residual = (p - q).clamp_min(0.0)
+        mass = residual.sum(-1, keepdim=True)
+        out = q * a + rejected * torch.where(mass > 0, residual / mass.clamp_min(1e-300), torch.zeros_like(p))
+    elif recovery == "one_hot_residual":
+        # sum_d q(d) (1 - a(d)) * p without d, renormalised: p(x) * (C - q(x) (1 - a(x)) / (1 - p(x))).
+        weight = torch.where(p < 1.0, q * (1.0 - a) / (1.0 - p).clamp_min(1e-300), torch.zeros_like(p))
+        out = q * a + p * (weight.sum(-1, keepdim=True) - weight)
+    else:  # argmax
+        out = q * a + rejected * torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+    return PositionForm(accept, relaxed, 0.5 * (out - p).abs().sum(-1))
+
+
+def position_form_one_hot(
+    target_probs: torch.Tensor,  # [n, V]
+    draft_ids: torch.Tensor,  # [n] the drafts of a one-hot drafter (greedy drafting, n-gram)
+    policy: str,
+    **settings: Any,
+) -> PositionForm:
+    """:func:`position_form` for ``q = one-hot(d)``, without building the ``[n, V]`` one-hot rows."""
+    p = target_probs.to(torch.float64)
+    d = draft_ids.long().unsqueeze(-1)
+    p_d = p.gather(-1, d)  # [n, 1]
+    a, _ = token_acceptance(p_d, torch.ones_like(p_d), p, policy, settings)
+    a, p_d = a.squeeze(-1), p_d.squeeze(-1)
+    relaxed = (a - p_d).clamp_min(0.0)
+    if get_policy(policy).recovery == "argmax":
+        p_max, argmax = p.max(-1)
+        is_argmax = argmax == d.squeeze(-1)
+        apart = 0.5 * ((a - p_d).abs() + (1.0 - a - p_max).abs() + (1.0 - p_d - p_max))
+        added_tv = torch.where(is_argmax, 1.0 - p_max, apart)
+    else:  # with a one-hot q both residuals are p without d: out(x) = p(x) (1 - a) / (1 - p(d)) off d
+        added_tv = (a - p_d).abs()
+    return PositionForm(a, relaxed, added_tv)
+
+
+def fly_chain(
+    accept: torch.Tensor,  # [n] P(native acceptance) per position of one text
+    defer: torch.Tensor,  # [n] P(native rejection of a deferrable draft) (0 where the entropy gate is shut)
+    k: int,
+    window: int,
+) -> tuple[float, float, float]:  # (mean acceptance length, relaxed acceptances, verified positions) per step
+    """FLy's expected step from each start position, with positions independent (as the chained form of the
+    other policies assumes): ``A(j) = a_j (1 + A(j+1)) + b_j prod_{m=1..W} a_{j+m} (W + 1 + A(j+W+1))``, and the
+    same recursion for relaxed acceptances and verified positions."""
+    if accept.numel() < k:
+        return float("nan"), float("nan"), float("nan")
+    a, b = accept.unfold(0, k, 1), defer.unfold(0, k, 1)  # [starts, k]
+    zeros = a.new_zeros(a.shape[0])
+    accepted, relaxed, verified = ([zeros] * (k + 1) for _ in range(3))
+    accepted, relaxed, verified = list(accepted), list(relaxed), list(verified)
+    for j in range(k - 1, -1, -1):
+        after = j + window + 1
+        if after <= k:
+            deferred = b[:, j] * torch.prod(a[:, j + 1 : after], dim=1)
+        else:
+            deferred, after = zeros, k
+        accepted[j] = a[:, j] * (1 + accepted[j + 1]) + deferred * (window + 1 + accepted[after])
+        relaxed[j] = a[:, j] * relaxed[j + 1] + deferred * (1 + relaxed[after])
+        verified[j] = 1 + a[:, j] * verified[j + 1] + deferred * (window + verified[after])
+    return float(1 + accepted[0].mean()), float(relaxed[0].mean()), float(verified[0].mean())
+
+
+def fly_position_probabilities(
+    target_probs: torch.Tensor,  # [n, V]
+    draft_probs: torch.Tensor | None,  # [n, V], or None with draft_ids for a one-hot drafter
+    draft_ids: torch.Tensor | None,  # [n]
+    **settings: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n]): native acceptance, deferrable rejection
+    """Per position, FLy's two ingredients: the native acceptance probability and the probability that the draft
+    is natively rejected but deferrable (unmasked, top-k entropy at the threshold or above)."""
+    s = _settings("fly", settings)
+    p = target_probs.to(torch.float64)
+    top_k = min(s["fly_entropy_top_k"], p.shape[-1])
+    gate = (fly_entropy(torch.topk(p, top_k, dim=-1).values.float()) >= s["fly_entropy_threshold"]).to(p.dtype)
+    if draft_probs is None:
+        p_d = p.gather(-1, draft_ids.long().unsqueeze(-1)).squeeze(-1)
+        return p_d, gate * (1.0 - p_d) * (p_d > 0)
+    q = draft_probs.to(torch.float64)
+    standard = torch.where(q > 0, (p / q.clamp_min(1e-300)).clamp(max=1.0), torch.zeros_like(p))
+    return (q * standard).sum(-1), gate * (q * (1.0 - standard) * (p > 0)).sum(-1)
+
+
+def expected_acceptance(
+    target_probs: torch.Tensor,  # [n, V] float
+    draft_probs: torch.Tensor,  # [n, V] float (rows of a one-hot drafter are one-hot)
+    *,
+    policy: str,
+    **settings: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n])
+    """Exact probabilities, for one position, of accepting the draft and of a *relaxed* acceptance (see
+    :func:`position_form`, which also gives the added TV)."""
+    form = position_form(target_probs, draft_probs, policy, **settings)
+    return form.accept, form.relaxed
+
+
+def expected_acceptance_one_hot(
+    target_probs: torch.Tensor,  # [n, V] float
+    draft_ids: torch.Tensor,  # [n] int
+    *,
+    policy: str,
+    **settings: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n])
+    """:func:`expected_acceptance` for ``q = one-hot(d)``."""
+    form = position_form_one_hot(target_probs, draft_ids, policy, **settings)
+    return form.accept, form.relaxed

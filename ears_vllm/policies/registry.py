@@ -1,0 +1,215 @@
+"""The policy registry: every acceptance policy declared once.
+
+A :class:`PolicySpec` names a policy's parameters (validated by their :class:`Param`), its PyTorch rule
+(:mod:`ears_vllm.policies.rules`), how the emitted token is chosen on rejection, its closed-form acceptance
+where one exists (:mod:`ears_vllm.policies.closed_form`), its branch id in the fused kernel, and the vLLM
+runners whose verifier can run it. Config parsing, the reference, the kernels, the adapters, the
+benchmarks and every error message read this table; adding a policy means one entry here, its rule, and its
+kernel branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from ears_vllm.policies import rules
+
+# A policy's rule: (positions, its settings) -> [n] bool, before the accepted prefix is taken.
+Rule = Callable[["rules.DraftPositions", Mapping[str, Any]], torch.Tensor]
+
+# How the token emitted at the first rejected position is chosen.
+#   residual           sample norm(max(p - q, 0)) (the lossless rule's; a one-hot q removes the draft from p)
+#   one_hot_residual   sample p with the rejected draft removed, whatever q is (a target-only verifier)
+#   argmax             the target's argmax (deterministic)
+Recovery = Literal["residual", "one_hot_residual", "argmax"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One setting of the ears config: its default and the values allowed."""
+
+    name: str
+    default: float | int | None
+    low: float
+    high: float = math.inf
+    low_open: bool = False  # the low end itself is not allowed
+    integer: bool = False
+    optional: bool = False  # None allowed (a default resolved later, e.g. from k)
+    doc: str = ""
+
+    @property
+    def allowed(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        high = "inf)" if math.isinf(self.high) else f"{self.high:g}]"
+        text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {high}"
+        return text + (" or null" if self.optional else "")
+
+    def validate(self, value: Any) -> float | int | None:
+        """The value as stored (float or int), or ValueError naming the key, the value and what is allowed."""
+        if value is None and self.optional:
+            return None
+        bad = f"ears config key {self.name!r} = {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{bad} has type {type(value).__name__}; allowed: {self.allowed}")
+        if math.isnan(value) or math.isinf(value):
+            raise ValueError(f"{bad} is not a finite number; allowed: {self.allowed}")
+        if self.integer and value != int(value):
+            raise ValueError(f"{bad} is not an integer; allowed: {self.allowed}")
+        if not ((value > self.low if self.low_open else value >= self.low) and value <= self.high):
+            raise ValueError(f"{bad} is out of range; allowed: {self.allowed}")
+        return int(value) if self.integer else float(value)
+
+
+PARAMS: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param("tolerance", 0.0, 0.0, 1.0, doc="EARS beta: relaxation beta * (1 - max p)"),
+        Param("min_ratio", 0.01, 0.0, 1.0, doc="EARS rho_min: floor of the relaxed threshold"),
+        Param("typical_eps", 0.09, 0.0, 1.0, low_open=True, doc="typical acceptance posterior threshold"),
+        Param("typical_delta", 0.3, 0.0, 1.0, low_open=True, doc="typical acceptance entropy-scaled threshold"),
+        Param("fly_window_size", None, 1, integer=True, optional=True,
+              doc="FLy: native acceptances that must follow a deferred rejection; default min(6, k - 1), < k"),
+        Param("fly_entropy_threshold", 0.3, 0.0, doc="FLy: top-k target entropy (nats) at which a rejection defers"),
+        Param("fly_entropy_top_k", 3, 1, integer=True, doc="FLy: target probabilities in its entropy"),
+        Param("accept_threshold_single", 1.0, 0.0, 1.0, doc="SGLang: accept any draft with p(d) >= this"),
+        Param("accept_threshold_acc", 1.0, 0.0, 1.0, doc="SGLang: accept a draft when u <= p(d) / this"),
+        Param("relaxed_topk", 10, 1, integer=True, doc="TensorRT-LLM: candidates are the target's top-k"),
+        Param("relaxed_delta", 0.6, 0.0, 1.0, doc="TensorRT-LLM: a candidate needs p >= max p - delta"),
+    )
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """One acceptance policy.
+
+    Attributes:
+        name: the ``policy`` value users write.
+        summary: one line, for ``--help``, errors and docs.
+        params: the :data:`PARAMS` it reads.
+        rule: its PyTorch rule (:mod:`ears_vllm.policies.rules`).
+        kernel_id: its branch in the fused kernel (``ears_vllm.kernels.verify_kernel``).
+        runners: the vLLM runners whose verification ears-vllm can run with it.
+        recovery: how the token at the first rejected position is chosen (greedy rows: always the argmax).
+        greedy_rows: the source applies the rule to greedy requests too (vLLM's FLy, TensorRT-LLM's relaxed
+            acceptance, which is greedy-only); otherwise greedy rows are verified by argmax match.
+        per_position: the decision at a position depends on that position alone, so the closed forms of
+            :mod:`ears_vllm.policies.closed_form` apply (FLy looks at the next W drafts: no closed form).
+        lossless: the settings under which every step equals vLLM's standard rule.
+        source: where the rule comes from.
+    """
+
+    name: str
+    summary: str
+    params: tuple[str, ...]
+    rule: Rule
+    kernel_id: int
+    runners: tuple[str, ...]
+    recovery: Recovery = "residual"
+    greedy_rows: bool = False
+    per_position: bool = True
+    lossless: Callable[[Mapping[str, Any]], bool] = lambda settings: False
+    source: str = ""
+
+
+_POLICY_LIST = (
+    PolicySpec(
+        name="standard",
+        summary="lossless rejection sampling (Leviathan/Chen), vLLM's own rule",
+        params=(),
+        rule=rules.rule_standard,
+        kernel_id=0,
+        runners=("V1", "MRV2"),
+        lossless=lambda settings: True,
+        source="vLLM vllm/v1/sample/rejection_sampler.py",
+    ),
+    PolicySpec(
+        name="ears",
+        summary="EARS: accept iff p/q >= min(u, max(u - tolerance * (1 - max p), min_ratio))",
+        params=("tolerance", "min_ratio"),
+        rule=rules.rule_ears,
+        kernel_id=1,
+        runners=("V1", "MRV2"),
+        lossless=lambda settings: settings["tolerance"] == 0.0,
+        source="Sun et al. 2025, Efficient Adaptive Rejection Sampling",
+    ),
+    PolicySpec(
+        name="typical",
+        summary="typical acceptance: p(d) > min(typical_eps, typical_delta * exp(-H(p))), the argmax on rejection",
+        params=("typical_eps", "typical_delta"),
+        rule=rules.rule_typical,
+        kernel_id=2,
+        runners=("V1",),  # MRV2's statistics carry no entropy
+        recovery="argmax",
+        source="Medusa; vLLM V0 TypicalAcceptanceSampler",
+    ),
+    PolicySpec(
+        name="fly",
+        summary="vLLM 0.33's FLy: a rejection whose top-k target entropy >= fly_entropy_threshold is deferred when "
+        "the next fly_window_size drafts pass the native test",
+        params=("fly_window_size", "fly_entropy_threshold", "fly_entropy_top_k"),
+        rule=rules.rule_fly,
+        kernel_id=3,
+        runners=("V1", "MRV2"),
+        greedy_rows=True,
+        per_position=False,
+        source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
+    ),
+    PolicySpec(
+        name="sglang",
+        summary="SGLang's target-only rule: accept iff u <= p(d) / accept_threshold_acc or p(d) >= "
+        "accept_threshold_single; q is not read; on rejection, p without the draft",
+        params=("accept_threshold_single", "accept_threshold_acc"),
+        rule=rules.rule_sglang,
+        kernel_id=4,
+        runners=("V1", "MRV2"),
+        recovery="one_hot_residual",
+        source="sgl-kernel csrc/speculative/speculative_sampling.cuh TreeSpeculativeSamplingTargetOnly",
+    ),
+    PolicySpec(
+        name="relaxed_topk",
+        summary="TensorRT-LLM's MTP relaxed acceptance, on every position: the native test, or d among the target's "
+        "relaxed_topk with p(d) >= max p - relaxed_delta",
+        params=("relaxed_topk", "relaxed_delta"),
+        rule=rules.rule_relaxed_topk,
+        kernel_id=5,
+        runners=("V1",),  # MRV2's statistics do not rank the draft
+        greedy_rows=True,
+        source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
+    ),
+)
+POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in _POLICY_LIST}
+
+
+def get_policy(name: str) -> PolicySpec:
+    """The spec of ``name``, or ValueError naming it and the policies there are."""
+    spec = POLICIES.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"ears config key 'policy' = {name!r} is not one of {list(POLICIES)}")
+    return spec
+
+
+def settings_for(policy: str, values: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The parameters ``policy`` reads out of a config's ``values``, with defaults that depend on the number of
+    speculative tokens ``k`` resolved (FLy's window)."""
+    settings = {name: values[name] for name in get_policy(policy).params}
+    if settings.get("fly_window_size", 0) is None:  # a step too short for a window defers nothing (i + W < n)
+        settings["fly_window_size"] = max(1, min(6, k - 1))
+    return settings
+
+
+def fly_window(window: int | None, k: int) -> int:
+    """FLy's window for ``k`` drafts: the configured size (which must be < k), or vLLM's default min(6, k - 1)."""
+    if k < 2:
+        raise ValueError(f"policy 'fly' needs at least 2 speculative tokens (num_speculative_tokens = {k})")
+    if window is None:
+        return min(6, k - 1)
+    if window >= k:
+        raise ValueError(f"ears config key 'fly_window_size' = {window} must be smaller than num_speculative_tokens "
+                         f"({k})")  # fmt: skip
+    return window

@@ -1,0 +1,246 @@
+"""Acceptance rules of speculative decoding, as pure functions on tensors (DESIGN.md section 2).
+
+Vocabulary, per verified draft position:
+    p      target distribution (after temperature, top-k/top-p, logits processors)
+    q      draft distribution (one-hot on the draft token when the drafter gives no probabilities)
+    d      the draft token;  p_d = p(d), q_d = q(d), ratio r = p_d / q_d
+    u      the uniform in [0, 1) vLLM draws for the position (float64)
+    native the standard test (random rows) or argmax match (greedy rows): what vLLM's own rule decides
+
+A *relaxed acceptance* is a draft a policy accepts that the native test with the same u rejects. For a
+policy that only adds acceptances and recovers like the standard rule, the probability of a relaxed
+acceptance at a position equals the total-variation distance it adds to the output distribution, so
+counting them measures the deviation from the target exactly (:mod:`ears_vllm.policies.closed_form`).
+
+The arithmetic (float32 ratio compared with a float64 threshold) mirrors vLLM V1's kernels so that the
+lossless settings give bit-identical decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def standard_accept(
+    target_prob: torch.Tensor,  # [n] float32, p(d)
+    draft_prob: torch.Tensor,  # [n] float32, q(d) (1 for a one-hot draft)
+    uniform: torch.Tensor,  # [n] float64
+) -> torch.Tensor:  # [n] bool
+    """Leviathan/Chen rejection sampling: accept iff ``q(d) > 0`` and ``p(d) / q(d) >= u``."""
+    return (draft_prob > 0) & (target_prob / draft_prob >= uniform)
+
+
+def ears_relaxed_threshold(
+    uniform: torch.Tensor,  # [n] float64
+    max_target_prob: torch.Tensor,  # [n] float32, max_v p(v)
+    tolerance: torch.Tensor,  # [n] float64, beta
+    min_ratio: float,
+) -> torch.Tensor:  # [n] float64
+    """``max(u - t, rho_min)`` with ``t = beta * (1 - max p)``: the relaxed part of the EARS threshold."""
+    relaxation = tolerance * (1.0 - max_target_prob.to(torch.float64))
+    return torch.clamp(uniform - relaxation, min=min_ratio)
+
+
+def ears_accept(
+    target_prob: torch.Tensor,  # [n] float32
+    draft_prob: torch.Tensor,  # [n] float32
+    uniform: torch.Tensor,  # [n] float64
+    max_target_prob: torch.Tensor,  # [n] float32
+    tolerance: torch.Tensor,  # [n] float64
+    min_ratio: float,
+) -> torch.Tensor:  # [n] bool
+    """EARS: accept iff ``p/q >= min(u, max(u - t, rho_min))``, never a draft with ``p(d) = 0``.
+
+    Written as "standard, or relaxed" so that at ``t = 0`` the decision is the standard one bit for
+    bit (including vLLM's acceptance of ``p(d) = 0`` at ``u = 0.0`` exactly, a 2^-53 event); the
+    relaxation itself never accepts a token the target masked.
+    """
+    relaxed = ears_relaxed_threshold(uniform, max_target_prob, tolerance, min_ratio)
+    accepted_relaxed = (draft_prob > 0) & (target_prob > 0) & (target_prob / draft_prob >= relaxed)
+    return standard_accept(target_prob, draft_prob, uniform) | accepted_relaxed
+
+
+def typical_accept(
+    target_prob: torch.Tensor,  # [n] float32
+    target_entropy: torch.Tensor,  # [n] float32, H(p) in nats
+    eps: float,
+    delta: float,
+) -> torch.Tensor:  # [n] bool
+    """Typical acceptance (Medusa, vLLM V0): accept iff ``p(d) > min(eps, delta * exp(-H(p)))``.
+
+    Deterministic (u is unused) and blind to the draft distribution. On rejection the emitted token is
+    the target argmax.
+    """
+    threshold = torch.clamp(delta * torch.exp(-target_entropy), max=eps)
+    return target_prob > threshold
+
+
+def sglang_accept(
+    target_prob: torch.Tensor,  # [n] float32
+    uniform: torch.Tensor,  # [n] float64
+    threshold_single: float,
+    threshold_acc: float,
+) -> torch.Tensor:  # [n] bool
+    """SGLang's ``TreeSpeculativeSamplingTargetOnly`` on a chain: ``u <= p(d) / max(acc, 1e-9)`` or
+    ``p(d) >= single``. Target-only: q is never read (with a sampled q this is not lossless even at (1, 1))."""
+    acc = max(threshold_acc, 1e-9)  # the launcher's fmaxf(threshold_acc, 1e-9f)
+    return (uniform <= target_prob.to(torch.float64) / acc) | (target_prob >= threshold_single)
+
+
+def relaxed_topk_candidate(
+    target_prob: torch.Tensor,  # [n] float32, p(d)
+    max_target_prob: torch.Tensor,  # [n] float32
+    draft_rank: torch.Tensor,  # [n] int: target logits strictly above the draft's
+    topk: int,
+    delta: float,
+) -> torch.Tensor:  # [n] bool
+    """TensorRT-LLM's relaxed candidate: d is among the target's top-k and ``p(d) >= max p - delta``
+    (``mtpRelaxedAcceptanceKernel``; the top-1 always qualifies). Ties at the k-th place count for d."""
+    threshold = max_target_prob - torch.tensor(delta, dtype=torch.float32)
+    return (draft_rank < topk) & ((target_prob >= threshold) | (draft_rank == 0))
+
+
+def fly_entropy(
+    top_values: torch.Tensor,  # [n, k] the k largest probabilities (or logits, with from_logits)
+    logsumexp: torch.Tensor | None = None,  # [n, 1] of the logits, when the values are logits
+) -> torch.Tensor:  # [n] float32
+    """FLy's entropy ``-sum p log p`` over the target's top-k probabilities, not renormalised.
+
+    vLLM V1 takes the k largest processed probabilities and their log; MRV2 takes the k largest logits minus
+    the log-sum-exp and exponentiates (``compute_fly_entropy(..., from_logits=True)``): two roundings of one
+    number, each kept so that each runner's decisions are reproduced exactly.
+    """
+    top_values = top_values.to(torch.float32)
+    if logsumexp is None:
+        top_probs, top_log_probs = top_values, top_values.log()
+    else:
+        top_log_probs = top_values - logsumexp
+        top_probs = top_log_probs.exp()
+    terms = torch.where(top_probs > 0, top_probs * top_log_probs, torch.zeros_like(top_probs))
+    return -terms.sum(dim=-1)
+
+
+def fly_defer(
+    native: torch.Tensor,  # [n] bool: the native decision at each draft position
+    deferrable: torch.Tensor,  # [n] bool: natively rejected, draft not masked, entropy >= threshold
+    position: torch.Tensor,  # [n] int: index of the position within its request
+    num_drafts: torch.Tensor,  # [n] int: drafts of the position's request
+    window: int,
+) -> torch.Tensor:  # [n] bool: rejections FLy turns into acceptances
+    """A native rejection at i is deferred when it is deferrable, ``i + W < n`` and the next ``W`` drafts of the
+    request all pass the native test (with their original randoms)."""
+    fits = position + window < num_drafts
+    passed = torch.cumsum(native.long(), 0)  # inclusive: passed[j] - passed[i] = native count in (i, j]
+    ahead = (torch.arange(native.shape[0], device=native.device) + window).clamp(max=max(native.shape[0] - 1, 0))
+    window_passes = (passed[ahead] - passed) == window
+    return deferrable & fits & window_passes
+
+
+class DraftPositions:
+    """What the rules read at each verified draft position of a flattened batch, computed on first use.
+
+    Built by the reference from the target logits and probabilities; ``req_of_token`` maps a position to
+    its request. Every attribute is ``[n]`` (``n`` = draft positions) unless noted.
+    """
+
+    def __init__(
+        self,
+        target_logits: torch.Tensor,  # [n, V]
+        target_probs: torch.Tensor,  # [n, V] float32, softmax of target_logits
+        draft_ids: torch.Tensor,  # [n] int64, negative = padding
+        draft_prob: torch.Tensor,  # [n] float32 (1 for a one-hot draft)
+        uniform: torch.Tensor,  # [n] float64
+        tolerance: torch.Tensor,  # [n] float64, per request
+        is_greedy: torch.Tensor,  # [n] bool, per request
+        num_draft_tokens: torch.Tensor,  # [batch] int64
+        req_of_token: torch.Tensor,  # [n] int64
+    ) -> None:
+        self.target_logits, self.target_probs = target_logits, target_probs
+        self.draft_ids, self.draft_prob, self.uniform = draft_ids, draft_prob, uniform
+        self.tolerance, self.is_greedy = tolerance, is_greedy
+        self.num_draft_tokens, self.req_of_token = num_draft_tokens, req_of_token
+        self.is_valid = draft_ids >= 0
+        self.safe_ids = draft_ids.clamp_min(0).unsqueeze(-1)
+        self.target_prob = target_probs.gather(-1, self.safe_ids).squeeze(-1)
+
+    @functools.cached_property
+    def target_argmax(self) -> torch.Tensor:  # on the logits, as vLLM (no temperature on greedy rows)
+        return self.target_logits.argmax(dim=-1)
+
+    @functools.cached_property
+    def standard(self) -> torch.Tensor:
+        return standard_accept(self.target_prob, self.draft_prob, self.uniform)
+
+    @functools.cached_property
+    def native(self) -> torch.Tensor:
+        """vLLM's own decision: argmax match on greedy rows, the standard test on random rows."""
+        greedy = self.draft_ids == self.target_argmax
+        return torch.where(self.is_greedy, greedy, self.standard) & self.is_valid
+
+    @functools.cached_property
+    def max_target_prob(self) -> torch.Tensor:
+        return self.target_probs.max(dim=-1).values
+
+    @functools.cached_property
+    def entropy(self) -> torch.Tensor:
+        return entropy(self.target_probs)
+
+    @functools.cached_property
+    def draft_rank(self) -> torch.Tensor:
+        """How many target logits lie strictly above the draft's (0 = the argmax)."""
+        draft_logit = self.target_logits.gather(-1, self.safe_ids)
+        return (self.target_logits > draft_logit).sum(dim=-1)
+
+    @functools.cached_property
+    def position(self) -> torch.Tensor:
+        start = torch.cumsum(self.num_draft_tokens, 0) - self.num_draft_tokens
+        return torch.arange(self.draft_ids.shape[0], device=self.draft_ids.device) - start[self.req_of_token]
+
+
+# Each policy's rule on a batch of positions (random rows; greedy rows too for a policy whose source applies it
+# there, ``PolicySpec.greedy_rows``), before the accepted prefix is taken. The registry names one per policy.
+
+
+def rule_standard(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:  # [n] bool
+    return pos.standard
+
+
+def rule_ears(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    return ears_accept(pos.target_prob, pos.draft_prob, pos.uniform, pos.max_target_prob, pos.tolerance,
+                       settings["min_ratio"])  # fmt: skip
+
+
+def rule_typical(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    return typical_accept(pos.target_prob, pos.entropy, settings["typical_eps"], settings["typical_delta"])
+
+
+def rule_sglang(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    return sglang_accept(pos.target_prob, pos.uniform, settings["accept_threshold_single"],
+                         settings["accept_threshold_acc"])  # fmt: skip
+
+
+def rule_relaxed_topk(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    candidate = relaxed_topk_candidate(pos.target_prob, pos.max_target_prob, pos.draft_rank,
+                                       settings["relaxed_topk"], settings["relaxed_delta"])  # fmt: skip
+    return pos.native | (candidate & pos.is_valid)
+
+
+def rule_fly(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    """vLLM V1's FLy pre-pass (``apply_fly_{greedy,random}_acceptance_kernel``) followed by its native walk."""
+    top_k = min(settings["fly_entropy_top_k"], pos.target_probs.shape[-1])
+    gate = fly_entropy(torch.topk(pos.target_probs, top_k, dim=-1).values) >= settings["fly_entropy_threshold"]
+    # Not masked: p(d) > 0 and q(d) > 0 on random rows, a finite target logit on greedy rows (vLLM V1's tests).
+    draft_logit = pos.target_logits.gather(-1, pos.safe_ids).squeeze(-1)
+    unmasked = torch.where(pos.is_greedy, draft_logit > float("-inf"), (pos.target_prob > 0) & (pos.draft_prob > 0))
+    deferrable = ~pos.native & pos.is_valid & unmasked & gate
+    num_drafts = pos.num_draft_tokens[pos.req_of_token]
+    return pos.native | fly_defer(pos.native, deferrable, pos.position, num_drafts, settings["fly_window_size"])
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n]
+    """Shannon entropy in nats, with ``0 log 0 = 0``."""
+    return torch.special.entr(probs).sum(dim=-1)
