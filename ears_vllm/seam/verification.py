@@ -16,14 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ears_vllm.config import EarsConfig
+from ears_vllm.policies import fly_window, get_policy
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import signature_of
 
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
 # later vLLM adds) are vLLM's own rules, which a user who asked for them gets.
 VLLM_STANDARD_METHOD = "standard"
-# Policies each runner's adapter can run (MRV2's statistics carry no entropy, which typical needs).
-POLICIES_BY_RUNNER = {"V1": ("ears", "typical"), "MRV2": ("ears",)}
 
 
 class UnsupportedPolicyError(RuntimeError):
@@ -71,13 +70,21 @@ def plan_verification(
         return VerificationPlan(runner, config.policy, False, reason, False)
     if hook_problem is not None:
         problem = f"vLLM {vllm_version} moved the {runner} hook: {hook_problem}"
-    elif config.policy not in POLICIES_BY_RUNNER[runner]:
-        other = [r for r, policies in POLICIES_BY_RUNNER.items() if config.policy in policies]
+    elif runner not in get_policy(config.policy).runners:
+        other = list(get_policy(config.policy).runners)
         problem = f"policy {config.policy!r} is not available on the {runner} runner (it is on {other})"
     else:
         return VerificationPlan(runner, config.policy, True, f"policy {config.policy!r} on vLLM {vllm_version}", False)
     refuses = config.on_unsupported == "error"
     return VerificationPlan(runner, config.policy, False, problem, refuses)
+
+
+def config_for_sampler(config: EarsConfig, num_speculative_tokens: int | None) -> EarsConfig:
+    """``config`` with the settings that depend on the number of speculative tokens resolved (FLy's window,
+    vLLM's default min(6, k - 1)); ValueError at startup for a window vLLM itself would refuse."""
+    if config.policy == "fly" and num_speculative_tokens is not None:
+        return config.merged({"fly_window_size": fly_window(config.fly_window_size, int(num_speculative_tokens))})
+    return config
 
 
 def enforce(plan: VerificationPlan, logger) -> None:

@@ -36,7 +36,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
-from ears_vllm.seam.verification import ActiveSampler, enforce, log_plan, plan_verification
+from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.stats import VerifyStats
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
@@ -134,8 +134,10 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
     from vllm.config import get_current_vllm_config_or_none
 
     vllm_config = get_current_vllm_config_or_none()
-    config = resolve_config(getattr(vllm_config, "additional_config", None))
-    method = getattr(getattr(vllm_config, "speculative_config", None), "rejection_sample_method", None)
+    spec_config = getattr(vllm_config, "speculative_config", None)
+    config = config_for_sampler(resolve_config(getattr(vllm_config, "additional_config", None)),
+                                getattr(spec_config, "num_speculative_tokens", None))  # fmt: skip
+    method = getattr(spec_config, "rejection_sample_method", None)
     if getattr(sampler, "use_block_verification", False):
         method = "block"
     elif getattr(sampler, "synthetic_conditional_rates", None) is not None:

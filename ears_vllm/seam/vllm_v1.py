@@ -29,7 +29,7 @@ from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
-from ears_vllm.seam.verification import ActiveSampler, enforce, log_plan, plan_verification
+from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.stats import VerifyStats
 from ears_vllm.verify import verify
 
@@ -86,8 +86,9 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
     from vllm.config import get_current_vllm_config_or_none
 
     vllm_config = get_current_vllm_config_or_none()
-    config = resolve_config(getattr(vllm_config, "additional_config", None))
     spec_config = spec_config if spec_config is not None else getattr(vllm_config, "speculative_config", None)
+    config = config_for_sampler(resolve_config(getattr(vllm_config, "additional_config", None)),
+                                getattr(spec_config, "num_speculative_tokens", None))  # fmt: skip
     plan = plan_verification("V1", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
                              method=getattr(spec_config, "rejection_sample_method", None))  # fmt: skip
     enforce(plan, logger)
