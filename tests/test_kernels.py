@@ -33,6 +33,11 @@ POLICIES = {
     "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
     "ears-1-rho0.2": EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.2),
     "typical": EarsConfig(policy="typical"),
+    "fly-W2": EarsConfig(policy="fly", fly_window_size=2, fly_entropy_threshold=0.1),
+    "fly-default-window-top4": EarsConfig(policy="fly", fly_entropy_top_k=4),
+    "sglang-0.3-0.5": EarsConfig(policy="sglang", accept_threshold_single=0.3, accept_threshold_acc=0.5),
+    "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk", relaxed_topk=10, relaxed_delta=0.6),
+    "relaxed_topk-3-0.9": EarsConfig(policy="relaxed_topk", relaxed_topk=3, relaxed_delta=0.9),
 }
 BATCHES = {
     "batch1-k4": [4],

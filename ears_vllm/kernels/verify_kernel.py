@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from ears_vllm.config import EarsConfig
+from ears_vllm.policies import get_policy, settings_for
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
 
-POLICY_IDS = {"standard": 0, "ears": 1, "typical": 2}
 
 
 @triton.jit
@@ -40,16 +40,23 @@ def _row_stats_kernel(
     xsumexp_ptr,  # [num_tokens, num_splits] float32: sum exp(x - m) * (x - m)
     argmax_val_ptr,  # [num_tokens, num_splits] float32
     argmax_idx_ptr,  # [num_tokens, num_splits] int32
+    draft_ids_ptr,  # [num_tokens] (read when COUNT_RANK)
+    rank_ptr,  # [num_tokens, num_splits] int32 out: logits strictly above the draft's (when COUNT_RANK)
     vocab_size,
     split_size,
     NUM_SPLITS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    COUNT_RANK: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     row_offset = row.to(tl.int64) * vocab_size  # int64: num_tokens * V may exceed 2^31
     split_start = split * split_size
     split_end = tl.minimum(split_start + split_size, vocab_size)
+    rank = tl.zeros((), tl.int32)
+    if COUNT_RANK:
+        draft_id = tl.maximum(tl.load(draft_ids_ptr + row).to(tl.int64), 0)
+        x_d = tl.load(logits_ptr + row_offset + draft_id).to(tl.float32)
 
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -64,6 +71,8 @@ def _row_stats_kernel(
         if block_max > best:  # strict: the first maximum wins, as torch.argmax
             best = block_max
             best_idx = start + block_arg
+        if COUNT_RANK:
+            rank += tl.sum((mask & (x > x_d)).to(tl.int32), axis=0)
         new_m = tl.maximum(m, block_max)
         if new_m > float("-inf"):
             scale = tl.where(m > float("-inf"), tl.exp(m - new_m), 0.0)
@@ -80,6 +89,57 @@ def _row_stats_kernel(
     tl.store(xsumexp_ptr + out, w)
     tl.store(argmax_val_ptr + out, best)
     tl.store(argmax_idx_ptr + out, best_idx)
+    if COUNT_RANK:
+        tl.store(rank_ptr + out, rank)
+
+
+@triton.jit
+def _merged_row(
+    max_ptr, sumexp_ptr, xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr, row, NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):  # fmt: skip
+    """A row's statistics merged over its splits: max logit M, sum exp(x - M), sum exp(x - M)(x - M), argmax."""
+    split_offs = tl.arange(0, SPLITS_POW2)
+    split_mask = split_offs < NUM_SPLITS
+    stats = row * NUM_SPLITS + split_offs
+    ms = tl.load(max_ptr + stats, mask=split_mask, other=float("-inf"))
+    big_m = tl.max(ms, axis=0)
+    alive = split_mask & (ms > float("-inf"))
+    rescale = tl.where(alive, tl.exp(ms - big_m), 0.0)
+    split_s = tl.load(sumexp_ptr + stats, mask=split_mask, other=0.0)
+    split_w = tl.load(xsumexp_ptr + stats, mask=split_mask, other=0.0)
+    big_s = tl.sum(split_s * rescale, axis=0)
+    big_w = tl.sum(rescale * (split_w + tl.where(alive, ms - big_m, 0.0) * split_s), axis=0)
+    best_vals = tl.load(argmax_val_ptr + stats, mask=split_mask, other=float("-inf"))
+    best_split = tl.argmax(best_vals, axis=0)  # first split holding the maximum
+    target_argmax = tl.load(argmax_idx_ptr + row * NUM_SPLITS + best_split)
+    return big_m, big_s, big_w, target_argmax
+
+
+@triton.jit
+def _native_decision(
+    logits_ptr, draft_ids_ptr, draft_probs_ptr, uniform_ptr, max_ptr, sumexp_ptr, xsumexp_ptr, argmax_val_ptr,
+    argmax_idx_ptr, row, is_greedy, vocab_size, NO_DRAFT_PROBS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):  # fmt: skip
+    """vLLM's own decision at a draft row (argmax match on greedy rows, the standard test on random rows), with
+    what the policies read there."""
+    big_m, big_s, big_w, target_argmax = _merged_row(
+        max_ptr, sumexp_ptr, xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr, row, NUM_SPLITS, SPLITS_POW2
+    )
+    draft_id = tl.load(draft_ids_ptr + row).to(tl.int64)
+    valid = draft_id >= 0
+    safe_id = tl.where(valid, draft_id, 0)
+    x_d = tl.load(logits_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
+    p_d = tl.where(valid & (x_d > float("-inf")), tl.exp(x_d - big_m) / big_s, 0.0)
+    if NO_DRAFT_PROBS:
+        q_d = 1.0
+    else:
+        q_d = tl.load(draft_probs_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
+    u = tl.load(uniform_ptr + row)
+    standard = valid & (q_d > 0) & (p_d / q_d >= u)
+    native = tl.where(is_greedy, valid & (draft_id == target_argmax), standard)
+    return native, standard, valid, draft_id, x_d, p_d, q_d, u, big_m, big_s, big_w, target_argmax
 
 
 @triton.jit
@@ -92,12 +152,15 @@ def _accept_kernel(
     is_greedy_ptr,  # [batch] int8
     uniform_ptr,  # [num_tokens] float64
     tolerance_ptr,  # [batch] float64
-    params_ptr,  # [3] float64: min_ratio, typical_eps, typical_delta (exact, as the reference uses them)
+    params_ptr,  # [7] float64: min_ratio, typical_eps, typical_delta, accept_threshold_acc, accept_threshold_single,
+    #              relaxed_delta, fly_entropy_threshold (exact, as the reference uses them)
     max_ptr,  # [num_tokens, num_splits]
     sumexp_ptr,  # [num_tokens, num_splits]
     xsumexp_ptr,  # [num_tokens, num_splits]
     argmax_val_ptr,  # [num_tokens, num_splits]
     argmax_idx_ptr,  # [num_tokens, num_splits]
+    rank_ptr,  # [num_tokens, num_splits] int32: logits above the draft's, per split (relaxed_topk)
+    top_logits_ptr,  # [num_tokens, FLY_TOP_K] the largest logits of each row (fly)
     row_max_ptr,  # [num_tokens] out: merged max logit M
     row_sumexp_ptr,  # [num_tokens] out: merged sum exp(x - M)
     out_tokens_ptr,  # [batch, max_spec_len + 1] int32, prefilled with -1
@@ -106,10 +169,14 @@ def _accept_kernel(
     recover_row_ptr,  # [batch] int64: row whose recovered token is still to be sampled, or -1
     vocab_size,
     max_spec_len,
-    POLICY: tl.constexpr,  # 0 standard, 1 ears, 2 typical
+    relaxed_topk,
+    fly_window,
+    POLICY: tl.constexpr,  # PolicySpec.kernel_id: 0 standard, 1 ears, 2 typical, 3 fly, 4 sglang, 5 relaxed_topk
+    ARGMAX_RECOVERY: tl.constexpr,  # the policy emits the target argmax on rejection (typical)
     NO_DRAFT_PROBS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
+    FLY_TOP_K: tl.constexpr,
 ):
     req = tl.program_id(0)
     end = tl.load(cu_num_draft_ptr + req)
@@ -127,53 +194,60 @@ def _accept_kernel(
     for pos in range(num_draft):
         if not rejected:
             row = start + pos
-            stats = row * NUM_SPLITS + split_offs
-            ms = tl.load(max_ptr + stats, mask=split_mask, other=float("-inf"))
-            big_m = tl.max(ms, axis=0)
-            alive = split_mask & (ms > float("-inf"))
-            rescale = tl.where(alive, tl.exp(ms - big_m), 0.0)
-            split_s = tl.load(sumexp_ptr + stats, mask=split_mask, other=0.0)
-            split_w = tl.load(xsumexp_ptr + stats, mask=split_mask, other=0.0)
-            big_s = tl.sum(split_s * rescale, axis=0)
-            big_w = tl.sum(rescale * (split_w + tl.where(alive, ms - big_m, 0.0) * split_s), axis=0)
-            best_vals = tl.load(argmax_val_ptr + stats, mask=split_mask, other=float("-inf"))
-            best_split = tl.argmax(best_vals, axis=0)  # first split holding the maximum
-            target_argmax = tl.load(argmax_idx_ptr + row * NUM_SPLITS + best_split)
+            native, standard, valid, draft_id, x_d, p_d, q_d, u, big_m, big_s, big_w, target_argmax = (
+                _native_decision(logits_ptr, draft_ids_ptr, draft_probs_ptr, uniform_ptr, max_ptr, sumexp_ptr,
+                                 xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr, row, is_greedy, vocab_size,
+                                 NO_DRAFT_PROBS, NUM_SPLITS, SPLITS_POW2)
+            )  # fmt: skip
             tl.store(row_max_ptr + row, big_m)
             tl.store(row_sumexp_ptr + row, big_s)
-
-            draft_id = tl.load(draft_ids_ptr + row).to(tl.int64)
-            valid = draft_id >= 0
-            safe_id = tl.where(valid, draft_id, 0)
-            x_d = tl.load(logits_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
-            p_d = tl.where(valid & (x_d > float("-inf")), tl.exp(x_d - big_m) / big_s, 0.0)
-            if NO_DRAFT_PROBS:
-                q_d = 1.0
-            else:
-                q_d = tl.load(draft_probs_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
-            u = tl.load(uniform_ptr + row)
-            ratio = p_d / q_d
-            standard = valid & (q_d > 0) & (ratio >= u)
-            if POLICY == 1:
-                max_p = 1.0 / big_s
+            max_p = 1.0 / big_s
+            if POLICY == 1:  # ears
                 relaxation = tolerance * (1.0 - max_p.to(tl.float64))
                 threshold = tl.maximum(u - relaxation, tl.load(params_ptr))
-                policy_accept = standard | (valid & (q_d > 0) & (p_d > 0) & (ratio >= threshold))
-            elif POLICY == 2:
+                policy_accept = standard | (valid & (q_d > 0) & (p_d > 0) & (p_d / q_d >= threshold))
+            elif POLICY == 2:  # typical
                 entropy = tl.log(big_s) - big_w / big_s
                 eps = tl.load(params_ptr + 1).to(tl.float32)
                 delta = tl.load(params_ptr + 2).to(tl.float32)
                 policy_accept = valid & (p_d > tl.minimum(delta * tl.exp(-entropy), eps))
+            elif POLICY == 3:  # fly: defer a gated rejection when the next fly_window drafts pass natively
+                top = tl.load(top_logits_ptr + row * FLY_TOP_K + tl.arange(0, FLY_TOP_K))
+                top_p = tl.where(top > float("-inf"), tl.exp(top - big_m) / big_s, 0.0)
+                fly_entropy = -tl.sum(top_p * tl.log(tl.where(top_p > 0, top_p, 1.0)), axis=0)
+                unmasked = tl.where(is_greedy, x_d > float("-inf"), (p_d > 0) & (q_d > 0))
+                can_defer = (
+                    ~native & valid & unmasked & (pos + fly_window < num_draft)
+                    & (fly_entropy >= tl.load(params_ptr + 6).to(tl.float32))
+                )  # fmt: skip
+                if can_defer:
+                    for offset in range(1, fly_window + 1):
+                        ahead = _native_decision(logits_ptr, draft_ids_ptr, draft_probs_ptr, uniform_ptr, max_ptr,
+                                                 sumexp_ptr, xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr,
+                                                 row + offset, is_greedy, vocab_size, NO_DRAFT_PROBS, NUM_SPLITS,
+                                                 SPLITS_POW2)  # fmt: skip
+                        can_defer = can_defer & ahead[0]
+                policy_accept = native | can_defer
+            elif POLICY == 4:  # sglang: u <= p(d) / max(acc, 1e-9), or p(d) >= single; q unread
+                acc = tl.maximum(tl.load(params_ptr + 3), 1e-9)
+                policy_accept = (u <= p_d.to(tl.float64) / acc) | (p_d >= tl.load(params_ptr + 4).to(tl.float32))
+            elif POLICY == 5:  # relaxed_topk: native, or among the top-k with p(d) >= max p - delta
+                rank = tl.sum(tl.load(rank_ptr + row * NUM_SPLITS + split_offs, mask=split_mask, other=0), axis=0)
+                floor = max_p - tl.load(params_ptr + 5).to(tl.float32)
+                policy_accept = native | (valid & (rank < relaxed_topk) & ((p_d >= floor) | (rank == 0)))
             else:
                 policy_accept = standard
-            accept = tl.where(is_greedy, valid & (draft_id == target_argmax), policy_accept)
+            if POLICY == 3 or POLICY == 5:  # their sources apply the rule to greedy rows too
+                accept = policy_accept & valid
+            else:
+                accept = tl.where(is_greedy, native, policy_accept & valid)
             if accept:
                 tl.store(out_row + pos, draft_id.to(tl.int32))
                 accepted_count += 1
-                relaxed_count += (policy_accept & ~standard & ~is_greedy).to(tl.int32)
+                relaxed_count += (accept & ~native).to(tl.int32)
             else:
                 rejected = True
-                if is_greedy | (POLICY == 2):
+                if is_greedy | ARGMAX_RECOVERY:
                     tl.store(out_row + pos, target_argmax.to(tl.int32))
                 else:
                     tl.store(recover_row_ptr + req, row.to(tl.int64))
@@ -272,26 +346,40 @@ def verify_triton(
     if batch_size == 0:
         return VerifyResult(token_ids, num_accepted, num_relaxed)
 
-    stats = [torch.empty(max(num_tokens, 1), splits, dtype=torch.float32, device=device) for _ in range(4)]
-    argmax_idx = torch.empty(max(num_tokens, 1), splits, dtype=torch.int32, device=device)
+    spec = get_policy(config.policy)
+    settings = settings_for(config.policy, dict(config.params), max_spec_len)
+    rows = max(num_tokens, 1)
+    stats = [torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(4)]
+    argmax_idx = torch.empty(rows, splits, dtype=torch.int32, device=device)
+    count_rank = config.policy == "relaxed_topk"
+    rank = torch.zeros(rows, splits if count_rank else 1, dtype=torch.int32, device=device)
     if num_tokens:
         _row_stats_kernel[(num_tokens, splits)](
-            logits, *stats, argmax_idx, vocab_size, split_size, NUM_SPLITS=splits, BLOCK_SIZE=block_size
-        )
+            logits, *stats, argmax_idx, draft_token_ids, rank, vocab_size, split_size,
+            NUM_SPLITS=splits, BLOCK_SIZE=block_size, COUNT_RANK=count_rank,
+        )  # fmt: skip
+    # FLy's entropy reads the k largest logits of each row: [num_tokens, k], taken here (no probability tensor).
+    fly_top_k = triton.next_power_of_2(settings.get("fly_entropy_top_k", 1))
+    top_logits = torch.full((rows, fly_top_k), float("-inf"), dtype=torch.float32, device=device)
+    if config.policy == "fly" and num_tokens:
+        k = min(settings["fly_entropy_top_k"], vocab_size)
+        top_logits[:num_tokens, :k] = torch.topk(logits.float(), k, dim=-1).values
 
-    row_max = torch.empty(max(num_tokens, 1), dtype=torch.float32, device=device)
+    row_max = torch.empty(rows, dtype=torch.float32, device=device)
     row_sumexp = torch.empty_like(row_max)
     recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
-    params = torch.tensor([config.min_ratio, config.typical_eps, config.typical_delta], dtype=torch.float64,
-                          device=device)  # fmt: skip
+    params = torch.tensor([config.min_ratio, config.typical_eps, config.typical_delta, config.accept_threshold_acc,
+                           config.accept_threshold_single, config.relaxed_delta, config.fly_entropy_threshold],
+                          dtype=torch.float64, device=device)  # fmt: skip
     no_draft_probs = draft_probs is None
     draft_probs_arg = logits if no_draft_probs else draft_probs  # never read when NO_DRAFT_PROBS
     _accept_kernel[(batch_size,)](
         logits, draft_token_ids, draft_probs_arg, torch.cumsum(num_draft_tokens, 0), bonus_token_ids,
-        is_greedy.to(torch.int8), uniform, tolerance, params, *stats, argmax_idx, row_max, row_sumexp,
-        token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
-        POLICY=POLICY_IDS[config.policy], NO_DRAFT_PROBS=no_draft_probs, NUM_SPLITS=splits,
-        SPLITS_POW2=triton.next_power_of_2(splits),
+        is_greedy.to(torch.int8), uniform, tolerance, params, *stats, argmax_idx, rank, top_logits, row_max,
+        row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
+        settings.get("relaxed_topk", 0), settings.get("fly_window_size", 0),
+        POLICY=spec.kernel_id, ARGMAX_RECOVERY=spec.recovery == "argmax", NO_DRAFT_PROBS=no_draft_probs,
+        NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), FLY_TOP_K=fly_top_k,
     )  # fmt: skip
 
     needs_recovery = recover_row >= 0
@@ -300,8 +388,8 @@ def verify_triton(
         indices = torch.zeros(batch_size, splits, dtype=torch.int32, device=device)
         _recover_kernel[(batch_size, splits)](
             logits, draft_token_ids, draft_probs_arg, inv_recovery_noise.contiguous(), row_max, row_sumexp,
-            recover_row, scores, indices, vocab_size, split_size,
-            NUM_SPLITS=splits, NO_DRAFT_PROBS=no_draft_probs, BLOCK_SIZE=block_size,
+            recover_row, scores, indices, vocab_size, split_size, NUM_SPLITS=splits,
+            NO_DRAFT_PROBS=no_draft_probs or spec.recovery == "one_hot_residual", BLOCK_SIZE=block_size,
         )  # fmt: skip
         recovered = indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
         rows = needs_recovery.nonzero().squeeze(1)
