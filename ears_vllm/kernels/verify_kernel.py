@@ -31,7 +31,6 @@ from ears_vllm.policies import get_policy, settings_for
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
 
 
-
 @triton.jit
 def _row_stats_kernel(
     logits_ptr,  # [num_tokens, V]

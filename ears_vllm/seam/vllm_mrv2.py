@@ -34,6 +34,7 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
+from ears_vllm.policies import fly_entropy, get_policy, settings_for
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
@@ -169,8 +170,8 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     """
     original = state.original_rejection_sample
     assert original is not None
-    config = active.config  # only "ears" is planned to verify on MRV2 (verification.POLICIES_BY_RUNNER)
-    if config is None or config.policy != "ears" or state.kernel_failure is not None:
+    config = active.config  # planned only for the policies whose PolicySpec.runners name MRV2
+    if config is None or "MRV2" not in get_policy(config.policy).runners or state.kernel_failure is not None:
         return original(*args, **kwargs)
     bound = signature_of(original).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -256,17 +257,27 @@ def verify_mrv2(
     num_relaxed = sampled.new_empty(num_reqs, dtype=torch.int32)
     target_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
+    spec = get_policy(config.policy)
+    settings = settings_for(config.policy, dict(config.params), num_speculative_steps)
+    entropy = None
+    if config.policy == "fly":  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
+        values = target_logits[:, :vocab_size].to(torch.float32)
+        top_k = min(settings["fly_entropy_top_k"], vocab_size)
+        entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
     split_stats_accept_kernel[(num_reqs,)](
         sampled, sampled.stride(0), num_sampled, num_relaxed, target_rejected_lse, draft_rejected_lse,
         target_logits, target_logits.stride(0), stats["target_local_argmax"], stats["target_local_argmax"].stride(0),
         stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
         draft_sampled, draft_logits, draft_strides[0], draft_strides[1],
         stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
-        cu_num_logits, idx_mapping, temperature, seed, pos,
-        config.tolerance, config.min_ratio, num_blocks,
+        cu_num_logits, idx_mapping, temperature, seed, pos, entropy,
+        config.tolerance, config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
+        config.accept_threshold_single, config.accept_threshold_acc, num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks), HAS_DRAFT_LOGITS=has_draft_logits,
-        RELAX=config.tolerance > 0, UNIFORM=uniform, num_warps=1,
+        POLICY=0 if config.is_lossless else spec.kernel_id, UNIFORM=uniform, num_warps=1,
     )  # fmt: skip
+    if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
+        shared |= dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
 
     resample_blocks = triton.cdiv(vocab_size, RESAMPLE_BLOCK_SIZE)
     resampled_argmax = target_logits.new_empty(num_reqs, resample_blocks, dtype=torch.int64)
