@@ -80,7 +80,24 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
     table = markdown_table(rows, args.k)
     (out / "acceptance.md").write_text(table + "\n")
     print(table)
+    from ears_vllm.bench.plots import plot_pareto
+
+    groups = {f"T={t:g}, {s} drafts": [r for r in rows if (r["temperature"], r["draft_sampling"]) == (t, s)]
+              for t, s in sorted({(r["temperature"], r["draft_sampling"]) for r in rows})}  # fmt: skip
+    # FLy has no closed-form added TV: its relaxed acceptances per verified position stand in, as its own plot.
+    for key, label, name in (("added_tv_per_position", "exact added TV per position", "pareto_added_tv.png"),
+                             ("relaxed_per_verified_position", "relaxed acceptances per verified position",
+                              "pareto_relaxed.png")):  # fmt: skip
+        plot_pareto(groups, key, "expected_acceptance_length", label, f"expected mean acceptance length (k={args.k})",
+                    out / name)  # fmt: skip
     return 0
+
+
+# The field's lossy verifiers side by side (issue 15): standard, EARS, typical, vLLM's FLy (its defaults and a looser
+# one), SGLang's thresholds (two settings), TensorRT-LLM's relaxed top-k (its recommended 10 / 0.6 and a tighter one).
+FIELD_GRID = ("standard,ears:0.1,ears:0.3,typical,fly,fly:fly_window_size=2:fly_entropy_threshold=0.15,"
+              "sglang:accept_threshold_acc=0.5,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.8,"
+              "relaxed_topk:relaxed_topk=10:relaxed_delta=0.6,relaxed_topk:relaxed_topk=3:relaxed_delta=0.3")
 
 
 # `demo` is `bench e2e` with these defaults, parsed by the same options (build_parser): a preset cannot drift
@@ -210,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         model_options(p)
         p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
         p.add_argument("--dataset-path", help="path of the dataset file (default: the copy shipped in the package)")
-        p.add_argument("--policies", default=policies, help="comma list, e.g. standard,ears:0.1,typical")
+        p.add_argument("--policies", default=policies, help="comma list of name[:value][:key=value...]; "
+                       "e.g. standard,ears:0.1,typical,fly:fly_window_size=2,sglang:accept_threshold_acc=0.5")
         p.add_argument("--temperatures", default=temperatures, help=f"comma list (default {temperatures})")
         p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
 
@@ -276,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.set_defaults(run=_bench_e2e)
 
     acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")
-    all_policies = "standard,ears:0.05,ears:0.1,ears:0.2,ears:0.3,typical"
+    all_policies = FIELD_GRID
     grid_options(
         acceptance, "gsm8k, humaneval (reference texts)", all_policies, "0.6,0.9,1.0; with --from-run, the runs'"
     )

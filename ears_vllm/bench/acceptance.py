@@ -23,7 +23,15 @@ import torch
 from ears_vllm.bench import datasets
 from ears_vllm.bench.e2e import DRAFT_SAMPLING
 from ears_vllm.config import EarsConfig
-from ears_vllm.policies import expected_acceptance, expected_acceptance_one_hot
+from ears_vllm.policies import (
+    PositionForm,
+    fly_chain,
+    fly_position_probabilities,
+    fly_window,
+    get_policy,
+    position_form,
+    position_form_one_hot,
+)
 
 
 def reference_texts(dataset: str, path: str | None, limit: int | None) -> list[tuple[str, str]]:
@@ -88,17 +96,22 @@ def position_acceptance(
     temperature: float,
     sampling: str,
     config: EarsConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n]): P(accept), P(relaxed acceptance)
+) -> PositionForm:  # [n] each: P(accept), P(relaxed acceptance), added TV; FLy: see fly_position_probabilities
     """Per position, with ``q`` as the verifier sees it: vLLM's default ``draft_sample_method`` "greedy"
     proposes the draft's argmax and passes no probabilities (``q`` one-hot); "probabilistic" samples from
-    the draft at the request's temperature and passes that distribution."""
-    settings = dict(policy=config.policy, tolerance=config.tolerance, min_ratio=config.min_ratio,
-                    typical_eps=config.typical_eps, typical_delta=config.typical_delta)  # fmt: skip
+    the draft at the request's temperature and passes that distribution. For FLy (no per-position form) the
+    fields are its native acceptance, its deferrable-rejection probability, and NaN."""
+    if sampling not in DRAFT_SAMPLING:
+        raise ValueError(f"draft sampling {sampling!r} not in {DRAFT_SAMPLING}")
+    draft_ids = draft_logits.argmax(-1) if sampling == "greedy" else None
+    draft_probs = (draft_logits / temperature).softmax(-1) if sampling == "probabilistic" else None
+    settings = dict(config.params)
+    if not get_policy(config.policy).per_position:
+        accept, defer = fly_position_probabilities(target_probs, draft_probs, draft_ids, **settings)
+        return PositionForm(accept, defer, torch.full_like(accept, float("nan")))
     if sampling == "greedy":
-        return expected_acceptance_one_hot(target_probs, draft_logits.argmax(-1), **settings)
-    if sampling == "probabilistic":
-        return expected_acceptance(target_probs, (draft_logits / temperature).softmax(-1), **settings)
-    raise ValueError(f"draft sampling {sampling!r} not in {DRAFT_SAMPLING}")
+        return position_form_one_hot(target_probs, draft_ids, config.policy, **settings)
+    return position_form(target_probs, draft_probs, config.policy, **settings)
 
 
 def run_acceptance(
@@ -129,7 +142,7 @@ def run_acceptance(
                          f"the target's argmax), draft sampling in {DRAFT_SAMPLING}")  # fmt: skip
     configs = {name: EarsConfig.from_dict(settings) for name, settings in policies.items()}
     tokenizer = AutoTokenizer.from_pretrained(target)
-    alphas, relaxed = defaultdict(list), defaultdict(list)  # (T, sampling, policy) -> per-text [positions]
+    forms = defaultdict(list)  # (T, sampling, policy) -> per text, a PositionForm over its positions
     with tempfile.TemporaryDirectory(prefix="ears-acceptance-") as spill:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
         for i, (prompt, continuation) in enumerate(tqdm(pairs, desc="target forward", disable=not progress)):
@@ -143,29 +156,37 @@ def run_acceptance(
                 p = (target_logits.double() / temperature).softmax(-1)
                 for sampling in draft_sampling:
                     for name, config in configs.items():
-                        accept, relax = position_acceptance(p, draft_logits, temperature, sampling, config)
-                        alphas[(temperature, sampling, name)].append(accept)
-                        relaxed[(temperature, sampling, name)].append(relax)
-    rows = []
-    for (temperature, sampling, name), per_text in alphas.items():
-        lengths = [chained_acceptance_length(a, k) for a in per_text]
-        rows.append({
-            "policy": name,
-            "tolerance": None if configs[name].policy == "typical" else configs[name].tolerance,
-            "temperature": temperature,
-            "draft_sampling": sampling,
-            "acceptance_rate": float(torch.cat(per_text).mean()),
-            "expected_acceptance_length": float(torch.tensor(lengths).nanmean()),
-            "added_tv_per_position": float(torch.cat(relaxed[(temperature, sampling, name)]).mean()),
-            "positions": int(sum(a.numel() for a in per_text)),
-        })  # fmt: skip
-    return rows
+                        form = position_acceptance(p, draft_logits, temperature, sampling, config)
+                        forms[(temperature, sampling, name)].append(form)
+    return [_row(name, configs[name], temperature, sampling, per_text, k)
+            for (temperature, sampling, name), per_text in forms.items()]  # fmt: skip
+
+
+def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_text: list[PositionForm], k: int):
+    """One table row: the chained expectations over a policy's per-text position forms."""
+    row = {"policy": name, "policy_kind": config.policy, "settings": config.settings, "temperature": temperature,
+           "draft_sampling": sampling, "positions": int(sum(f.accept.numel() for f in per_text))}  # fmt: skip
+    if config.policy == "fly":
+        window = fly_window(config.fly_window_size, k)
+        chains = torch.tensor([fly_chain(f.accept, f.relaxed, k, window) for f in per_text])  # [texts, 3]
+        length, relaxed, verified = chains.nanmean(dim=0).tolist()
+        return row | {"acceptance_rate": float("nan"), "expected_acceptance_length": length,
+                      "relaxed_per_verified_position": relaxed / verified, "added_tv_per_position": None}  # fmt: skip
+    lengths = torch.tensor([chained_acceptance_length(f.accept, k) for f in per_text])
+    return row | {
+        "acceptance_rate": float(torch.cat([f.accept for f in per_text]).mean()),
+        "expected_acceptance_length": float(lengths.nanmean()),
+        "relaxed_per_verified_position": float(torch.cat([f.relaxed for f in per_text]).mean()),
+        "added_tv_per_position": float(torch.cat([f.added_tv for f in per_text]).mean()),
+    }
 
 
 def markdown_table(rows: list[dict], k: int) -> str:
     lines = [f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
-             "added TV per verified position (standard/ears) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "relaxed acceptances per position | exact added TV per position |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {r['acceptance_rate']:.3f} | "
-                     f"{r['expected_acceptance_length']:.3f} | {r['added_tv_per_position']:.4f} |")  # fmt: skip
+        tv = "no closed form" if r["added_tv_per_position"] is None else f"{r['added_tv_per_position']:.4f}"
+        rate = "n/a" if r["acceptance_rate"] != r["acceptance_rate"] else f"{r['acceptance_rate']:.3f}"
+        lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {rate} | "
+                     f"{r['expected_acceptance_length']:.3f} | {r['relaxed_per_verified_position']:.4f} | {tv} |")  # fmt: skip
     return "\n".join(lines)

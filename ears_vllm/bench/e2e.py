@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ears_vllm.bench import datasets
 from ears_vllm.config import EarsConfig
+from ears_vllm.policies import PARAMS, get_policy
 
 # vLLM's draft_sample_method values: "greedy" (its default) proposes the draft model's argmax and passes no
 # probabilities, so the verifier sees a one-hot q; "probabilistic" samples at the request's temperature and
@@ -55,13 +56,29 @@ class E2EConfig:
 
 
 def parse_policies(text: str) -> dict[str, dict]:
-    """``"standard,ears:0.1,typical"`` -> ``{"standard": {...}, "ears-0.1": {...}, "typical": {...}}``."""
+    """A comma list of policies, each ``name[:value][:key=value...]``: a bare value sets the policy's first
+    parameter (``ears:0.1`` is tolerance 0.1), ``key=value`` any of its parameters. The label joins the values:
+    ``"standard,ears:0.1,fly:fly_window_size=2,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.5"``
+    -> ``standard``, ``ears-0.1``, ``fly-2``, ``sglang-0.3-0.5``."""
     policies = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, tolerance = item.partition(":")
-        settings = {"policy": name} | ({"tolerance": float(tolerance)} if tolerance else {})
+        name, *fields = item.split(":")
+        spec = get_policy(name)
+        settings: dict = {"policy": name}
+        for field in filter(None, fields):
+            key, sep, raw = field.rpartition("=")
+            if not sep:
+                if not spec.params:
+                    raise ValueError(f"--policies {item!r}: policy {name!r} takes no parameters")
+                key = spec.params[0]
+            elif key not in spec.params:
+                raise ValueError(f"--policies {item!r}: {key!r} is not a parameter of {name!r}; it has {list(spec.params)}")
+            try:
+                settings[key] = int(raw) if PARAMS[key].integer else float(raw)
+            except ValueError:
+                raise ValueError(f"--policies {item!r}: {key} = {raw!r} is not {PARAMS[key].allowed}") from None
         EarsConfig.from_dict(settings)  # fail here, not an hour into the run
-        policies[f"{name}-{tolerance}" if tolerance else name] = settings
+        policies["-".join([name, *(f"{v:g}" for k, v in settings.items() if k != "policy")])] = settings
     if not policies:
         raise ValueError(f"--policies {text!r} names no policy")
     return policies
@@ -207,7 +224,7 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
     row = {
         "dataset": dataset,
         "policy": policy,
-        "tolerance": ears.get("tolerance", 0.0) if ears["policy"] != "typical" else None,
+        "tolerance": ears.get("tolerance", 0.0) if ears["policy"] == "ears" else None,
         "temperature": temperature,
         "mean_acceptance_length": 1 + total("accepted") / drafts,
         "acceptance_rate": total("accepted") / max(total("draft_tokens"), 1),

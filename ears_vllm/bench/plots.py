@@ -68,3 +68,46 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats: none has a larger y at the same or smaller x (x = deviation, lower is
+    better; y = acceptance length, higher is better), sorted by x."""
+    best, kept = -math.inf, []
+    for x, y in sorted(points, key=lambda point: (point[0], -point[1])):
+        if y > best:
+            kept.append((x, y))
+            best = y
+    return kept
+
+
+def plot_pareto(groups: dict[str, list[dict]], x_key: str, y_key: str, xlabel: str, ylabel: str, path: Path,
+                *, y_higher_better: bool = True) -> Path:  # fmt: skip
+    """One panel per group (a dataset, a temperature, a drafting mode): every policy and setting a point, labelled,
+    and the frontier drawn through the points no other point beats. Rows whose x is None are left out (and the
+    caller says why, e.g. no closed form)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], groups.items(), strict=True):
+        rows = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+        kinds = sorted({r.get("policy_kind", r["policy"].split("-")[0]) for r in rows})
+        for kind in kinds:
+            group = [r for r in rows if r.get("policy_kind", r["policy"].split("-")[0]) == kind]
+            ax.scatter([r[x_key] for r in group], [r[y_key] for r in group], label=kind)
+        for r in rows:
+            ax.annotate(r["policy"], (r[x_key], r[y_key]), fontsize=7, textcoords="offset points", xytext=(4, 3))
+        sign = 1 if y_higher_better else -1
+        edge = [(x, sign * y) for x, y in frontier([(r[x_key], sign * r[y_key]) for r in rows])]
+        if edge:
+            ax.step(*zip(*edge, strict=True), where="post", color="k", alpha=0.4, label="frontier")
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
