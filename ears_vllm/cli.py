@@ -95,9 +95,11 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
 
 # The field's lossy verifiers side by side (issue 15): standard, EARS, typical, vLLM's FLy (its defaults and a looser
 # one), SGLang's thresholds (two settings), TensorRT-LLM's relaxed top-k (its recommended 10 / 0.6 and a tighter one).
-FIELD_GRID = ("standard,ears:0.1,ears:0.3,typical,fly,fly:fly_window_size=2:fly_entropy_threshold=0.15,"
-              "sglang:accept_threshold_acc=0.5,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.8,"
-              "relaxed_topk:relaxed_topk=10:relaxed_delta=0.6,relaxed_topk:relaxed_topk=3:relaxed_delta=0.3")
+FIELD_GRID = (
+    "standard,ears:0.1,ears:0.3,typical,fly,fly:fly_window_size=2:fly_entropy_threshold=0.15,"
+    "sglang:accept_threshold_acc=0.5,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.8,"
+    "relaxed_topk:relaxed_topk=10:relaxed_delta=0.6,relaxed_topk:relaxed_topk=3:relaxed_delta=0.3"
+)
 
 
 # `demo` is `bench e2e` with these defaults, parsed by the same options (build_parser): a preset cannot drift
@@ -227,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         model_options(p)
         p.add_argument("--datasets", default="gsm8k", help=f"comma list of {datasets}")
         p.add_argument("--dataset-path", help="path of the dataset file (default: the copy shipped in the package)")
-        p.add_argument("--policies", default=policies, help="comma list of name[:value][:key=value...]; "
-                       "e.g. standard,ears:0.1,typical,fly:fly_window_size=2,sglang:accept_threshold_acc=0.5")
+        p.add_argument(
+            "--policies",
+            default=policies,
+            help="comma list of name[:value][:key=value...]; "
+            "e.g. standard,ears:0.1,typical,fly:fly_window_size=2,sglang:accept_threshold_acc=0.5",
+        )
         p.add_argument("--temperatures", default=temperatures, help=f"comma list (default {temperatures})")
         p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
 

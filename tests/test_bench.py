@@ -225,17 +225,31 @@ def test_bench_acceptance_on_tiny_models(tiny_pair, tmp_path):
 
     target, draft = tiny_pair
     argv = ["bench", "acceptance", "--target", str(target), "--draft", str(draft), "--num-prompts", "2",
-            "--policies", "standard,ears:0.3,typical", "--temperatures", "0.9", "--out", str(tmp_path)]  # fmt: skip
+            "--policies", "standard,ears:0.3,typical,fly:fly_entropy_threshold=0,sglang:accept_threshold_acc=0.5,"
+            "relaxed_topk", "--temperatures", "0.9", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     rows = json.loads((tmp_path / "acceptance.json").read_text())
-    assert len(rows) == 2 * 3
+    assert len(rows) == 2 * 6
     for sampling in ("greedy", "probabilistic"):
         by_policy = {r["policy"]: r for r in rows if r["draft_sampling"] == sampling}
-        assert by_policy["standard"]["added_tv_per_position"] == 0
-        assert by_policy["ears-0.3"]["added_tv_per_position"] > 0
-        assert by_policy["ears-0.3"]["acceptance_rate"] > by_policy["standard"]["acceptance_rate"]
+        assert by_policy["standard"]["relaxed_per_verified_position"] == 0
+        assert by_policy["standard"]["added_tv_per_position"] < 1e-12  # exact up to float64 rounding
+        for lossy in ("ears-0.3", "sglang-0.5", "relaxed_topk", "fly-0"):
+            assert by_policy[lossy]["relaxed_per_verified_position"] > 0
+            if lossy != "sglang-0.5" or sampling == "greedy":
+                assert (
+                    by_policy[lossy]["expected_acceptance_length"] > by_policy["standard"]["expected_acceptance_length"]
+                )
+        if sampling == "probabilistic":  # SGLang's rule ignores q: it also rejects drafts standard keeps
+            sglang = by_policy["sglang-0.5"]
+            assert sglang["added_tv_per_position"] > sglang["relaxed_per_verified_position"]
+        # The bias identity: a policy that only adds acceptances and recovers like standard adds exactly that TV.
+        ears = by_policy["ears-0.3"]
+        assert ears["added_tv_per_position"] == pytest.approx(ears["relaxed_per_verified_position"], rel=1e-9)
+        assert by_policy["fly-0"]["added_tv_per_position"] is None  # no closed form: it looks ahead
         assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
     assert (tmp_path / "acceptance.md").read_text().count("| ears-0.3 |") == 2
+    assert (tmp_path / "pareto_added_tv.png").stat().st_size > 0 and (tmp_path / "pareto_relaxed.png").exists()
     with pytest.raises(ValueError, match=r"\[0.0, 'sampled'\] not allowed"):
         run_acceptance(str(target), str(draft), [], {}, [0.0], draft_sampling=("sampled",))
 
@@ -257,7 +271,7 @@ def test_position_acceptance_follows_vllms_draft_sample_method(sampling, q, poli
     target = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
     got = position_acceptance(target, draft_logits, 0.5, sampling, config)
     expected = expected_acceptance(target, q(draft_logits), policy=policy, tolerance=config.tolerance)
-    for a, b in zip(got, expected, strict=True):
+    for a, b in zip(got[:2], expected, strict=True):  # acceptance and relaxed probabilities
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 

@@ -72,7 +72,9 @@ def parse_policies(text: str) -> dict[str, dict]:
                     raise ValueError(f"--policies {item!r}: policy {name!r} takes no parameters")
                 key = spec.params[0]
             elif key not in spec.params:
-                raise ValueError(f"--policies {item!r}: {key!r} is not a parameter of {name!r}; it has {list(spec.params)}")
+                raise ValueError(
+                    f"--policies {item!r}: {key!r} is not a parameter of {name!r}; it has {list(spec.params)}"
+                )
             try:
                 settings[key] = int(raw) if PARAMS[key].integer else float(raw)
             except ValueError:

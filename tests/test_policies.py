@@ -1,0 +1,136 @@
+"""The field's acceptance rules, worked by hand from their sources, through ``ears_vllm.verify``.
+
+Each case is one request: target distribution ``p`` per draft position (logits ``log p``), one-hot drafts, the
+uniforms vLLM would draw, and the accepted prefix the source's rule gives. Uniforms sit at least 1e-3 from a
+threshold, so float32 rounding of ``p`` cannot decide a case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ears_vllm import EarsConfig, verify
+from ears_vllm.policies import POLICIES, PositionForm, position_form
+
+
+def run(p_rows, drafts, uniforms, config, *, greedy=False, draft_probs=None):
+    logits = torch.tensor(p_rows, dtype=torch.float64).log().float()
+    out = verify(
+        logits, torch.tensor(drafts), [len(drafts)], torch.tensor([len(p_rows[0]) - 1]),
+        uniform=torch.tensor(uniforms, dtype=torch.float64), is_greedy=torch.tensor([greedy]), config=config,
+        draft_probs=draft_probs, generator=torch.Generator().manual_seed(0), backend="torch",
+    )  # fmt: skip
+    return out.token_ids[0].tolist(), int(out.num_accepted[0]), int(out.num_relaxed[0])
+
+
+P = [0.5, 0.25, 0.15, 0.1]
+
+# SGLang sgl-kernel/csrc/speculative/speculative_sampling.cuh, TreeSpeculativeSamplingTargetOnly: on a chain
+# `coin <= prob_acc / threshold_acc || target_prob_single >= threshold_single`, prob_acc = p(d) (reset per node).
+SGLANG = {
+    # (single, acc), draft, u -> accepted
+    "defaults-coin-below-p": ((1.0, 1.0), 1, 0.249, 1),
+    "defaults-coin-above-p": ((1.0, 1.0), 1, 0.251, 0),
+    "acc-0.5-doubles-p": ((1.0, 0.5), 1, 0.499, 1),
+    "acc-0.5-coin-above-2p": ((1.0, 0.5), 1, 0.501, 0),
+    "single-0.2-accepts-any-coin": ((0.2, 1.0), 1, 0.999, 1),
+    "single-0.3-too-high": ((0.3, 1.0), 1, 0.999, 0),
+    "acc-0-clamped-to-1e-9-accepts": ((1.0, 0.0), 3, 0.999, 1),
+}
+
+
+@pytest.mark.parametrize(("thresholds", "draft", "u", "accepted"), SGLANG.values(), ids=SGLANG.keys())
+def test_sglang_threshold_rule(thresholds, draft, u, accepted):
+    single, acc = thresholds
+    config = EarsConfig(policy="sglang", accept_threshold_single=single, accept_threshold_acc=acc)
+    tokens, num_accepted, _ = run([P], [draft], [u], config)
+    assert num_accepted == accepted
+    if not accepted:
+        assert tokens[0] != draft  # SGLang resamples from p with the rejected draft removed
+
+
+def test_sglang_ignores_the_draft_distribution():
+    """Target-only: q(d) = 0.01 makes p/q = 25 (standard accepts any u); SGLang compares u with p(d) = 0.25."""
+    q = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
+    sglang = EarsConfig(policy="sglang")
+    assert run([P], [1], [0.5], sglang, draft_probs=q)[1] == 0
+    assert run([P], [1], [0.5], EarsConfig(), draft_probs=q)[1] == 1
+
+
+# TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu, mtpRelaxedAcceptanceKernel: the draft
+# must equal one of the top-k candidates whose probability is >= top-1 probability - delta (top-1 always).
+RELAXED_TOPK = {
+    # (topk, delta), draft, greedy -> (accepted, emitted token)
+    "second-within-delta": ((3, 0.3), 1, False, (1, 1)),
+    "third-outside-delta": ((3, 0.3), 2, False, (0, None)),
+    "third-outside-topk-2": ((2, 0.6), 2, False, (0, None)),
+    "third-inside-topk-3-delta-0.6": ((3, 0.6), 2, False, (1, 2)),
+    "delta-0-only-argmax": ((10, 0.0), 1, False, (0, None)),
+    "greedy-row-relaxed-too": ((3, 0.3), 1, True, (1, 1)),
+    "greedy-row-rejects-to-argmax": ((3, 0.3), 3, True, (0, 0)),
+}
+
+
+@pytest.mark.parametrize(("setting", "draft", "greedy", "expected"), RELAXED_TOPK.values(), ids=RELAXED_TOPK.keys())
+def test_relaxed_topk_rule(setting, draft, greedy, expected):
+    topk, delta = setting
+    config = EarsConfig(policy="relaxed_topk", relaxed_topk=topk, relaxed_delta=delta)
+    tokens, num_accepted, num_relaxed = run([P], [draft], [0.999], config, greedy=greedy)  # u: standard rejects
+    accepted, emitted = expected
+    assert (num_accepted, num_relaxed) == (accepted, accepted)
+    if emitted is not None:
+        assert tokens[0] == emitted
+
+
+# vLLM 0.33 vllm/v1/spec_decode/fly.py, apply_fly_random_acceptance_kernel: a native rejection at i is deferred
+# when top-k entropy >= threshold, p(d) > 0, q(d) > 0, i + W < n and drafts i+1..i+W pass the native test.
+FLAT = [0.4, 0.3, 0.3]  # top-3 entropy 1.0889 nats
+FLY = {
+    # (window, threshold), uniforms (draft 1 everywhere, p(d) = 0.3) -> (accepted, relaxed)
+    "deferred-then-confirmed": ((1, 0.3), [0.99, 0.01, 0.99], (2, 1)),
+    "window-fails": ((1, 0.3), [0.99, 0.99, 0.01], (0, 0)),
+    "last-position-cannot-defer": ((1, 0.3), [0.01, 0.01, 0.99], (2, 0)),
+    "entropy-gate-shut": ((1, 1.1), [0.99, 0.01, 0.99], (0, 0)),
+    "window-2-confirmed": ((2, 0.3), [0.99, 0.01, 0.01], (3, 1)),
+    "window-2-too-long-at-1": ((2, 0.3), [0.01, 0.99, 0.01], (1, 0)),
+}
+
+
+@pytest.mark.parametrize(("setting", "uniforms", "expected"), FLY.values(), ids=FLY.keys())
+def test_fly_window_rule(setting, uniforms, expected):
+    window, threshold = setting
+    config = EarsConfig(policy="fly", fly_window_size=window, fly_entropy_threshold=threshold)
+    _, num_accepted, num_relaxed = run([FLAT] * 3, [1, 1, 1], uniforms, config)
+    assert (num_accepted, num_relaxed) == expected
+
+
+def test_fly_never_defers_a_masked_draft():
+    config = EarsConfig(policy="fly", fly_window_size=1, fly_entropy_threshold=0.0)
+    masked = [[0.5, 0.0, 0.5], FLAT]
+    assert run(masked, [1, 1], [0.5, 0.01], config)[1:] == (0, 0)
+
+
+@pytest.mark.parametrize("policy", ["sglang", "typical", "relaxed_topk", "ears"])
+def test_exact_added_tv_matches_the_sampled_output(policy):
+    """The closed-form added TV against the emitted token's distribution over many draws (full drafts, d ~ q)."""
+    settings = {"sglang": dict(accept_threshold_acc=0.5), "typical": {}, "relaxed_topk": dict(relaxed_topk=2),
+                "ears": dict(tolerance=0.5)}[policy]  # fmt: skip
+    p = torch.tensor([[0.45, 0.25, 0.2, 0.1]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    form: PositionForm = position_form(p, q, policy, **settings)
+    n, g = 200_000, torch.Generator().manual_seed(1)
+    drafts = torch.multinomial(q[0], n, replacement=True, generator=g)
+    out = verify(
+        p.log().float().expand(n, 4), drafts, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+        draft_probs=q.float().expand(n, 4), config=EarsConfig(policy=policy, **settings), generator=g, backend="torch",
+    )  # fmt: skip
+    emitted = torch.bincount(out.token_ids[:, 0].long(), minlength=4).double() / n
+    sampled_tv = 0.5 * float((emitted - p[0]).abs().sum())
+    assert sampled_tv == pytest.approx(float(form.added_tv[0]), abs=0.006)
+    assert float(out.num_accepted.double().mean()) == pytest.approx(float(form.accept[0]), abs=0.005)
+
+
+def test_every_policy_is_registered_with_its_runners():
+    assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk"}
+    assert {name for name, spec in POLICIES.items() if "MRV2" in spec.runners} == {"standard", "ears", "fly", "sglang"}
