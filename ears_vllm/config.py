@@ -95,9 +95,9 @@ class EarsConfig:
             )
         for key in _STRING_KEYS:
             if key in data and not isinstance(data[key], str):
-                value = data[key]
+                value, allowed = data[key], list(POLICIES) if key == "policy" else list(ON_UNSUPPORTED)
                 raise ValueError(f"ears config key {key!r} = {value!r} has type {type(value).__name__}; expected a "
-                                 f"string, one of {list(POLICIES) if key == 'policy' else list(ON_UNSUPPORTED)}")  # fmt: skip
+                                 f"string, one of {allowed}")  # fmt: skip
         return cls(**{str(k): v for k, v in data.items()})
 
     @classmethod

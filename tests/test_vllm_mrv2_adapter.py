@@ -292,7 +292,7 @@ def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     single, acc = SGLANG_SETTINGS[setting]
     batch = mrv2_batch(11, **step)
     config = EarsConfig(policy="sglang", accept_threshold_single=single, accept_threshold_acc=acc)
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
     cu, expected = batch["cu_num_logits"].tolist(), []
     for r, state in enumerate(batch["idx_mapping"].tolist()):

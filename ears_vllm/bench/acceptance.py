@@ -182,11 +182,13 @@ def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_t
 
 
 def markdown_table(rows: list[dict], k: int) -> str:
-    lines = [f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
-             "relaxed acceptances per position | exact added TV per position |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = (f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
+              "relaxed acceptances per position | exact added TV per position |")  # fmt: skip
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         tv = "no closed form" if r["added_tv_per_position"] is None else f"{r['added_tv_per_position']:.4f}"
         rate = "n/a" if r["acceptance_rate"] != r["acceptance_rate"] else f"{r['acceptance_rate']:.3f}"
-        lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {rate} | "
-                     f"{r['expected_acceptance_length']:.3f} | {r['relaxed_per_verified_position']:.4f} | {tv} |")  # fmt: skip
+        length, relaxed = r["expected_acceptance_length"], r["relaxed_per_verified_position"]
+        lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {rate} | {length:.3f} | "
+                     f"{relaxed:.4f} | {tv} |")  # fmt: skip
     return "\n".join(lines)

@@ -131,9 +131,8 @@ def _native_decision(
     safe_id = tl.where(valid, draft_id, 0)
     x_d = tl.load(logits_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
     p_d = tl.where(valid & (x_d > float("-inf")), tl.exp(x_d - big_m) / big_s, 0.0)
-    if NO_DRAFT_PROBS:
-        q_d = 1.0
-    else:
+    q_d = 1.0  # a one-hot draft
+    if not NO_DRAFT_PROBS:
         q_d = tl.load(draft_probs_ptr + row.to(tl.int64) * vocab_size + safe_id).to(tl.float32)
     u = tl.load(uniform_ptr + row)
     standard = valid & (q_d > 0) & (p_d / q_d >= u)
