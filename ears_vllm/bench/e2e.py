@@ -127,7 +127,7 @@ def cells(config: E2EConfig) -> list[Cell]:
 def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict]:
     """rows.json, paired_quality.json, summary.md and the plots, from the finished runs in ``out_dir``
     (of ``policies`` only, when given)."""
-    from ears_vllm.bench.plots import plot_e2e
+    from ears_vllm.bench.plots import plot_e2e, plot_pareto
 
     rows = summarize(out_dir, policies)
     pairs = paired_quality(out_dir, policies)
@@ -136,6 +136,12 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
     summary = markdown_table(rows) + ("\n\n" + paired_quality_table(pairs) if pairs else "")
     (out_dir / "summary.md").write_text(summary + "\n")
     plot_e2e(rows, out_dir)
+    groups = {f"{d}, T={t:g}": [r for r in rows if (r["dataset"], r["temperature"]) == (d, t)]
+              for d, t in sorted({(r["dataset"], r["temperature"]) for r in rows if r["temperature"] > 0})}  # fmt: skip
+    if groups:
+        plot_pareto(groups, "added_tv_per_verified", "mean_acceptance_length", "added TV per verified position "
+                    "(relaxed acceptances; exact for ears and relaxed_topk)", "mean acceptance length",
+                    out_dir / "pareto_added_tv.png")  # fmt: skip
     return rows
 
 
