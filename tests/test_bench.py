@@ -24,6 +24,16 @@ def test_parse_policies_names_and_validates():
         parse_policies("ears:1.5")
     with pytest.raises(ValueError, match="policy"):
         parse_policies("fast")
+    assert parse_policies("fly:fly_window_size=2:fly_entropy_threshold=0.15,sglang:accept_threshold_acc=0.5") == {
+        "fly-2-0.15": {"policy": "fly", "fly_window_size": 2, "fly_entropy_threshold": 0.15},
+        "sglang-0.5": {"policy": "sglang", "accept_threshold_acc": 0.5},
+    }
+    with pytest.raises(ValueError, match=r"'tolerance' is not a parameter of 'fly'; it has \['fly_window_size'"):
+        parse_policies("fly:tolerance=0.1")
+    with pytest.raises(ValueError, match="relaxed_topk = '2.5' is not an integer"):
+        parse_policies("relaxed_topk:relaxed_topk=2.5")
+    with pytest.raises(ValueError, match="'standard' takes no parameters"):
+        parse_policies("standard:0.1")
 
 
 def test_shards_cover_the_prompts_policy_by_policy(tmp_path):
