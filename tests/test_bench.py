@@ -30,7 +30,7 @@ def test_parse_policies_names_and_validates():
     }
     with pytest.raises(ValueError, match=r"'tolerance' is not a parameter of 'fly'; it has \['fly_window_size'"):
         parse_policies("fly:tolerance=0.1")
-    with pytest.raises(ValueError, match="relaxed_topk = '2.5' is not an integer"):
+    with pytest.raises(ValueError, match=r"relaxed_topk = '2\.5' is not an integer"):
         parse_policies("relaxed_topk:relaxed_topk=2.5")
     with pytest.raises(ValueError, match="'standard' takes no parameters"):
         parse_policies("standard:0.1")
