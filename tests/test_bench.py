@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +362,11 @@ def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypat
     assert (tmp_path / "kernel.png").stat().st_size > 0 and len(rows) == 2 * len(impls)  # every impl, both shapes
     with pytest.raises(SystemExit, match="needs CUDA"):
         cli.main(["bench", "kernel", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("grid", ["sweep-gsm8k-creative.yaml", "sweep-field.yaml"])
+def test_shipped_sweep_grids_load(grid):
+    from ears_vllm.bench.sweep import load_grid
+
+    config, _ = load_grid(Path(__file__).parent.parent / "configs" / grid)
+    assert "standard" in config.policies and config.datasets

@@ -142,6 +142,11 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
         plot_pareto(groups, "added_tv_per_verified", "mean_acceptance_length", "added TV per verified position "
                     "(relaxed acceptances; exact for ears and relaxed_topk)", "mean acceptance length",
                     out_dir / "pareto_added_tv.png")  # fmt: skip
+        # Quality: GSM8K accuracy where answers are scored, the fraction of distinct word 4-grams on open prompts.
+        quality = {title: "accuracy" if any(r["accuracy"] is not None for r in group) else "distinct_4grams"
+                   for title, group in groups.items()}  # fmt: skip
+        plot_pareto(groups, quality, "mean_acceptance_length", "quality", "mean acceptance length",
+                    out_dir / "pareto_quality.png", x_higher_better=True)  # fmt: skip
     return rows
 
 

@@ -81,11 +81,12 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return kept
 
 
-def plot_pareto(groups: dict[str, list[dict]], x_key: str, y_key: str, xlabel: str, ylabel: str, path: Path,
-                *, y_higher_better: bool = True) -> Path:  # fmt: skip
+def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_key: str, xlabel: str, ylabel: str,
+                path: Path, *, x_higher_better: bool = False) -> Path:  # fmt: skip
     """One panel per group (a dataset, a temperature, a drafting mode): every policy and setting a point, labelled,
-    and the frontier drawn through the points no other point beats. Rows whose x is None are left out (and the
-    caller says why, e.g. no closed form)."""
+    and the frontier drawn through the points no other point beats (y higher is better; x lower is better, a
+    deviation, unless ``x_higher_better``, a quality). ``x_key`` may differ per group (a dict by group title).
+    Rows whose x is None are left out (and the caller says why, e.g. no closed form)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,18 +94,23 @@ def plot_pareto(groups: dict[str, list[dict]], x_key: str, y_key: str, xlabel: s
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, (title, rows) in zip(axes[0], groups.items(), strict=True):
-        rows = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+        x_name = x_key[title] if isinstance(x_key, dict) else x_key
+        rows = [r | {"_x": r[x_name]} for r in rows if r.get(x_name) is not None and r.get(y_key) is not None]
+        x_key_here = "_x"
         kinds = sorted({r.get("policy_kind", r["policy"].split("-")[0]) for r in rows})
         for kind in kinds:
             group = [r for r in rows if r.get("policy_kind", r["policy"].split("-")[0]) == kind]
-            ax.scatter([r[x_key] for r in group], [r[y_key] for r in group], label=kind)
+            ax.scatter([r[x_key_here] for r in group], [r[y_key] for r in group], label=kind)
         for r in rows:
-            ax.annotate(r["policy"], (r[x_key], r[y_key]), fontsize=7, textcoords="offset points", xytext=(4, 3))
-        sign = 1 if y_higher_better else -1
-        edge = [(x, sign * y) for x, y in frontier([(r[x_key], sign * r[y_key]) for r in rows])]
+            ax.annotate(r["policy"], (r[x_key_here], r[y_key]), fontsize=7, textcoords="offset points",
+                        xytext=(4, 3))  # fmt: skip
+        sign = -1 if x_higher_better else 1
+        edge = [(sign * x, y) for x, y in frontier([(sign * r[x_key_here], r[y_key]) for r in rows])]
         if edge:
-            ax.step(*zip(*edge, strict=True), where="post", color="k", alpha=0.4, label="frontier")
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+            ax.scatter(*zip(*edge, strict=True), s=140, facecolors="none", edgecolors="k", alpha=0.6)
+            ax.step(*zip(*edge, strict=True), where="pre" if x_higher_better else "post", color="k", alpha=0.4,
+                    label="frontier")  # fmt: skip
+        ax.set(title=title, xlabel=xlabel if isinstance(x_key, str) else f"{xlabel} ({x_name})", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
