@@ -39,7 +39,10 @@ class VerifyStats:
     random_drafts: int = 0  # draft tokens of requests with temperature > 0
     random_accepted: int = 0
     random_verified: int = 0  # verified positions of requests with temperature > 0 (see the module docstring)
-    relaxed: int = 0
+    relaxed: int = 0  # of requests with temperature > 0: the added-TV numerator
+    # Drafts other than the argmax accepted on greedy requests (fly and relaxed_topk apply there, as their sources
+    # do): a deviation from greedy decoding, counted apart from the sampled requests' relaxed acceptances.
+    greedy_relaxed: int = 0
     invalid: int = 0  # draft ids outside the target vocabulary, rejected
     draft_dist_steps: int = 0  # steps whose drafter passed its distribution (else one-hot drafts: greedy, n-gram)
     shadow_steps: int = 0
@@ -59,8 +62,10 @@ class VerifyStats:
         invalid: int = 0,
         steps: int = 1,
         draft_dist_steps: int = 0,
+        greedy_relaxed: int = 0,
     ) -> None:
         self.steps += steps
+        self.greedy_relaxed += greedy_relaxed
         self.random_verified += random_verified
         self.draft_dist_steps += draft_dist_steps
         self.invalid += invalid

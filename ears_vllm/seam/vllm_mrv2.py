@@ -315,8 +315,17 @@ def _record(
     accepted = num_sampled.to(torch.int64) - 1
     is_random = (temperature[idx_mapping.long()] != 0).to(torch.int64)
     verified = accepted + (accepted < drafts).to(torch.int64)
+    relaxed = num_relaxed.to(torch.int64)
     step = torch.stack(
-        [drafts, accepted, drafts * is_random, accepted * is_random, num_relaxed.to(torch.int64), verified * is_random]
+        [
+            drafts,
+            accepted,
+            drafts * is_random,
+            accepted * is_random,
+            relaxed * is_random,
+            verified * is_random,
+            relaxed * (1 - is_random),
+        ]
     )  # fmt: skip  (VerifyStats.record's order)
     if state.device_counts is None or state.device_counts.device != step.device:
         state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
@@ -326,8 +335,9 @@ def _record(
     now = time.monotonic()
     if now - state.last_read >= state.stats.log_interval_s:
         state.last_read = now
-        state.stats.record(*state.device_counts.tolist(), steps=state.pending_steps,
-                           draft_dist_steps=state.pending_draft_dist_steps)  # fmt: skip
+        *counts, greedy_relaxed = state.device_counts.tolist()
+        state.stats.record(*counts, steps=state.pending_steps, draft_dist_steps=state.pending_draft_dist_steps,
+                           greedy_relaxed=greedy_relaxed)  # fmt: skip
         state.device_counts.zero_()
         state.pending_steps = state.pending_draft_dist_steps = 0
         state.stats.report(logger)

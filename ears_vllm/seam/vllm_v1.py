@@ -179,9 +179,10 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
     random_rows = ~is_greedy
     verified = result.num_accepted + (result.num_accepted < counts).to(result.num_accepted.dtype)
     sums = torch.stack([counts.sum(), result.num_accepted.sum(), counts[random_rows].sum(),
-                        result.num_accepted[random_rows].sum(), result.num_relaxed.sum(), verified[random_rows].sum(),
-                        (draft_token_ids >= target_logits.shape[-1]).sum()])  # fmt: skip
-    *counted, invalid = sums.tolist()  # one host sync per step
+                        result.num_accepted[random_rows].sum(), result.num_relaxed[random_rows].sum(),
+                        verified[random_rows].sum(), (draft_token_ids >= target_logits.shape[-1]).sum(),
+                        result.num_relaxed[is_greedy].sum()])  # fmt: skip
+    *counted, invalid, greedy_relaxed = sums.tolist()  # one host sync per step
     if invalid:
         logger.warning(
             "ears-vllm: %d draft token id(s) outside the target vocabulary [0, %d) were rejected (as a token the "
@@ -189,7 +190,8 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
             invalid,
             target_logits.shape[-1],
         )
-    state.stats.record(*counted, invalid=invalid, draft_dist_steps=int(draft_probs is not None))
+    state.stats.record(*counted, invalid=invalid, draft_dist_steps=int(draft_probs is not None),
+                       greedy_relaxed=greedy_relaxed)  # fmt: skip
     state.stats.maybe_report(logger)
     return result.token_ids
 
