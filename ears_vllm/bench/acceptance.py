@@ -106,7 +106,7 @@ def position_acceptance(
     draft_ids = draft_logits.argmax(-1) if sampling == "greedy" else None
     draft_probs = (draft_logits / temperature).softmax(-1) if sampling == "probabilistic" else None
     settings = dict(config.params)
-    if not get_policy(config.policy).per_position:
+    if get_policy(config.policy).accept_probability is None:
         accept, defer = fly_position_probabilities(target_probs, draft_probs, draft_ids, **settings)
         return PositionForm(accept, defer, torch.full_like(accept, float("nan")))
     if sampling == "greedy":

@@ -1,7 +1,7 @@
 """Closed forms, per draft position: the probability of acceptance, of a relaxed acceptance, and the exact
 total-variation distance a policy adds to the output distribution.
 
-For a policy whose decision at a position depends on that position alone (``PolicySpec.per_position``),
+For a policy whose decision at a position depends on that position alone (``PolicySpec.accept_probability``),
 averaging over ``d ~ q`` and ``u ~ U[0, 1)`` gives, per candidate token ``x``, an acceptance probability
 ``a(x)``; the emitted distribution is then ``out = q * a + (1 - sum q a) * R`` where ``R`` is the recovery
 (the residual ``norm(max(p - q, 0))``, the target without the rejected draft, or the argmax), so its
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ears_vllm.policies.registry import PARAMS, get_policy
-from ears_vllm.policies.rules import entropy, fly_entropy
+from ears_vllm.policies.rules import fly_entropy, standard_probability
 
 
 class PositionForm(NamedTuple):
@@ -41,28 +41,13 @@ def token_acceptance(
     policy: str,
     settings: Mapping[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([n, m], [n, m]): the policy's a(x) and the standard min(1, p/q)
-    """Probability over ``u`` that candidate draft token ``x`` is accepted (random rows)."""
-    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.zeros_like(p))
-    standard = ratio.clamp(max=1.0)
-    s = _settings(policy, settings)
-    if policy == "standard":
-        return standard, standard
-    if policy == "ears":
-        tolerance = torch.as_tensor(s["tolerance"], dtype=torch.float64, device=p.device).reshape(-1, 1)
-        relaxed = (ratio + tolerance * (1.0 - row.max(dim=-1, keepdim=True).values)).clamp(max=1.0)
-        return torch.where((ratio >= s["min_ratio"]) & (p > 0), relaxed, standard), standard
-    if policy == "typical":
-        threshold = torch.clamp(s["typical_delta"] * torch.exp(-entropy(row)), max=s["typical_eps"]).unsqueeze(-1)
-        return (p > threshold).to(torch.float64), standard
-    if policy == "sglang":
-        by_coin = (p / max(s["accept_threshold_acc"], 1e-9)).clamp(max=1.0)
-        return torch.where(p >= s["accept_threshold_single"], torch.ones_like(p), by_coin), standard
-    if policy == "relaxed_topk":
-        top = torch.topk(row, min(s["relaxed_topk"], row.shape[-1]), dim=-1).values
-        floor = torch.maximum(top[:, -1:], top[:, :1] - s["relaxed_delta"])
-        candidate = ((p >= floor) | (p == top[:, :1])) & (p > 0)
-        return torch.where(candidate, torch.ones_like(p), standard), standard
-    raise ValueError(f"policy {policy!r} has no per-position closed form (its decision looks at other positions)")
+    """Probability over ``u`` that candidate draft token ``x`` is accepted (random rows), from the policy's
+    ``accept_probability`` in the registry."""
+    closed_form = get_policy(policy).accept_probability
+    if closed_form is None:
+        raise ValueError(f"policy {policy!r} has no per-position closed form (its decision looks at other positions)")
+    standard = standard_probability(p, q)
+    return closed_form(p, q, row, standard, _settings(policy, settings)), standard
 
 
 def position_form(
@@ -127,8 +112,7 @@ def fly_chain(
         return float("nan"), float("nan"), float("nan")
     a, b = accept.unfold(0, k, 1), defer.unfold(0, k, 1)  # [starts, k]
     zeros = a.new_zeros(a.shape[0])
-    accepted, relaxed, verified = ([zeros] * (k + 1) for _ in range(3))
-    accepted, relaxed, verified = list(accepted), list(relaxed), list(verified)
+    accepted, relaxed, verified = ([zeros] * (k + 1) for _ in range(3))  # index j: from draft j on
     for j in range(k - 1, -1, -1):
         after = j + window + 1
         if after <= k:

@@ -21,6 +21,8 @@ from ears_vllm.policies import rules
 
 # A policy's rule: (positions, its settings) -> [n] bool, before the accepted prefix is taken.
 Rule = Callable[["rules.DraftPositions", Mapping[str, Any]], torch.Tensor]
+# Its closed form: (p [n, m], q [n, m], target row [n, V], standard min(1, p/q) [n, m], settings) -> P(accept) [n, m].
+AcceptProbability = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor]
 
 # How the token emitted at the first rejected position is chosen.
 #   residual           sample norm(max(p - q, 0)) (the lossless rule's; a one-hot q removes the draft from p)
@@ -93,13 +95,13 @@ class PolicySpec:
         summary: one line, for ``--help``, errors and docs.
         params: the :data:`PARAMS` it reads.
         rule: its PyTorch rule (:mod:`ears_vllm.policies.rules`).
+        accept_probability: its closed form per candidate draft token, averaged over u (None: the decision looks
+            at other positions, FLy; see :func:`ears_vllm.policies.closed_form.fly_chain`).
         kernel_id: its branch in the fused kernel (``ears_vllm.kernels.verify_kernel``).
         runners: the vLLM runners whose verification ears-vllm can run with it.
         recovery: how the token at the first rejected position is chosen (greedy rows: always the argmax).
         greedy_rows: the source applies the rule to greedy requests too (vLLM's FLy, TensorRT-LLM's relaxed
             acceptance, which is greedy-only); otherwise greedy rows are verified by argmax match.
-        per_position: the decision at a position depends on that position alone, so the closed forms of
-            :mod:`ears_vllm.policies.closed_form` apply (FLy looks at the next W drafts: no closed form).
         lossless: the settings under which every step equals vLLM's standard rule.
         source: where the rule comes from.
     """
@@ -108,11 +110,11 @@ class PolicySpec:
     summary: str
     params: tuple[str, ...]
     rule: Rule
+    accept_probability: AcceptProbability | None
     kernel_id: int
     runners: tuple[str, ...]
     recovery: Recovery = "residual"
     greedy_rows: bool = False
-    per_position: bool = True
     lossless: Callable[[Mapping[str, Any]], bool] = lambda settings: False
     source: str = ""
 
@@ -123,6 +125,7 @@ _POLICY_LIST = (
         summary="lossless rejection sampling (Leviathan/Chen), vLLM's own rule",
         params=(),
         rule=rules.rule_standard,
+        accept_probability=rules.probability_standard,
         kernel_id=0,
         runners=("V1", "MRV2"),
         lossless=lambda settings: True,
@@ -133,6 +136,7 @@ _POLICY_LIST = (
         summary="EARS: accept iff p/q >= min(u, max(u - tolerance * (1 - max p), min_ratio))",
         params=("tolerance", "min_ratio"),
         rule=rules.rule_ears,
+        accept_probability=rules.probability_ears,
         kernel_id=1,
         runners=("V1", "MRV2"),
         lossless=lambda settings: settings["tolerance"] == 0.0,
@@ -143,6 +147,7 @@ _POLICY_LIST = (
         summary="typical acceptance: p(d) > min(typical_eps, typical_delta * exp(-H(p))), the argmax on rejection",
         params=("typical_eps", "typical_delta"),
         rule=rules.rule_typical,
+        accept_probability=rules.probability_typical,
         kernel_id=2,
         runners=("V1",),  # MRV2's statistics carry no entropy
         recovery="argmax",
@@ -154,10 +159,10 @@ _POLICY_LIST = (
         "the next fly_window_size drafts pass the native test",
         params=("fly_window_size", "fly_entropy_threshold", "fly_entropy_top_k"),
         rule=rules.rule_fly,
+        accept_probability=None,
         kernel_id=3,
         runners=("V1", "MRV2"),
         greedy_rows=True,
-        per_position=False,
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
     ),
     PolicySpec(
@@ -166,6 +171,7 @@ _POLICY_LIST = (
         "accept_threshold_single; q is not read; on rejection, p without the draft",
         params=("accept_threshold_single", "accept_threshold_acc"),
         rule=rules.rule_sglang,
+        accept_probability=rules.probability_sglang,
         kernel_id=4,
         runners=("V1", "MRV2"),
         recovery="one_hot_residual",
@@ -177,6 +183,7 @@ _POLICY_LIST = (
         "relaxed_topk with p(d) >= max p - relaxed_delta",
         params=("relaxed_topk", "relaxed_delta"),
         rule=rules.rule_relaxed_topk,
+        accept_probability=rules.probability_relaxed_topk,
         kernel_id=5,
         runners=("V1",),  # MRV2's statistics do not rank the draft
         greedy_rows=True,

@@ -241,6 +241,54 @@ def rule_fly(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
     return pos.native | fly_defer(pos.native, deferrable, pos.position, num_drafts, settings["fly_window_size"])
 
 
+# Each per-position policy's closed form: the probability over u ~ U[0, 1) that a candidate draft token x is
+# accepted, given p(x) and q(x) for m candidates ([n, m] float64) and the whole target row ([n, V]) for the
+# statistics a rule reads (max p, entropy, top-k). ``standard`` is min(1, p/q). The registry names one per policy.
+
+
+def standard_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # [n, m]
+    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.zeros_like(p))
+    return ratio.clamp(max=1.0)
+
+
+def probability_standard(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    return standard
+
+
+def probability_ears(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.zeros_like(p))
+    tolerance = torch.as_tensor(settings["tolerance"], dtype=torch.float64, device=p.device).reshape(-1, 1)
+    relaxed = (ratio + tolerance * (1.0 - row.max(dim=-1, keepdim=True).values)).clamp(max=1.0)
+    return torch.where((ratio >= settings["min_ratio"]) & (p > 0), relaxed, standard)
+
+
+def probability_typical(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    threshold = torch.clamp(settings["typical_delta"] * torch.exp(-entropy(row)), max=settings["typical_eps"])
+    return (p > threshold.unsqueeze(-1)).to(torch.float64)
+
+
+def probability_sglang(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    by_coin = (p / max(settings["accept_threshold_acc"], 1e-9)).clamp(max=1.0)
+    return torch.where(p >= settings["accept_threshold_single"], torch.ones_like(p), by_coin)
+
+
+def probability_relaxed_topk(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    top = torch.topk(row, min(settings["relaxed_topk"], row.shape[-1]), dim=-1).values
+    floor = torch.maximum(top[:, -1:], top[:, :1] - settings["relaxed_delta"])
+    candidate = ((p >= floor) | (p == top[:, :1])) & (p > 0)
+    return torch.where(candidate, torch.ones_like(p), standard)
+
+
 def entropy(probs: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n]
     """Shannon entropy in nats, with ``0 log 0 = 0``."""
     return torch.special.entr(probs).sum(dim=-1)
