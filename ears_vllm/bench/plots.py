@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ears_vllm.policies import POLICIES
+
 
 def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
@@ -100,7 +102,8 @@ def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_ke
         kinds = sorted({r.get("policy_kind", r["policy"].split("-")[0]) for r in rows})
         for kind in kinds:
             group = [r for r in rows if r.get("policy_kind", r["policy"].split("-")[0]) == kind]
-            ax.scatter([r[x_key_here] for r in group], [r[y_key] for r in group], label=kind)
+            color = f"C{list(POLICIES).index(kind)}" if kind in POLICIES else None  # one colour per policy
+            ax.scatter([r[x_key_here] for r in group], [r[y_key] for r in group], label=kind, color=color)
         for r in rows:
             ax.annotate(r["policy"], (r[x_key_here], r[y_key]), fontsize=7, textcoords="offset points",
                         xytext=(4, 3))  # fmt: skip
