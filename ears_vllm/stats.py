@@ -97,7 +97,7 @@ class VerifyStats:
         shadow = f", shadow steps={self.shadow_steps} mismatches={self.shadow_mismatches}" if self.shadow_steps else ""
         logger.info(
             "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d "
-            "(relaxed per verified position %.4f = added TV per position)%s",
+            "(relaxed per verified position %.4f: the added TV per position for ears, a bound on it for fly)%s",
             self.steps,
             self.drafts,
             self.accepted,

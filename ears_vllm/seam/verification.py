@@ -99,9 +99,11 @@ def enforce(plan: VerificationPlan, logger) -> None:
 
 
 def log_plan(plan: VerificationPlan, config: EarsConfig, logger, extra: str = "") -> None:
-    """The startup line of a sampler: its config and its plan."""
-    logger.info("ears-vllm: policy=%s tolerance=%g min_ratio=%g runner=%s verification=%s%s", config.policy,
-                config.tolerance, config.min_ratio, plan.runner, plan.summary, extra)  # fmt: skip
+    """The startup line of a sampler: its policy's settings and its plan."""
+    settings = "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
+                       for name, value in config.settings.items())  # fmt: skip
+    logger.info("ears-vllm: policy=%s%s runner=%s verification=%s%s", config.policy, settings, plan.runner,
+                plan.summary, extra)  # fmt: skip
 
 
 # (sampler, its constructor's arguments by name) -> the config when ears-vllm verifies for it, else None.
