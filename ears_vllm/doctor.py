@@ -36,7 +36,8 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
     try:
         config = resolve_config(additional_config)
         source = "additional_config" if additional_config and "ears" in additional_config else "environment/defaults"
-        rows.append(("config", f"{json.dumps(config.to_dict())} (from {source})"))
+        shown = {"policy": config.policy, **config.settings, "on_unsupported": config.on_unsupported}
+        rows.append(("config", f"{json.dumps(shown)} (from {source})"))
     except ValueError as exc:
         config = None
         rows.append(("config", f"INVALID: {exc}"))
