@@ -312,3 +312,56 @@ def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     assert (num_sampled - 1).tolist() == expected
     if (single, acc) == (1.0, 1.0) and batch["draft_logits"] is None:
         assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*mrv2.utils.rejection_sample(**batch))
+
+
+RELAXED_TOPK_SETTINGS = {"trtllm-10-0.6": (10, 0.6), "top3-0.3": (3, 0.3), "top2-delta0": (2, 0.0)}
+
+
+@pytest.mark.parametrize("setting", RELAXED_TOPK_SETTINGS, ids=RELAXED_TOPK_SETTINGS.keys())
+@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+def test_relaxed_topk_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
+    """TensorRT-LLM's relaxed candidates (top-k of the target, p(d) >= max p - delta, top-1 always) on top of MRV2's
+    native test, greedy rows included; counted as relaxed where the native test rejected."""
+    topk, delta = RELAXED_TOPK_SETTINGS[setting]
+    batch = mrv2_batch(13, **step)
+    batch["target_logits"] /= 3  # flatter targets: several candidates within delta
+    config = EarsConfig(policy="relaxed_topk", relaxed_topk=topk, relaxed_delta=delta)
+    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    cu, expected, expected_relaxed = batch["cu_num_logits"].tolist(), [], []
+    for r, state in enumerate(batch["idx_mapping"].tolist()):
+        accepted, relaxed = 0, 0
+        for i in range(cu[r + 1] - cu[r] - 1):
+            row, draft = cu[r] + i, int(batch["draft_sampled"][cu[r] + i + 1])
+            logits, temp = batch["target_logits"][row], float(batch["temperature"][state])
+            if draft < 0:
+                break
+            log_p = logits.log_softmax(-1)
+            if temp == 0.0:
+                native = int(logits.argmax()) == draft
+            else:
+                log_q = torch.tensor(0.0)
+                if batch["draft_logits"] is not None:
+                    log_q = (batch["draft_logits"][state, i] / temp).log_softmax(-1)[draft]
+                native = bool(log_p[draft] > u[row].log() + log_q)
+            rank = int((logits > logits[draft]).sum())
+            candidate = rank < topk and (rank == 0 or float(log_p[draft].exp()) >= float(log_p.max().exp()) - delta)
+            if not (native or candidate):
+                break
+            accepted, relaxed = accepted + 1, relaxed + int(not native)
+        expected.append(accepted)
+        expected_relaxed.append(relaxed)
+    assert (num_sampled - 1).tolist() == expected
+    assert num_relaxed.tolist() == expected_relaxed
+
+
+def test_relaxed_topk_relaxes_in_these_batches(mrv2):
+    """Guards the test above against batches in which no candidate rescues a native rejection."""
+    relaxed = 0
+    for topk, delta in RELAXED_TOPK_SETTINGS.values():
+        config = EarsConfig(policy="relaxed_topk", relaxed_topk=topk, relaxed_delta=delta)
+        for step in STEPS.values():
+            batch = mrv2_batch(13, **step)
+            batch["target_logits"] /= 3
+            relaxed += int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
+    assert relaxed >= 3

@@ -264,15 +264,21 @@ def verify_mrv2(
         values = target_logits[:, :vocab_size].to(torch.float32)
         top_k = min(settings["fly_entropy_top_k"], vocab_size)
         entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
+    draft_rank = None
+    if config.policy == "relaxed_topk":  # the draft verified by row i sits at draft_sampled[i + 1]
+        values = target_logits[:, :vocab_size]
+        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0).long()
+        draft_rank = (values > values.gather(1, drafts.unsqueeze(1))).sum(dim=1)
     split_stats_accept_kernel[(num_reqs,)](
         sampled, sampled.stride(0), num_sampled, num_relaxed, target_rejected_lse, draft_rejected_lse,
         target_logits, target_logits.stride(0), stats["target_local_argmax"], stats["target_local_argmax"].stride(0),
         stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
         draft_sampled, draft_logits, draft_strides[0], draft_strides[1],
         stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
-        cu_num_logits, idx_mapping, temperature, seed, pos, entropy,
+        cu_num_logits, idx_mapping, temperature, seed, pos, entropy, draft_rank,
         config.tolerance, config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
-        config.accept_threshold_single, config.accept_threshold_acc, num_blocks,
+        config.accept_threshold_single, config.accept_threshold_acc, config.relaxed_topk, config.relaxed_delta,
+        num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks), HAS_DRAFT_LOGITS=has_draft_logits,
         POLICY=0 if config.is_lossless else spec.kernel_id, UNIFORM=uniform, num_warps=1,
     )  # fmt: skip
