@@ -4,13 +4,14 @@ Never materialises the ``[num_tokens, V]`` probability tensor. Three launches:
 
 1. ``_row_stats_kernel``   grid (num_tokens, num_splits): online-softmax statistics of each vocabulary
    split of each row — max logit ``m``, ``sum exp(x - m)``, ``sum exp(x - m) * x`` (for the entropy of
-   the typical policy) and the split's argmax. Splitting the vocabulary gives small batches enough
-   programs to fill the GPU.
+   the typical policy), the split's argmax and, for relaxed_topk, how many logits lie above the draft's.
+   Splitting the vocabulary gives small batches enough programs to fill the GPU.
 2. ``_accept_kernel``      grid (batch,): merges the splits of each draft position, so that
    ``p(d) = exp(x_d - M) / S``, ``max p = 1 / S`` and ``H(p) = log S + M - W / S`` come with no further
-   pass over the vocabulary, then walks the request's drafts: acceptance test of the policy (greedy
-   rows by argmax), relaxed-acceptance count, accepted prefix, bonus token, and which row (if any)
-   needs a recovered token.
+   pass over the vocabulary, then walks the request's drafts: the policy's branch (``PolicySpec.kernel_id``;
+   FLy re-derives the native decision of the next W rows, and reads the row's k largest logits, taken on
+   the host with ``torch.topk``: ``[num_tokens, k]``, no probability tensor), relaxed-acceptance count,
+   accepted prefix, bonus token, and which row (if any) needs a recovered token.
 3. ``_recover_kernel``     grid (batch, num_splits): only for requests whose recovered token is
    sampled — exponential race ``argmax(max(p - q, 0) / E)`` over each split; the host picks the
    winning split (first on ties, like ``torch.argmax``).
