@@ -157,7 +157,9 @@ def kernel_parity(sizes: Sizes, device: str) -> list[dict]:
     from ears_vllm.bench.steps import verify_batch
 
     policies = {"standard": EarsConfig(), "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
-                "typical": EarsConfig(policy="typical")}  # fmt: skip
+                "typical": EarsConfig(policy="typical"), "fly": EarsConfig(policy="fly"),
+                "sglang-0.5": EarsConfig(policy="sglang", accept_threshold_acc=0.5),
+                "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk")}  # fmt: skip
     checks = []
     for batch, k in sizes.verify_batches:
         for dtype in sizes.dtypes:
