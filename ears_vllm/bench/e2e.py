@@ -139,8 +139,8 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
     groups = {f"{d}, T={t:g}": [r for r in rows if (r["dataset"], r["temperature"]) == (d, t)]
               for d, t in sorted({(r["dataset"], r["temperature"]) for r in rows if r["temperature"] > 0})}  # fmt: skip
     if groups:
-        plot_pareto(groups, "added_tv_per_verified", "mean_acceptance_length", "added TV per verified position "
-                    "(relaxed acceptances; exact for ears and relaxed_topk)", "mean acceptance length",
+        plot_pareto(groups, "added_tv_per_verified", "mean_acceptance_length", "relaxed acceptances per verified "
+                    "position (added TV: exact for ears, a bound for fly)", "mean acceptance length",
                     out_dir / "pareto_added_tv.png")  # fmt: skip
         # Quality: GSM8K accuracy where answers are scored, the fraction of distinct word 4-grams on open prompts.
         quality = {title: "accuracy" if any(r["accuracy"] is not None for r in group) else "distinct_4grams"
