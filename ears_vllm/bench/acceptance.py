@@ -166,7 +166,7 @@ def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_t
     """One table row: the chained expectations over a policy's per-text position forms."""
     row = {"policy": name, "policy_kind": config.policy, "settings": config.settings, "temperature": temperature,
            "draft_sampling": sampling, "positions": int(sum(f.accept.numel() for f in per_text))}  # fmt: skip
-    if config.policy == "fly":
+    if get_policy(config.policy).accept_probability is None:  # FLy: chained through its window
         window = fly_window(config.fly_window_size, k)
         chains = torch.tensor([fly_chain(f.accept, f.relaxed, k, window) for f in per_text])  # [texts, 3]
         length, relaxed, verified = chains.nanmean(dim=0).tolist()
