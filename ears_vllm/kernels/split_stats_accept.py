@@ -22,8 +22,9 @@ Policies (``POLICY`` = ``PolicySpec.kernel_id``; DESIGN.md section 2):
   counts as relaxed) or a native rejection ends the walk at the pending row. Greedy rows take part.
 * sglang (4): ``u <= p(d) / max(acc, 1e-9)`` or ``p(d) >= single``, q unread (the caller resamples from p
   without the draft).
-* relaxed_topk (5): the native decision, or the draft among the target's top-k (``draft_rank_ptr``, counted by
-  the caller) with ``p(d) >= max p - delta``; greedy rows too.
+* relaxed_topk (5): the native decision, or the draft a relaxed candidate (among the target's top-k with
+  ``p(d) >= max p - delta``), tested by the caller on the logits, since MRV2's statistics carry no sum-exp for
+  greedy rows; greedy rows too.
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``.
 """
@@ -83,15 +84,13 @@ def split_stats_accept_kernel(
     seed_ptr,  # [max_num_reqs]
     pos_ptr,  # [num_logits]
     fly_entropy_ptr,  # [num_logits] float32 (fly only)
-    draft_rank_ptr,  # [num_logits] int64: target logits strictly above the row's draft (relaxed_topk only)
+    relaxed_candidate_ptr,  # [num_logits] bool: the row's draft is a relaxed top-k candidate (relaxed_topk only)
     tolerance,
     min_ratio,
     fly_entropy_threshold,
     fly_window,
     threshold_single,
     threshold_acc,
-    relaxed_topk,
-    relaxed_delta,
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
     HAS_DRAFT_LOGITS: tl.constexpr,
@@ -188,21 +187,8 @@ def split_stats_accept_kernel(
                 if FLY:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
-            if POLICY == 5:  # relaxed_topk, greedy rows too: among the top-k with p(d) >= max p - delta
-                row_max, row_lse = _row_max_and_lse(
-                    target_local_max_ptr,
-                    target_local_sumexp_ptr,
-                    target_local_stride,
-                    row,
-                    vocab_num_blocks,
-                    PADDED_VOCAB_NUM_BLOCKS,
-                )
-                draft_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
-                rank = tl.load(draft_rank_ptr + row)
-                floor = tl.exp(row_max - row_lse) - relaxed_delta
-                candidate = (
-                    is_valid_draft & (rank < relaxed_topk) & ((tl.exp(draft_logit - row_lse) >= floor) | (rank == 0))
-                )
+            if POLICY == 5:  # relaxed_topk, greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
+                candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0)
                 num_relaxed += (candidate & ~accepted).to(tl.int32)
                 accepted |= candidate
             if FLY:

@@ -34,7 +34,7 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
-from ears_vllm.policies import fly_entropy, get_policy, settings_for
+from ears_vllm.policies import fly_entropy, get_policy, relaxed_topk_candidate, settings_for
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
@@ -264,21 +264,20 @@ def verify_mrv2(
         values = target_logits[:, :vocab_size].to(torch.float32)
         top_k = min(settings["fly_entropy_top_k"], vocab_size)
         entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
-    draft_rank = None
+    candidate = None
     if config.policy == "relaxed_topk":  # the draft verified by row i sits at draft_sampled[i + 1]
-        values = target_logits[:, :vocab_size]
-        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0).long()
-        draft_rank = (values > values.gather(1, drafts.unsqueeze(1))).sum(dim=1)
+        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
+        candidate = relaxed_topk_candidates(target_logits[:, :vocab_size], drafts, config.relaxed_topk,
+                                            config.relaxed_delta)  # fmt: skip
     split_stats_accept_kernel[(num_reqs,)](
         sampled, sampled.stride(0), num_sampled, num_relaxed, target_rejected_lse, draft_rejected_lse,
         target_logits, target_logits.stride(0), stats["target_local_argmax"], stats["target_local_argmax"].stride(0),
         stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
         draft_sampled, draft_logits, draft_strides[0], draft_strides[1],
         stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
-        cu_num_logits, idx_mapping, temperature, seed, pos, entropy, draft_rank,
+        cu_num_logits, idx_mapping, temperature, seed, pos, entropy, candidate,
         config.tolerance, config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
-        config.accept_threshold_single, config.accept_threshold_acc, config.relaxed_topk, config.relaxed_delta,
-        num_blocks,
+        config.accept_threshold_single, config.accept_threshold_acc, num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks), HAS_DRAFT_LOGITS=has_draft_logits,
         POLICY=0 if config.is_lossless else spec.kernel_id, UNIFORM=uniform, num_warps=1,
     )  # fmt: skip
@@ -306,6 +305,22 @@ def verify_mrv2(
         resample_num_blocks=resample_blocks, PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
     ))  # fmt: skip
     return sampled, num_sampled, num_relaxed
+
+
+def relaxed_topk_candidates(
+    logits: torch.Tensor,  # [num_logits, V] after temperature (greedy rows: as given)
+    drafts: torch.Tensor,  # [num_logits] int: the draft each row verifies
+    topk: int,
+    delta: float,
+) -> torch.Tensor:  # [num_logits] bool
+    """TensorRT-LLM's relaxed candidate test per row (:func:`ears_vllm.policies.relaxed_topk_candidate`), on the
+    host: the draft ranks among the top-k logits and ``p(d) >= max p - delta`` (the top-1 always)."""
+    values = logits.to(torch.float32)
+    lse = values.logsumexp(dim=-1)
+    draft_logit = values.gather(1, drafts.long().unsqueeze(1)).squeeze(1)
+    rank = (values > draft_logit.unsqueeze(1)).sum(dim=1)
+    max_prob = (values.max(dim=-1).values - lse).exp()
+    return relaxed_topk_candidate((draft_logit - lse).exp(), max_prob, rank, topk, delta)
 
 
 def _record(
