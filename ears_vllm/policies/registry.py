@@ -185,7 +185,7 @@ _POLICY_LIST = (
         rule=rules.rule_relaxed_topk,
         accept_probability=rules.probability_relaxed_topk,
         kernel_id=5,
-        runners=("V1", "MRV2"),  # MRV2: the draft's rank counted on the host, as vLLM takes FLy's top-k there
+        runners=("V1", "MRV2"),  # MRV2: the candidate test made on the host, as vLLM takes FLy's top-k there
         greedy_rows=True,
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
