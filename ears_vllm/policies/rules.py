@@ -104,6 +104,14 @@ def relaxed_topk_candidate(
     return (draft_rank < topk) & ((target_prob >= threshold) | (draft_rank == 0))
 
 
+def rank_among_logits(
+    logits: torch.Tensor,  # [n, V]
+    draft_logit: torch.Tensor,  # [n] the logit of each row's draft
+) -> torch.Tensor:  # [n] int64
+    """How many logits of each row lie strictly above the draft's (0 = the argmax): relaxed_topk's rank."""
+    return (logits > draft_logit.unsqueeze(-1)).sum(dim=-1)
+
+
 def fly_entropy(
     top_values: torch.Tensor,  # [n, k] the k largest probabilities (or logits, with from_logits)
     logsumexp: torch.Tensor | None = None,  # [n, 1] of the logits, when the values are logits
@@ -190,10 +198,12 @@ class DraftPositions:
         return entropy(self.target_probs)
 
     @functools.cached_property
+    def draft_logit(self) -> torch.Tensor:
+        return self.target_logits.gather(-1, self.safe_ids).squeeze(-1)
+
+    @functools.cached_property
     def draft_rank(self) -> torch.Tensor:
-        """How many target logits lie strictly above the draft's (0 = the argmax)."""
-        draft_logit = self.target_logits.gather(-1, self.safe_ids)
-        return (self.target_logits > draft_logit).sum(dim=-1)
+        return rank_among_logits(self.target_logits, self.draft_logit)
 
     @functools.cached_property
     def position(self) -> torch.Tensor:
@@ -234,8 +244,7 @@ def rule_fly(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
     top_k = min(settings["fly_entropy_top_k"], pos.target_probs.shape[-1])
     gate = fly_entropy(torch.topk(pos.target_probs, top_k, dim=-1).values) >= settings["fly_entropy_threshold"]
     # Not masked: p(d) > 0 and q(d) > 0 on random rows, a finite target logit on greedy rows (vLLM V1's tests).
-    draft_logit = pos.target_logits.gather(-1, pos.safe_ids).squeeze(-1)
-    unmasked = torch.where(pos.is_greedy, draft_logit > float("-inf"), (pos.target_prob > 0) & (pos.draft_prob > 0))
+    unmasked = torch.where(pos.is_greedy, pos.draft_logit > float("-inf"), (pos.target_prob > 0) & (pos.draft_prob > 0))
     deferrable = ~pos.native & pos.is_valid & unmasked & gate
     num_drafts = pos.num_draft_tokens[pos.req_of_token]
     return pos.native | fly_defer(pos.native, deferrable, pos.position, num_drafts, settings["fly_window_size"])

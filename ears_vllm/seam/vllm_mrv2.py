@@ -34,7 +34,7 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
-from ears_vllm.policies import fly_entropy, get_policy, relaxed_topk_candidate, settings_for
+from ears_vllm.policies import fly_entropy, get_policy, rank_among_logits, relaxed_topk_candidate, settings_for
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
@@ -318,8 +318,8 @@ def relaxed_topk_candidates(
     values = logits.to(torch.float32)
     lse = values.logsumexp(dim=-1)
     draft_logit = values.gather(1, drafts.long().unsqueeze(1)).squeeze(1)
-    rank = (values > draft_logit.unsqueeze(1)).sum(dim=1)
     max_prob = (values.max(dim=-1).values - lse).exp()
+    rank = rank_among_logits(values, draft_logit)
     return relaxed_topk_candidate((draft_logit - lse).exp(), max_prob, rank, topk, delta)
 
 
