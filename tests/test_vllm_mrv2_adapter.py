@@ -292,24 +292,30 @@ def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     single, acc = SGLANG_SETTINGS[setting]
     batch = mrv2_batch(11, **step)
     config = EarsConfig(policy="sglang", accept_threshold_single=single, accept_threshold_acc=acc)
-    sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
-    cu, expected = batch["cu_num_logits"].tolist(), []
+    cu, expected, expected_relaxed = batch["cu_num_logits"].tolist(), [], []
     for r, state in enumerate(batch["idx_mapping"].tolist()):
-        accepted = 0
+        accepted, relaxed = 0, 0
         for i in range(cu[r + 1] - cu[r] - 1):
             row, draft = cu[r] + i, int(batch["draft_sampled"][cu[r] + i + 1])
-            logits = batch["target_logits"][row]
-            if float(batch["temperature"][state]) == 0.0:
-                ok = draft >= 0 and int(logits.argmax()) == draft
+            logits, temp = batch["target_logits"][row], float(batch["temperature"][state])
+            if temp == 0.0:
+                ok = native = draft >= 0 and int(logits.argmax()) == draft
             else:
-                p = float((logits[draft] - logits.logsumexp(-1)).exp()) if draft >= 0 else 0.0
-                ok = draft >= 0 and (float(u[row]) <= p / acc or p >= single)
+                log_p = logits[draft] - logits.logsumexp(-1) if draft >= 0 else torch.tensor(-torch.inf)
+                log_q = torch.tensor(0.0)
+                if batch["draft_logits"] is not None and draft >= 0:
+                    log_q = (batch["draft_logits"][state, i] / temp).log_softmax(-1)[draft]
+                native = draft >= 0 and bool(log_p > u[row].log() + log_q)
+                ok = draft >= 0 and (float(u[row]) <= float(log_p.exp()) / acc or float(log_p.exp()) >= single)
             if not ok:
                 break
-            accepted += 1
+            accepted, relaxed = accepted + 1, relaxed + int(not native)
         expected.append(accepted)
+        expected_relaxed.append(relaxed)
     assert (num_sampled - 1).tolist() == expected
+    assert num_relaxed.tolist() == expected_relaxed  # accepted where MRV2's native test rejects
     if (single, acc) == (1.0, 1.0) and batch["draft_logits"] is None:
         assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*mrv2.utils.rejection_sample(**batch))
 
