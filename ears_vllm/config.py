@@ -15,11 +15,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ears_vllm.policies.registry import PARAMS, POLICIES, get_policy
+from ears_vllm.policies.registry import PARAMS, POLICIES, Param, get_policy
 
 # What a server does when the runner that verifies cannot run the configured policy (a hook moved, a
 # method vLLM keeps for itself): stop at startup ("error"), or log a warning and run vLLM's own rule.
 ON_UNSUPPORTED: tuple[str, ...] = ("error", "fallback")
+
+# The deviation budget: relaxed acceptances allowed per verified position (the added TV per position).
+BUDGET = Param("budget", None, 0.0, 1.0, low_open=True, optional=True, doc="deviation budget per verified position")
+BUDGET_POLICIES = tuple(name for name, spec in POLICIES.items() if spec.only_adds_acceptances)
+
+
+def check_budget_policy(policy: str, what: str) -> None:
+    """ValueError unless ``policy``'s only deviation is added acceptances, which a budget can cap."""
+    if not get_policy(policy).only_adds_acceptances:
+        raise ValueError(f"{what} needs a policy whose only deviation is added acceptances, one of "
+                         f"{list(BUDGET_POLICIES)}; policy {policy!r} is not one")  # fmt: skip
+
 
 ENV_CONFIG_PATH = "EARS_VLLM_CONFIG"
 # Environment variable -> EarsConfig key, for the few settings worth a variable of their own.
@@ -42,19 +54,33 @@ class EarsConfig:
     warning, then vLLM's own rule runs); and every parameter of :data:`ears_vllm.policies.PARAMS`
     (``tolerance``, ``min_ratio``, ``fly_window_size``, ...), each validated there and readable as an
     attribute (``config.tolerance``). A parameter of another policy than the configured one is allowed and
-    unused, so a preset can carry several.
+    unused, so a preset can carry several. ``budget``: the deviation budget B (relaxed acceptances per verified
+    position, i.e. the added TV per position, :mod:`ears_vllm.control.budget`), for a policy whose only deviation
+    is added acceptances (ears, fly, relaxed_topk); the server then finds the tolerance, so a budget with a
+    non-zero ``tolerance`` is an error.
     """
 
     policy: str
     on_unsupported: str
+    budget: float | None
     params: tuple[tuple[str, float | int | None], ...]  # every PARAMS key with its value, in PARAMS order
 
-    def __init__(self, policy: str = "standard", on_unsupported: str = "error", **params: Any) -> None:
+    def __init__(
+        self, policy: str = "standard", on_unsupported: str = "error", budget: float | None = None, **params: Any
+    ) -> None:
         get_policy(policy)
         if on_unsupported not in ON_UNSUPPORTED:
             raise ValueError(
                 f"ears config key 'on_unsupported' = {on_unsupported!r} is not one of {list(ON_UNSUPPORTED)}"
             )
+        budget = BUDGET.validate(budget)
+        if budget is not None:
+            check_budget_policy(policy, "ears config key 'budget'")
+            if params.get("tolerance", 0.0) != 0.0:
+                raise ValueError(
+                    f"ears config keys 'budget' = {budget!r} and 'tolerance' = {params['tolerance']!r} are set "
+                    "together; a budget makes the server find the tolerance: give one of them"
+                )
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
             raise ValueError(f"ears config has unknown key(s) {unknown} (values {[params[k] for k in unknown]!r}); "
@@ -62,6 +88,7 @@ class EarsConfig:
         values = tuple((name, spec.validate(params.get(name, spec.default))) for name, spec in PARAMS.items())
         object.__setattr__(self, "policy", policy)
         object.__setattr__(self, "on_unsupported", on_unsupported)
+        object.__setattr__(self, "budget", budget)
         object.__setattr__(self, "params", values)
 
     def __getattr__(self, name: str) -> Any:
@@ -78,10 +105,11 @@ class EarsConfig:
     @property
     def is_lossless(self) -> bool:
         """True when every verification step equals vLLM's standard rejection sampling."""
-        return get_policy(self.policy).lossless(self.settings)
+        return self.budget is None and get_policy(self.policy).lossless(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "on_unsupported": self.on_unsupported, **dict(self.params)}
+        return {"policy": self.policy, "on_unsupported": self.on_unsupported, "budget": self.budget,
+                **dict(self.params)}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> EarsConfig:
@@ -150,7 +178,7 @@ class EarsConfig:
         return EarsConfig.from_dict({**self.to_dict(), **overrides})
 
 
-_KEYS = frozenset((*_STRING_KEYS, *PARAMS))
+_KEYS = frozenset((*_STRING_KEYS, "budget", *PARAMS))
 
 
 def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> EarsConfig:

@@ -65,11 +65,15 @@ def register() -> None:
 def _validate_config_on_creation() -> None:
     from vllm.config import VllmConfig
 
+    from ears_vllm.seam import vllm_requests
+
     def wrap(original_post_init: Callable[..., None]) -> Callable[..., None]:
         def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
             original_post_init(self, *args, **kwargs)
-            resolve_config(self.additional_config)  # raises ValueError naming the bad key
+            # Raises ValueError naming the bad key; kept for checking the per-request settings of this process.
+            vllm_requests.server_config = resolve_config(self.additional_config)
 
         return __post_init__
 
     patches.apply(VllmConfig, "__post_init__", wrap, "a bad ears config stops vLLM while it builds its config")
+    vllm_requests.install_request_check()

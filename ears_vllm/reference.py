@@ -52,6 +52,8 @@ def verify_reference(
     tolerance: torch.Tensor,  # [batch] float64
     config: EarsConfig,
     max_spec_len: int,
+    budget: torch.Tensor | None = None,  # [batch] float64: B per request, 0 = no cap (control.budget)
+    budget_slack: torch.Tensor | None = None,  # [batch] float64: B * verified - relaxed before this step
 ) -> VerifyResult:
     batch_size = num_draft_tokens.shape[0]
     num_tokens = target_logits.shape[0]
@@ -77,6 +79,17 @@ def verify_reference(
         accept = torch.where(token_greedy, positions.native, accept)
     accept = accept & positions.is_valid
     relaxed = accept & ~positions.native
+    start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
+    position = torch.arange(num_tokens, device=device) - start[req_of_token]
+    if budget is not None:
+        # A relaxed acceptance must fit in the request's slack plus B per position verified so far in the step.
+        relaxed_through = torch.cumsum(relaxed.long(), 0)
+        relaxed_before_request = torch.cat([relaxed_through.new_zeros(1), relaxed_through])[start][req_of_token]
+        relaxed_before = relaxed_through - relaxed.long() - relaxed_before_request
+        rate = budget[req_of_token]
+        fits = (relaxed_before + 1).double() <= budget_slack[req_of_token] + rate * (position + 1).double()
+        accept = accept & (positions.native | fits | (rate == 0))
+        relaxed = accept & ~positions.native
 
     target_argmax = positions.target_argmax
     if spec.recovery == "argmax":
@@ -87,7 +100,6 @@ def verify_reference(
         recovered = torch.where(token_greedy, target_argmax, sampled)
 
     # The accepted prefix of each request: positions before its first rejection.
-    start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
     rejections = torch.cumsum((~accept).long(), 0)
     rejections_before_request = torch.cat([rejections.new_zeros(1), rejections])[start][req_of_token]
     in_prefix = (rejections - rejections_before_request) == 0
@@ -97,7 +109,6 @@ def verify_reference(
     num_relaxed.index_add_(0, req_of_token, (in_prefix & relaxed).long())
 
     token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
-    position = torch.arange(num_tokens, device=device) - start[req_of_token]
     token_ids[req_of_token[in_prefix], position[in_prefix]] = draft_ids[in_prefix].to(torch.int32)
     all_accepted = num_accepted == num_draft_tokens
     first_rejected = (start + num_accepted).clamp(max=max(num_tokens - 1, 0))

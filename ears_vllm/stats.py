@@ -16,17 +16,31 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ears_vllm.config import settings
 
 STATS_SUFFIX = "json"
 
 
-def read_stats(prefix: str | os.PathLike[str]) -> dict[str, float]:
+# The counters kept per policy (a server verifies each request with its own policy when it asks for one).
+POLICY_COUNTERS = ("drafts", "accepted", "random_verified", "relaxed", "greedy_relaxed")
+
+
+def read_stats(prefix: str | os.PathLike[str]) -> dict[str, Any]:
     """The counters written under ``prefix`` (``EARS_VLLM_STATS_PATH``), summed over the processes."""
-    total: dict[str, float] = {}
+    total: dict[str, Any] = {}
     for path in Path(prefix).parent.glob(f"{Path(prefix).name}.*.{STATS_SUFFIX}"):
-        for key, value in json.loads(path.read_text()).items():
+        add_counts(total, json.loads(path.read_text()))
+    return total
+
+
+def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """``total += counts``, key by key, into nested mappings (``by_policy``)."""
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        else:
             total[key] = total.get(key, 0) + value
     return total
 
@@ -47,6 +61,9 @@ class VerifyStats:
     draft_dist_steps: int = 0  # steps whose drafter passed its distribution (else one-hot drafts: greedy, n-gram)
     shadow_steps: int = 0
     shadow_mismatches: int = 0
+    fallback_steps: int = 0  # steps vLLM's own rule verified because ears-vllm's kernel failed
+    # policy -> POLICY_COUNTERS, for the steps (or the requests of a step) each policy verified
+    by_policy: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     log_interval_s: float = dataclasses.field(default_factory=lambda: settings().log_interval_s)
     _last_report: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -63,7 +80,14 @@ class VerifyStats:
         steps: int = 1,
         draft_dist_steps: int = 0,
         greedy_relaxed: int = 0,
+        policy: str | None = None,
     ) -> None:
+        """Add a step's counts (``steps`` > 1: several steps summed); ``policy``: which policy verified them
+        (several calls per step when requests asked for different policies, ``steps`` 0 after the first)."""
+        if policy is not None:
+            values = (drafts, accepted, random_verified, relaxed, greedy_relaxed)
+            counts = dict(zip(POLICY_COUNTERS, values, strict=True))
+            add_counts(self.by_policy.setdefault(policy, dict.fromkeys(POLICY_COUNTERS, 0)), counts)
         self.steps += steps
         self.greedy_relaxed += greedy_relaxed
         self.random_verified += random_verified
@@ -81,6 +105,7 @@ class VerifyStats:
 
     def as_dict(self) -> dict[str, float]:
         counts = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_") and k != "log_interval_s"}
+        counts["by_policy"] = {name: dict(c) for name, c in self.by_policy.items()}
         counts["relaxed_per_verified"] = self.relaxed / self.random_verified if self.random_verified else 0.0
         counts["pid"] = os.getpid()
         return counts

@@ -24,6 +24,7 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig
+from ears_vllm.control.budget import BUDGETED_TOLERANCE
 from ears_vllm.reference import VerifyResult, verify_reference
 
 Backend = Literal["auto", "torch", "triton"]
@@ -43,6 +44,8 @@ def verify(
     uniform: torch.Tensor | None = None,  # [num_tokens] float64 in [0, 1); None = drawn
     recovery_noise: torch.Tensor | None = None,  # [batch, V] Exp(1) noise; None = drawn
     tolerance: torch.Tensor | None = None,  # [batch] per-request beta, overrides config.tolerance
+    budget: torch.Tensor | None = None,  # [batch] float64 deviation budget B per request; 0 = none
+    budget_slack: torch.Tensor | None = None,  # [batch] float64: B * verified - relaxed before this step
     generator: torch.Generator | None = None,
     config: EarsConfig | None = None,
     backend: Backend = "auto",
@@ -61,6 +64,10 @@ def verify(
     process uses the PyTorch path from then on. Returns a :class:`VerifyResult`. Raises ``ValueError``
     naming the argument for bad shapes, dtypes, devices or values, and for ``backend="triton"`` where
     the kernel cannot run.
+
+    ``budget`` / ``budget_slack`` cap each request's relaxed acceptances (:mod:`ears_vllm.control.budget`); with
+    ``config.budget`` set and no ``budget`` given, every sampled request gets a fresh ledger (slack 0), and the
+    tolerance defaults to the budgeted one.
     """
     config = config if config is not None else EarsConfig()
     if backend not in ("auto", "torch", "triton"):
@@ -119,15 +126,25 @@ def verify(
         device=device,
     )
 
+    if budget is None and config.budget is not None:
+        budget = torch.where(is_greedy, 0.0, config.budget).to(torch.float64)
+        budget_slack = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    if budget is not None:
+        _check_tensor("budget", budget, shape=(batch_size,), dtypes=(torch.float64,), device=device)
+        _check_tensor("budget_slack", budget_slack, shape=(batch_size,), dtypes=(torch.float64,), device=device)
+        if batch_size and not bool(((budget >= 0) & (budget <= 1)).all()):
+            raise ValueError(f"budget={budget.tolist()} must lie in [0, 1] for every request (0: no budget)")
     if tolerance is None:
-        tolerance = torch.full((batch_size,), config.tolerance, dtype=torch.float64, device=device)
+        default = BUDGETED_TOLERANCE if config.budget is not None else config.tolerance
+        tolerance = torch.full((batch_size,), default, dtype=torch.float64, device=device)
     _check_tensor("tolerance", tolerance, shape=(batch_size,), dtypes=_FLOAT_DTYPES, device=device)
     tolerance = tolerance.to(torch.float64)
     if batch_size and not bool(((tolerance >= 0) & (tolerance <= 1)).all()):
         raise ValueError(f"tolerance={tolerance.tolist()} must lie in [0, 1] for every request")
 
     args = (target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids, draft_probs, is_greedy,
-            uniform.to(torch.float64), recovery_noise.reciprocal(), tolerance, config, max_spec_len)  # fmt: skip
+            uniform.to(torch.float64), recovery_noise.reciprocal(), tolerance, config, max_spec_len, budget,
+            budget_slack)  # fmt: skip
     if backend == "triton" or (backend == "auto" and device.type in AUTO_KERNEL_DEVICES and not _kernel_failure):
         from ears_vllm import kernels
 

@@ -151,6 +151,8 @@ def _accept_kernel(
     is_greedy_ptr,  # [batch] int8
     uniform_ptr,  # [num_tokens] float64
     tolerance_ptr,  # [batch] float64
+    budget_ptr,  # [batch] float64: deviation budget B, 0 = none (read when HAS_BUDGET)
+    budget_slack_ptr,  # [batch] float64: B * verified - relaxed before this step
     params_ptr,  # [7] float64: min_ratio, typical_eps, typical_delta, accept_threshold_acc, accept_threshold_single,
     #              relaxed_delta, fly_entropy_threshold (exact, as the reference uses them)
     max_ptr,  # [num_tokens, num_splits]
@@ -176,6 +178,7 @@ def _accept_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
     FLY_TOP_K: tl.constexpr,
+    HAS_BUDGET: tl.constexpr,
 ):
     req = tl.program_id(0)
     end = tl.load(cu_num_draft_ptr + req)
@@ -240,6 +243,10 @@ def _accept_kernel(
                 accept = policy_accept & valid
             else:
                 accept = tl.where(is_greedy, native, policy_accept & valid)
+            if HAS_BUDGET:  # a relaxed acceptance must fit in the slack plus B per position verified so far
+                budget = tl.load(budget_ptr + req)
+                fits = (relaxed_count + 1).to(tl.float64) <= tl.load(budget_slack_ptr + req) + budget * (pos + 1)
+                accept = accept & (native | fits | (budget == 0))
             if accept:
                 tl.store(out_row + pos, draft_id.to(tl.int32))
                 accepted_count += 1
@@ -325,6 +332,8 @@ def verify_triton(
     tolerance: torch.Tensor,  # [batch] float64
     config: EarsConfig,
     max_spec_len: int,
+    budget: torch.Tensor | None = None,  # [batch] float64, 0 = none
+    budget_slack: torch.Tensor | None = None,  # [batch] float64
     *,
     block_size: int = 1024,
     num_splits: int | None = None,
@@ -374,11 +383,13 @@ def verify_triton(
     draft_probs_arg = logits if no_draft_probs else draft_probs  # never read when NO_DRAFT_PROBS
     _accept_kernel[(batch_size,)](
         logits, draft_token_ids, draft_probs_arg, torch.cumsum(num_draft_tokens, 0), bonus_token_ids,
-        is_greedy.to(torch.int8), uniform, tolerance, params, *stats, argmax_idx, rank, top_logits, row_max,
+        is_greedy.to(torch.int8), uniform, tolerance, tolerance if budget is None else budget,
+        tolerance if budget_slack is None else budget_slack, params, *stats, argmax_idx, rank, top_logits, row_max,
         row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
         settings.get("relaxed_topk", 0), settings.get("fly_window_size", 0),
         POLICY=spec.kernel_id, ARGMAX_RECOVERY=spec.recovery == "argmax", NO_DRAFT_PROBS=no_draft_probs,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), FLY_TOP_K=fly_top_k,
+        HAS_BUDGET=budget is not None,
     )  # fmt: skip
 
     needs_recovery = recover_row >= 0

@@ -103,6 +103,9 @@ class PolicySpec:
         greedy_rows: the source applies the rule to greedy requests too (vLLM's FLy, TensorRT-LLM's relaxed
             acceptance, which is greedy-only); otherwise greedy rows are verified by argmax match.
         lossless: the settings under which every step equals vLLM's standard rule.
+        only_adds_acceptances: the rule accepts whatever the native test (same u) accepts and recovers as the
+            standard rule does, so its relaxed acceptances are its whole deviation from the target; a deviation
+            budget (``EarsConfig.budget``) can then cap them.
         source: where the rule comes from.
     """
 
@@ -116,6 +119,7 @@ class PolicySpec:
     recovery: Recovery = "residual"
     greedy_rows: bool = False
     lossless: Callable[[Mapping[str, Any]], bool] = lambda settings: False
+    only_adds_acceptances: bool = False
     source: str = ""
 
 
@@ -140,6 +144,7 @@ _POLICY_LIST = (
         kernel_id=1,
         runners=("V1", "MRV2"),
         lossless=lambda settings: settings["tolerance"] == 0.0,
+        only_adds_acceptances=True,
         source="Sun et al. 2025, Efficient Adaptive Rejection Sampling",
     ),
     PolicySpec(
@@ -163,6 +168,7 @@ _POLICY_LIST = (
         kernel_id=3,
         runners=("V1", "MRV2"),
         greedy_rows=True,
+        only_adds_acceptances=True,
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
     ),
     PolicySpec(
@@ -187,6 +193,7 @@ _POLICY_LIST = (
         kernel_id=5,
         runners=("V1", "MRV2"),  # MRV2: the candidate test made on the host, as vLLM takes FLy's top-k there
         greedy_rows=True,
+        only_adds_acceptances=True,
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
 )

@@ -26,10 +26,12 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
-from ears_vllm.reference import PLACEHOLDER_TOKEN_ID
-from ears_vllm.seam import patches
+from ears_vllm.control.budget import BUDGETED_TOLERANCE
+from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
+from ears_vllm.seam import patches, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
+from ears_vllm.seam.vllm_requests import RequestControl
 from ears_vllm.stats import VerifyStats
 from ears_vllm.verify import verify
 
@@ -94,12 +96,17 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
     enforce(plan, logger)
     state.shadow = settings().shadow
     fix = "not checked (hooks moved)" if state.hook_problem else _fix_expand(module)
+    per_request = "off"
     if plan.verifies:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
+        problem = vllm_requests.install_runner_hook()
+        per_request = "on" if problem is None else f"off ({problem})"
+        if problem is not None:
+            logger.warning("ears-vllm: per-request ears settings are not applied on this worker: %s", problem)
     log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
-              + (" shadow=on" if state.shadow else ""))  # fmt: skip
+              f" per_request={per_request}" + (" shadow=on" if state.shadow else ""))  # fmt: skip
     return config if plan.verifies else None
 
 
@@ -163,8 +170,9 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
     )
     use_fp64_gumbel = bool(given.get("use_fp64_gumbel", False))
 
+    controls = vllm_requests.batch_controls()
     snapshot = _rng_snapshot(sampling_metadata.generators, target_logits.device) if state.shadow else None
-    result, is_greedy = _verify_like_vllm(*step, config=config, use_fp64_gumbel=use_fp64_gumbel)
+    result, is_greedy = _verify_like_vllm(*step, config=config, controls=controls, use_fp64_gumbel=use_fp64_gumbel)
     if snapshot is not None:
         after = _rng_snapshot(sampling_metadata.generators, target_logits.device)
         _rng_restore(snapshot, sampling_metadata.generators, target_logits.device)
@@ -175,25 +183,60 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
         if mismatch:
             logger.warning("ears-vllm shadow: step %d differs from vLLM's rejection_sample", state.stats.steps)
 
-    counts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
-    random_rows = ~is_greedy
-    verified = result.num_accepted + (result.num_accepted < counts).to(result.num_accepted.dtype)
-    sums = torch.stack([counts.sum(), result.num_accepted.sum(), counts[random_rows].sum(),
-                        result.num_accepted[random_rows].sum(), result.num_relaxed[random_rows].sum(),
-                        verified[random_rows].sum(), (draft_token_ids >= target_logits.shape[-1]).sum(),
-                        result.num_relaxed[is_greedy].sum()])  # fmt: skip
-    *counted, invalid, greedy_relaxed = sums.tolist()  # one host sync per step
+    _record(result, is_greedy, num_draft_tokens, draft_token_ids, target_logits.shape[-1], config, controls,
+            draft_probs is not None)  # fmt: skip
+    return result.token_ids
+
+
+def _record(
+    result: VerifyResult,
+    is_greedy: torch.Tensor,  # [batch] bool
+    num_draft_tokens: list[int],
+    draft_token_ids: torch.Tensor,  # [num_tokens]
+    vocab_size: int,
+    config: EarsConfig,
+    controls: list[RequestControl] | None,
+    has_draft_dist: bool,
+) -> None:
+    """Count the step (by policy) and charge the budget ledgers, with one host synchronisation."""
+    accepted, relaxed = result.num_accepted.long(), result.num_relaxed.long()
+    drafts = torch.as_tensor(num_draft_tokens, device=accepted.device)
+    sampled, greedy = (~is_greedy).long(), is_greedy.long()
+    verified = accepted + (accepted < drafts).long()
+    invalid = torch.zeros_like(drafts)
+    invalid[:1] = (draft_token_ids >= vocab_size).sum()  # the step's count, on the first row
+    rows = torch.stack(
+        [
+            drafts,
+            accepted,
+            drafts * sampled,
+            accepted * sampled,
+            relaxed * sampled,
+            verified * sampled,
+            relaxed * greedy,
+            invalid,
+        ]
+    )  # fmt: skip  (VerifyStats.record's order)
+    *per_row, invalid_row = rows.tolist()  # one host sync per step
+    invalid = sum(invalid_row)
     if invalid:
         logger.warning(
             "ears-vllm: %d draft token id(s) outside the target vocabulary [0, %d) were rejected (as a token the "
             "target gives probability 0); the other drafts of the step were verified as usual",
             invalid,
-            target_logits.shape[-1],
+            vocab_size,
         )
-    state.stats.record(*counted, invalid=invalid, draft_dist_steps=int(draft_probs is not None),
-                       greedy_relaxed=greedy_relaxed)  # fmt: skip
+    policies = [config.policy] * len(num_draft_tokens) if controls is None else [c.config.policy for c in controls]
+    for n, policy in enumerate(dict.fromkeys(policies)):
+        mine = [p == policy for p in policies]
+        *counted, greedy_relaxed = (sum(v for v, m in zip(row, mine, strict=True) if m) for row in per_row)
+        state.stats.record(*counted, steps=int(n == 0), invalid=invalid if n == 0 else 0,
+                           draft_dist_steps=int(has_draft_dist and n == 0), greedy_relaxed=greedy_relaxed,
+                           policy=policy)  # fmt: skip
+    for i, control in enumerate(controls or ()):
+        if control.ledger is not None:
+            control.ledger.record(per_row[5][i], per_row[4][i])
     state.stats.maybe_report(logger)
-    return result.token_ids
 
 
 def _verify_like_vllm(
@@ -207,9 +250,11 @@ def _verify_like_vllm(
     sampling_metadata: Any,
     *,
     config: EarsConfig,
+    controls: list[RequestControl] | None,
     use_fp64_gumbel: bool,
-):
-    """Draw uniforms, then recovery noise, exactly as vLLM V1 does, and run :func:`ears_vllm.verify`.
+) -> tuple[VerifyResult, torch.Tensor]:
+    """Draw uniforms, then recovery noise, exactly as vLLM V1 does, and run :func:`ears_vllm.verify`
+    (:func:`verify_rows` when requests carry their own settings).
 
     Inputs stock vLLM cannot take are made safe first, so that one bad request never fails the batch: a
     draft id outside the target vocabulary becomes a rejected placeholder, and draft probabilities of
@@ -238,6 +283,10 @@ def _verify_like_vllm(
         for i, generator in sampling_metadata.generators.items():
             if num_draft_tokens[i] > 0:  # vLLM skips requests without drafts (reproducibility)
                 noise[i].exponential_(generator=generator)
+    if controls is not None:
+        result = verify_rows(controls, target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids.reshape(-1),
+                             draft_probs, is_greedy, uniform, noise, max_spec_len)  # fmt: skip
+        return result, is_greedy
     result = verify(
         target_logits,
         draft_token_ids,
@@ -251,6 +300,48 @@ def _verify_like_vllm(
         max_spec_len=max_spec_len,
     )
     return result, is_greedy
+
+
+def verify_rows(
+    controls: list[RequestControl],  # one per request
+    target_logits: torch.Tensor,  # [num_tokens, V]
+    draft_token_ids: torch.Tensor,  # [num_tokens]
+    num_draft_tokens: list[int],  # [batch]
+    bonus_token_ids: torch.Tensor,  # [batch]
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
+    is_greedy: torch.Tensor,  # [batch] bool
+    uniform: torch.Tensor,  # [num_tokens] float64, drawn for the whole batch
+    noise: torch.Tensor,  # [batch, V] Exp(1), drawn for the whole batch
+    max_spec_len: int,
+) -> VerifyResult:
+    """Verify each request with its own config and budget ledger, on the randoms vLLM drew for the batch: one
+    :func:`ears_vllm.verify` per policy in the batch, on that policy's rows."""
+    device = target_logits.device
+    tolerance = torch.tensor([BUDGETED_TOLERANCE if c.ledger else c.config.tolerance for c in controls],
+                             dtype=torch.float64, device=device)  # fmt: skip
+    budget = torch.tensor([c.ledger.budget if c.ledger else 0.0 for c in controls], dtype=torch.float64, device=device)
+    slack = torch.tensor([c.ledger.slack if c.ledger else 0.0 for c in controls], dtype=torch.float64, device=device)
+    policies = [c.config.policy for c in controls]
+    counts = torch.as_tensor(num_draft_tokens, device=device)
+    results = []
+    for policy in dict.fromkeys(policies):
+        rows = torch.tensor([p == policy for p in policies], device=device)
+        tokens = rows.repeat_interleave(counts, output_size=draft_token_ids.shape[0])
+        config = controls[policies.index(policy)].config
+        results.append((rows, verify(
+            target_logits[tokens], draft_token_ids[tokens], counts[rows], bonus_token_ids[rows],
+            draft_probs=None if draft_probs is None else draft_probs[tokens], is_greedy=is_greedy[rows],
+            uniform=uniform[tokens], recovery_noise=noise[rows], tolerance=tolerance[rows], budget=budget[rows],
+            budget_slack=slack[rows], config=config, max_spec_len=max_spec_len,
+        )))  # fmt: skip
+    if len(results) == 1:
+        return results[0][1]
+    merged = VerifyResult(*(torch.empty((len(controls), *t.shape[1:]), dtype=t.dtype, device=device)
+                            for t in results[0][1]))  # fmt: skip
+    for rows, result in results:
+        for out, part in zip(merged, result, strict=True):
+            out[rows] = part
+    return merged
 
 
 def _rng_snapshot(generators: dict[int, torch.Generator], device: torch.device) -> dict[Any, torch.Tensor]:

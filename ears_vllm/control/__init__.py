@@ -1,0 +1,2 @@
+"""Production controls: per-request settings (vLLM ``extra_args``), the deviation budget, and the metrics
+that vLLM's ``/metrics`` serves."""

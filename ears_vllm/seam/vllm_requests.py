@@ -1,0 +1,143 @@
+"""Per-request settings through vLLM: checked where vLLM builds a request, applied where V1 verifies it.
+
+Patched (see :mod:`ears_vllm.seam.patches`):
+
+* ``SamplingParams._verify_extra_args`` (every process; vLLM calls it while it builds a request's sampling
+  params, so in the API server a bad value becomes HTTP 400 before the request is scheduled): the ears keys
+  of :mod:`ears_vllm.control.requests`, checked against the server's config.
+* V1's ``GPUModelRunner._sample`` (the CPU runner inherits it; installed by the V1 adapter for a sampler that
+  ears-vllm verifies): the rows of the batch it verifies are the input batch's requests in order, so it
+  hands the verifier each row's :class:`RequestControl` (the request's config and budget ledger, kept on
+  vLLM's per-request state, so they live and die with the request). vLLM V1 refuses custom logits processors
+  with speculative decoding, which is why this hook and not that one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ears_vllm._log import get_logger
+from ears_vllm.config import EarsConfig
+from ears_vllm.control.budget import BudgetLedger
+from ears_vllm.control.requests import request_config, request_settings
+from ears_vllm.seam import patches
+
+logger = get_logger()
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+_ATTRIBUTE = "_ears_control"  # on vLLM's CachedRequestState
+
+# The server's config as this process resolved it (set while vLLM builds its config), for the API-server check.
+server_config: EarsConfig | None = None
+
+
+@dataclasses.dataclass
+class RequestControl:
+    """How one request is verified: its config, and its budget ledger when it runs under a budget."""
+
+    config: EarsConfig
+    ledger: BudgetLedger | None
+
+
+# The batch being verified: one RequestControl per row, or None (every row follows the server's config).
+_batch: contextvars.ContextVar[list[RequestControl] | None] = contextvars.ContextVar("ears_vllm_batch", default=None)
+
+
+def batch_controls() -> list[RequestControl] | None:
+    return _batch.get()
+
+
+@contextlib.contextmanager
+def verifying_batch(controls: list[RequestControl] | None) -> Iterator[None]:
+    token = _batch.set(controls)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+
+
+def install_request_check() -> None:
+    """Check the ears keys of every request's ``extra_args`` where vLLM checks its own (idempotent)."""
+    from vllm.sampling_params import SamplingParams
+
+    def wrap(original: Callable[[Any], None]) -> Callable[[Any], None]:
+        def _verify_extra_args(self: Any) -> None:
+            original(self)
+            check_request(self.extra_args)
+
+        return _verify_extra_args
+
+    patches.apply(SamplingParams, "_verify_extra_args", wrap, "bad per-request ears settings are a 400, not a crash")
+
+
+def check_request(extra_args: Any) -> None:
+    """Raise vLLM's validation error (HTTP 400 in the API server) for bad ears keys; silent without them."""
+    try:
+        asked = request_settings(extra_args)
+        if not asked.empty and server_config is not None:
+            request_config(server_config, asked)
+    except ValueError as exc:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
+
+
+def control_of(request_state: Any, server: EarsConfig) -> RequestControl:
+    """The request's control, made when first verified and kept on vLLM's state of the request."""
+    control = getattr(request_state, _ATTRIBUTE, None)
+    if control is None:
+        params = request_state.sampling_params
+        sampled = params is not None and _is_sampled(params)
+        config = server
+        if sampled:  # greedy requests stay greedy whatever they ask
+            try:
+                config = request_config(server, request_settings(params.extra_args))
+            except ValueError as exc:  # checked in the API server; an offline caller may still get here
+                logger.warning("ears-vllm: request %s: %s; it is verified with the server's config",
+                               request_state.req_id, exc)  # fmt: skip
+        control = RequestControl(config, BudgetLedger(config.budget) if sampled and config.budget else None)
+        setattr(request_state, _ATTRIBUTE, control)
+    return control
+
+
+def _is_sampled(params: Any) -> bool:
+    from vllm.sampling_params import SamplingType
+
+    return params.sampling_type != SamplingType.GREEDY
+
+
+def install_runner_hook() -> str | None:
+    """Wrap V1's ``GPUModelRunner._sample`` so the verifier sees each row's request; None, or why it cannot."""
+    import importlib
+
+    try:
+        runner_cls = importlib.import_module(RUNNER_MODULE).GPUModelRunner
+    except Exception as exc:
+        return f"cannot import {RUNNER_MODULE}.GPUModelRunner ({type(exc).__name__}: {exc})"
+    if not hasattr(runner_cls, "_sample"):
+        return f"{RUNNER_MODULE}.GPUModelRunner has no _sample"
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+            server = getattr(getattr(self, "rejection_sampler", None), "_ears_config", None)
+            if spec_decode_metadata is None or server is None:
+                return original(self, logits, spec_decode_metadata, *args, **kwargs)
+            with verifying_batch(_rows(self, server)):
+                return original(self, logits, spec_decode_metadata, *args, **kwargs)
+
+        return _sample
+
+    patches.apply(runner_cls, "_sample", wrap, "the verifier learns each row's per-request settings")
+    return None
+
+
+def _rows(runner: Any, server: EarsConfig) -> list[RequestControl] | None:
+    """One control per row of the batch (the input batch's requests, in order); None when every row follows
+    the server's config (the common case, which then costs nothing per row)."""
+    controls = [control_of(runner.requests[req_id], server) for req_id in runner.input_batch.req_ids]
+    if all(c.config is server and c.ledger is None for c in controls):
+        return None
+    return controls
