@@ -18,6 +18,7 @@ from typing import Any
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import resolve_config
+from ears_vllm.control import metrics
 from ears_vllm.seam import patches
 
 _registered = False
@@ -36,6 +37,7 @@ def register() -> None:
 
         version = getattr(vllm, "__version__", "unknown")
         _validate_config_on_creation()
+        metrics.install_worker_method()
     except Exception as exc:
         logger.warning("ears-vllm: not active, cannot hook into vLLM: %s: %s", type(exc).__name__, exc)
         return

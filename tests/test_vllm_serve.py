@@ -10,9 +10,12 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
 from ears_vllm.tiny_models import CORPUS
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [sentence[:40] for sentence in CORPUS] + ["Question: what is", "The sea"]
 SEEDED_TOKENS, GREEDY_TOKENS, ACCEPTANCE_TOKENS = 24, 24, 48
+XARGS_REQUEST = {"max_tokens": 32, "temperature": 1.0, "seed": 11}
 
 
 def draft_model_spec(draft) -> dict:
@@ -61,6 +65,7 @@ def standard_workload(server: VllmServer) -> dict:
                          for i, p in enumerate(PROMPTS[:3])],
         "greedy": [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS],
         "acceptance_t1": acceptance_per_draft_token(server, 1.0),
+        "xargs_reference": complete(server, PROMPTS[0], **XARGS_REQUEST),  # see the per-request tests
     }  # fmt: skip
 
 
@@ -275,3 +280,140 @@ def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
     assert (row["requests"], row["errors"], row["lost"]) == (60, 0, 0) and row["cancelled"] > 0
     assert row["plugin_relaxed"] > 0 and row["vllm_accepted_tokens"] > 0
     assert (tmp_path / "load.md").read_text().count("| ears-0.3 |") == 1
+
+
+# --- Per-request settings, /metrics and the deviation budget (production controls) ---------------------------
+
+CONTROLS_SERVER = {"policy": "ears", "tolerance": 0.2}
+BAD_XARGS = {  # vllm_xargs -> what the 400 must name
+    "tolerance-above-1": ({"ears_tolerance": 1.5}, "ears_tolerance"),
+    "tolerance-a-string": ({"ears_tolerance": "0.5"}, "ears_tolerance"),
+    "unknown-policy": ({"ears_policy": "bogus"}, "ears_policy"),
+    "misspelt-key": ({"ears_tolerence": 0.1}, "ears_tolerence"),
+    "budget-and-tolerance": ({"ears_tolerance": 0.1, "ears_budget": 0.1}, "ears_budget"),
+    "tolerance-for-sglang": ({"ears_policy": "sglang", "ears_tolerance": 0.1}, "ears_tolerance"),
+    "budget-for-typical": ({"ears_policy": "typical", "ears_budget": 0.05}, "ears_budget"),
+    "budget-zero": ({"ears_budget": 0}, "ears_budget"),
+}
+
+
+def xargs_complete(server: VllmServer, prompt: str, xargs: dict | None, **params) -> str:
+    extra = {"extra_body": {"vllm_xargs": xargs}} if xargs is not None else {}
+    return complete(server, prompt, **params, **extra)
+
+
+def counter_deltas(server: VllmServer, names: tuple[str, ...], run) -> dict[str, float]:
+    """How much each /metrics counter moves while ``run()`` runs (after the ears counters' next poll)."""
+    time.sleep(1.5)
+    before = {name: server.metric(name) for name in names}
+    run()
+    time.sleep(1.5)
+    return {name: server.metric(name) - before[name] for name in names}
+
+
+@pytest.fixture(scope="module")
+def controls_run(tmp_path_factory, tiny_pair):
+    """One server (ears at tolerance 0.2, the ears_metrics endpoint plugin on), the whole workload."""
+    target, draft = tiny_pair
+    server = start_server(tmp_path_factory, "controls", target, speculative=draft_model_spec(draft),
+                          ears=CONTROLS_SERVER,
+                          env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"})  # fmt: skip
+    result: dict = {}
+    try:
+        with ThreadPoolExecutor(2) as pool:  # in flight together
+            pair = [pool.submit(xargs_complete, server, PROMPTS[i], {"ears_tolerance": t}, **XARGS_REQUEST)
+                    for i, t in ((0, 0.0), (1, 0.5))]  # fmt: skip
+            result["pair"] = [f.result() for f in pair]
+        result["default"] = xargs_complete(server, PROMPTS[2], None, **XARGS_REQUEST)
+        result["default_spelled_out"] = xargs_complete(server, PROMPTS[2], {"ears_tolerance": 0.2}, **XARGS_REQUEST)
+        result["greedy_asking"] = xargs_complete(server, PROMPTS[3], {"ears_tolerance": 1.0}, max_tokens=24,
+                                                 temperature=0.0)  # fmt: skip
+        result["greedy"] = xargs_complete(server, PROMPTS[3], None, max_tokens=24, temperature=0.0)
+        result["bad"] = {}
+        for name, (xargs, _) in BAD_XARGS.items():
+            try:
+                xargs_complete(server, PROMPTS[0], xargs, max_tokens=4, temperature=1.0)
+                result["bad"][name] = None
+            except Exception as exc:  # openai.BadRequestError, kept whole for the test to read
+                result["bad"][name] = (getattr(exc, "status_code", None), str(exc))
+        result["after_bad"] = xargs_complete(server, PROMPTS[0], {"ears_tolerance": 0.0}, **XARGS_REQUEST)
+
+        jobs = [(p, s) for p in PROMPTS for s in (1, 2)]
+        vllm_counters = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total")
+        ears_counters = ('ears_vllm_relaxed_acceptances_total{policy="ears"}',
+                         'ears_vllm_verified_positions_total{policy="ears"}')  # fmt: skip
+
+        def workload(xargs: dict) -> Callable[[], None]:
+            def run() -> None:
+                with ThreadPoolExecutor(4) as pool:
+                    list(pool.map(lambda j: xargs_complete(server, j[0], xargs, max_tokens=48, temperature=1.0,
+                                                           seed=j[1]), jobs))  # fmt: skip
+
+            return run
+
+        for name, xargs in (("tolerance_0", {"ears_tolerance": 0.0}), ("tolerance_0.5", {"ears_tolerance": 0.5}),
+                            ("budget_0.05", {"ears_budget": 0.05})):  # fmt: skip
+            result[name] = counter_deltas(server, vllm_counters + ears_counters, workload(xargs))
+        time.sleep(1.5)
+        result["metrics"] = requests.get(server.url + "/metrics", timeout=10).text
+        result["stats_route"] = requests.get(server.url + "/ears_vllm/stats", timeout=10).json()
+        result["stats"] = server.ears_stats()
+        result["log"] = server.log()
+    finally:
+        server.stop()
+    return result
+
+
+def test_a_request_at_tolerance_zero_equals_a_standard_server_beside_a_relaxed_one(controls_run, standard_run):
+    assert controls_run["pair"][0] == standard_run["xargs_reference"]
+    assert "per_request=on" in controls_run["log"]
+
+
+def test_a_request_without_xargs_follows_the_server_default(controls_run):
+    assert controls_run["default"] == controls_run["default_spelled_out"]
+
+
+def test_a_greedy_request_stays_greedy_whatever_it_asks(controls_run):
+    assert controls_run["greedy_asking"] == controls_run["greedy"]
+
+
+def test_the_relaxed_request_accepts_more(controls_run):
+    strict, relaxed = controls_run["tolerance_0"], controls_run["tolerance_0.5"]
+    rate = {name: run["vllm:spec_decode_num_accepted_tokens_total"] / run["vllm:spec_decode_num_draft_tokens_total"]
+            for name, run in (("strict", strict), ("relaxed", relaxed))}  # fmt: skip
+    assert rate["relaxed"] > 1.1 * rate["strict"], rate
+    assert strict['ears_vllm_relaxed_acceptances_total{policy="ears"}'] == 0
+    assert relaxed['ears_vllm_relaxed_acceptances_total{policy="ears"}'] > 0
+
+
+@pytest.mark.parametrize("name", list(BAD_XARGS))
+def test_bad_xargs_get_400_naming_the_key_and_the_server_keeps_serving(controls_run, name):
+    _, key = BAD_XARGS[name]
+    answer = controls_run["bad"][name]
+    assert answer is not None, "accepted"
+    status, message = answer
+    assert status == 400 and key in message, answer
+    assert controls_run["after_bad"] == controls_run["pair"][0]
+
+
+def test_a_budget_holds_the_realised_added_tv_at_or_under_it(controls_run):
+    run = controls_run["budget_0.05"]
+    relaxed = run['ears_vllm_relaxed_acceptances_total{policy="ears"}']
+    verified = run['ears_vllm_verified_positions_total{policy="ears"}']
+    assert verified > 100 and 0 < relaxed <= 0.05 * verified, run
+
+
+def test_metrics_show_the_ears_counters_and_agree_with_the_plugin_and_vllm(controls_run):
+    metrics, stats = controls_run["metrics"], controls_run["stats"]
+    for name in ("accepted_drafts", "verified_positions", "relaxed_acceptances", "draft_tokens"):
+        assert f'ears_vllm_{name}_total{{policy="ears"}}' in metrics
+    assert "ears_vllm_invalid_drafts_total 0.0" in metrics and "ears_vllm_fallback_steps_total 0.0" in metrics
+    assert 'ears_vllm_relaxed_per_verified_position{policy="ears"}' in metrics
+    by_policy = stats["by_policy"]["ears"]
+    for name, key in (("accepted_drafts", "accepted"), ("relaxed_acceptances", "relaxed"),
+                      ("verified_positions", "random_verified")):  # fmt: skip
+        assert VllmServer.parse_metric(metrics, f"ears_vllm_{name}_total") == by_policy[key], name
+    assert controls_run["stats_route"]["by_policy"]["ears"]["accepted"] == by_policy["accepted"]
+    # vLLM leaves out the steps whose output it discards (a request aborted by a stop string, say).
+    theirs = VllmServer.parse_metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
+    assert theirs <= by_policy["accepted"] <= 1.05 * theirs

@@ -93,9 +93,14 @@ class VllmServer:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
     def metric(self, name: str) -> float:
-        """Sum of a Prometheus counter over its labels, read from the real /metrics endpoint."""
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", re.MULTILINE)
+        """A Prometheus series read from the real /metrics endpoint (see :meth:`parse_metric`)."""
+        return self.parse_metric(requests.get(self.url + "/metrics", timeout=10).text, name)
+
+    @staticmethod
+    def parse_metric(text: str, name: str) -> float:
+        """``name`` summed over its labels, or one series when ``name`` carries them (``x_total{policy="ears"}``)."""
+        labels = "" if "{" in name else r"(?:\{[^}]*\})?"
+        pattern = re.compile(rf"^{re.escape(name)}{labels} ([0-9.e+-]+)$", re.MULTILINE)
         return sum(float(v) for v in pattern.findall(text))
 
     def ears_stats(self) -> dict[str, float]:

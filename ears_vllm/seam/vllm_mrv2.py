@@ -94,6 +94,7 @@ class _State:
     device_counts: torch.Tensor | None = None
     pending_steps: int = 0
     pending_draft_dist_steps: int = 0
+    pending_policy: str = "standard"  # the policy of the pending counts (one per sampler: no per-request on MRV2)
     last_read: float = 0.0
     kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
 
@@ -171,7 +172,10 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     original = state.original_rejection_sample
     assert original is not None
     config = active.config  # planned only for the policies whose PolicySpec.runners name MRV2
-    if config is None or "MRV2" not in get_policy(config.policy).runners or state.kernel_failure is not None:
+    if config is None or "MRV2" not in get_policy(config.policy).runners:
+        return original(*args, **kwargs)
+    if state.kernel_failure is not None:
+        state.stats.fallback_steps += 1
         return original(*args, **kwargs)
     bound = signature_of(original).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -187,9 +191,10 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
             "from now on",
             state.kernel_failure,
         )
+        state.stats.fallback_steps += 1
         return original(*args, **kwargs)
     _record(num_sampled, num_relaxed, given["cu_num_logits"], given["idx_mapping"], given["temperature"],
-            given["draft_logits"] is not None)  # fmt: skip
+            given["draft_logits"] is not None, config.policy)  # fmt: skip
     return sampled, num_sampled
 
 
@@ -330,6 +335,7 @@ def _record(
     idx_mapping: torch.Tensor,  # [num_reqs]
     temperature: torch.Tensor,  # [max_num_reqs]
     has_draft_dist: bool,
+    policy: str,
 ) -> None:
     """Add this step's counts on the device; move them into the stats at the report interval."""
     drafts = (cu_num_logits[1:] - cu_num_logits[:-1] - 1).to(torch.int64)
@@ -353,12 +359,20 @@ def _record(
     state.device_counts += step.sum(dim=1)
     state.pending_steps += 1
     state.pending_draft_dist_steps += has_draft_dist
+    state.pending_policy = policy
     now = time.monotonic()
     if now - state.last_read >= state.stats.log_interval_s:
         state.last_read = now
-        *counts, greedy_relaxed = state.device_counts.tolist()
-        state.stats.record(*counts, steps=state.pending_steps, draft_dist_steps=state.pending_draft_dist_steps,
-                           greedy_relaxed=greedy_relaxed)  # fmt: skip
-        state.device_counts.zero_()
-        state.pending_steps = state.pending_draft_dist_steps = 0
+        flush_counts()
         state.stats.report(logger)
+
+
+def flush_counts() -> None:
+    """Move the counts summed on the device into the stats (one host synchronisation)."""
+    if state.device_counts is None or not state.pending_steps:
+        return
+    *counts, greedy_relaxed = state.device_counts.tolist()
+    state.stats.record(*counts, steps=state.pending_steps, draft_dist_steps=state.pending_draft_dist_steps,
+                       greedy_relaxed=greedy_relaxed, policy=state.pending_policy)  # fmt: skip
+    state.device_counts.zero_()
+    state.pending_steps = state.pending_draft_dist_steps = 0

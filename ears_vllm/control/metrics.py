@@ -1,0 +1,169 @@
+"""ears-vllm's counters on vLLM's own ``/metrics``, through vLLM's two plugin contracts.
+
+Engine side (``vllm.general_plugins``, :func:`install_worker_method`): every worker gets a method
+``ears_vllm_stats`` that returns its verifier's counters (V1 and MRV2). API-server side
+(``vllm.endpoint_plugins`` entry ``ears_metrics``, :class:`EarsMetricsPlugin`): a task polls that method
+through ``engine_client.collective_rpc`` (every ``EARS_VLLM_METRICS_INTERVAL`` seconds, default 1) and a
+Prometheus collector registered where vLLM's ``/metrics`` reads serves the latest totals. vLLM loads endpoint
+plugins only when named in ``VLLM_PLUGINS``, so a server opts in with ``VLLM_PLUGINS=ears,ears_metrics``.
+
+Why this route and not Prometheus multiprocess mode: the counts come from the process that verifies, over the
+RPC vLLM offers plugins for exactly this, with no shared directory to configure and wipe between runs, and it
+works whether or not the API server runs in multiprocess mode. Each verification step is counted once: with
+tensor parallelism every rank of a TP group runs the same rejection sampling on the same inputs, so only
+TP rank 0 of each group is counted (:func:`aggregate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ears_vllm._log import get_logger
+from ears_vllm.stats import POLICY_COUNTERS, add_counts
+
+logger = get_logger()
+WORKER_METHOD = "ears_vllm_stats"
+PREFIX = "ears_vllm"
+# (name, counter in the stats, help); by policy when the counter is one of stats.POLICY_COUNTERS.
+COUNTERS = (
+    ("verification_steps", "steps", "verification steps ears-vllm ran"),
+    ("draft_tokens", "drafts", "draft tokens verified by ears-vllm"),
+    ("accepted_drafts", "accepted", "draft tokens accepted"),
+    ("verified_positions", "random_verified", "verified positions of sampled requests (accepted + first rejected)"),
+    ("relaxed_acceptances", "relaxed",
+     "sampled requests' drafts accepted only because of the relaxation: the added-TV numerator"),
+    ("greedy_relaxed_acceptances", "greedy_relaxed", "drafts other than the argmax accepted on greedy requests"),
+    ("invalid_drafts", "invalid", "draft ids outside the target vocabulary, rejected"),
+    ("fallback_steps", "fallback_steps", "steps verified by vLLM's own rule because ears-vllm's kernel failed"),
+)  # fmt: skip
+
+
+def worker_stats(worker: Any = None) -> dict[str, Any]:
+    """This worker's counters, and whether they count (TP rank 0); the method vLLM's RPC calls."""
+    from ears_vllm.seam import vllm_mrv2, vllm_v1
+
+    counts: dict[str, Any] = {}
+    for adapter in (vllm_v1, vllm_mrv2):
+        flush = getattr(adapter, "flush_counts", None)
+        if flush is not None:
+            flush()
+        add_counts(counts, {k: v for k, v in adapter.state.stats.as_dict().items()
+                            if k not in ("pid", "relaxed_per_verified")})  # fmt: skip
+    return {"counts": counts, "tp_rank": _tp_rank()}
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+
+        return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
+    except Exception:
+        return 0
+
+
+def aggregate(per_worker: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the workers' counters, each step once: only TP rank 0 of each group counts (the other ranks verify
+    the same step again)."""
+    total: dict[str, Any] = {}
+    for reply in per_worker:
+        if reply.get("tp_rank", 0) == 0:
+            add_counts(total, reply["counts"])
+    return total
+
+
+def install_worker_method() -> None:
+    """Give vLLM's workers the ``ears_vllm_stats`` method (idempotent; every process, cheap)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if getattr(WorkerBase, WORKER_METHOD, None) is not worker_stats:
+        setattr(WorkerBase, WORKER_METHOD, worker_stats)
+
+
+class EarsCollector:
+    """A Prometheus collector serving the latest polled totals (counters by policy, the running relaxed rate)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        by_policy = self.totals.get("by_policy", {})
+        for name, key, doc in COUNTERS:
+            if key in POLICY_COUNTERS:
+                family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["policy"])
+                for policy, counts in sorted(by_policy.items()):
+                    family.add_metric([policy], counts.get(key, 0))
+            else:
+                family = CounterMetricFamily(f"{PREFIX}_{name}", doc, value=self.totals.get(key, 0))
+            yield family
+        rate = GaugeMetricFamily(f"{PREFIX}_relaxed_per_verified_position",
+                                 "relaxed acceptances per verified position of sampled requests (the added TV per "
+                                 "position for ears and relaxed_topk, a bound for fly)", labels=["policy"])  # fmt: skip
+        for policy, counts in sorted(by_policy.items()):
+            verified = counts.get("random_verified", 0)
+            rate.add_metric([policy], counts.get("relaxed", 0) / verified if verified else 0.0)
+        yield rate
+
+
+def poll_interval_s() -> float:
+    raw = os.environ.get("EARS_VLLM_METRICS_INTERVAL", "1")
+    try:
+        interval = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable EARS_VLLM_METRICS_INTERVAL = {raw!r} is not a number") from None
+    if not interval > 0:
+        raise ValueError(f"environment variable EARS_VLLM_METRICS_INTERVAL = {raw!r} must be > 0 seconds")
+    return interval
+
+
+class EarsMetricsPlugin:
+    """vLLM endpoint plugin (``vllm.endpoint_plugins``: ``ears_metrics``): ears counters on ``/metrics``, and the
+    same totals as JSON at ``GET /ears_vllm/stats``."""
+
+    name = "ears_metrics"
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.collector = EarsCollector()
+        self._task: asyncio.Task | None = None
+
+    def attach_router(self, app: Any) -> None:
+        collector = self.collector
+
+        @app.get("/ears_vllm/stats")
+        async def ears_vllm_stats() -> dict[str, Any]:
+            return collector.totals
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        if engine_client is None:
+            return
+        from prometheus_client import REGISTRY
+
+        interval = poll_interval_s()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            logger.warning(
+                "ears-vllm: vLLM serves /metrics in Prometheus multiprocess mode (several API servers), which shows "
+                "only file-backed metrics; the ears counters are at GET /ears_vllm/stats"
+            )
+        else:
+            REGISTRY.register(self.collector)  # the registry vLLM's /metrics serves in single-process mode
+        self._task = asyncio.create_task(self._poll(engine_client, interval))
+        logger.info("ears-vllm: counters on /metrics (ears_vllm_*), polled every %gs", interval)
+
+    async def _poll(self, engine_client: Any, interval: float) -> None:
+        warned = False
+        while True:
+            try:
+                self.collector.totals = aggregate(await engine_client.collective_rpc(WORKER_METHOD))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an engine that is shutting down, or a worker without the plugin
+                if not warned:
+                    logger.warning("ears-vllm: cannot read the workers' counters (%s: %s); /metrics keeps the last "
+                                   "ones read", type(exc).__name__, exc)  # fmt: skip
+                    warned = True
+            await asyncio.sleep(interval)

@@ -1,0 +1,197 @@
+"""Production controls without a server: per-request settings, the deviation budget, the metrics' rank rule."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import ears_vllm
+from ears_vllm.config import EarsConfig
+from ears_vllm.control.budget import BudgetLedger
+from ears_vllm.control.metrics import EarsCollector, aggregate
+from ears_vllm.control.requests import RequestSettings, request_config, request_settings
+from tests.triton_cpu import triton_interpreter
+
+with triton_interpreter():  # the kernel's functions are jitted for the interpreter (backend="triton" below)
+    importlib.import_module("ears_vllm.kernels.verify_kernel")
+
+SERVER = EarsConfig(policy="ears", tolerance=0.2)
+
+
+@pytest.mark.parametrize(
+    ("xargs", "expected"),
+    [
+        (None, RequestSettings()),
+        ({"session_id": "x"}, RequestSettings()),  # other extra_args are not ours
+        ({"ears_tolerance": 0}, RequestSettings(tolerance=0.0)),
+        ({"ears_policy": "fly"}, RequestSettings(policy="fly")),
+        ({"ears_budget": 0.03, "ears_policy": "relaxed_topk"}, RequestSettings("relaxed_topk", None, 0.03)),
+    ],
+    ids=["none", "foreign-key", "tolerance", "policy", "budget-and-policy"],
+)
+def test_request_settings_read_the_ears_keys(xargs, expected):
+    assert request_settings(xargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("xargs", "named"),
+    [
+        ({"ears_tolerance": 1.5}, "'ears_tolerance' = 1.5"),
+        ({"ears_tolerance": -0.1}, "'ears_tolerance' = -0.1"),
+        ({"ears_tolerance": math.nan}, "'ears_tolerance' = nan"),
+        ({"ears_tolerance": "0.5"}, "'ears_tolerance' = '0.5'"),
+        ({"ears_tolerance": True}, "'ears_tolerance' = True"),
+        ({"ears_policy": "bogus"}, "'ears_policy' = 'bogus' is not one of ['standard', 'ears'"),
+        ({"ears_policy": 3}, "'ears_policy' = 3"),
+        ({"ears_budget": 0}, "'ears_budget' = 0"),
+        ({"ears_budget": 0.1, "ears_tolerance": 0.1}, "set together"),
+        ({"ears_tolerence": 0.1}, "['ears_tolerence'] are not ears-vllm keys"),
+    ],
+    ids=["above-1", "negative", "nan", "string", "bool", "unknown-policy", "policy-number", "budget-0",
+         "budget-and-tolerance", "misspelt"],
+)  # fmt: skip
+def test_bad_request_settings_name_the_key_and_what_is_allowed(xargs, named):
+    with pytest.raises(ValueError, match="vllm_xargs") as info:
+        request_settings(xargs)
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("asked", "policy", "tolerance", "budget"),
+    [
+        (RequestSettings(), "ears", 0.2, None),
+        (RequestSettings(tolerance=0.5), "ears", 0.5, None),
+        (RequestSettings(policy="fly"), "fly", 0.2, None),
+        (RequestSettings(budget=0.03), "ears", 0.0, 0.03),
+        (RequestSettings(policy="relaxed_topk", budget=0.01), "relaxed_topk", 0.0, 0.01),
+    ],
+    ids=["default", "tolerance", "policy", "budget", "policy-and-budget"],
+)
+def test_request_config_is_the_server_config_with_what_the_request_asked(asked, policy, tolerance, budget):
+    config = request_config(SERVER, asked)
+    assert (config.policy, config.tolerance, config.budget) == (policy, tolerance, budget)
+
+
+def test_a_tolerance_overrides_the_servers_budget_and_standard_drops_it():
+    budgeted = EarsConfig(policy="ears", budget=0.05)
+    assert request_config(budgeted, RequestSettings(tolerance=0.1)).budget is None
+    assert request_config(budgeted, RequestSettings(policy="standard")).budget is None
+    assert request_config(budgeted, RequestSettings()).budget == 0.05
+
+
+@pytest.mark.parametrize(
+    ("server", "asked", "named"),
+    [
+        (EarsConfig(), RequestSettings(tolerance=0.1), "vLLM's own rule"),
+        (SERVER, RequestSettings(policy="fly", tolerance=0.1), "'ears_tolerance' = 0.1 applies to policy 'ears'"),
+        (SERVER, RequestSettings(policy="sglang", budget=0.1), "'ears_budget'"),
+        (EarsConfig(policy="ears", budget=0.05), RequestSettings(policy="typical"), "'ears_policy'"),
+    ],
+    ids=["standard-server", "tolerance-for-fly", "budget-for-sglang", "server-budget-for-typical"],
+)
+def test_settings_the_server_cannot_honour_are_refused(server, asked, named):
+    with pytest.raises(ValueError, match="vllm_xargs") as info:
+        request_config(server, asked)
+    assert named in str(info.value)
+
+
+def test_a_ledger_has_slack_b_per_verified_position_less_what_it_spent():
+    ledger = BudgetLedger(0.1)
+    assert ledger.slack == 0.0
+    ledger.record(verified=25, relaxed=1)
+    assert ledger.slack == pytest.approx(1.5)
+
+
+# One request, 4 drafts, vocab 2: p = (0.5, 0.5) everywhere, the draft is token 0 with q(0) = 1 (one-hot), so
+# the native test accepts iff u <= 0.5 and EARS at tolerance 1 iff u <= 0.5 + 1 * (1 - 0.5) = 1: every native
+# rejection is relaxed. With u = (0.9, 0.9, 0.2, 0.9) the uncapped step accepts all four, relaxing positions
+# 0, 1 and 3. Under budget B with slack s, the j-th relaxed acceptance at position i needs j <= s + B * (i + 1).
+U_ALL_RELAXABLE = [0.9, 0.9, 0.2, 0.9]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    ("budget", "slack", "accepted", "relaxed"),
+    [
+        (0.0, 0.0, 4, 3),  # no budget: uncapped
+        (0.5, 0.0, 0, 0),  # position 0: 1 <= 0 + 0.5? no
+        (0.5, 0.5, 1, 1),  # 1 <= 1.0 at 0; position 1: 2 <= 1.5? no
+        (0.5, 1.0, 4, 3),  # 1 <= 1.5, 2 <= 2.0, (2 native), 3 <= 3.0
+        (0.25, 1.0, 1, 1),  # 1 <= 1.25 at 0; position 1: 2 <= 1.5? no
+        (1.0, -3.0, 0, 0),  # overspent: 1 <= -2? no
+    ],
+    ids=["no-budget", "no-slack", "half-slack", "enough", "quarter", "overspent"],
+)
+def test_the_budget_caps_relaxed_acceptances_by_hand(budget, slack, accepted, relaxed, backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    logits = torch.zeros(4, 2)
+    out = ears_vllm.verify(
+        logits, torch.zeros(4, dtype=torch.long), [4], torch.tensor([1]),
+        uniform=torch.tensor(U_ALL_RELAXABLE, dtype=torch.float64), recovery_noise=torch.ones(1, 2),
+        tolerance=torch.tensor([1.0], dtype=torch.float64), budget=torch.tensor([budget], dtype=torch.float64),
+        budget_slack=torch.tensor([slack], dtype=torch.float64), config=EarsConfig(policy="ears", tolerance=1.0),
+        backend=backend,
+    )  # fmt: skip
+    assert (out.num_accepted.item(), out.num_relaxed.item()) == (accepted, relaxed)
+    if accepted < 4:  # a capped position is rejected as the standard rule rejects it: the residual, token 1
+        assert out.token_ids[0, accepted].item() == 1
+
+
+def test_a_budget_of_zero_slack_and_rate_is_the_standard_step():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(12, 16) * 2, torch.randint(0, 16, (12,))
+    args = dict(uniform=torch.rand(12, dtype=torch.float64), recovery_noise=torch.empty(3, 16).exponential_())
+    standard = ears_vllm.verify(logits, ids, [4, 4, 4], torch.zeros(3, dtype=torch.long), **args, backend="torch")
+    capped = ears_vllm.verify(
+        logits, ids, [4, 4, 4], torch.zeros(3, dtype=torch.long), **args, backend="torch",
+        config=EarsConfig(policy="ears", tolerance=1.0), tolerance=torch.ones(3, dtype=torch.float64),
+        budget=torch.full((3,), 1e-9, dtype=torch.float64), budget_slack=torch.zeros(3, dtype=torch.float64),
+    )  # fmt: skip
+    assert torch.equal(standard.token_ids, capped.token_ids) and capped.num_relaxed.sum() == 0
+
+
+def test_a_long_run_under_a_budget_stays_at_or_under_it():
+    """Steps of a chain at T=1 with a real ledger: R <= B V after every step, and R ends within one of B V."""
+    torch.manual_seed(1)
+    ledger, config = BudgetLedger(0.05), EarsConfig(policy="ears", budget=0.05)
+    for _ in range(200):
+        logits, draft = torch.randn(5, 32), torch.softmax(torch.randn(5, 32), -1)
+        out = ears_vllm.verify(
+            logits, torch.multinomial(draft, 1).squeeze(1), [5], torch.zeros(1, dtype=torch.long), draft_probs=draft,
+            config=config, budget=torch.tensor([0.05], dtype=torch.float64),
+            budget_slack=torch.tensor([ledger.slack], dtype=torch.float64), backend="torch",
+        )  # fmt: skip
+        accepted = out.num_accepted.item()
+        ledger.record(accepted + (accepted < 5), out.num_relaxed.item())
+        assert ledger.relaxed <= 0.05 * ledger.verified + 1e-9
+    assert ledger.relaxed >= 0.05 * ledger.verified - 1
+
+
+@pytest.mark.parametrize(
+    ("ranks", "expected_steps"),
+    [([0], 3), ([0, 1], 3), ([0, 1, 0, 1], 6)],
+    ids=["one-worker", "tp2", "two-tp2-groups"],
+)
+def test_each_step_is_counted_once_whatever_the_tensor_parallelism(ranks, expected_steps):
+    replies = [{"counts": {"steps": 3, "by_policy": {"ears": {"accepted": 5}}}, "tp_rank": r} for r in ranks]
+    total = aggregate(replies)
+    assert total["steps"] == expected_steps
+    assert total["by_policy"]["ears"]["accepted"] == 5 * expected_steps // 3
+
+
+def test_the_collector_serves_counters_by_policy_and_the_running_rate():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    collector = EarsCollector()
+    collector.totals = {"steps": 7, "invalid": 1, "by_policy": {"ears": {"random_verified": 40, "relaxed": 2,
+                                                                         "accepted": 30}}}  # fmt: skip
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    for line in ("ears_vllm_verification_steps_total 7.0", 'ears_vllm_relaxed_acceptances_total{policy="ears"} 2.0',
+                 'ears_vllm_verified_positions_total{policy="ears"} 40.0', "ears_vllm_invalid_drafts_total 1.0",
+                 'ears_vllm_relaxed_per_verified_position{policy="ears"} 0.05'):  # fmt: skip
+        assert line in text
