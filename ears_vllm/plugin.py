@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ears_vllm._log import get_logger
-from ears_vllm.config import resolve_config
 from ears_vllm.control import metrics
 from ears_vllm.seam import patches
 
@@ -72,8 +71,7 @@ def _validate_config_on_creation() -> None:
     def wrap(original_post_init: Callable[..., None]) -> Callable[..., None]:
         def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
             original_post_init(self, *args, **kwargs)
-            # Raises ValueError naming the bad key; kept for checking the per-request settings of this process.
-            vllm_requests.server_config = resolve_config(self.additional_config)
+            vllm_requests.note_server(self)  # raises ValueError naming a bad key
 
         return __post_init__
 

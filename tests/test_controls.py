@@ -195,3 +195,27 @@ def test_the_collector_serves_counters_by_policy_and_the_running_rate():
                  'ears_vllm_verified_positions_total{policy="ears"} 40.0', "ears_vllm_invalid_drafts_total 1.0",
                  'ears_vllm_relaxed_per_verified_position{policy="ears"} 0.05'):  # fmt: skip
         assert line in text
+
+
+@pytest.mark.parametrize(
+    ("runner", "server", "xargs", "named"),
+    [
+        ("V1", SERVER, {"ears_tolerance": 2}, "'ears_tolerance' = 2"),
+        ("V1", EarsConfig(), {"ears_policy": "ears"}, "vLLM's own rule"),
+        ("MRV2", SERVER, {"ears_tolerance": 0.1}, "this server runs vLLM's MRV2"),
+    ],
+    ids=["bad-value", "standard-server", "mrv2-server"],
+)
+def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch, runner, server, xargs, named):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from ears_vllm.seam import vllm_requests
+
+    vllm_requests.install_request_check()
+    monkeypatch.setattr(vllm_requests, "server_config", server)
+    monkeypatch.setattr(vllm_requests, "server_runner", runner)
+    with pytest.raises(VLLMValidationError, match="vllm_xargs") as info:
+        SamplingParams(temperature=1.0, extra_args=xargs)
+    assert named in str(info.value)
+    SamplingParams(temperature=1.0, extra_args={"session_id": "a"})  # no ears keys: nothing to check

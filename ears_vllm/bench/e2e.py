@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ears_vllm.bench import datasets
-from ears_vllm.config import EarsConfig
+from ears_vllm.config import BUDGET, EarsConfig
 from ears_vllm.policies import PARAMS, get_policy
 
 # vLLM's draft_sample_method values: "greedy" (its default) proposes the draft model's argmax and passes no
@@ -59,7 +59,8 @@ def parse_policies(text: str) -> dict[str, dict]:
     """A comma list of policies, each ``name[:value][:key=value...]``: a bare value sets the policy's first
     parameter (``ears:0.1`` is tolerance 0.1), ``key=value`` any of its parameters. The label joins the values:
     ``"standard,ears:0.1,fly:fly_window_size=2,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.5"``
-    -> ``standard``, ``ears-0.1``, ``fly-2``, ``sglang-0.3-0.5``."""
+    -> ``standard``, ``ears-0.1``, ``fly-2``, ``sglang-0.3-0.5``. ``budget=B`` sets a deviation budget
+    (``ears:budget=0.03`` -> ``ears-budget0.03``)."""
     policies = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, *fields = item.split(":")
@@ -71,19 +72,28 @@ def parse_policies(text: str) -> dict[str, dict]:
                 if not spec.params:
                     raise ValueError(f"--policies {item!r}: policy {name!r} takes no parameters")
                 key = spec.params[0]
+            elif key == "budget":
+                settings[key] = _number(item, key, raw)
+                continue
             elif key not in spec.params:
                 raise ValueError(
                     f"--policies {item!r}: {key!r} is not a parameter of {name!r}; it has {list(spec.params)}"
                 )
-            try:
-                settings[key] = int(raw) if PARAMS[key].integer else float(raw)
-            except ValueError:
-                raise ValueError(f"--policies {item!r}: {key} = {raw!r} is not {PARAMS[key].allowed}") from None
+            settings[key] = _number(item, key, raw)
         EarsConfig.from_dict(settings)  # fail here, not an hour into the run
-        policies["-".join([name, *(f"{v:g}" for k, v in settings.items() if k != "policy")])] = settings
+        label = (f"budget{v:g}" if k == "budget" else f"{v:g}" for k, v in settings.items() if k != "policy")
+        policies["-".join([name, *label])] = settings
     if not policies:
         raise ValueError(f"--policies {text!r} names no policy")
     return policies
+
+
+def _number(item: str, key: str, raw: str) -> float | int:
+    param = BUDGET if key == "budget" else PARAMS[key]
+    try:
+        return int(raw) if param.integer else float(raw)
+    except ValueError:
+        raise ValueError(f"--policies {item!r}: {key} = {raw!r} is not {param.allowed}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +137,7 @@ def cells(config: E2EConfig) -> list[Cell]:
 def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict]:
     """rows.json, paired_quality.json, summary.md and the plots, from the finished runs in ``out_dir``
     (of ``policies`` only, when given)."""
-    from ears_vllm.bench.plots import plot_e2e, plot_pareto
+    from ears_vllm.bench.plots import plot_budget, plot_e2e, plot_pareto
 
     rows = summarize(out_dir, policies)
     pairs = paired_quality(out_dir, policies)
@@ -147,6 +157,8 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
                    for title, group in groups.items()}  # fmt: skip
         plot_pareto(groups, quality, "mean_acceptance_length", "quality", "mean acceptance length",
                     out_dir / "pareto_quality.png", x_higher_better=True)  # fmt: skip
+    if any(r["budget"] is not None and r["temperature"] > 0 for r in rows):
+        plot_budget(rows, out_dir / "budget_realised_vs_asked.png")
     return rows
 
 
@@ -237,7 +249,8 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
     row = {
         "dataset": dataset,
         "policy": policy,
-        "tolerance": ears.get("tolerance", 0.0) if ears["policy"] == "ears" else None,
+        "tolerance": ears.get("tolerance", 0.0) if ears["policy"] == "ears" and "budget" not in ears else None,
+        "budget": ears.get("budget"),  # a deviation budget (control.budget): the tolerance is found online
         "temperature": temperature,
         "mean_acceptance_length": 1 + total("accepted") / drafts,
         "acceptance_rate": total("accepted") / max(total("draft_tokens"), 1),

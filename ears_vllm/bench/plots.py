@@ -120,3 +120,32 @@ def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_ke
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_budget(rows: list[dict], path: Path) -> Path:
+    """Deviation budgets: the realised added TV per verified position against the budget asked (at or under the
+    diagonal is kept), each point labelled with the mean acceptance length it bought."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("budget") is not None and r["temperature"] > 0]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for n, group in enumerate(sorted({(r["dataset"], r["temperature"]) for r in rows})):
+        points = sorted((r["budget"], r["added_tv_per_verified"], r["mean_acceptance_length"]) for r in rows
+                        if (r["dataset"], r["temperature"]) == group)  # fmt: skip
+        asked, realised, _ = zip(*points, strict=True)
+        ax.plot(asked, realised, marker="o", color=f"C{n}", label=f"{group[0]}, T={group[1]:g}")
+        for x, y, a in points:
+            ax.annotate(f"accept. length {a:.2f}", (x, y), fontsize=7, textcoords="offset points", xytext=(4, -10))
+    top = max(r["budget"] for r in rows) * 1.1
+    ax.plot([0, top], [0, top], color="k", alpha=0.4, linestyle="--", label="realised = asked")
+    ax.set(xlabel="budget asked (added TV per verified position)", ylabel="realised relaxed per verified position",
+           xlim=(0, top), ylim=(0, top))  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ears_vllm._log import get_logger
-from ears_vllm.config import EarsConfig
+from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BudgetLedger
 from ears_vllm.control.requests import request_config, request_settings
 from ears_vllm.seam import patches
@@ -30,8 +30,10 @@ logger = get_logger()
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 _ATTRIBUTE = "_ears_control"  # on vLLM's CachedRequestState
 
-# The server's config as this process resolved it (set while vLLM builds its config), for the API-server check.
+# The server's config and runner as this process's vLLM config says (set while vLLM builds it), for the check.
 server_config: EarsConfig | None = None
+server_runner: str = "V1"
+REQUEST_RUNNERS = ("V1",)  # where per-request settings are applied (MRV2's per-slot state is not wired yet)
 
 
 @dataclasses.dataclass
@@ -77,12 +79,28 @@ def check_request(extra_args: Any) -> None:
     """Raise vLLM's validation error (HTTP 400 in the API server) for bad ears keys; silent without them."""
     try:
         asked = request_settings(extra_args)
+        if not asked.empty and server_runner not in REQUEST_RUNNERS:
+            raise ValueError(
+                f"vllm_xargs ears_*: per-request ears settings run on the {list(REQUEST_RUNNERS)} runner; this "
+                f"server runs vLLM's {server_runner} (VLLM_USE_V2_MODEL_RUNNER=0 selects V1)"
+            )
         if not asked.empty and server_config is not None:
             request_config(server_config, asked)
     except ValueError as exc:
         from vllm.exceptions import VLLMValidationError
 
         raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
+
+
+def note_server(vllm_config: Any) -> None:
+    """Keep what the per-request check needs from the vLLM config this process just built (raises ValueError
+    naming the key for a bad ears config)."""
+    global server_config, server_runner
+    server_config = resolve_config(getattr(vllm_config, "additional_config", None))
+    try:
+        server_runner = "MRV2" if getattr(vllm_config, "use_v2_model_runner", False) else "V1"
+    except Exception:  # a config too partial to say (the property reads other sub-configs)
+        server_runner = "V1"
 
 
 def control_of(request_state: Any, server: EarsConfig) -> RequestControl:
