@@ -202,9 +202,10 @@ def test_the_collector_serves_counters_by_policy_and_the_running_rate():
     [
         ("V1", SERVER, {"ears_tolerance": 2}, "'ears_tolerance' = 2"),
         ("V1", EarsConfig(), {"ears_policy": "ears"}, "vLLM's own rule"),
-        ("MRV2", SERVER, {"ears_tolerance": 0.1}, "this server runs vLLM's MRV2"),
+        ("MRV2", SERVER, {"ears_policy": "fly"}, "this server runs vLLM's Model Runner V2"),
+        ("MRV2", EarsConfig(policy="fly"), {"ears_budget": 0.1}, "runs on the V1 runner only"),
     ],
-    ids=["bad-value", "standard-server", "mrv2-server"],
+    ids=["bad-value", "standard-server", "mrv2-policy", "mrv2-fly-budget"],
 )
 def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch, runner, server, xargs, named):
     from vllm.exceptions import VLLMValidationError
@@ -219,3 +220,5 @@ def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch,
         SamplingParams(temperature=1.0, extra_args=xargs)
     assert named in str(info.value)
     SamplingParams(temperature=1.0, extra_args={"session_id": "a"})  # no ears keys: nothing to check
+    if server.policy == "ears":
+        SamplingParams(temperature=1.0, extra_args={"ears_tolerance": 0.5, "ears_policy": "ears"})  # any runner

@@ -104,12 +104,16 @@ def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed, monkeypatch):
     assert num_relaxed.tolist() == [0] * len(num_sampled)
 
 
-def expected_acceptance(batch: dict, u: torch.Tensor, config: EarsConfig) -> tuple[list[int], list[int]]:
-    """(num_accepted, num_relaxed) per request from DESIGN.md section 2, in PyTorch, with MRV2's uniforms ``u``."""
+def expected_acceptance(
+    batch: dict, u: torch.Tensor, config: EarsConfig, budget: dict[int, tuple[float, float]] | None = None
+) -> tuple[list[int], list[int]]:
+    """(num_accepted, num_relaxed) per request from DESIGN.md section 2, in PyTorch, with MRV2's uniforms ``u``;
+    ``budget``: request state -> (B, slack), the cap of ears_vllm.control.budget."""
     cu, temperature = batch["cu_num_logits"].tolist(), batch["temperature"]
     num_accepted, num_relaxed = [], []
     for r, state in enumerate(batch["idx_mapping"].tolist()):
         temp, accepted, relaxed = float(temperature[state]), 0, 0
+        rate, slack = (budget or {}).get(state, (0.0, 0.0))
         for i in range(cu[r + 1] - cu[r] - 1):
             row, draft = cu[r] + i, int(batch["draft_sampled"][cu[r] + i + 1])
             logits = batch["target_logits"][row]
@@ -127,6 +131,7 @@ def expected_acceptance(batch: dict, u: torch.Tensor, config: EarsConfig) -> tup
                 floor = max(float(u[row]) - t, config.min_ratio)
                 extra = t > 0 and not standard and bool(log_p > -torch.inf)
                 extra = extra and bool(log_p - log_q >= torch.tensor(floor).log())
+                extra = extra and (rate == 0 or relaxed + 1 <= slack + rate * (i + 1))
                 ok, relaxed = standard or extra, relaxed + int(extra)
             if not ok:
                 break
@@ -371,3 +376,79 @@ def test_relaxed_topk_relaxes_in_these_batches(mrv2):
             batch["target_logits"] /= 3
             relaxed += int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
     assert relaxed >= 3
+
+
+def slots_for(batch: dict, config: EarsConfig, asked: dict[int, dict]) -> vllm_mrv2.SlotControls:
+    """MRV2's per-request state as vLLM's add_request would fill it: request state -> its vllm_xargs."""
+    from vllm.sampling_params import SamplingParams
+
+    slots = vllm_mrv2.SlotControls(config, batch["temperature"].shape[0])
+    for state in batch["idx_mapping"].tolist():
+        slots.add_request(state, SamplingParams(temperature=float(batch["temperature"][state]),
+                                                extra_args=asked.get(state)))  # fmt: skip
+    return slots
+
+
+def test_each_request_is_verified_with_its_own_tolerance(mrv2):
+    """Per-request tolerances in one batch give each request what a server at its tolerance gives it."""
+    batch = mrv2_batch(7, **STEPS["random-full-draft"])
+    server = EarsConfig(policy="ears", tolerance=0.3, min_ratio=0.05)
+    states = batch["idx_mapping"].tolist()
+    asked = {states[0]: {"ears_tolerance": 0.0}, states[1]: {"ears_tolerance": 1.0}}  # the third: the server's
+    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server, asked))
+    for r, tolerance in enumerate((0.0, 1.0, 0.3)):
+        alone = vllm_mrv2.verify_mrv2(**batch, config=server.merged({"tolerance": tolerance}))
+        assert (num_sampled[r], num_relaxed[r]) == (alone[1][r], alone[2][r]), tolerance
+    assert num_relaxed[0] == 0
+
+
+@pytest.mark.parametrize(("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4)], ids=["ears", "trt"])
+def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(mrv2, policy, seed, flatten):
+    """Batches (seed, flattened target) in which the first request relaxes at its first position uncapped."""
+    batch = mrv2_batch(seed, **STEPS["random-full-draft"])
+    batch["target_logits"] /= flatten
+    tolerance = 1.0 if policy == "ears" else 0.0  # the budgeted tolerance: the third request runs uncapped at it
+    server = EarsConfig(policy=policy, tolerance=tolerance, min_ratio=0.05, relaxed_topk=3, relaxed_delta=0.5)
+    states = batch["idx_mapping"].tolist()
+    asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 1.0}}  # the third: no budget
+    slots = slots_for(batch, server, asked)
+    uncapped = vllm_mrv2.verify_mrv2(**batch, config=server)
+    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
+    num_accepted = (num_sampled - 1).tolist()
+    if policy == "ears":
+        u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+        expected = expected_acceptance(batch, u, server, budget={states[0]: (0.5, 0.0), states[1]: (1.0, 0.0)})
+        assert (num_accepted, num_relaxed.tolist()) == expected
+    # The third request has no budget: as uncapped. The capped ones relax at most B per verified position.
+    assert (num_sampled[2], num_relaxed[2]) == (uncapped[1][2], uncapped[2][2])
+    assert int(uncapped[2][:2].sum()) > int(num_relaxed[:2].sum()), "the cap must bind in this batch"
+    _, _, slack = slots.tensors(batch["temperature"].device)
+    for r, rate in ((0, 0.5), (1, 1.0)):
+        verified = num_accepted[r] + (num_accepted[r] < 3)
+        assert num_relaxed[r] <= rate * verified
+        assert float(slack[states[r]]) == pytest.approx(rate * verified - int(num_relaxed[r]))
+
+
+def test_requests_reach_their_slots_through_vllms_sampler_and_rejection_sample(mrv2, monkeypatch):
+    """The add_request hook fills the slots; the patched rejection_sample verifies with them."""
+    import vllm.v1.worker.gpu.sample.sampler as sampler_module
+    from vllm.sampling_params import SamplingParams
+
+    batch = mrv2_batch(7, **STEPS["random-full-draft"])
+    server = EarsConfig(policy="ears", tolerance=0.3, min_ratio=0.05)
+    states = batch["idx_mapping"].tolist()
+    monkeypatch.setattr(sampler_module.Sampler, "add_request", lambda self, req_idx, sampling_params: None)
+    assert vllm_mrv2._install_add_request_hook() is None
+    monkeypatch.setattr(vllm_mrv2.state, "slots", vllm_mrv2.SlotControls(server, batch["temperature"].shape[0]))
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    for state, tolerance in zip(states, (1.0, 0.0, 0.3), strict=True):
+        temperature = float(batch["temperature"][state])
+        params = SamplingParams(temperature=temperature, extra_args={"ears_tolerance": tolerance})
+        sampler_module.Sampler.add_request(object.__new__(sampler_module.Sampler), state, params)
+    with vllm_mrv2.verifying_with(server):
+        sampled, num_sampled = vllm_mrv2.rejection_sample(**batch)
+    expected = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server, {
+        states[0]: {"ears_tolerance": 1.0}, states[1]: {"ears_tolerance": 0.0}}))  # fmt: skip
+    assert num_sampled.tolist() == expected[1].tolist()
+    assert accepted_tokens(sampled, num_sampled) == accepted_tokens(expected[0], expected[1])

@@ -9,12 +9,16 @@ owes its users:
 * seeded requests reproduce: a set of seeded probes is sent twice, at different moments, so inside
   different batch compositions, and the two texts are compared;
 * the counters agree: the plugin's accepted and draft counts match vLLM's own ``/metrics`` counters (at
-  most 5% above them: vLLM leaves out steps whose output it discards), and the tokens returned fit
-  within what vLLM says was generated.
+  most 5% above them: vLLM leaves out steps whose output it discards), the ``ears_vllm_*`` counters on
+  ``/metrics`` equal the plugin's own stats files, and the tokens returned fit within what vLLM says was
+  generated.
 
 The request mix, drawn from a seeded RNG: greedy and random (T=0.8), seeded and unseeded, stop strings,
 ``max_tokens`` 1, ``n`` = 2, streaming and non-streaming, streams cancelled after a few chunks, and a
-few invalid requests (``temperature`` -1) that must be answered 400 without disturbing the others.
+few invalid requests (``temperature`` -1) that must be answered 400 without disturbing the others. On a
+server where ears-vllm verifies, sampled requests also carry per-request settings (``vllm_xargs``: tolerance 0,
+tolerance 0.5, a 0.05 budget; half the seeded probes too) and a few carry a bad one (``ears_tolerance`` 2),
+which must be answered 400 as well.
 """
 
 from __future__ import annotations
@@ -55,9 +59,18 @@ class LoadConfig:
     k: int = 4
 
 
-def request_mix(num_requests: int, seed: int) -> list[dict]:
-    """The requests of a run, in sending order: ``kind`` plus the completion parameters."""
-    rng = random.Random(seed)
+XARGS_MIX = (  # (share of the sampled requests, vllm_xargs)
+    (0.2, {"ears_tolerance": 0.0}),
+    (0.1, {"ears_tolerance": 0.5}),
+    (0.1, {"ears_budget": 0.05}),
+    (0.02, {"ears_tolerance": 2.0}),  # invalid: a 400
+)
+
+
+def request_mix(num_requests: int, seed: int, per_request: bool = False) -> list[dict]:
+    """The requests of a run, in sending order: ``kind`` plus the completion parameters (``per_request``: with
+    ``vllm_xargs``, drawn from their own RNG so that the rest of the mix does not change)."""
+    rng, xrng = random.Random(seed), random.Random(seed + 1)
     num_probes = max(2, min(MAX_PROBES, num_requests // 20 * 2))
     probes = [{"kind": "probe", "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0.8, "seed": 1000 + i,
                "max_tokens": 24, "probe": i} for i in range(num_probes)]  # fmt: skip
@@ -77,6 +90,8 @@ def request_mix(num_requests: int, seed: int) -> list[dict]:
         elif roll < 0.37:
             r["kind"], r["temperature"] = "invalid", -1.0  # must get a 400 and disturb nothing else
         roll = rng.random()
+        if per_request and r["kind"] != "invalid" and r["temperature"] > 0:
+            _add_xargs(r, xrng.random())
         if r["kind"] == "invalid":
             pass
         elif roll < 0.1:
@@ -84,9 +99,22 @@ def request_mix(num_requests: int, seed: int) -> list[dict]:
         elif roll < 0.5:
             r["kind"] = "stream"
         requests.append(r)
+    if per_request:
+        for probe in probes[::2]:
+            probe["extra_body"] = {"vllm_xargs": {"ears_tolerance": 0.5}}
     # The probes go out once early and once late: the same seed inside different batches.
     third, half = len(requests) // 3, num_probes // 2
     return probes[:half] + requests[:third] + probes[half:] + probes[:half] + requests[third:] + probes[half:]
+
+
+def _add_xargs(request: dict, roll: float) -> None:
+    for share, xargs in XARGS_MIX:
+        if roll < share:
+            request["extra_body"] = {"vllm_xargs": xargs}
+            if xargs.get("ears_tolerance", 0.0) > 1:
+                request["kind"] = "invalid"
+            return
+        roll -= share
 
 
 async def _one(client, model: str, request: dict) -> dict:
@@ -174,6 +202,10 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
                 problems.append(
                     f"plugin {ours}={counted} vs vLLM {theirs}={reported}: beyond the 5% of discarded steps"
                 )
+        for ours, series in EARS_METRICS.items():  # /metrics must serve exactly the plugin's own counts
+            counted = sum(c.get(ours, 0) for c in ears_stats.get("by_policy", {}).values())
+            if metrics[series] != counted:
+                problems.append(f"/metrics {series}={metrics[series]} but the plugin counted {ours}={counted}")
     latencies = sorted(r["latency_s"] for r in results if r["kind"] not in ("cancelled", "invalid") and not r["error"])
     return {
         "requests": len(results),
@@ -191,26 +223,34 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
         "plugin_accepted": ears_stats.get("accepted"),
         "plugin_drafts": ears_stats.get("drafts"),
         "plugin_relaxed": ears_stats.get("relaxed"),
+        "metrics_accepted": metrics["ears_vllm_accepted_drafts_total"],
+        "metrics_relaxed": metrics["ears_vllm_relaxed_acceptances_total"],
         "problems": problems,
     }
 
 
+# plugin counter (stats.POLICY_COUNTERS) -> its ears_vllm series on /metrics, summed over policies
+EARS_METRICS = {"drafts": "ears_vllm_draft_tokens_total", "accepted": "ears_vllm_accepted_drafts_total",
+                "relaxed": "ears_vllm_relaxed_acceptances_total",
+                "random_verified": "ears_vllm_verified_positions_total"}  # fmt: skip
 METRICS = ("vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
-           "vllm:spec_decode_num_accepted_tokens_total")  # fmt: skip
+           "vllm:spec_decode_num_accepted_tokens_total", *EARS_METRICS.values())  # fmt: skip
 
 
 def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
     """One server per policy, the same request mix for each; writes ``load.json`` and ``load.md``."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    requests = request_mix(config.num_requests, config.seed)
     rows = []
     for name, ears in config.policies.items():
+        per_request = ears.get("policy", "standard") != "standard"  # ears-vllm verifies: requests may carry xargs
+        requests = request_mix(config.num_requests, config.seed, per_request)
         workdir = config.out_dir / name
         port = free_port()
         speculative = {"method": "draft_model", "model": config.draft, "num_speculative_tokens": config.k}
         command = serve_command(Path(config.target), port, speculative=speculative, ears=ears,
                                 extra=["--max-num-seqs", str(config.concurrency)])  # fmt: skip
-        server = VllmServer(command, server_env(workdir), workdir, port).start()
+        env = server_env(workdir, {"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"})
+        server = VllmServer(command, env, workdir, port).start()
         try:
             start = time.perf_counter()
             results = asyncio.run(_send_all(server.url, command[2], requests, config.concurrency, progress))
@@ -231,13 +271,14 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| policy | requests | errors | lost | cancelled on purpose | invalid, answered 400 | seeded probes reproduced "
         "| p50 s | p99 s "
-        "| wall s | plugin / vLLM counters | problems |",
+        "| wall s | plugin / vLLM counters (ears_vllm on /metrics) | problems |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         agree = "n/a (vLLM's own)"
         if r["plugin_accepted"] is not None:
-            agree = f"{r['plugin_accepted']:.0f} / {r['vllm_accepted_tokens']:.0f} accepted"
+            agree = (f"{r['plugin_accepted']:.0f} / {r['vllm_accepted_tokens']:.0f} accepted; /metrics "
+                     f"{r['metrics_accepted']:.0f}")  # fmt: skip
         lines.append(
             f"| {r['policy']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['cancelled']} | "
             f"{r['invalid_rejected']} | "

@@ -26,7 +26,10 @@ Policies (``POLICY`` = ``PolicySpec.kernel_id``; DESIGN.md section 2):
   ``p(d) >= max p - delta``), tested by the caller on the logits, since MRV2's statistics carry no sum-exp for
   greedy rows; greedy rows too.
 
-A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``.
+A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
+(ears, relaxed_topk), each request's relaxed acceptances are capped by its deviation budget as
+:mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the device: the
+ledger costs no host synchronisation).
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def split_stats_accept_kernel(
     pos_ptr,  # [num_logits]
     fly_entropy_ptr,  # [num_logits] float32 (fly only)
     relaxed_candidate_ptr,  # [num_logits] bool: the row's draft is a relaxed top-k candidate (relaxed_topk only)
-    tolerance,
+    tolerance_ptr,  # [max_num_reqs] float32: each request's ears tolerance
+    budget_ptr,  # [max_num_reqs] float64: each request's deviation budget B, 0 = none (read when HAS_BUDGET)
+    budget_slack_ptr,  # [max_num_reqs] float64: B * verified - relaxed so far; updated here after the walk
     min_ratio,
     fly_entropy_threshold,
     fly_window,
@@ -96,6 +101,7 @@ def split_stats_accept_kernel(
     HAS_DRAFT_LOGITS: tl.constexpr,
     POLICY: tl.constexpr,
     UNIFORM: tl.constexpr,
+    HAS_BUDGET: tl.constexpr,  # not with fly (its deferred acceptances are decided after the fact)
 ):
     FLY: tl.constexpr = POLICY == 3
     req_idx = tl.program_id(0)
@@ -105,6 +111,12 @@ def split_stats_accept_kernel(
     seed = tl.load(seed_ptr + req_state_idx)
     temp = tl.load(temp_ptr + req_state_idx).to(tl.float32)
     is_greedy = temp == 0.0
+    tolerance = tl.load(tolerance_ptr + req_state_idx)
+    budget = 0.0
+    budget_slack = 0.0
+    if HAS_BUDGET:
+        budget = tl.load(budget_ptr + req_state_idx)
+        budget_slack = tl.load(budget_slack_ptr + req_state_idx)
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
@@ -182,14 +194,18 @@ def split_stats_accept_kernel(
                         & (target_logprob - draft_logprob >= tl.log(tl.maximum(u - relaxation, min_ratio)))
                         & ~accepted
                     )
+                    if HAS_BUDGET:  # a relaxed acceptance must fit in the slack plus B per position verified so far
+                        relaxed &= ((num_relaxed + 1).to(tl.float64) <= budget_slack + budget * (i + 1)) | (budget == 0)
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
                 if FLY:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
             if POLICY == 5:  # relaxed_topk, greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
-                candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0)
-                num_relaxed += (candidate & ~accepted).to(tl.int32)
+                candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0) & ~accepted
+                if HAS_BUDGET:
+                    candidate &= ((num_relaxed + 1).to(tl.float64) <= budget_slack + budget * (i + 1)) | (budget == 0)
+                num_relaxed += candidate.to(tl.int32)
                 accepted |= candidate
             if FLY:
                 if pending >= 0:
@@ -216,6 +232,10 @@ def split_stats_accept_kernel(
     if FLY and is_greedy and num_accepted < num_drafts:
         tl.store(sampled_ptr + req_idx * sampled_stride + num_accepted, rejected_argmax)
 
+    if HAS_BUDGET:  # charge the ledger: B per verified position (the accepted ones and the first rejected one)
+        verified = num_accepted + (num_accepted < num_drafts).to(tl.int64)
+        if budget > 0:
+            tl.store(budget_slack_ptr + req_state_idx, budget_slack + budget * verified.to(tl.float64) - num_relaxed)
     tl.store(num_accepted_ptr + req_idx, num_accepted)
     tl.store(num_relaxed_ptr + req_idx, num_relaxed)
     tl.store(target_rejected_lse_ptr + req_idx, target_lse)

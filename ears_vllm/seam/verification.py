@@ -23,8 +23,6 @@ from ears_vllm.seam.hooks import signature_of
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
 # later vLLM adds) are vLLM's own rules, which a user who asked for them gets.
 VLLM_STANDARD_METHOD = "standard"
-# Where a per-request budget ledger can be kept (MRV2 has per-slot state, not wired to a ledger yet).
-BUDGET_RUNNERS = ("V1",)
 
 
 class UnsupportedPolicyError(RuntimeError):
@@ -75,8 +73,9 @@ def plan_verification(
     elif runner not in get_policy(config.policy).runners:
         other = list(get_policy(config.policy).runners)
         problem = f"policy {config.policy!r} is not available on the {runner} runner (it is on {other})"
-    elif config.budget is not None and runner not in BUDGET_RUNNERS:
-        problem = f"the deviation budget runs on the {list(BUDGET_RUNNERS)} runner only, not on {runner}"
+    elif config.budget is not None and runner == "MRV2" and config.policy == "fly":
+        problem = "a deviation budget with policy 'fly' runs on the V1 runner only (MRV2's FLy confirms a deferred " \
+                  "acceptance only after the walk)"  # fmt: skip
     else:
         return VerificationPlan(runner, config.policy, True, f"policy {config.policy!r} on vLLM {vllm_version}", False)
     refuses = config.on_unsupported == "error"

@@ -43,6 +43,7 @@ from ears_vllm.stats import VerifyStats
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
 RANDOM_MODULE = "vllm.v1.worker.gpu.sample.gumbel"
+SAMPLER_MODULE = "vllm.v1.worker.gpu.sample.sampler"
 EXPECTED_PARAMETERS = (
     "target_logits",
     "draft_logits",
@@ -83,6 +84,60 @@ active = ActiveSampler("ears_vllm_mrv2")
 as_sampler, verifying_with = active.of, active.verifying_with
 
 
+class SlotControls:
+    """Per-request settings on MRV2, by request state index (MRV2's slot): each request's tolerance, and its
+    budget ledger, whose slack lives on the device and is charged by the acceptance walk (no host sync).
+
+    Filled when vLLM adds a request to its sampler (``Sampler.add_request``, patched), from the request's
+    ``vllm_xargs`` (:mod:`ears_vllm.control.requests`); MRV2 applies the server's policy to every request, so
+    a request may set its tolerance and budget, not its policy (the API server refuses ``ears_policy`` there)."""
+
+    def __init__(self, server: EarsConfig, size: int) -> None:
+        self.server = server
+        self.tolerance = [server.tolerance] * size
+        self.budget = [0.0] * size
+        self.relaxes = not server.is_lossless  # some request may relax: the walk runs the policy's branch
+        self.has_budget = False
+        self._new: list[int] = []  # slots whose ledger starts afresh at the next step
+        self._device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._dirty = True
+
+    def add_request(self, slot: int, sampling_params: Any) -> None:
+        from ears_vllm.control.budget import BUDGETED_TOLERANCE
+        from ears_vllm.control.requests import request_config, request_settings
+        from ears_vllm.seam.vllm_requests import is_sampled
+
+        config = self.server
+        sampled = sampling_params is not None and is_sampled(sampling_params)
+        if sampled:  # greedy requests stay greedy whatever they ask
+            try:
+                config = request_config(self.server, request_settings(sampling_params.extra_args))
+            except ValueError as exc:  # checked in the API server; an offline caller may still get here
+                logger.warning("ears-vllm: request in slot %d: %s; it is verified with the server's config", slot, exc)
+        budget = config.budget if sampled and config.budget is not None else 0.0
+        self.tolerance[slot] = BUDGETED_TOLERANCE if budget else config.tolerance
+        self.budget[slot] = budget
+        self.relaxes |= self.tolerance[slot] > 0
+        self.has_budget |= budget > 0
+        self._new.append(slot)
+        self._dirty = True
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tolerance [size] float32, budget [size] float64, slack [size] float64) on ``device``."""
+        if self._device is None or self._device[0].device != device:
+            self._device = (torch.empty(len(self.tolerance), dtype=torch.float32, device=device),
+                            torch.empty(len(self.tolerance), dtype=torch.float64, device=device),
+                            torch.zeros(len(self.tolerance), dtype=torch.float64, device=device))  # fmt: skip
+        tolerance, budget, slack = self._device
+        if self._dirty:
+            tolerance.copy_(torch.tensor(self.tolerance, dtype=torch.float32), non_blocking=True)
+            budget.copy_(torch.tensor(self.budget, dtype=torch.float64), non_blocking=True)
+            if self._new:
+                slack.index_fill_(0, torch.tensor(self._new, device=device), 0.0)
+            self._new, self._dirty = [], False
+        return tolerance, budget, slack
+
+
 class _State:
     """What this process's MRV2 sampler runs with (one engine per worker process)."""
 
@@ -97,6 +152,7 @@ class _State:
     pending_policy: str = "standard"  # the policy of the pending counts (one per sampler: no per-request on MRV2)
     last_read: float = 0.0
     kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
+    slots: SlotControls | None = None  # per-request settings by request state index (made when a sampler verifies)
 
 
 state = _State()
@@ -150,12 +206,41 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
     plan = plan_verification("MRV2", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
                              method=method, watermarking=watermarking)  # fmt: skip
     enforce(plan, logger)
+    per_request = "off"
     if plan.verifies:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
-    log_plan(plan, config, logger)
+        size = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 1024
+        state.slots = SlotControls(config, int(size))
+        problem = _install_add_request_hook()
+        per_request = "on (tolerance, budget)" if problem is None else f"off ({problem})"
+        if problem is not None:
+            logger.warning("ears-vllm: per-request ears settings are not applied on this worker: %s", problem)
+    log_plan(plan, config, logger, f" per_request={per_request}")
     return config if plan.verifies else None
+
+
+def _install_add_request_hook() -> str | None:
+    """Wrap MRV2's ``Sampler.add_request`` so each request's slot gets its settings; None, or why it cannot."""
+    try:
+        sampler_cls = importlib.import_module(SAMPLER_MODULE).Sampler
+    except Exception as exc:
+        return f"cannot import {SAMPLER_MODULE}.Sampler ({type(exc).__name__}: {exc})"
+    if not hasattr(sampler_cls, "add_request"):
+        return f"{SAMPLER_MODULE}.Sampler has no add_request"
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def add_request(self: Any, req_idx: int, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, req_idx, sampling_params, *args, **kwargs)
+            if state.slots is not None and 0 <= req_idx < len(state.slots.tolerance):
+                state.slots.add_request(req_idx, sampling_params)
+            return result
+
+        return add_request
+
+    patches.apply(sampler_cls, "add_request", wrap, "each request's slot learns its per-request ears settings")
+    return None
 
 
 def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +267,9 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     given = bound.arguments
     try:
         sampled, num_sampled, num_relaxed = verify_mrv2(
-            *(given[name] for name in EXPECTED_PARAMETERS), config, use_fp64=bool(given.get("use_fp64", False))
-        )
+            *(given[name] for name in EXPECTED_PARAMETERS), config, use_fp64=bool(given.get("use_fp64", False)),
+            slots=state.slots if state.slots is not None and state.slots.server is config else None,
+        )  # fmt: skip
     except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
         state.kernel_failure = f"{type(exc).__name__}: {exc}"
         logger.warning(
@@ -218,8 +304,10 @@ def verify_mrv2(
     config: EarsConfig,
     *,
     use_fp64: bool = False,
+    slots: SlotControls | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``."""
+    """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``; ``slots``:
+    each request's tolerance and budget ledger (None: the config's tolerance for every request)."""
     import triton
 
     from ears_vllm.kernels.split_stats_accept import split_stats_accept_kernel
@@ -264,6 +352,11 @@ def verify_mrv2(
     draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     spec = get_policy(config.policy)
     settings = settings_for(config.policy, dict(config.params), num_speculative_steps)
+    if slots is not None:
+        tolerance, budget, budget_slack = slots.tensors(temperature.device)
+    else:
+        tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)
+        budget = budget_slack = tolerance  # never read without HAS_BUDGET
     entropy = None
     if config.policy == "fly":  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
         values = target_logits[:, :vocab_size].to(torch.float32)
@@ -280,11 +373,12 @@ def verify_mrv2(
         stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
         draft_sampled, draft_logits, draft_strides[0], draft_strides[1],
         stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
-        cu_num_logits, idx_mapping, temperature, seed, pos, entropy, candidate,
-        config.tolerance, config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
+        cu_num_logits, idx_mapping, temperature, seed, pos, entropy, candidate, tolerance, budget, budget_slack,
+        config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
         config.accept_threshold_single, config.accept_threshold_acc, num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks), HAS_DRAFT_LOGITS=has_draft_logits,
-        POLICY=0 if config.is_lossless else spec.kernel_id, UNIFORM=uniform, num_warps=1,
+        POLICY=0 if config.is_lossless and (slots is None or not slots.relaxes) else spec.kernel_id,
+        UNIFORM=uniform, HAS_BUDGET=slots is not None and slots.has_budget, num_warps=1,
     )  # fmt: skip
     if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
         shared |= dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)

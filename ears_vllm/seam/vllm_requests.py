@@ -33,7 +33,6 @@ _ATTRIBUTE = "_ears_control"  # on vLLM's CachedRequestState
 # The server's config and runner as this process's vLLM config says (set while vLLM builds it), for the check.
 server_config: EarsConfig | None = None
 server_runner: str = "V1"
-REQUEST_RUNNERS = ("V1",)  # where per-request settings are applied (MRV2's per-slot state is not wired yet)
 
 
 @dataclasses.dataclass
@@ -79,13 +78,16 @@ def check_request(extra_args: Any) -> None:
     """Raise vLLM's validation error (HTTP 400 in the API server) for bad ears keys; silent without them."""
     try:
         asked = request_settings(extra_args)
-        if not asked.empty and server_runner not in REQUEST_RUNNERS:
-            raise ValueError(
-                f"vllm_xargs ears_*: per-request ears settings run on the {list(REQUEST_RUNNERS)} runner; this "
-                f"server runs vLLM's {server_runner} (VLLM_USE_V2_MODEL_RUNNER=0 selects V1)"
-            )
         if not asked.empty and server_config is not None:
-            request_config(server_config, asked)
+            config = request_config(server_config, asked)
+            if server_runner == "MRV2" and config.policy != server_config.policy:
+                raise ValueError(
+                    f"vllm_xargs key 'ears_policy' = {asked.policy!r}: this server runs vLLM's Model Runner V2, which "
+                    f"verifies every request with the server's policy ({server_config.policy!r}); a request may set "
+                    "ears_tolerance and ears_budget"
+                )
+            if server_runner == "MRV2" and config.policy == "fly" and config.budget is not None:
+                raise ValueError("vllm_xargs key 'ears_budget': a budget with policy 'fly' runs on the V1 runner only")
     except ValueError as exc:
         from vllm.exceptions import VLLMValidationError
 
@@ -108,7 +110,7 @@ def control_of(request_state: Any, server: EarsConfig) -> RequestControl:
     control = getattr(request_state, _ATTRIBUTE, None)
     if control is None:
         params = request_state.sampling_params
-        sampled = params is not None and _is_sampled(params)
+        sampled = params is not None and is_sampled(params)
         config = server
         if sampled:  # greedy requests stay greedy whatever they ask
             try:
@@ -121,7 +123,7 @@ def control_of(request_state: Any, server: EarsConfig) -> RequestControl:
     return control
 
 
-def _is_sampled(params: Any) -> bool:
+def is_sampled(params: Any) -> bool:
     from vllm.sampling_params import SamplingType
 
     return params.sampling_type != SamplingType.GREEDY
