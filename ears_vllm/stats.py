@@ -5,11 +5,12 @@ position (a draft the verifier decided on: every accepted one and the first reje
 drafts after a rejection are never examined) it is an exact, unbiased estimate of the total-variation
 distance added to the output distribution at that position. With
 ``EARS_VLLM_STATS_PATH`` set, the counts are also written there as JSON at each report (one file per
-process: the process id is appended).
+process: the process id is appended; under tensor parallelism by TP rank 0 only).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -25,6 +26,17 @@ STATS_SUFFIX = "json"
 
 # The counters kept per policy (a server verifies each request with its own policy when it asks for one).
 POLICY_COUNTERS = ("drafts", "accepted", "random_verified", "relaxed", "greedy_relaxed")
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group (0 outside vLLM's workers): under tensor parallelism every
+    rank runs the same rejection sampling, so only rank 0's counts are reported, and each step counts once."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+
+        return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
+    except Exception:
+        return 0
 
 
 def read_stats(prefix: str | os.PathLike[str]) -> dict[str, Any]:
@@ -131,8 +143,38 @@ class VerifyStats:
             shadow,
         )
         path = settings().stats_path
-        if path:
+        if path and tensor_parallel_rank() == 0:  # the other ranks of a TP group verify the same steps again
             target = Path(f"{path}.{os.getpid()}.{STATS_SUFFIX}")
             tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(s))
             tmp.replace(target)
+
+
+class RecentRequests:
+    """Each request's own counts, for the last ``limit`` requests verified (a request can read its relaxed
+    acceptances, :mod:`ears_vllm.control.metrics`); keyed by vLLM's internal request id."""
+
+    FIELDS = (
+        "drafts",
+        "accepted",
+        "random_drafts",
+        "random_accepted",
+        "relaxed",
+        "random_verified",
+        "greedy_relaxed",
+    )  # fmt: skip  (VerifyStats.record's order)
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._counts: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+
+    def record(self, req_id: str, policy: str, *values: int) -> None:
+        counts = self._counts.pop(req_id, None) or {"policy": policy, **dict.fromkeys(self.FIELDS, 0)}
+        for field, value in zip(self.FIELDS, values, strict=True):
+            counts[field] += value
+        self._counts[req_id] = counts  # most recent last
+        while len(self._counts) > self.limit:
+            self._counts.popitem(last=False)
+
+    def starting_with(self, prefix: str) -> dict[str, dict[str, Any]]:
+        return {req_id: dict(c) for req_id, c in self._counts.items() if req_id.startswith(prefix)}

@@ -222,3 +222,24 @@ def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch,
     SamplingParams(temperature=1.0, extra_args={"session_id": "a"})  # no ears keys: nothing to check
     if server.policy == "ears":
         SamplingParams(temperature=1.0, extra_args={"ears_tolerance": 0.5, "ears_policy": "ears"})  # any runner
+
+
+def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():
+    from ears_vllm.stats import RecentRequests
+
+    recent = RecentRequests(limit=2)
+    recent.record("cmpl-a-0-x1", "ears", 4, 2, 4, 2, 1, 3, 0)
+    recent.record("cmpl-a-0-x1", "ears", 4, 1, 4, 1, 0, 2, 0)
+    recent.record("cmpl-b-0-x2", "ears", 4, 0, 4, 0, 0, 1, 0)
+    assert recent.starting_with("cmpl-a-")["cmpl-a-0-x1"] | {} == {
+        "policy": "ears", "drafts": 8, "accepted": 3, "random_drafts": 8, "random_accepted": 3, "relaxed": 1,
+        "random_verified": 5, "greedy_relaxed": 0}  # fmt: skip
+    recent.record("cmpl-c-0-x3", "ears", 1, 1, 1, 1, 0, 1, 0)
+    assert recent.starting_with("cmpl-a-") == {}  # the oldest went
+
+
+def test_a_responses_counts_are_found_by_its_id_and_choice():
+    from ears_vllm.control.metrics import choices_of
+
+    replies = [{"counts": {"cmpl-r1-0-1a2b3c4d": {"relaxed": 2}, "cmpl-r1-1-9f8e7d6c": {"relaxed": 0}}}]
+    assert choices_of("cmpl-r1", replies) == {"0": {"relaxed": 2}, "1": {"relaxed": 0}}

