@@ -18,7 +18,7 @@ endif
 VLLM033 := .venv-vllm033
 VLLM033_STAMP := $(VLLM033)/.ears-setup-stamp
 SEAM_TESTS := tests/test_vllm_seam.py tests/test_plugin.py tests/test_vllm_v1_adapter.py tests/test_vllm_mrv2_adapter.py \
-	tests/test_gpu_check.py
+	tests/test_gpu_check.py tests/test_controls.py
 # The GPU checks (docs/vllm-seam.md): `make gpu-bundle` here copies vLLM 0.33's MRV2 sources into .gpu-bundle;
 # on a GPU machine (torch + Triton; no vLLM, no network) `make gpu-check` runs them into docs/results/gpu.
 GPU_BUNDLE ?= .gpu-bundle
