@@ -104,18 +104,11 @@ class SlotControls:
 
     def add_request(self, slot: int, sampling_params: Any) -> None:
         from ears_vllm.control.budget import BUDGETED_TOLERANCE
-        from ears_vllm.control.requests import request_config, request_settings
-        from ears_vllm.seam.vllm_requests import is_sampled
+        from ears_vllm.seam.vllm_requests import new_control
 
-        config = self.server
-        sampled = sampling_params is not None and is_sampled(sampling_params)
-        if sampled:  # greedy requests stay greedy whatever they ask
-            try:
-                config = request_config(self.server, request_settings(sampling_params.extra_args))
-            except ValueError as exc:  # checked in the API server; an offline caller may still get here
-                logger.warning("ears-vllm: request in slot %d: %s; it is verified with the server's config", slot, exc)
-        budget = config.budget if sampled and config.budget is not None else 0.0
-        self.tolerance[slot] = BUDGETED_TOLERANCE if budget else config.tolerance
+        control = new_control(self.server, sampling_params, f"request in slot {slot}")
+        budget = control.ledger.budget if control.ledger is not None else 0.0
+        self.tolerance[slot] = BUDGETED_TOLERANCE if budget else control.config.tolerance
         self.budget[slot] = budget
         self.relaxes |= self.tolerance[slot] > 0
         self.has_budget |= budget > 0

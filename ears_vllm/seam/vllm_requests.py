@@ -10,6 +10,8 @@ Patched (see :mod:`ears_vllm.seam.patches`):
   hands the verifier each row's :class:`RequestControl` (the request's config and budget ledger, kept on
   vLLM's per-request state, so they live and die with the request). vLLM V1 refuses custom logits processors
   with speculative decoding, which is why this hook and not that one.
+
+On Model Runner V2 the same controls fill each request's slot (:class:`ears_vllm.seam.vllm_mrv2.SlotControls`).
 """
 
 from __future__ import annotations
@@ -117,24 +119,29 @@ def control_of(request_state: Any, server: EarsConfig) -> RequestControl:
     """The request's control, made when first verified and kept on vLLM's state of the request."""
     control = getattr(request_state, _ATTRIBUTE, None)
     if control is None:
-        params = request_state.sampling_params
-        sampled = params is not None and is_sampled(params)
-        config = server
-        if sampled:  # greedy requests stay greedy whatever they ask
-            try:
-                config = request_config(server, request_settings(params.extra_args))
-            except ValueError as exc:  # checked in the API server; an offline caller may still get here
-                logger.warning("ears-vllm: request %s: %s; it is verified with the server's config",
-                               request_state.req_id, exc)  # fmt: skip
-        control = RequestControl(config, BudgetLedger(config.budget) if sampled and config.budget else None)
+        control = new_control(server, request_state.sampling_params, f"request {request_state.req_id}")
         setattr(request_state, _ATTRIBUTE, control)
     return control
 
 
-def is_sampled(params: Any) -> bool:
+def new_control(server: EarsConfig, params: Any, who: str) -> RequestControl:
+    """The control of a request with sampling ``params``: its config, and a fresh ledger when it has a budget.
+    Greedy requests stay greedy whatever they ask (the server's config); settings the API server would have
+    refused (an offline caller's) are logged and replaced by the server's."""
+    sampled = params is not None and params.sampling_type != _greedy()
+    config = server
+    if sampled:
+        try:
+            config = request_config(server, request_settings(params.extra_args))
+        except ValueError as exc:
+            logger.warning("ears-vllm: %s: %s; it is verified with the server's config", who, exc)
+    return RequestControl(config, BudgetLedger(config.budget) if sampled and config.budget else None)
+
+
+def _greedy() -> Any:
     from vllm.sampling_params import SamplingType
 
-    return params.sampling_type != SamplingType.GREEDY
+    return SamplingType.GREEDY
 
 
 def install_runner_hook() -> str | None:
