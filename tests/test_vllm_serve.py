@@ -360,15 +360,20 @@ def controls_run(tmp_path_factory, tiny_pair):
 
             def run() -> None:
                 with ThreadPoolExecutor(4) as pool:
-                    list(pool.map(one, jobs))
+                    texts[name] = list(pool.map(one, jobs))
 
             return run
 
+        texts: dict[str, list[str]] = {}
         jobs = [(p, s) for p in range(len(PROMPTS)) for s in (1, 2)]
         for name, xargs in (("tolerance_0", {"ears_tolerance": 0.0}), ("tolerance_0.5", {"ears_tolerance": 0.5}),
                             ("budget_0.05", {"ears_budget": 0.05})):  # fmt: skip
             result[name] = counter_deltas(server, vllm_counters + ears_counters, workload(name, xargs))
             result[name]["requests"] = [request_counts(server, f"{name}-{p}-{s}") for p, s in jobs]
+            result[name]["texts"] = texts[name]
+        # A seeded budgeted request again, alone this time: its ledger is its own, so its text is too.
+        result["budget_again"] = xargs_complete(server, PROMPTS[0], {"ears_budget": 0.05}, max_tokens=48,
+                                                temperature=1.0, seed=1)  # fmt: skip
         time.sleep(1.5)
         result["metrics"] = requests.get(server.url + "/metrics", timeout=10).text
         result["stats_route"] = requests.get(server.url + "/ears_vllm/stats", timeout=10).json()
@@ -424,6 +429,7 @@ def test_a_budget_holds_the_realised_added_tv_at_or_under_it(controls_run):
     assert verified > 100 and 0 < relaxed <= 0.05 * verified, run
     for request in run["requests"]:  # the budget holds for each request, not only on average
         assert request["relaxed"] <= 0.05 * request["random_verified"], request
+    assert controls_run["budget_again"] == run["texts"][0], "seeded: the same text in another batch"
 
 
 def test_metrics_show_the_ears_counters_and_agree_with_the_plugin_and_vllm(controls_run):
