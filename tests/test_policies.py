@@ -135,3 +135,44 @@ def test_every_policy_is_registered_with_its_runners():
     assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk"}
     mrv2 = {name for name, spec in POLICIES.items() if "MRV2" in spec.runners}
     assert mrv2 == {"standard", "ears", "fly", "sglang", "relaxed_topk"}
+
+
+def race_agreement_by_definition(p: torch.Tensor, q: torch.Tensor) -> float:
+    """sum_x 1 / sum_y max(p_y / p_x, q_y / q_x), over the x both distributions can pick (V^2, small V only)."""
+    total = 0.0
+    for x in range(len(p)):
+        if p[x] > 0 and q[x] > 0:
+            total += 1.0 / float(torch.maximum(p / p[x], q / q[x]).sum())
+    return total
+
+
+@pytest.mark.parametrize("zeros", [False, True], ids=["full-support", "disjoint-zeros"])
+def test_race_agreement_equals_its_definition_and_lies_within_its_bounds(zeros):
+    from ears_vllm.policies.closed_form import race_agreement
+
+    torch.manual_seed(0)
+    p, q = torch.softmax(torch.randn(6, 12) * 2, -1).double(), torch.softmax(torch.randn(6, 12) * 2, -1).double()
+    if zeros:  # tokens only one side can pick
+        p[:, :3], q[:, 3:5] = 0.0, 0.0
+        p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    agree = race_agreement(p, q)
+    for row in range(6):
+        assert float(agree[row]) == pytest.approx(race_agreement_by_definition(p[row], q[row]), rel=1e-9)
+    overlap = torch.minimum(p, q).sum(-1)  # 1 - TV
+    tv = 1 - overlap
+    assert bool(((1 - tv) / (1 + tv) <= agree + 1e-12).all() and (agree <= overlap + 1e-12).all())
+
+
+def test_race_agreement_by_hand_and_by_sampling():
+    from ears_vllm.policies.closed_form import race_agreement
+
+    # A one-hot draft always wins its race at d, so the races agree iff the target's picks d: p(d).
+    p = torch.tensor([[0.5, 0.3, 0.2]])
+    assert float(race_agreement(p, torch.tensor([[0.0, 1.0, 0.0]]))) == pytest.approx(0.3)
+    assert float(race_agreement(p, p)) == pytest.approx(1.0)  # the same distribution: the same winner
+    # Two tokens, p = (0.5, 0.5), q = (0.75, 0.25): x=0: 1 / (1 + max(1, 1/3)) = 1/2; x=1: 1 / (max(1, 3) + 1) = 1/4.
+    two = race_agreement(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.75, 0.25]]))
+    assert float(two) == pytest.approx(0.75)
+    keys = torch.empty(200_000, 2).exponential_(generator=torch.Generator().manual_seed(1))
+    agree = ((keys / torch.tensor([0.5, 0.5])).argmin(-1) == (keys / torch.tensor([0.75, 0.25])).argmin(-1)).double()
+    assert float(agree.mean()) == pytest.approx(0.75, abs=0.005)

@@ -8,6 +8,7 @@ from ears_vllm.policies.closed_form import (
     fly_position_probabilities,
     position_form,
     position_form_one_hot,
+    race_agreement,
 )
 from ears_vllm.policies.registry import PARAMS, POLICIES, Param, PolicySpec, fly_window, get_policy, settings_for
 from ears_vllm.policies.rules import (
@@ -42,6 +43,7 @@ __all__ = [
     "get_policy",
     "position_form",
     "position_form_one_hot",
+    "race_agreement",
     "rank_among_logits",
     "relaxed_topk_candidate",
     "settings_for",

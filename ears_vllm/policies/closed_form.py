@@ -168,3 +168,24 @@ def expected_acceptance_one_hot(
     """:func:`expected_acceptance` for ``q = one-hot(d)``."""
     form = position_form_one_hot(target_probs, draft_ids, policy, **settings)
     return form.accept, form.relaxed
+
+
+def race_agreement(
+    p: torch.Tensor,  # [n, V] target probabilities
+    q: torch.Tensor,  # [n, V] draft probabilities
+) -> torch.Tensor:  # [n]
+    """P(two exponential races on shared keys agree): the acceptance probability of one draft verified by shared
+    exponential races (ERSD, issue 18; not a policy yet). With one Exp(1) key E_y per token, the target's winner is
+    argmin E_y / p_y and the draft's argmin E_y / q_y; both pick x with probability 1 / sum_y max(p_y / p_x,
+    q_y / q_x). Sorting the tokens by r_y = p_y / q_y makes the sum (1 / p_x) * (sum of p over r_y >= r_x) +
+    (1 / q_x) * (sum of q over r_y < r_x), so the whole row costs a sort, not V^2. It lies in
+    [(1 - TV) / (1 + TV), 1 - TV], against standard rejection sampling's 1 - TV = sum min(p, q)."""
+    p, q = p.double(), q.double()
+    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.inf)
+    order = ratio.argsort(dim=-1)
+    p_sorted, q_sorted = p.gather(-1, order), q.gather(-1, order)
+    p_from = p_sorted.flip(-1).cumsum(-1).flip(-1)  # sum of p over the tokens at or after each in the order
+    q_before = q_sorted.cumsum(-1) - q_sorted  # sum of q over the tokens before each
+    both = (p_sorted > 0) & (q_sorted > 0)
+    total = p_from / p_sorted.clamp_min(1e-300) + q_before / q_sorted.clamp_min(1e-300)
+    return torch.where(both, 1.0 / total, 0.0).sum(-1)
