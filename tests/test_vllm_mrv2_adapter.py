@@ -35,6 +35,11 @@ with triton_interpreter():
         i = tl.program_id(0)
         tl.store(u_ptr + i, UNIFORM(tl.load(seed_ptr + i), tl.load(pos_ptr + i), False))
 
+    @triton.jit
+    def keyed_uniforms_kernel(u_ptr, seed_ptr, pos_ptr, offset_ptr, KEYED: tl.constexpr):
+        i = tl.program_id(0)
+        tl.store(u_ptr + i, KEYED(tl.load(seed_ptr + i), tl.load(pos_ptr + i), tl.load(offset_ptr + i)))
+
 
 # vLLM 0.33's MRV2 also imports FLy's module (its entropy and kernels).
 MRV2_MODULES = (() if importlib.util.find_spec("vllm.v1.spec_decode.fly") is None else ("vllm.v1.spec_decode.fly",)) + (
@@ -57,7 +62,8 @@ def mrv2():
             draw_uniforms_kernel[(len(pos),)](u, seed, pos, UNIFORM=uniform)
             return u
 
-        yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms)
+        gumbel = importlib.import_module(vllm_mrv2.RANDOM_MODULE)
+        yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms, gumbel=gumbel)
 
 
 def accepted_tokens(sampled: torch.Tensor, num_sampled: torch.Tensor) -> list[list[int]]:
@@ -452,3 +458,20 @@ def test_requests_reach_their_slots_through_vllms_sampler_and_rejection_sample(m
         states[0]: {"ears_tolerance": 1.0}, states[1]: {"ears_tolerance": 0.0}}))  # fmt: skip
     assert num_sampled.tolist() == expected[1].tolist()
     assert accepted_tokens(sampled, num_sampled) == accepted_tokens(expected[0], expected[1])
+
+
+def test_keyed_uniforms_in_pytorch_are_mrv2s_bit_for_bit(mrv2):
+    """ears_vllm.keys regenerates MRV2's keyed noise (murmur3_uniform32) on the host: seeds of both signs and
+    above 2**32, the drafter's salted positions, token ids across a 152k vocabulary."""
+    from ears_vllm.keys import DRAFT_NOISE_SALT, murmur3_uniform32
+
+    generator = torch.Generator().manual_seed(0)
+    n = 512
+    seed = torch.randint(-(2**62), 2**62, (n,), generator=generator)
+    seed[:4] = torch.tensor([0, 1, -1, 2**40 + 3])
+    pos = torch.randint(0, 40_000, (n,), generator=generator) + DRAFT_NOISE_SALT * (torch.arange(n) % 2)
+    offset = torch.randint(0, 151_936, (n,), generator=generator, dtype=torch.int32)
+    expected = torch.empty(n, dtype=torch.float32)
+    keyed_uniforms_kernel[(n,)](expected, seed, pos, offset, KEYED=mrv2.gumbel.murmur3_uniform32)
+    assert torch.equal(murmur3_uniform32(seed, pos, offset), expected)
+    assert bool(((expected > 0) & (expected < 1)).all())
