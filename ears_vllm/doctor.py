@@ -37,6 +37,8 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
         config = resolve_config(additional_config)
         source = "additional_config" if additional_config and "ears" in additional_config else "environment/defaults"
         shown = {"policy": config.policy, **config.settings, "on_unsupported": config.on_unsupported}
+        if config.budget is not None:
+            shown["budget"] = config.budget
         rows.append(("config", f"{json.dumps(shown)} (from {source})"))
     except ValueError as exc:
         config = None
@@ -78,4 +80,8 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
         rows.append(("vLLM expand_batch_to_tokens", "BROKEN here: the plugin replaces it" if broken else "correct"))
     if picked in plans:
         rows.append(("verification", f"{picked}: {plans[picked].summary}"))
+    allowed = os.environ.get("VLLM_PLUGINS")
+    metrics_on = allowed is not None and "ears_metrics" in allowed.split(",")
+    off = "not on /metrics: vLLM loads endpoint plugins only when named, VLLM_PLUGINS=ears,ears_metrics"
+    rows.append(("metrics", "ears_vllm_* on /metrics (VLLM_PLUGINS names ears_metrics)" if metrics_on else off))
     return rows

@@ -80,6 +80,13 @@ def test_doctor_says_per_runner_whether_ears_vllm_verifies(capsys):
         assert re.search(rf"hooks {runner} +found", out)
         assert re.search(rf"verification {runner} +ears-vllm verifies \(policy 'ears' on vLLM {VLLM_VERSION}\)", out)
     assert re.search(r"\nverification +V1: ears-vllm verifies", out)  # no GPU here: vLLM picks V1
+    assert re.search(r"metrics +not on /metrics: .* VLLM_PLUGINS=ears,ears_metrics", out)
+
+
+def test_doctor_shows_a_budget_and_whether_the_metrics_plugin_is_named(capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "ears,ears_metrics")
+    _, out = doctor(capsys, "--additional-config", '{"ears": {"policy": "ears", "budget": 0.03}}')
+    assert '"budget": 0.03' in out and re.search(r"metrics +ears_vllm_\* on /metrics", out)
 
 
 def test_doctor_names_vllms_own_method_and_the_runner_without_typical(capsys):
