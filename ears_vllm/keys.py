@@ -5,7 +5,7 @@ request with ``seed`` is ``murmur3_uniform32(seed, pos, offset)`` (``vllm/v1/wor
 drafter adds ``1 << 30`` to the position). :func:`murmur3_uniform32` computes the same float32 bits in PyTorch
 (uint32 arithmetic kept in int64 and masked), so a verifier on the host can regenerate exactly the noise MRV2's
 sampler and drafter used: the groundwork of exponential races with shared keys (ERSD, issue 18), where the key of
-token x is ``E_x = -log(u_x)``.
+token x is ``E_x = -log(1 - u_x)`` (MRV2's Gumbel noise is ``-log(E_x)``).
 """
 
 from __future__ import annotations

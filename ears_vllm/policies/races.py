@@ -2,7 +2,9 @@
 PyTorch. Groundwork: not a policy of the registry yet (no runner calls it; the drafter side is not built).
 
 Terms: every (request seed, position, token x) has a key ``u_x`` (:func:`ears_vllm.keys.murmur3_uniform32`) and
-so an Exp(1) variable ``E_x = -log(u_x)``. A distribution's *race winner* at a position is ``argmin_x E_x / p_x``,
+so an Exp(1) variable ``E_x = -log(1 - u_x)``, the one MRV2's Gumbel noise ``-log(E_x)`` is made of (its fp32
+path evaluates ``log(1 - u)`` by a degree-8 series below 0.25: matching MRV2's drafter bit for bit will need that
+series too). A distribution's *race winner* at a position is ``argmin_x E_x / p_x``,
 an exact sample of p (the exponential race, i.e. the Gumbel-max trick with ``G_x = -log E_x``). A drafter that
 samples its draft by the race of q on the same keys, and a verifier that accepts the drafts while they equal the
 target's winners and emits the target's winner at the first mismatch (and at the bonus position), emit exactly
@@ -26,7 +28,7 @@ def race_winners(
     """``argmin_x E_x / p_x`` per row, computed as ``argmax_x log p_x - log E_x`` (the same winner)."""
     tokens = torch.arange(logits.shape[-1], device=logits.device)
     keys = murmur3_uniform32(seed[:, None], pos[:, None], tokens[None, :])
-    exponential = -torch.log(keys.double())
+    exponential = -torch.log1p(-keys.double())
     return (logits.double().log_softmax(-1) - exponential.log()).argmax(-1)
 
 
