@@ -242,11 +242,9 @@ def markdown_table(rows: list[dict], env: dict[str, str]) -> str:
 
 
 def plot_kernel(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from ears_vllm.bench.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = sorted({(r["vocab"], r["dtype"], r["k"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for ax, (vocab, dtype, k) in zip(axes[0], panels, strict=True):
@@ -257,6 +255,4 @@ def plot_kernel(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*points, strict=True), marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="median us", title=f"V={vocab} {dtype} k={k}")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)

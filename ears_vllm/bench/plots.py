@@ -8,11 +8,26 @@ from pathlib import Path
 from ears_vllm.policies import POLICIES
 
 
-def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
+    plt = pyplot()
 
     written = []
     datasets = sorted({r["dataset"] for r in rows})
@@ -27,10 +42,7 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set(title=dataset, xlabel="EARS tolerance (0 = standard)", ylabel="mean acceptance length")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / "acceptance_length_vs_tolerance.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save(fig, out_dir / "acceptance_length_vs_tolerance.png"))
 
     # The price of each policy's acceptance in distribution, every policy on it (typical has no tolerance).
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
@@ -45,10 +57,7 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set(title=dataset, xlabel="added TV per verified position", ylabel="mean acceptance length")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / "acceptance_length_vs_added_tv.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save(fig, out_dir / "acceptance_length_vs_added_tv.png"))
 
     scored = [r for r in rows if r["accuracy"] is not None]
     if scored:
@@ -65,10 +74,7 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set(xlabel="mean acceptance length", ylabel="GSM8K accuracy", title="quality vs acceptance")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        written.append(out_dir / "accuracy_vs_acceptance_length.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save(fig, out_dir / "accuracy_vs_acceptance_length.png"))
     return written
 
 
@@ -89,10 +95,7 @@ def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_ke
     and the frontier drawn through the points no other point beats (y higher is better; x lower is better, a
     deviation, unless ``x_higher_better``, a quality). ``x_key`` may differ per group (a dict by group title).
     Rows whose x is None are left out (and the caller says why, e.g. no closed form)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
     for ax, (title, rows) in zip(axes[0], groups.items(), strict=True):
@@ -116,19 +119,13 @@ def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_ke
         ax.set(title=title, xlabel=xlabel if isinstance(x_key, str) else f"{xlabel} ({x_name})", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_budget(rows: list[dict], path: Path) -> Path:
     """Deviation budgets: the realised added TV per verified position against the budget asked (at or under the
     diagonal is kept), each point labelled with the mean acceptance length it bought."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r.get("budget") is not None and r["temperature"] > 0]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -145,7 +142,4 @@ def plot_budget(rows: list[dict], path: Path) -> Path:
            xlim=(0, top), ylim=(0, top))  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -57,11 +57,11 @@ def worker_stats(worker: Any = None) -> dict[str, Any]:
 
 
 def worker_request_stats(worker: Any = None, prefix: str = "") -> dict[str, Any]:
-    """The counts of the requests whose vLLM request id starts with ``prefix`` (V1 runner), on TP rank 0."""
+    """The counts of the requests whose vLLM request id starts with ``prefix`` (V1 runner), and whether they count
+    (TP rank 0; the caller keeps those)."""
     from ears_vllm.seam import vllm_v1
 
-    counts = vllm_v1.state.requests.starting_with(prefix) if tensor_parallel_rank() == 0 else {}
-    return {"counts": counts, "tp_rank": tensor_parallel_rank()}
+    return {"counts": vllm_v1.state.requests.starting_with(prefix), "tp_rank": tensor_parallel_rank()}
 
 
 def choices_of(response_id: str, per_worker: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,17 @@ def check_module(module_name: str, names: tuple[str, ...], function: str, parame
     return None
 
 
+def find_class(module_name: str, class_name: str, method: str) -> tuple[type | None, str | None]:
+    """``(the class, None)`` when ``module_name.class_name`` exists and has ``method``, else ``(None, why not)``."""
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:  # an import error of any kind means: leave vLLM alone
+        return None, f"cannot import {module_name}.{class_name} ({type(exc).__name__}: {exc})"
+    if not hasattr(cls, method):
+        return None, f"{module_name}.{class_name} has no {method}"
+    return cls, None
+
+
 def vllm_version() -> str:
     """The installed vLLM's version, as vLLM reports it (``unknown`` when it cannot be read)."""
     try:

@@ -36,8 +36,9 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.policies import fly_entropy, get_policy, rank_among_logits, relaxed_topk_candidate, settings_for
 from ears_vllm.seam import patches
-from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
+from ears_vllm.seam.hooks import check_module, find_class, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
+from ears_vllm.seam.vllm_requests import new_control, per_request_status
 from ears_vllm.stats import VerifyStats
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
@@ -103,15 +104,10 @@ class SlotControls:
         self._dirty = True
 
     def add_request(self, slot: int, sampling_params: Any) -> None:
-        from ears_vllm.control.budget import BUDGETED_TOLERANCE
-        from ears_vllm.seam.vllm_requests import new_control
-
         control = new_control(self.server, sampling_params, f"request in slot {slot}")
-        budget = control.ledger.budget if control.ledger is not None else 0.0
-        self.tolerance[slot] = BUDGETED_TOLERANCE if budget else control.config.tolerance
-        self.budget[slot] = budget
-        self.relaxes |= self.tolerance[slot] > 0
-        self.has_budget |= budget > 0
+        self.tolerance[slot], self.budget[slot] = control.tolerance, control.budget
+        self.relaxes |= control.tolerance > 0
+        self.has_budget |= control.budget > 0
         self._new.append(slot)
         self._dirty = True
 
@@ -206,22 +202,16 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         size = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 1024
         state.slots = SlotControls(config, int(size))
-        problem = _install_add_request_hook()
-        per_request = "on (tolerance, budget)" if problem is None else f"off ({problem})"
-        if problem is not None:
-            logger.warning("ears-vllm: per-request ears settings are not applied on this worker: %s", problem)
+        per_request = per_request_status(_install_add_request_hook(), applied="on (tolerance, budget)")
     log_plan(plan, config, logger, f" per_request={per_request}")
     return config if plan.verifies else None
 
 
 def _install_add_request_hook() -> str | None:
     """Wrap MRV2's ``Sampler.add_request`` so each request's slot gets its settings; None, or why it cannot."""
-    try:
-        sampler_cls = importlib.import_module(SAMPLER_MODULE).Sampler
-    except Exception as exc:
-        return f"cannot import {SAMPLER_MODULE}.Sampler ({type(exc).__name__}: {exc})"
-    if not hasattr(sampler_cls, "add_request"):
-        return f"{SAMPLER_MODULE}.Sampler has no add_request"
+    sampler_cls, problem = find_class(SAMPLER_MODULE, "Sampler", "add_request")
+    if sampler_cls is None:
+        return problem
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def add_request(self: Any, req_idx: int, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:

@@ -24,9 +24,10 @@ from typing import Any
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
-from ears_vllm.control.budget import BudgetLedger
+from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.requests import request_config, request_settings
 from ears_vllm.seam import patches
+from ears_vllm.seam.hooks import find_class
 
 logger = get_logger()
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
@@ -43,6 +44,16 @@ class RequestControl:
 
     config: EarsConfig
     ledger: BudgetLedger | None
+
+    @property
+    def tolerance(self) -> float:
+        """The tolerance it is verified with: the budgeted one under a budget (the cap bounds it), else its own."""
+        return BUDGETED_TOLERANCE if self.ledger is not None else self.config.tolerance
+
+    @property
+    def budget(self) -> float:
+        """Its budget B, 0 without one."""
+        return self.ledger.budget if self.ledger is not None else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,16 +155,20 @@ def _greedy() -> Any:
     return SamplingType.GREEDY
 
 
+def per_request_status(problem: str | None, applied: str = "on") -> str:
+    """The startup line's ``per_request=`` value for a worker whose per-request hook gave ``problem``; a problem
+    is also a warning (never silently inert)."""
+    if problem is None:
+        return applied
+    logger.warning("ears-vllm: per-request ears settings are not applied on this worker: %s", problem)
+    return f"off ({problem})"
+
+
 def install_runner_hook() -> str | None:
     """Wrap V1's ``GPUModelRunner._sample`` so the verifier sees each row's request; None, or why it cannot."""
-    import importlib
-
-    try:
-        runner_cls = importlib.import_module(RUNNER_MODULE).GPUModelRunner
-    except Exception as exc:
-        return f"cannot import {RUNNER_MODULE}.GPUModelRunner ({type(exc).__name__}: {exc})"
-    if not hasattr(runner_cls, "_sample"):
-        return f"{RUNNER_MODULE}.GPUModelRunner has no _sample"
+    runner_cls, problem = find_class(RUNNER_MODULE, "GPUModelRunner", "_sample")
+    if runner_cls is None:
+        return problem
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:

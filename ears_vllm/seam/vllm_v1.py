@@ -26,7 +26,6 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
-from ears_vllm.control.budget import BUDGETED_TOLERANCE
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
 from ears_vllm.seam import patches, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
@@ -102,10 +101,7 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
-        problem = vllm_requests.install_runner_hook()
-        per_request = "on" if problem is None else f"off ({problem})"
-        if problem is not None:
-            logger.warning("ears-vllm: per-request ears settings are not applied on this worker: %s", problem)
+        per_request = vllm_requests.per_request_status(vllm_requests.install_runner_hook())
     log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
               f" per_request={per_request}" + (" shadow=on" if state.shadow else ""))  # fmt: skip
     return config if plan.verifies else None
@@ -323,9 +319,8 @@ def verify_rows(
     """Verify each request with its own config and budget ledger, on the randoms vLLM drew for the batch: one
     :func:`ears_vllm.verify` per policy in the batch, on that policy's rows."""
     device = target_logits.device
-    tolerance = torch.tensor([BUDGETED_TOLERANCE if c.ledger else c.config.tolerance for c in controls],
-                             dtype=torch.float64, device=device)  # fmt: skip
-    budget = torch.tensor([c.ledger.budget if c.ledger else 0.0 for c in controls], dtype=torch.float64, device=device)
+    tolerance = torch.tensor([c.tolerance for c in controls], dtype=torch.float64, device=device)
+    budget = torch.tensor([c.budget for c in controls], dtype=torch.float64, device=device)
     slack = torch.tensor([c.ledger.slack if c.ledger else 0.0 for c in controls], dtype=torch.float64, device=device)
     policies = [c.config.policy for c in controls]
     counts = torch.as_tensor(num_draft_tokens, device=device)
