@@ -21,6 +21,9 @@ from ears_vllm.policies.registry import PARAMS, POLICIES, Param, get_policy
 # method vLLM keeps for itself): stop at startup ("error"), or log a warning and run vLLM's own rule.
 ON_UNSUPPORTED: tuple[str, ...] = ("error", "fallback")
 
+# Who holds a server budget's ledger: each request its own, or the requests together (control/budget.py).
+BUDGET_SCOPES: tuple[str, ...] = ("request", "server")
+
 # The deviation budget: relaxed acceptances allowed per verified position (the added TV per position).
 BUDGET = Param("budget", None, 0.0, 1.0, low_open=True, optional=True, doc="deviation budget per verified position")
 BUDGET_POLICIES = tuple(name for name, spec in POLICIES.items() if spec.only_adds_acceptances)
@@ -41,7 +44,12 @@ ENV_FIELDS: dict[str, str] = {
     "EARS_VLLM_MIN_RATIO": "min_ratio",
     "EARS_VLLM_ON_UNSUPPORTED": "on_unsupported",
 }
-_STRING_KEYS = ("policy", "on_unsupported")
+_STRING_KEYS = ("policy", "on_unsupported", "budget_scope")
+_STRING_VALUES: dict[str, tuple[str, ...]] = {
+    "policy": tuple(POLICIES),
+    "on_unsupported": ON_UNSUPPORTED,
+    "budget_scope": BUDGET_SCOPES,
+}
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -57,22 +65,29 @@ class EarsConfig:
     unused, so a preset can carry several. ``budget``: the deviation budget B (relaxed acceptances per verified
     position, i.e. the added TV per position, :mod:`ears_vllm.control.budget`), for a policy whose only deviation
     is added acceptances (ears, fly, relaxed_topk); the server then finds the tolerance, so a budget with a
-    non-zero ``tolerance`` is an error.
+    non-zero ``tolerance`` is an error. ``budget_scope``: ``"request"`` (default: each request holds its own
+    ledger; seeded text does not depend on the traffic) or ``"server"`` (the requests share one ledger, so the
+    run's realised rate comes within one acceptance of the budget).
     """
 
     policy: str
     on_unsupported: str
     budget: float | None
+    budget_scope: str
     params: tuple[tuple[str, float | int | None], ...]  # every PARAMS key with its value, in PARAMS order
 
     def __init__(
-        self, policy: str = "standard", on_unsupported: str = "error", budget: float | None = None, **params: Any
+        self,
+        policy: str = "standard",
+        on_unsupported: str = "error",
+        budget: float | None = None,
+        budget_scope: str = "request",
+        **params: Any,
     ) -> None:
         get_policy(policy)
-        if on_unsupported not in ON_UNSUPPORTED:
-            raise ValueError(
-                f"ears config key 'on_unsupported' = {on_unsupported!r} is not one of {list(ON_UNSUPPORTED)}"
-            )
+        for key, value in (("on_unsupported", on_unsupported), ("budget_scope", budget_scope)):
+            if value not in _STRING_VALUES[key]:
+                raise ValueError(f"ears config key {key!r} = {value!r} is not one of {list(_STRING_VALUES[key])}")
         budget = BUDGET.validate(budget)
         if budget is not None:
             check_budget_policy(policy, "ears config key 'budget'")
@@ -89,6 +104,7 @@ class EarsConfig:
         object.__setattr__(self, "policy", policy)
         object.__setattr__(self, "on_unsupported", on_unsupported)
         object.__setattr__(self, "budget", budget)
+        object.__setattr__(self, "budget_scope", budget_scope)
         object.__setattr__(self, "params", values)
 
     def __getattr__(self, name: str) -> Any:
@@ -109,7 +125,7 @@ class EarsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "on_unsupported": self.on_unsupported, "budget": self.budget,
-                **dict(self.params)}  # fmt: skip
+                "budget_scope": self.budget_scope, **dict(self.params)}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> EarsConfig:
@@ -123,7 +139,7 @@ class EarsConfig:
             )
         for key in _STRING_KEYS:
             if key in data and not isinstance(data[key], str):
-                value, allowed = data[key], list(POLICIES) if key == "policy" else list(ON_UNSUPPORTED)
+                value, allowed = data[key], list(_STRING_VALUES[key])
                 raise ValueError(f"ears config key {key!r} = {value!r} has type {type(value).__name__}; expected a "
                                  f"string, one of {allowed}")  # fmt: skip
         return cls(**{str(k): v for k, v in data.items()})

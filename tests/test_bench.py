@@ -211,7 +211,7 @@ def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     target, draft = tiny_pair
     config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e", datasets=[("gsm8k", None, 2)],
                        policies=parse_policies("standard,ears:0.5,fly:fly_window_size=1:fly_entropy_threshold=0,"
-                                               "ears:budget=0.1"),
+                                               "ears:budget=0.1,ears:budget=0.1:budget_scope=server"),
                        temperatures=[1.0], max_tokens=16, draft_sampling="probabilistic")  # fmt: skip
     rows = {r["policy"]: r for r in run_e2e(config, progress=False)}
     assert rows["ears-0.5"]["relaxed_per_draft"] > 0 and rows["standard"]["relaxed_per_draft"] == 0
@@ -220,6 +220,8 @@ def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     # A deviation budget: at or under it, spent (the tolerance is found online), plotted against what was asked.
     assert 0 < rows["ears-budget0.1"]["added_tv_per_verified"] <= 0.1
     assert rows["ears-budget0.1"]["budget"] == 0.1 and rows["ears-budget0.1"]["tolerance"] is None
+    pooled = rows["ears-budget0.1-server"]  # one ledger for the requests together
+    assert 0 < pooled["added_tv_per_verified"] <= 0.1 and pooled["budget_scope"] == "server"
     assert (config.out_dir / "budget_realised_vs_asked.png").stat().st_size > 0
     runs = {policy: json.loads((config.out_dir / f"gsm8k__{policy}.json").read_text()) for policy in rows}
     assert all(run["spec"]["draft_sample_method"] == "probabilistic" for run in runs.values())

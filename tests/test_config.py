@@ -24,6 +24,8 @@ BAD_DICTS = {
     "typical-delta-negative": ({"typical_delta": -1}, "typical_delta", "-1"),
     "unknown-key": ({"tolerence": 0.1}, "tolerence", "0.1"),
     "not-a-mapping": ([("policy", "ears")], "mapping", "policy"),
+    "unknown-budget-scope": ({"policy": "ears", "budget": 0.1, "budget_scope": "tenant"}, "budget_scope", "tenant"),
+    "budget-scope-not-a-string": ({"budget_scope": 1}, "budget_scope", "1"),
 }
 
 
@@ -42,6 +44,8 @@ def test_errors_say_what_is_allowed():
         EarsConfig.from_dict({"policy": "nope"})
     with pytest.raises(ValueError, match="allowed keys"):
         EarsConfig.from_dict({"tolerence": 0.1})
+    with pytest.raises(ValueError, match=r"\['request', 'server'\]"):
+        EarsConfig.from_dict({"budget_scope": "tenant"})
 
 
 def test_defaults_are_lossless():

@@ -10,7 +10,7 @@ import torch
 
 import ears_vllm
 from ears_vllm.config import EarsConfig
-from ears_vllm.control.budget import BudgetLedger
+from ears_vllm.control.budget import BudgetLedger, share_slack
 from ears_vllm.control.metrics import EarsCollector, aggregate
 from ears_vllm.control.requests import RequestSettings, request_config, request_settings
 from tests.triton_cpu import triton_interpreter
@@ -168,6 +168,76 @@ def test_a_long_run_under_a_budget_stays_at_or_under_it():
         ledger.record(accepted + (accepted < 5), out.num_relaxed.item())
         assert ledger.relaxed <= 0.05 * ledger.verified + 1e-9
     assert ledger.relaxed >= 0.05 * ledger.verified - 1
+
+
+# The pool's deal: whole units one pooled row at a time from the rotation's start, then the fraction.
+@pytest.mark.parametrize(
+    ("slack", "pooled", "start", "shares"),
+    [
+        (3.5, [1, 0, 1, 1, 1], 1, [0.5, 0, 1, 1, 1]),  # pooled rows 0,2,3,4; the deal starts at row 2
+        (9.25, [1, 1, 1], 0, [3.25, 3, 3]),  # more units than rows: around again
+        (0.75, [1, 1], 1, [0, 0.75]),  # no whole unit: the fraction to the row whose turn it is
+        (-0.5, [1, 1], 0, [0, 0]),  # nothing to deal
+        (2.0, [0, 0], 0, [0, 0]),  # no pooled row
+    ],
+    ids=["fraction-last", "around-again", "fraction-only", "overspent", "no-pooled-row"],
+)
+def test_the_pool_is_dealt_in_whole_units_by_turn(slack, pooled, start, shares):
+    dealt = share_slack(torch.tensor(slack, dtype=torch.float64), torch.tensor(pooled, dtype=torch.bool), start)
+    assert dealt.tolist() == shares
+
+
+def _pooled_and_per_request_run(budget: float, requests: int, steps: int) -> tuple[BudgetLedger, list[BudgetLedger]]:
+    """The same chains verified under one pool and under per-request ledgers (V1's verify_rows, T=1 drafts)."""
+    from ears_vllm.seam.vllm_requests import RequestControl
+    from ears_vllm.seam.vllm_v1 import verify_rows
+
+    config = EarsConfig(policy="ears", budget=budget)
+    pool, own = BudgetLedger(budget, shared=True), [BudgetLedger(budget) for _ in range(requests)]
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        logits = torch.randn(requests * 4, 32, generator=generator)
+        draft = torch.softmax(torch.randn(requests * 4, 32, generator=generator), -1)
+        args = dict(target_logits=logits, draft_token_ids=torch.multinomial(draft, 1, generator=generator).squeeze(1),
+                    num_draft_tokens=[4] * requests, bonus_token_ids=torch.zeros(requests, dtype=torch.long),
+                    draft_probs=draft, is_greedy=torch.zeros(requests, dtype=torch.bool),
+                    uniform=torch.rand(requests * 4, dtype=torch.float64, generator=generator),
+                    noise=torch.empty(requests, 32).exponential_(generator=generator), max_spec_len=4)  # fmt: skip
+        for ledgers in ([pool] * requests, own):
+            out = verify_rows([RequestControl(config, ledger) for ledger in ledgers], **args)
+            counts = zip(ledgers, out.num_accepted.tolist(), out.num_relaxed.tolist(), strict=True)
+            for ledger, accepted, relaxed in counts:
+                ledger.record(accepted + (accepted < 4), relaxed)
+            assert all(ledger.relaxed <= budget * ledger.verified + 1e-9 for ledger in ledgers)  # after every step
+    return pool, own
+
+
+def test_a_pooled_budget_is_spent_to_within_one_acceptance_where_per_request_ledgers_floor():
+    """Eight requests of 40 steps at B = 0.02: each request's own ledger allows floor(0.02 V) (about 1) relaxed
+    acceptances, the pool the fractions too."""
+    pool, own = _pooled_and_per_request_run(0.02, requests=8, steps=40)
+    assert 0.02 * pool.verified - 1 <= pool.relaxed <= 0.02 * pool.verified
+    assert all(ledger.relaxed <= math.floor(0.02 * ledger.verified) for ledger in own)
+    assert sum(ledger.relaxed for ledger in own) < pool.relaxed
+    assert pool.steps == 40  # dealt out once per step
+
+
+@pytest.mark.parametrize(
+    ("scope", "asked", "shared"),
+    [("server", {}, True), ("server", {"ears_budget": 0.05}, False), ("request", {}, False)],
+    ids=["server-scope", "own-budget", "request-scope"],
+)
+def test_requests_on_the_servers_budget_share_its_pool_when_it_is_server_scoped(monkeypatch, scope, asked, shared):
+    from vllm.sampling_params import SamplingParams
+
+    from ears_vllm.seam import vllm_requests
+
+    monkeypatch.setattr(vllm_requests, "_pools", {})
+    server = EarsConfig(policy="ears", budget=0.02, budget_scope=scope)
+    first, second = (vllm_requests.new_control(server, SamplingParams(temperature=1.0, extra_args=asked), "r")
+                     for _ in range(2))  # fmt: skip
+    assert (first.ledger is second.ledger) == shared and first.ledger.shared == shared
+    assert first.tolerance == 1.0  # the budgeted tolerance: the cap bounds it
 
 
 @pytest.mark.parametrize(

@@ -428,11 +428,32 @@ def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(m
     # The third request has no budget: as uncapped. The capped ones relax at most B per verified position.
     assert (num_sampled[2], num_relaxed[2]) == (uncapped[1][2], uncapped[2][2])
     assert int(uncapped[2][:2].sum()) > int(num_relaxed[:2].sum()), "the cap must bind in this batch"
-    _, _, slack = slots.tensors(batch["temperature"].device)
+    slack = slots.tensors(batch["temperature"].device)[2]
     for r, rate in ((0, 0.5), (1, 1.0)):
         verified = num_accepted[r] + (num_accepted[r] < 3)
         assert num_relaxed[r] <= rate * verified
         assert float(slack[states[r]]) == pytest.approx(rate * verified - int(num_relaxed[r]))
+
+
+def test_a_server_pool_is_dealt_to_the_batch_and_gathered_back_on_the_device(mrv2, monkeypatch):
+    """budget_scope "server": the pool's slack goes to the pooled rows in whole units before the walk, each row
+    is capped by its share, and what they leave is the pool's slack after it (nothing is lost or made)."""
+    from ears_vllm.seam import vllm_requests
+
+    monkeypatch.setattr(vllm_requests, "_pools", {})
+    batch = mrv2_batch(1, **STEPS["random-full-draft"])
+    server = EarsConfig(policy="ears", min_ratio=0.05, budget=0.1, budget_scope="server")
+    slots = slots_for(batch, server, {})
+    per_request = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server.merged(
+        {"budget_scope": "request"}), {}))  # fmt: skip
+    assert int(per_request[2].sum()) == 0  # without slack, no request can relax at B = 0.1 in one step
+    pool = slots.tensors(batch["temperature"].device)[4]
+    pool.fill_(1.5)  # the pool as earlier steps left it: one whole relaxed acceptance and a half
+    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
+    verified = sum(a + (a < 3) for a in (num_sampled - 1).tolist())
+    assert int(num_relaxed.sum()) == 1  # the whole unit was spent, by the row it was dealt to
+    assert float(pool) == pytest.approx(1.5 + 0.1 * verified - 1)
+    assert slots.pool_steps == 1
 
 
 def test_requests_reach_their_slots_through_vllms_sampler_and_rejection_sample(mrv2, monkeypatch):

@@ -60,7 +60,8 @@ def parse_policies(text: str) -> dict[str, dict]:
     parameter (``ears:0.1`` is tolerance 0.1), ``key=value`` any of its parameters. The label joins the values:
     ``"standard,ears:0.1,fly:fly_window_size=2,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.5"``
     -> ``standard``, ``ears-0.1``, ``fly-2``, ``sglang-0.3-0.5``. ``budget=B`` sets a deviation budget
-    (``ears:budget=0.03`` -> ``ears-budget0.03``)."""
+    (``ears:budget=0.03`` -> ``ears-budget0.03``), ``budget_scope=server`` pools it across requests
+    (``ears:budget=0.03:budget_scope=server`` -> ``ears-budget0.03-server``)."""
     policies = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, *fields = item.split(":")
@@ -75,13 +76,17 @@ def parse_policies(text: str) -> dict[str, dict]:
             elif key == "budget":
                 settings[key] = _number(item, key, raw)
                 continue
+            elif key == "budget_scope":
+                settings[key] = raw
+                continue
             elif key not in spec.params:
                 raise ValueError(
                     f"--policies {item!r}: {key!r} is not a parameter of {name!r}; it has {list(spec.params)}"
                 )
             settings[key] = _number(item, key, raw)
         EarsConfig.from_dict(settings)  # fail here, not an hour into the run
-        label = (f"budget{v:g}" if k == "budget" else f"{v:g}" for k, v in settings.items() if k != "policy")
+        label = (f"budget{v:g}" if k == "budget" else v if k == "budget_scope" else f"{v:g}"
+                 for k, v in settings.items() if k != "policy")  # fmt: skip
         policies["-".join([name, *label])] = settings
     if not policies:
         raise ValueError(f"--policies {text!r} names no policy")
@@ -251,6 +256,7 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
         "policy": policy,
         "tolerance": ears.get("tolerance", 0.0) if ears["policy"] == "ears" and "budget" not in ears else None,
         "budget": ears.get("budget"),  # a deviation budget (control.budget): the tolerance is found online
+        "budget_scope": ears.get("budget_scope", "request") if ears.get("budget") is not None else None,
         "temperature": temperature,
         "mean_acceptance_length": 1 + total("accepted") / drafts,
         "acceptance_rate": total("accepted") / max(total("draft_tokens"), 1),

@@ -129,11 +129,15 @@ def plot_budget(rows: list[dict], path: Path) -> Path:
 
     rows = [r for r in rows if r.get("budget") is not None and r["temperature"] > 0]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for n, group in enumerate(sorted({(r["dataset"], r["temperature"]) for r in rows})):
+
+    def group_of(row: dict) -> tuple:
+        return row["dataset"], row["temperature"], row.get("budget_scope") or "request"
+
+    for n, group in enumerate(sorted({group_of(r) for r in rows})):
         points = sorted((r["budget"], r["added_tv_per_verified"], r["mean_acceptance_length"]) for r in rows
-                        if (r["dataset"], r["temperature"]) == group)  # fmt: skip
+                        if group_of(r) == group)  # fmt: skip
         asked, realised, _ = zip(*points, strict=True)
-        ax.plot(asked, realised, marker="o", color=f"C{n}", label=f"{group[0]}, T={group[1]:g}")
+        ax.plot(asked, realised, marker="o", color=f"C{n}", label=f"{group[0]}, T={group[1]:g}, per {group[2]}")
         for x, y, a in points:
             ax.annotate(f"accept. length {a:.2f}", (x, y), fontsize=7, textcoords="offset points", xytext=(4, -10))
     top = max(r["budget"] for r in rows) * 1.1

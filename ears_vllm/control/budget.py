@@ -1,4 +1,4 @@
-"""A deviation budget: at most B relaxed acceptances per verified position, held per request.
+"""A deviation budget: at most B relaxed acceptances per verified position, held per request or per server.
 
 Terms: a request's *ledger* counts its verified positions V (every accepted draft and the first rejected one
 of each step, on sampled requests) and its relaxed acceptances R (drafts accepted only because of the
@@ -14,15 +14,23 @@ it goes), so each unit of budget is spent on the first rejection the relaxation 
 the request accepts as much as B allows. The tolerance thus moves online between "relax anything" and
 "standard" with the slack, position by position.
 
-Why per request, not per server: a request's ledger depends only on its own steps, so a seeded request gives
-the same text whatever else the server runs (a server-wide ledger would spend one tenant's budget on
-another's traffic and make seeded output depend on the load). The price is granularity: a request ends with
-``R`` between ``B * V - 1`` and ``B * V``, so a short request at a small budget spends a little less than B.
+Scope (config key ``budget_scope``). ``"request"`` (the default): each request holds its own ledger, which
+depends only on its own steps, so a seeded request gives the same text whatever else the server runs. The price
+is granularity: relaxed acceptances are whole, so a request spends at most ``floor(B * V)``; at B = 0.01 a
+request of 170 verified positions may relax once (0.006). ``"server"``: the requests that run the server's
+budget share one ledger (a *pool*), so the fractions add up across requests and the realised rate of the run
+comes within one acceptance of ``B * V``; the price is that a seeded request's text then depends on the
+traffic it shared the pool with. A request's own ``ears_budget`` always holds its own ledger.
+
+Before each step the pool's slack is dealt to the rows that share it by :func:`share_slack`, and each row is
+capped by its share as above, so the step cannot overspend the pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import torch
 
 # The tolerance a budgeted request runs with: the cap, not the tolerance, bounds its deviation.
 BUDGETED_TOLERANCE = 1.0
@@ -35,6 +43,8 @@ class BudgetLedger:
     budget: float  # B: relaxed acceptances allowed per verified position
     verified: int = 0
     relaxed: int = 0
+    shared: bool = False  # the server's pool (budget_scope "server"), dealt out by share_slack each step
+    steps: int = 0  # steps the pool was dealt out in (where the deal's rotation starts)
 
     @property
     def slack(self) -> float:
@@ -44,3 +54,22 @@ class BudgetLedger:
     def record(self, verified: int, relaxed: int) -> None:
         self.verified += verified
         self.relaxed += relaxed
+
+
+def share_slack(
+    slack: torch.Tensor,  # [] float64: the pool's slack
+    pooled: torch.Tensor,  # [num_rows] bool: the rows that share the pool
+    start: int,  # the rotation: which pooled row is dealt to first
+) -> torch.Tensor:  # [num_rows] float64: each pooled row's share (0 elsewhere), summing to ``slack``
+    """Deal the pool's slack to the rows that share it: whole units one row at a time, starting at pooled row
+    ``start mod n`` and wrapping around, then the fraction to the next row in turn.
+
+    Whole units because a row can relax only with a whole relaxed acceptance of slack (an even split would
+    strand the pool until every row held one); a rotating start so that no row waits for its turn for long.
+    Device tensors in, device tensor out: no host synchronisation (MRV2 deals on the GPU)."""
+    count = pooled.sum().clamp_min(1)
+    turn = (pooled.cumsum(0) - 1 - start) % count  # each pooled row's place in this step's deal
+    units = slack.clamp_min(0).floor()
+    whole = torch.div(units, count, rounding_mode="floor") + (turn < units % count).to(slack.dtype)
+    fraction = (turn == units % count).to(slack.dtype) * (slack.clamp_min(0) - units)
+    return torch.where(pooled, whole + fraction, torch.zeros_like(whole))

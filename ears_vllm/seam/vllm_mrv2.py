@@ -34,6 +34,7 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
+from ears_vllm.control.budget import share_slack
 from ears_vllm.policies import fly_entropy, get_policy, rank_among_logits, relaxed_topk_candidate, settings_for
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import check_module, find_class, signature_of, vllm_version
@@ -99,32 +100,57 @@ class SlotControls:
         self.budget = [0.0] * size
         self.relaxes = not server.is_lossless  # some request may relax: the walk runs the policy's branch
         self.has_budget = False
+        self.pooled = [False] * size  # slots that share the server's pool (budget_scope "server")
+        self.pool_steps = 0
         self._new: list[int] = []  # slots whose ledger starts afresh at the next step
-        self._device: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._device: tuple[torch.Tensor, ...] | None = None
         self._dirty = True
 
     def add_request(self, slot: int, sampling_params: Any) -> None:
         control = new_control(self.server, sampling_params, f"request in slot {slot}")
         self.tolerance[slot], self.budget[slot] = control.tolerance, control.budget
+        self.pooled[slot] = control.ledger is not None and control.ledger.shared
         self.relaxes |= control.tolerance > 0
         self.has_budget |= control.budget > 0
         self._new.append(slot)
         self._dirty = True
 
-    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tolerance [size] float32, budget [size] float64, slack [size] float64) on ``device``."""
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(tolerance [size] float32, budget [size] float64, slack [size] float64, pooled [size] bool, pool []
+        float64: the server pool's slack) on ``device``."""
         if self._device is None or self._device[0].device != device:
-            self._device = (torch.empty(len(self.tolerance), dtype=torch.float32, device=device),
-                            torch.empty(len(self.tolerance), dtype=torch.float64, device=device),
-                            torch.zeros(len(self.tolerance), dtype=torch.float64, device=device))  # fmt: skip
-        tolerance, budget, slack = self._device
+            size = len(self.tolerance)
+            self._device = (torch.empty(size, dtype=torch.float32, device=device),
+                            torch.empty(size, dtype=torch.float64, device=device),
+                            torch.zeros(size, dtype=torch.float64, device=device),
+                            torch.zeros(size, dtype=torch.bool, device=device),
+                            torch.zeros((), dtype=torch.float64, device=device))  # fmt: skip
+        tolerance, budget, slack, pooled, _ = self._device
         if self._dirty:
             tolerance.copy_(torch.tensor(self.tolerance, dtype=torch.float32), non_blocking=True)
             budget.copy_(torch.tensor(self.budget, dtype=torch.float64), non_blocking=True)
+            pooled.copy_(torch.tensor(self.pooled), non_blocking=True)
             if self._new:
                 slack.index_fill_(0, torch.tensor(self._new, device=device), 0.0)
             self._new, self._dirty = [], False
-        return tolerance, budget, slack
+        return self._device
+
+    def deal_pool(self, idx_mapping: torch.Tensor) -> torch.Tensor | None:  # [num_reqs] slots of the batch rows
+        """Before the walk: deal the server pool's slack to the batch's pooled slots (:func:`share_slack`), on
+        the device; returns the rows' pooled mask [num_reqs] for :meth:`gather_pool` (None without a pool)."""
+        if not any(self.pooled):
+            return None
+        _, _, slack, pooled, pool = self._device
+        rows = pooled[idx_mapping]
+        slack[idx_mapping] = torch.where(rows, share_slack(pool, rows, self.pool_steps), slack[idx_mapping])
+        self.pool_steps += 1
+        return rows
+
+    def gather_pool(self, idx_mapping: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """After the walk: the pool's slack is what its rows left (a finished request's share is not lost)."""
+        if rows is not None:
+            _, _, slack, _, pool = self._device
+            pool.copy_(torch.where(rows, slack[idx_mapping], 0.0).sum())
 
 
 class _State:
@@ -336,7 +362,8 @@ def verify_mrv2(
     spec = get_policy(config.policy)
     settings = settings_for(config.policy, dict(config.params), num_speculative_steps)
     if slots is not None:
-        tolerance, budget, budget_slack = slots.tensors(temperature.device)
+        tolerance, budget, budget_slack, _, _ = slots.tensors(temperature.device)
+        pooled_rows = slots.deal_pool(idx_mapping)
     else:
         tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)
         budget = budget_slack = tolerance  # never read without HAS_BUDGET
@@ -363,6 +390,8 @@ def verify_mrv2(
         POLICY=0 if config.is_lossless and (slots is None or not slots.relaxes) else spec.kernel_id,
         UNIFORM=uniform, HAS_BUDGET=slots is not None and slots.has_budget, num_warps=1,
     )  # fmt: skip
+    if slots is not None:
+        slots.gather_pool(idx_mapping, pooled_rows)
     if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
         shared |= dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
 

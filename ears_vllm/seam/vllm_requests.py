@@ -25,7 +25,7 @@ from typing import Any
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
-from ears_vllm.control.requests import request_config, request_settings
+from ears_vllm.control.requests import RequestSettings, request_config, request_settings
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import find_class
 
@@ -140,13 +140,27 @@ def new_control(server: EarsConfig, params: Any, who: str) -> RequestControl:
     Greedy requests stay greedy whatever they ask (the server's config); settings the API server would have
     refused (an offline caller's) are logged and replaced by the server's."""
     sampled = params is not None and params.sampling_type != _greedy()
-    config = server
+    config, asked = server, RequestSettings()
     if sampled:
         try:
-            config = request_config(server, request_settings(params.extra_args))
+            asked = request_settings(params.extra_args)
+            config = request_config(server, asked)
         except ValueError as exc:
             logger.warning("ears-vllm: %s: %s; it is verified with the server's config", who, exc)
-    return RequestControl(config, BudgetLedger(config.budget) if sampled and config.budget else None)
+            config, asked = server, RequestSettings()
+    if not (sampled and config.budget):
+        return RequestControl(config, None)
+    if server.budget_scope == "server" and asked.budget is None:  # the server's budget: its pool
+        return RequestControl(config, server_pool(server.budget))
+    return RequestControl(config, BudgetLedger(config.budget))
+
+
+_pools: dict[float, BudgetLedger] = {}
+
+
+def server_pool(budget: float) -> BudgetLedger:
+    """This process's shared ledger for the server's budget (``budget_scope: "server"``)."""
+    return _pools.setdefault(budget, BudgetLedger(budget, shared=True))
 
 
 def _greedy() -> Any:

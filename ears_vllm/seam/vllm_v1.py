@@ -26,6 +26,7 @@ import torch
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
+from ears_vllm.control.budget import share_slack
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
 from ears_vllm.seam import patches, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
@@ -322,6 +323,11 @@ def verify_rows(
     tolerance = torch.tensor([c.tolerance for c in controls], dtype=torch.float64, device=device)
     budget = torch.tensor([c.budget for c in controls], dtype=torch.float64, device=device)
     slack = torch.tensor([c.ledger.slack if c.ledger else 0.0 for c in controls], dtype=torch.float64, device=device)
+    pool = next((c.ledger for c in controls if c.ledger is not None and c.ledger.shared), None)
+    if pool is not None:  # the server's pool, dealt out to the rows that share it
+        pooled = torch.tensor([c.ledger is pool for c in controls], device=device)
+        slack = torch.where(pooled, share_slack(slack.new_tensor(pool.slack), pooled, pool.steps), slack)
+        pool.steps += 1
     policies = [c.config.policy for c in controls]
     counts = torch.as_tensor(num_draft_tokens, device=device)
     results = []
