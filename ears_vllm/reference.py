@@ -69,7 +69,7 @@ def verify_reference(
         draft_prob = draft_probs.gather(-1, safe_ids).squeeze(-1).to(torch.float32)
     token_greedy = is_greedy[req_of_token]
     positions = DraftPositions(target_logits, target_probs, draft_ids, draft_prob, uniform, tolerance[req_of_token],
-                               token_greedy, num_draft_tokens, req_of_token)  # fmt: skip
+                               token_greedy, num_draft_tokens, req_of_token, draft_probs)  # fmt: skip
 
     spec = get_policy(config.policy)
     accept = spec.rule(positions, settings_for(config.policy, dict(config.params), max_spec_len))

@@ -56,6 +56,11 @@ def naive_verify(
                     t = tolerance[req] * (1.0 - float(probs.max()))
                     threshold = min(u, max(u - t, min_ratio))
                     ok = std_ok or (d >= 0 and p > 0 and q > 0 and ratio >= threshold)
+                elif policy == "adasd":  # the request's learnt threshold comes as its tolerance
+                    q_row = [float(x) for x in draft_probs[token]] if draft_probs is not None else None
+                    js = js_distance([float(x) for x in probs], q_row, d)
+                    tau = tolerance[req]
+                    ok = std_ok or (d >= 0 and p > 0 and q > 0 and tau > 0 and js <= tau)
                 else:
                     h = -sum(float(x) * math.log(float(x)) for x in probs if float(x) > 0)
                     ok = d >= 0 and p > min(typical_eps, typical_delta * math.exp(-h))
@@ -84,3 +89,13 @@ def naive_verify(
         relaxed_counts.append(relaxed_count)
         rows.append(out + [-1] * (width - len(out)))
     return rows, accepted_counts, relaxed_counts
+
+
+def js_distance(p: list[float], q: list[float] | None, d: int) -> float:
+    """The Jensen-Shannon distance in bits; q None: the point mass at d."""
+    if q is None:
+        q = [1.0 if x == d else 0.0 for x in range(len(p))]
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+    kl_p = sum(a * math.log2(a / c) for a, c in zip(p, m, strict=True) if a > 0)
+    kl_q = sum(b * math.log2(b / c) for b, c in zip(q, m, strict=True) if b > 0)
+    return math.sqrt(min(max(0.5 * (kl_p + kl_q), 0.0), 1.0))

@@ -71,6 +71,15 @@ def test_kernel_equals_reference(config, name, full_draft, vocab):
     assert_kernel_equals_reference(batch, config, torch.tensor(GREEDY[name]), block_size=128, num_splits=3)
 
 
+def test_adasd_relaxes_up_to_each_requests_threshold():
+    batch = verify_batch(BATCHES["batch7-ragged-with-zeros"], 1037, seed=5, full_draft=True)
+    tau = torch.tensor([0.0, 0.5, 0.7, 0.9, 0.6, 0.8, 1.0], dtype=torch.float64)  # learnt JS thresholds
+    result = assert_kernel_equals_reference(
+        batch, EarsConfig(policy="adasd"), torch.zeros(7, dtype=torch.bool), tau, block_size=256
+    )
+    assert result.num_relaxed.sum() > 0, "the test must exercise relaxed acceptances"
+
+
 def test_per_request_tolerance():
     batch = verify_batch(BATCHES["batch7-ragged-with-zeros"], 1037, seed=5, full_draft=False)
     tolerance = torch.tensor([0.0, 0.2, 0.5, 1.0, 0.1, 0.9, 0.3], dtype=torch.float64)

@@ -7,6 +7,8 @@ threshold, so float32 rounding of ``p`` cannot decide a case.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -132,7 +134,7 @@ def test_exact_added_tv_matches_the_sampled_output(policy):
 
 
 def test_every_policy_is_registered_with_its_runners():
-    assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk"}
+    assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk", "adasd"}
     mrv2 = {name for name, spec in POLICIES.items() if "MRV2" in spec.runners}
     assert mrv2 == {"standard", "ears", "fly", "sglang", "relaxed_topk"}
 
@@ -176,3 +178,46 @@ def test_race_agreement_by_hand_and_by_sampling():
     keys = torch.empty(200_000, 2).exponential_(generator=torch.Generator().manual_seed(1))
     agree = ((keys / torch.tensor([0.5, 0.5])).argmin(-1) == (keys / torch.tensor([0.75, 0.25])).argmin(-1)).double()
     assert float(agree.mean()) == pytest.approx(0.75, abs=0.005)
+
+
+# AdaSD's learnt thresholds (policies.adasd), on scripted steps worked by hand.
+@pytest.mark.parametrize(
+    ("steps", "tau_acc", "tau_len"),
+    [
+        ([], 0.0, math.inf),  # nothing seen: no relaxation, full drafts
+        # JS (0.1, 0.3) natively accepted, 0.7 the first rejection: means 0.2 and 0.7, midpoint 0.45; the third
+        # draft (0.9) was not verified. Entropies 1, 2 accepted, 4 rejected: means 1.5 and 4 -> 2.75.
+        ([([0.1, 0.3, 0.7, 0.9], [True, True, False, True], 2, [1.0, 2.0, 4.0, 8.0])], 0.45, 2.75),
+        # Only acceptances so far: no threshold on either side.
+        ([([0.1, 0.2], [True, True], 2, [1.0, 1.0])], 0.0, math.inf),
+        # A relaxed acceptance (accepted, not natively) counts on the rejected side for JS, the accepted side for
+        # entropy: JS accepted {0.2}, rejected {0.4, 0.6} -> (0.2 + 0.5) / 2; entropy accepted {1, 3}, rejected
+        # {5} -> (2 + 5) / 2.
+        ([([0.2, 0.4, 0.6], [True, False, False], 2, [1.0, 3.0, 5.0])], 0.35, 3.5),
+        # A statistic that does not separate (accepted mean above rejected): no threshold.
+        ([([0.8, 0.1], [True, False], 1, [6.0, 1.0])], 0.0, math.inf),
+        # Two steps add up: JS accepted {0.1, 0.3}, rejected {0.5, 0.9} -> (0.2 + 0.7) / 2.
+        ([([0.1, 0.5], [True, False], 1, []), ([0.3, 0.9], [True, False], 1, [])], 0.45, math.inf),
+    ],
+    ids=["cold", "one-step", "no-rejection-yet", "relaxed-counts-as-rejected", "not-separating", "two-steps"],
+)
+def test_adasd_thresholds_are_midpoints_of_what_each_request_saw(steps, tau_acc, tau_len):
+    from ears_vllm.policies.adasd import AdasdState
+
+    state = AdasdState()
+    for js, native, num_accepted, entropies in steps:
+        state.proposed_entropies = entropies
+        state.record_step(js, native, num_accepted)
+    assert state.tau_acc == pytest.approx(tau_acc) and state.tau_len == pytest.approx(tau_len)
+    assert state.proposed_entropies == []
+
+
+@pytest.mark.parametrize("p_d", [0.0, 0.3, 0.9, 1.0], ids=lambda p: f"p{p}")
+def test_the_one_hot_js_distance_is_the_dense_one(p_d):
+    from ears_vllm.policies.adasd import js_distance
+
+    p = torch.tensor([[p_d, (1 - p_d) / 2, (1 - p_d) / 2]])
+    one_hot = js_distance(p, torch.tensor([0]), None)
+    dense = js_distance(p, torch.tensor([0]), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert float(one_hot) == pytest.approx(float(dense), abs=1e-6)
+    assert float(one_hot) == pytest.approx({0.0: 1.0, 1.0: 0.0}.get(p_d, float(one_hot)))

@@ -42,6 +42,7 @@ POLICIES = {
     "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
     "ears-1-no-floor": EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.0),
     "typical": EarsConfig(policy="typical"),
+    "adasd": EarsConfig(policy="adasd"),  # its threshold per request, as the tolerance (0 without one: none)
 }
 SHAPES = {
     "k4-batch3": [4, 4, 4],
@@ -93,7 +94,7 @@ TARGET = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.03, 0.01, 0.0])  # last t
 DRAFT = torch.tensor([0.10, 0.30, 0.05, 0.25, 0.05, 0.10, 0.10, 0.05])
 
 
-def sample_first_tokens(config: EarsConfig, draft: torch.Tensor | None, n: int, seed: int):
+def sample_first_tokens(config: EarsConfig, draft: torch.Tensor | None, n: int, seed: int, tolerance=None):
     """Verify ``n`` independent single-draft requests on the same (p, q); return emitted tokens & counts."""
     g = torch.Generator().manual_seed(seed)
     logits = TARGET.log().expand(n, -1).contiguous()
@@ -107,6 +108,7 @@ def sample_first_tokens(config: EarsConfig, draft: torch.Tensor | None, n: int, 
         draft_probs=q.expand(n, -1).contiguous(),
         generator=g,
         config=config,
+        tolerance=None if tolerance is None else torch.full((n,), tolerance, dtype=torch.float64),
     )
     return result.token_ids[:, 0], result.num_accepted.float().mean(), result.num_relaxed.float().mean()
 
@@ -178,11 +180,18 @@ def test_one_hot_closed_form_reads_one_column_and_agrees_with_the_dense_one(sett
     assert (one_hot[0][draft_ids < 5] == 0).all()
 
 
-@pytest.mark.parametrize("tolerance", [0.5, 1.0], ids=lambda t: f"beta{t}")
-def test_masked_token_is_never_accepted(tolerance):
+@pytest.mark.parametrize(
+    ("config", "tolerance"),
+    [
+        (EarsConfig(policy="ears", tolerance=0.5, min_ratio=0.0), None),
+        (EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.0), None),
+        (EarsConfig(policy="adasd"), 1.0),  # a JS threshold of 1 passes every distance
+    ],
+    ids=["ears-beta0.5", "ears-beta1", "adasd-tau1"],
+)
+def test_masked_token_is_never_accepted(config, tolerance):
     masked_draft = torch.nn.functional.one_hot(torch.tensor(7), 8).float()  # p(7) = 0
-    config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=0.0)
-    tokens, accept_rate, _ = sample_first_tokens(config, masked_draft, 50_000, seed=3)
+    tokens, accept_rate, _ = sample_first_tokens(config, masked_draft, 50_000, seed=3, tolerance=tolerance)
     assert accept_rate == 0
     assert not (tokens == 7).any()
 

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies import get_policy, settings_for
+from ears_vllm.policies.adasd import js_distance
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
 
 
@@ -162,6 +163,7 @@ def _accept_kernel(
     argmax_idx_ptr,  # [num_tokens, num_splits]
     rank_ptr,  # [num_tokens, num_splits] int32: logits above the draft's, per split (relaxed_topk)
     top_logits_ptr,  # [num_tokens, FLY_TOP_K] the largest logits of each row (fly)
+    relax_ptr,  # [num_tokens] int8: JS(p, q) <= the request's learnt threshold (adasd), taken on the host
     row_max_ptr,  # [num_tokens] out: merged max logit M
     row_sumexp_ptr,  # [num_tokens] out: merged sum exp(x - M)
     out_tokens_ptr,  # [batch, max_spec_len + 1] int32, prefilled with -1
@@ -172,7 +174,8 @@ def _accept_kernel(
     max_spec_len,
     relaxed_topk,
     fly_window,
-    POLICY: tl.constexpr,  # PolicySpec.kernel_id: 0 standard, 1 ears, 2 typical, 3 fly, 4 sglang, 5 relaxed_topk
+    POLICY: tl.constexpr,  # PolicySpec.kernel_id: 0 standard, 1 ears, 2 typical, 3 fly, 4 sglang, 5 relaxed_topk,
+    #                        6 adasd
     ARGMAX_RECOVERY: tl.constexpr,  # the policy emits the target argmax on rejection (typical)
     NO_DRAFT_PROBS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -237,6 +240,9 @@ def _accept_kernel(
                 rank = tl.sum(tl.load(rank_ptr + row * NUM_SPLITS + split_offs, mask=split_mask, other=0), axis=0)
                 floor = max_p - tl.load(params_ptr + 5).to(tl.float32)
                 policy_accept = native | (valid & (rank < relaxed_topk) & ((p_d >= floor) | (rank == 0)))
+            elif POLICY == 6:  # adasd: native, or close enough in JS distance (the host's test)
+                relax = tl.load(relax_ptr + row) != 0
+                policy_accept = standard | (valid & relax & (p_d > 0) & (q_d > 0))
             else:
                 policy_accept = standard
             if POLICY == 3 or POLICY == 5:  # their sources apply the rule to greedy rows too
@@ -373,6 +379,13 @@ def verify_triton(
         k = min(settings["fly_entropy_top_k"], vocab_size)
         top_logits[:num_tokens, :k] = torch.topk(logits.float(), k, dim=-1).values
 
+    relax = torch.zeros(rows, dtype=torch.int8, device=device)
+    if config.policy == "adasd" and num_tokens:  # AdaSD's JS distance, on the host: [num_tokens, V] probabilities
+        req_of_token = torch.repeat_interleave(torch.arange(batch_size, device=device), num_draft_tokens)
+        js = js_distance(logits.softmax(dim=-1, dtype=torch.float32), draft_token_ids.long(), draft_probs)
+        tau = tolerance[req_of_token]
+        relax[:num_tokens] = ((tau > 0) & (js.double() <= tau)).to(torch.int8)
+
     row_max = torch.empty(rows, dtype=torch.float32, device=device)
     row_sumexp = torch.empty_like(row_max)
     recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
@@ -384,8 +397,8 @@ def verify_triton(
     _accept_kernel[(batch_size,)](
         logits, draft_token_ids, draft_probs_arg, torch.cumsum(num_draft_tokens, 0), bonus_token_ids,
         is_greedy.to(torch.int8), uniform, tolerance, tolerance if budget is None else budget,
-        tolerance if budget_slack is None else budget_slack, params, *stats, argmax_idx, rank, top_logits, row_max,
-        row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
+        tolerance if budget_slack is None else budget_slack, params, *stats, argmax_idx, rank, top_logits, relax,
+        row_max, row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
         settings.get("relaxed_topk", 0), settings.get("fly_window_size", 0),
         POLICY=spec.kernel_id, ARGMAX_RECOVERY=spec.recovery == "argmax", NO_DRAFT_PROBS=no_draft_probs,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), FLY_TOP_K=fly_top_k,

@@ -196,6 +196,19 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
+    PolicySpec(
+        name="adasd",
+        summary="AdaSD (our formulation, docs/adasd.md): the native test, or JS(p, q) <= a threshold each request "
+        "learns from its own verified positions; with the drafter patched, a request stops drafting past a "
+        "learnt draft-entropy threshold. No hyperparameter",
+        params=(),
+        rule=rules.rule_adasd,
+        accept_probability=None,  # its threshold is learnt during the run
+        kernel_id=6,
+        runners=("V1",),  # the thresholds live on the host with the request; MRV2 keeps requests on the device
+        only_adds_acceptances=True,
+        source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
+    ),
 )
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in _POLICY_LIST}
 

@@ -166,8 +166,9 @@ class DraftPositions:
         is_greedy: torch.Tensor,  # [n] bool, per request
         num_draft_tokens: torch.Tensor,  # [batch] int64
         req_of_token: torch.Tensor,  # [n] int64
+        draft_probs: torch.Tensor | None = None,  # [n, V] q, or None for one-hot drafts
     ) -> None:
-        self.target_logits, self.target_probs = target_logits, target_probs
+        self.target_logits, self.target_probs, self.draft_probs = target_logits, target_probs, draft_probs
         self.draft_ids, self.draft_prob, self.uniform = draft_ids, draft_prob, uniform
         self.tolerance, self.is_greedy = tolerance, is_greedy
         self.num_draft_tokens, self.req_of_token = num_draft_tokens, req_of_token
@@ -206,6 +207,13 @@ class DraftPositions:
         return rank_among_logits(self.target_logits, self.draft_logit)
 
     @functools.cached_property
+    def js(self) -> torch.Tensor:
+        """The Jensen-Shannon distance between p and q (AdaSD's statistic)."""
+        from ears_vllm.policies.adasd import js_distance
+
+        return js_distance(self.target_probs, self.draft_ids, self.draft_probs)
+
+    @functools.cached_property
     def position(self) -> torch.Tensor:
         start = torch.cumsum(self.num_draft_tokens, 0) - self.num_draft_tokens
         return torch.arange(self.draft_ids.shape[0], device=self.draft_ids.device) - start[self.req_of_token]
@@ -237,6 +245,22 @@ def rule_relaxed_topk(pos: DraftPositions, settings: Mapping[str, Any]) -> torch
     candidate = relaxed_topk_candidate(pos.target_prob, pos.max_target_prob, pos.draft_rank,
                                        settings["relaxed_topk"], settings["relaxed_delta"])  # fmt: skip
     return pos.native | (candidate & pos.is_valid)
+
+
+def adasd_accept(
+    native: torch.Tensor,  # [n] bool
+    target_prob: torch.Tensor,  # [n] float32, p(d)
+    draft_prob: torch.Tensor,  # [n] float32, q(d)
+    js: torch.Tensor,  # [n] float32, JS(p, q)
+    tau: torch.Tensor,  # [n] float64, the request's learnt threshold (0: none yet)
+) -> torch.Tensor:  # [n] bool
+    """AdaSD: the native decision, or ``JS(p, q) <= tau`` for a draft the target does not mask."""
+    return native | ((tau > 0) & (js.double() <= tau) & (target_prob > 0) & (draft_prob > 0))
+
+
+def rule_adasd(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    """Its per-request threshold comes in the per-request ``tolerance`` tensor (policies.adasd)."""
+    return adasd_accept(pos.native, pos.target_prob, pos.draft_prob, pos.js, pos.tolerance) & pos.is_valid
 
 
 def rule_fly(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""AdaSD's two learnt thresholds (our formulation of arXiv 2512.11280, docs/adasd.md).
+
+Terms:
+    JS distance      ``JS(p, q)``: the square root of the Jensen-Shannon divergence in bits, in [0, 1]; with a
+                     one-hot draft (q the point mass at d) it depends on ``p(d)`` alone.
+    natively         decided by the standard test with the position's own u (vLLM's rule).
+    verified         a draft position the target decided on: each accepted draft and the first rejected one.
+    threshold        the midpoint of two running means, of the values seen at positions that went one way
+                     (accepted) and at those that went the other (rejected). A value at or below it looks like
+                     an accepted position. It exists once both sides have a value and the accepted mean is
+                     below the rejected one (the statistic separates them); until then there is none.
+
+Acceptance: a natively rejected draft with ``p(d) > 0`` is accepted when ``JS(p, q) <= tau_acc``, the threshold
+of the JS distances at natively accepted and natively rejected verified positions. Draft length: a request stops
+drafting at the first draft whose entropy ``H(q)`` exceeds ``tau_len``, the threshold of the draft entropies of
+accepted and rejected verified drafts. Both are held per request (a seeded request's text does not depend on the
+traffic) as exact sums and counts: no decay constant, no hyperparameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+NO_RELAXATION = 0.0  # tau_acc before it exists: the rule relaxes only under a positive threshold
+
+
+def js_distance(
+    target_probs: torch.Tensor,  # [n, V] float32, p
+    draft_ids: torch.Tensor,  # [n] int64 (negative: padding, distance 1)
+    draft_probs: torch.Tensor | None,  # [n, V] q, or None for one-hot drafts
+) -> torch.Tensor:  # [n] float32
+    """``JS(p, q)`` per position: ``sqrt(0.5 KL(p || m) + 0.5 KL(q || m))`` in bits, ``m = (p + q) / 2``.
+
+    One-hot q at d, with ``p_d = p(d)``: ``KL(p || m) = (1 - p_d) + p_d log2(2 p_d / (1 + p_d))`` and
+    ``KL(q || m) = log2(2 / (1 + p_d))``, so no pass over the vocabulary is needed."""
+    if draft_probs is None:
+        p_d = target_probs.gather(-1, draft_ids.clamp_min(0).unsqueeze(-1)).squeeze(-1).double()
+        p_d = torch.where(draft_ids >= 0, p_d, 0.0)
+        kl_p = (1 - p_d) + torch.where(p_d > 0, p_d * torch.log2(2 * p_d / (1 + p_d)), 0.0)
+        kl_q = torch.log2(2 / (1 + p_d))
+        divergence = 0.5 * (kl_p + kl_q)
+    else:
+        p, q = target_probs.double(), draft_probs.double()
+        m = (p + q) / 2
+        terms = torch.where(p > 0, p * torch.log2(p / m), 0.0) + torch.where(q > 0, q * torch.log2(q / m), 0.0)
+        divergence = 0.5 * terms.sum(dim=-1)
+    return divergence.clamp(0.0, 1.0).sqrt().to(torch.float32)
+
+
+def draft_entropy(
+    draft_logits: torch.Tensor,  # [n, V] the drafter's logits, after the request's temperature
+) -> torch.Tensor:  # [n] float32, nats
+    """``H(q)`` of the drafter's distribution at each row."""
+    log_q = draft_logits.float().log_softmax(dim=-1)
+    return -(log_q.exp() * torch.where(log_q > float("-inf"), log_q, 0.0)).sum(dim=-1)
+
+
+@dataclasses.dataclass
+class LearntThreshold:
+    """The midpoint of the running means of a statistic at positions that went each way (exact sums)."""
+
+    accepted_sum: float = 0.0
+    accepted_count: int = 0
+    rejected_sum: float = 0.0
+    rejected_count: int = 0
+
+    def record(self, value: float, accepted: bool) -> None:
+        if accepted:
+            self.accepted_sum += value
+            self.accepted_count += 1
+        else:
+            self.rejected_sum += value
+            self.rejected_count += 1
+
+    @property
+    def value(self) -> float | None:
+        """The threshold, or None before both sides are seen or while they do not separate."""
+        if not (self.accepted_count and self.rejected_count):
+            return None
+        accepted = self.accepted_sum / self.accepted_count
+        rejected = self.rejected_sum / self.rejected_count
+        return (accepted + rejected) / 2 if accepted < rejected else None
+
+
+@dataclasses.dataclass
+class AdasdState:
+    """One request's AdaSD state: its two thresholds, and the entropies of the drafts it proposed last step."""
+
+    acceptance: LearntThreshold = dataclasses.field(default_factory=LearntThreshold)  # of JS distances
+    length: LearntThreshold = dataclasses.field(default_factory=LearntThreshold)  # of draft entropies
+    proposed_entropies: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def tau_acc(self) -> float:
+        """The JS threshold the verifier relaxes up to (``NO_RELAXATION`` before it exists)."""
+        value = self.acceptance.value
+        return NO_RELAXATION if value is None else value
+
+    @property
+    def tau_len(self) -> float:
+        """The draft-entropy threshold past which the request stops drafting (inf: draft all k)."""
+        value = self.length.value
+        return math.inf if value is None else value
+
+    def record_step(
+        self,
+        js: list[float],  # the request's JS distance at each of its draft positions this step
+        native: list[bool],  # the native decision at each
+        num_accepted: int,  # the drafts the verifier accepted
+    ) -> None:
+        """Learn from this step's verified positions: the accepted prefix and the first rejected draft."""
+        verified = min(num_accepted + 1, len(js))
+        for j in range(verified):
+            self.acceptance.record(js[j], native[j] and j < num_accepted)
+        entropies = self.proposed_entropies[: len(js)]
+        for j in range(min(verified, len(entropies))):
+            self.length.record(entropies[j], j < num_accepted)
+        self.proposed_entropies = []
