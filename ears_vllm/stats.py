@@ -74,6 +74,11 @@ class VerifyStats:
     shadow_steps: int = 0
     shadow_mismatches: int = 0
     fallback_steps: int = 0  # steps vLLM's own rule verified because ears-vllm's kernel failed
+    # AdaSD's draft length (seam/vllm_drafter.py; 0 with the proposer untouched): proposer calls, their batched
+    # draft forward passes, and the calls whose loop ended before k drafts because every request had stopped.
+    proposals: int = 0
+    draft_forward_passes: int = 0
+    proposals_ended_early: int = 0
     # policy -> POLICY_COUNTERS, for the steps (or the requests of a step) each policy verified
     by_policy: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     log_interval_s: float = dataclasses.field(default_factory=lambda: settings().log_interval_s)

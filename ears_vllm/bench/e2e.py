@@ -239,8 +239,8 @@ def summarize(out_dir: Path, policies: list[str] | None = None) -> list[dict]:
 
 
 def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, dict]]) -> dict:
-    def total(key: str) -> float:
-        return sum(result[key] for _, result in items)
+    def total(key: str) -> float:  # a counter a run made before it was kept counts 0
+        return sum(result.get(key, 0) for _, result in items)
 
     ears = items[0][0]["ears"]
     texts = [text for _, result in items for text in result["texts"]]
@@ -248,6 +248,7 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
     positions = [result["accepted_per_position"] or [] for _, result in items]
     per_position = [sum(column) for column in zip(*positions, strict=True)]
     drafts, elapsed = max(total("drafts"), 1), total("elapsed_s")
+    proposals, passes = total("proposals"), total("draft_forward_passes")
     # Verified positions from vLLM's counters: every accepted draft, plus one rejected draft per step that did
     # not accept all of its drafts (a step that did accepted its last position).
     verified = total("accepted") + total("drafts") - sum(per_position[-1:])
@@ -265,6 +266,13 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
         # The total-variation distance added per verified position (exact in expectation; 0 at T = 0).
         "added_tv_per_verified": total("relaxed") / verified if temperature > 0 and verified else 0.0,
         "output_tokens_per_s": total("output_tokens") / elapsed,
+        # What drafting costs per output token: draft tokens proposed (vLLM's counter), target positions verified
+        # (the drafts and the one position past them, per request and step), and, where the drafter was patched
+        # (adasd), its batched forward passes and the share of the k-per-proposal passes it skipped.
+        "drafted_per_token": total("draft_tokens") / max(total("output_tokens"), 1),
+        "target_positions_per_token": (total("draft_tokens") + total("drafts")) / max(total("output_tokens"), 1),
+        "draft_passes_per_token": passes / max(total("output_tokens"), 1) if proposals else None,
+        "draft_passes_skipped": 1 - passes / (proposals * items[0][0]["k"]) if proposals else None,
         "requests_per_s": len(texts) / elapsed,
         "num_prompts": len(texts),
         # Outputs that ended on their own; a truncated GSM8K answer cannot be scored as right.
@@ -282,14 +290,15 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| dataset | T | policy | mean acceptance length | accepted / draft | added TV per verified position "
-        "| output tok/s | req/s | finished | distinct 4-grams | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| drafted / token | output tok/s | req/s | finished | distinct 4-grams | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=_row_order):
         accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
-            f"{r['acceptance_rate']:.3f} | {r['added_tv_per_verified']:.4f} | {r['output_tokens_per_s']:.2f} | "
+            f"{r['acceptance_rate']:.3f} | {r['added_tv_per_verified']:.4f} | {r.get('drafted_per_token', 0):.3f} | "
+            f"{r['output_tokens_per_s']:.2f} | "
             f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {r['distinct_4grams']:.3f} | {accuracy} |"
         )
     return "\n".join(lines)

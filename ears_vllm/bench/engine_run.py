@@ -78,6 +78,9 @@ def run(spec: dict) -> dict:
             "relaxed": _delta(ears_after, ears_before, "relaxed"),
             "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
             "draft_dist_steps": _delta(ears_after, ears_before, "draft_dist_steps"),  # 0 with one-hot drafts
+            # AdaSD's drafter (0 where the proposer is untouched): proposer calls and their draft forward passes
+            "proposals": _delta(ears_after, ears_before, "proposals"),
+            "draft_forward_passes": _delta(ears_after, ears_before, "draft_forward_passes"),
             "texts": [o.outputs[0].text for o in outputs],
             "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
         })  # fmt: skip

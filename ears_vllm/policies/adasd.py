@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from ears_vllm.policies.rules import standard_accept
+
 NO_RELAXATION = 0.0  # tau_acc before it exists: the rule relaxes only under a positive threshold
 
 
@@ -119,3 +121,28 @@ class AdasdState:
         for j in range(min(verified, len(entropies))):
             self.length.record(entropies[j], j < num_accepted)
         self.proposed_entropies = []
+
+
+def learn_from_step(
+    states: list[AdasdState | None],  # one per request (None: not learning, e.g. greedy)
+    target_logits: torch.Tensor,  # [num_tokens, V] as verified
+    draft_token_ids: torch.Tensor,  # [num_tokens]
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
+    uniform: torch.Tensor,  # [num_tokens] float64
+    num_draft_tokens: list[int],  # [batch]
+    num_accepted: torch.Tensor,  # [batch] as the verifier decided
+) -> None:
+    """Each learning request records its verified positions of the step (one host synchronisation)."""
+    if not any(states):
+        return
+    probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+    ids = draft_token_ids.long()
+    p_d = probs.gather(-1, ids.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    q_d = torch.ones_like(p_d) if draft_probs is None else draft_probs.gather(-1, ids.clamp_min(0).unsqueeze(-1))
+    native = standard_accept(p_d, q_d.reshape(-1).float(), uniform) & (ids >= 0)
+    js, native, accepted = js_distance(probs, ids, draft_probs).tolist(), native.tolist(), num_accepted.tolist()
+    start = 0
+    for state, count, num in zip(states, num_draft_tokens, accepted, strict=True):
+        if state is not None:
+            state.record_step(js[start : start + count], native[start : start + count], num)
+        start += count

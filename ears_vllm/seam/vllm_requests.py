@@ -26,6 +26,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.requests import RequestSettings, request_config, request_settings
+from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import find_class
 
@@ -44,10 +45,14 @@ class RequestControl:
 
     config: EarsConfig
     ledger: BudgetLedger | None
+    adasd: AdasdState | None = None  # AdaSD's learnt thresholds (policy adasd, sampled requests)
 
     @property
     def tolerance(self) -> float:
-        """The tolerance it is verified with: the budgeted one under a budget (the cap bounds it), else its own."""
+        """The per-request relaxation it is verified with: AdaSD's learnt JS threshold; under a budget the
+        budgeted tolerance (the cap bounds it); else its config's."""
+        if self.adasd is not None:
+            return self.adasd.tau_acc
         return BUDGETED_TOLERANCE if self.ledger is not None else self.config.tolerance
 
     @property
@@ -107,6 +112,11 @@ def check_request(extra_args: Any) -> None:
                     f"verifies every request with the server's policy ({server_config.policy!r}); a request may set "
                     "ears_tolerance and ears_budget"
                 )
+            if config.policy == "adasd" and server_config.policy != "adasd":
+                raise ValueError(
+                    "vllm_xargs key 'ears_policy' = 'adasd': AdaSD's draft-length half patches the drafter when the "
+                    'server starts; start it with {"policy": "adasd"} to serve AdaSD requests'
+                )
             if server_runner == "MRV2" and config.policy == "fly" and config.budget is not None:
                 raise ValueError("vllm_xargs key 'ears_budget': a budget with policy 'fly' runs on the V1 runner only")
     except ValueError as exc:
@@ -148,11 +158,12 @@ def new_control(server: EarsConfig, params: Any, who: str) -> RequestControl:
         except ValueError as exc:
             logger.warning("ears-vllm: %s: %s; it is verified with the server's config", who, exc)
             config, asked = server, RequestSettings()
+    adasd = AdasdState() if sampled and config.policy == "adasd" else None
     if not (sampled and config.budget):
-        return RequestControl(config, None)
+        return RequestControl(config, None, adasd)
     if server.budget_scope == "server" and asked.budget is None:  # the server's budget: its pool
-        return RequestControl(config, server_pool(server.budget))
-    return RequestControl(config, BudgetLedger(config.budget))
+        return RequestControl(config, server_pool(server.budget), adasd)
+    return RequestControl(config, BudgetLedger(config.budget), adasd)
 
 
 _pools: dict[float, BudgetLedger] = {}
@@ -203,6 +214,6 @@ def _rows(runner: Any, server: EarsConfig) -> BatchRequests:
     row follows the server's config (the common case)."""
     req_ids = list(runner.input_batch.req_ids)
     controls = [control_of(runner.requests[req_id], server) for req_id in req_ids]
-    if all(c.config is server and c.ledger is None for c in controls):
+    if all(c.config is server and c.ledger is None and c.adasd is None for c in controls):
         return BatchRequests(req_ids, None)
     return BatchRequests(req_ids, controls)

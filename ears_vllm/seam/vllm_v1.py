@@ -27,8 +27,9 @@ import torch
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.control.budget import share_slack
+from ears_vllm.policies.adasd import learn_from_step
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
-from ears_vllm.seam import patches, vllm_requests
+from ears_vllm.seam import patches, vllm_drafter, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import RequestControl
@@ -103,8 +104,10 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         per_request = vllm_requests.per_request_status(vllm_requests.install_runner_hook())
+    draft_length = vllm_drafter.install(config, vllm_config) if plan.verifies else "untouched"
     log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
-              f" per_request={per_request}" + (" shadow=on" if state.shadow else ""))  # fmt: skip
+              f" per_request={per_request}" + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
+              + (" shadow=on" if state.shadow else ""))  # fmt: skip
     return config if plan.verifies else None
 
 
@@ -335,12 +338,26 @@ def verify_rows(
         rows = torch.tensor([p == policy for p in policies], device=device)
         tokens = rows.repeat_interleave(counts, output_size=draft_token_ids.shape[0])
         config = controls[policies.index(policy)].config
-        results.append((rows, verify(
-            target_logits[tokens], draft_token_ids[tokens], counts[rows], bonus_token_ids[rows],
-            draft_probs=None if draft_probs is None else draft_probs[tokens], is_greedy=is_greedy[rows],
-            uniform=uniform[tokens], recovery_noise=noise[rows], tolerance=tolerance[rows], budget=budget[rows],
-            budget_slack=slack[rows], config=config, max_spec_len=max_spec_len,
-        )))  # fmt: skip
+        group = dict(
+            target_logits=target_logits[tokens],
+            draft_token_ids=draft_token_ids[tokens],
+            draft_probs=None if draft_probs is None else draft_probs[tokens],
+            uniform=uniform[tokens],
+        )
+        result = verify(
+            **group, num_draft_tokens=counts[rows], bonus_token_ids=bonus_token_ids[rows], is_greedy=is_greedy[rows],
+            recovery_noise=noise[rows], tolerance=tolerance[rows], budget=budget[rows], budget_slack=slack[rows],
+            config=config, max_spec_len=max_spec_len,
+        )  # fmt: skip
+        if policy == "adasd":  # its requests learn from what was just verified
+            mine = [i for i, p in enumerate(policies) if p == policy]
+            learn_from_step(
+                [controls[i].adasd for i in mine],
+                **group,
+                num_draft_tokens=[num_draft_tokens[i] for i in mine],
+                num_accepted=result.num_accepted,
+            )
+        results.append((rows, result))
     if len(results) == 1:
         return results[0][1]
     merged = VerifyResult(*(torch.empty((len(controls), *t.shape[1:]), dtype=t.dtype, device=device)
