@@ -294,6 +294,7 @@ BAD_XARGS = {  # vllm_xargs -> what the 400 must name
     "tolerance-for-sglang": ({"ears_policy": "sglang", "ears_tolerance": 0.1}, "ears_tolerance"),
     "budget-for-typical": ({"ears_policy": "typical", "ears_budget": 0.05}, "ears_budget"),
     "budget-zero": ({"ears_budget": 0}, "ears_budget"),
+    "adasd-on-an-ears-server": ({"ears_policy": "adasd"}, "ears_policy"),  # its drafter half is set at startup
 }
 
 
@@ -472,3 +473,55 @@ def test_with_tensor_parallelism_each_step_is_counted_once(tmp_path_factory, tin
     assert steps == stats["steps"] > 0 and accepted == stats["accepted"]
     theirs = VllmServer.parse_metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
     assert theirs <= accepted <= 1.05 * theirs
+
+
+# --- AdaSD: learnt acceptance and draft length --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adasd_run(tmp_path_factory, tiny_pair):
+    """One server with policy adasd: sampled requests alone (so a stop can end the whole draft loop) and four at a
+    time; then requests that do not learn (another policy, greedy), which must be served as elsewhere."""
+    target, draft = tiny_pair
+    server = start_server(tmp_path_factory, "adasd", target, speculative=draft_model_spec(draft),
+                          ears={"policy": "adasd"})  # fmt: skip
+    names = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total")
+    result: dict = {}
+    try:
+        before = {name: server.metric(name) for name in names}
+        result["seeded"] = [complete(server, PROMPTS[i], max_tokens=48, temperature=1.0, seed=i) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: complete(server, PROMPTS[i % len(PROMPTS)], max_tokens=48, temperature=1.0,
+                                             seed=100 + i), range(12)))  # fmt: skip
+        result["drafting"] = {name: server.metric(name) - before[name] for name in names}
+        result["stats_adasd"] = server.ears_stats()
+        result["seeded_again"] = complete(server, PROMPTS[0], max_tokens=48, temperature=1.0, seed=0)
+        result["ears_zero"] = xargs_complete(server, PROMPTS[0], {"ears_policy": "ears", "ears_tolerance": 0.0},
+                                             **XARGS_REQUEST)  # fmt: skip
+        result["greedy"] = [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS[:3]]
+        result["log"] = server.log()
+    finally:
+        server.stop()
+    return result
+
+
+def test_adasd_requests_stop_drafting_before_k(adasd_run):
+    """vLLM's own counters see fewer than k = 4 drafts per request and step; the drafter skipped forward passes."""
+    assert "draft_length=on (adasd)" in adasd_run["log"]
+    drafting = adasd_run["drafting"]
+    per_step = drafting["vllm:spec_decode_num_draft_tokens_total"] / drafting["vllm:spec_decode_num_drafts_total"]
+    assert per_step < 3.9, drafting
+    stats = adasd_run["stats_adasd"]
+    assert stats["proposals_ended_early"] > 0 and stats["draft_forward_passes"] < 4 * stats["proposals"], stats
+    assert stats["by_policy"]["adasd"]["relaxed"] > 0, "the learnt JS threshold relaxes"
+
+
+def test_adasd_seeded_requests_reproduce(adasd_run):
+    assert adasd_run["seeded_again"] == adasd_run["seeded"][0]
+
+
+def test_adasd_leaves_requests_that_do_not_learn_alone(adasd_run, standard_run):
+    """Another policy's request (ears at 0: the standard rule) and greedy requests are drafted k at a time and
+    verified as a standard server verifies them: the same text."""
+    assert adasd_run["ears_zero"] == standard_run["xargs_reference"]
+    assert adasd_run["greedy"] == standard_run["greedy"][:3]
