@@ -55,9 +55,14 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 def _bench_acceptance(args: argparse.Namespace) -> int:
     from ears_vllm.bench.acceptance import markdown_table, reference_texts, run_acceptance, run_outputs
     from ears_vllm.bench.e2e import parse_policies
+    from ears_vllm.policies import get_policy
 
-    target, draft = _resolve_models(args)
     policies = parse_policies(args.policies)
+    learnt = [name for name, settings in policies.items() if get_policy(settings["policy"]).learnt]
+    if learnt:
+        raise SystemExit(f"--policies: {learnt} learn their thresholds during a run, so no closed form predicts "
+                         "them; measure them with `ears-vllm bench e2e`")  # fmt: skip
+    target, draft = _resolve_models(args)
     sampling = tuple(args.draft_sampling.split(","))
     if args.from_run:
         runs = [json.loads(Path(path).read_text()) for path in args.from_run]

@@ -75,6 +75,11 @@ def test_a_draft_model_run_with_a_target_needs_a_draft(capsys):
         cli.main(["bench", "e2e", "--target", "some/model"])
 
 
+def test_bench_acceptance_refuses_a_policy_without_a_closed_form():
+    with pytest.raises(SystemExit, match=r"\['adasd'\] learn their thresholds"):
+        cli.main(["bench", "acceptance", "--policies", "standard,adasd"])
+
+
 @pytest.mark.slow
 def test_demo_through_the_console_script_prints_the_standard_vs_ears_table(tmp_path, tiny_pair):
     """What `make demo` runs (`.venv/bin/ears-vllm demo`), on tiny models and sizes."""

@@ -103,6 +103,8 @@ class PolicySpec:
         greedy_rows: the source applies the rule to greedy requests too (vLLM's FLy, TensorRT-LLM's relaxed
             acceptance, which is greedy-only); otherwise greedy rows are verified by argmax match.
         lossless: the settings under which every step equals vLLM's standard rule.
+        learnt: the decision reads state the request learns during the run (AdaSD's thresholds), so it has no
+            closed form (``bench acceptance`` refuses it).
         only_adds_acceptances: the rule accepts whatever the native test (same u) accepts and recovers as the
             standard rule does, so its relaxed acceptances are its whole deviation from the target; a deviation
             budget (``EarsConfig.budget``) can then cap them.
@@ -120,6 +122,7 @@ class PolicySpec:
     greedy_rows: bool = False
     lossless: Callable[[Mapping[str, Any]], bool] = lambda settings: False
     only_adds_acceptances: bool = False
+    learnt: bool = False
     source: str = ""
 
 
@@ -207,6 +210,7 @@ _POLICY_LIST = (
         kernel_id=6,
         runners=("V1",),  # the thresholds live on the host with the request; MRV2 keeps requests on the device
         only_adds_acceptances=True,
+        learnt=True,
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
     ),
 )
