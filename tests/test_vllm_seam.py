@@ -126,3 +126,28 @@ def test_mrv2_plans_from_what_its_sampler_was_built_for(monkeypatch, caplog, att
     assert (module.rejection_sample is vllm_mrv2.rejection_sample) == (reason is None)
     if reason is not None:
         assert reason in caplog.text and "runner MRV2 runs vLLM's own rule" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("config", "async_scheduling", "status"),
+    [
+        (EarsConfig(policy="ears", tolerance=0.3), False, "untouched"),
+        (EarsConfig(policy="adasd"), True, "off (vLLM schedules asynchronously"),
+        (EarsConfig(policy="adasd"), False, "on (adasd)"),
+    ],
+    ids=["other-policy", "adasd-async", "adasd"],
+)
+def test_the_drafter_hooks_adasd_patches_are_in_this_vllm(config, async_scheduling, status):
+    """V1's runner and draft proposer have what the draft-length half wraps; without adasd nothing is patched."""
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from ears_vllm.seam import vllm_drafter
+
+    vllm_config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(async_scheduling=async_scheduling))
+    assert vllm_drafter.install(config, vllm_config).startswith(status)
+    if status.startswith("on"):
+        assert patches.is_patched(SpecDecodeBaseProposer, "_sample_draft_tokens")
+        assert patches.is_patched(SpecDecodeBaseProposer, "propose")
+        assert patches.is_patched(GPUModelRunner, "take_draft_token_ids")
+        assert patches.is_patched(GPUModelRunner, "propose_draft_token_ids")
