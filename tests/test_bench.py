@@ -371,7 +371,7 @@ def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypat
         cli.main(["bench", "kernel", "--out", str(tmp_path)])
 
 
-@pytest.mark.parametrize("grid", ["sweep-gsm8k-creative.yaml", "sweep-field.yaml"])
+@pytest.mark.parametrize("grid", ["sweep-gsm8k-creative.yaml", "sweep-field.yaml", "sweep-adasd.yaml"])
 def test_shipped_sweep_grids_load(grid, monkeypatch):
     from ears_vllm import models
     from ears_vllm.bench.sweep import load_grid
