@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def check_module(module_name: str, names: tuple[str, ...], function: str, parameters: tuple[str, ...]) -> str | None:
@@ -51,3 +55,13 @@ def signature_of(function: Callable[..., Any]) -> inspect.Signature:
     """``inspect.signature``, computed once per function (read at every verification step to bind vLLM's
     arguments by name)."""
     return inspect.signature(function)
+
+
+@contextlib.contextmanager
+def bound(var: contextvars.ContextVar[T], value: T) -> Iterator[None]:
+    """``var`` holds ``value`` inside the block (what vLLM calls from there sees it), its earlier value after."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies import fly_window, get_policy
 from ears_vllm.seam import patches
-from ears_vllm.seam.hooks import signature_of
+from ears_vllm.seam.hooks import bound, signature_of
 
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
 # later vLLM adds) are vLLM's own rules, which a user who asked for them gets.
@@ -125,13 +125,8 @@ class ActiveSampler:
         """The config ears-vllm verifies with now; None: vLLM's own function runs."""
         return self._config.get()
 
-    @contextlib.contextmanager
-    def verifying_with(self, config: EarsConfig | None) -> Iterator[None]:
-        token = self._config.set(config)
-        try:
-            yield
-        finally:
-            self._config.reset(token)
+    def verifying_with(self, config: EarsConfig | None) -> contextlib.AbstractContextManager[None]:
+        return bound(self._config, config)
 
     def of(self, sampler: Any) -> contextlib.AbstractContextManager[None]:
         """Calls inside are made for ``sampler``: ears-vllm's rule if its plan verifies, else vLLM's."""

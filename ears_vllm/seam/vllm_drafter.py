@@ -22,10 +22,9 @@ synchronous scheduling, so with asynchronous scheduling the length half is off (
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies.adasd import AdasdState, draft_entropy
 from ears_vllm.seam import patches
-from ears_vllm.seam.hooks import find_class
+from ears_vllm.seam.hooks import bound, find_class
 
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 PROPOSER_MODULE = "vllm.v1.spec_decode.llm_base_proposer"
@@ -62,15 +61,6 @@ class Drafting:
 
 
 _drafting: contextvars.ContextVar[Drafting | None] = contextvars.ContextVar("ears_vllm_drafting", default=None)
-
-
-@contextlib.contextmanager
-def drafting(value: Drafting | None) -> Iterator[None]:
-    token = _drafting.set(value)
-    try:
-        yield
-    finally:
-        _drafting.reset(token)
 
 
 def install(config: EarsConfig, vllm_config: Any) -> str:
@@ -121,7 +111,7 @@ def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[...,
             return original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
         context = Drafting(states, None if sampling_metadata.all_greedy else sampling_metadata.temperature,
                            [None] * len(states))  # fmt: skip
-        with drafting(context):
+        with bound(_drafting, context):
             out = original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
         k = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
         self._ears_proposed = {} if k is None else dict(zip(req_ids, context.proposed_counts(k), strict=True))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ears_vllm._log import get_logger
@@ -28,7 +28,7 @@ from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.requests import RequestSettings, request_config, request_settings
 from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches
-from ears_vllm.seam.hooks import find_class
+from ears_vllm.seam.hooks import bound, find_class
 
 logger = get_logger()
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
@@ -77,13 +77,8 @@ def batch_requests() -> BatchRequests | None:
     return _batch.get()
 
 
-@contextlib.contextmanager
-def verifying_batch(batch: BatchRequests | None) -> Iterator[None]:
-    token = _batch.set(batch)
-    try:
-        yield
-    finally:
-        _batch.reset(token)
+def verifying_batch(batch: BatchRequests | None) -> contextlib.AbstractContextManager[None]:
+    return bound(_batch, batch)
 
 
 def install_request_check() -> None:
