@@ -212,12 +212,15 @@ def test_adasd_thresholds_are_midpoints_of_what_each_request_saw(steps, tau_acc,
     assert state.proposed_entropies == []
 
 
-@pytest.mark.parametrize("p_d", [0.0, 0.3, 0.9, 1.0], ids=lambda p: f"p{p}")
-def test_the_one_hot_js_distance_is_the_dense_one(p_d):
+# One-hot q at d: JS^2 = ((1 - p_d) + p_d log2(2 p_d / (1 + p_d)) + log2(2 / (1 + p_d))) / 2, worked by hand:
+# p_d = 0.3: (0.7 - 0.3346 + 0.6215) / 2 = 0.4934 -> 0.7025; p_d = 0.9: (0.1 - 0.0702 + 0.0740) / 2 -> 0.2278.
+@pytest.mark.parametrize(("p_d", "distance"), [(0.0, 1.0), (0.3, 0.7025), (0.9, 0.2278), (1.0, 0.0)],
+                         ids=["p0", "p0.3", "p0.9", "p1"])  # fmt: skip
+def test_the_one_hot_js_distance_by_hand_and_as_the_dense_one(p_d, distance):
     from ears_vllm.policies.adasd import js_distance
 
     p = torch.tensor([[p_d, (1 - p_d) / 2, (1 - p_d) / 2]])
     one_hot = js_distance(p, torch.tensor([0]), None)
     dense = js_distance(p, torch.tensor([0]), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert float(one_hot) == pytest.approx(distance, abs=1e-4)
     assert float(one_hot) == pytest.approx(float(dense), abs=1e-6)
-    assert float(one_hot) == pytest.approx({0.0: 1.0, 1.0: 0.0}.get(p_d, float(one_hot)))
