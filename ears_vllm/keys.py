@@ -36,18 +36,27 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def murmur3_prefix(
+    seed: torch.Tensor,  # [...] int64
+    pos: torch.Tensor,  # [...] int64
+    domain: int = 0,
+) -> torch.Tensor:  # [...] int64 holding a uint32
+    """The hash state after the seed's two words and the position: what a row's keys share (the Triton race
+    kernel mixes in the token id itself)."""
+    seed, pos = seed.long(), pos.long()
+    h = torch.full_like(seed, domain & _MASK32)
+    h = _mix(h, seed & _MASK32)
+    h = _mix(h, (seed >> 32) & _MASK32)
+    return _mix(h, pos & _MASK32)
+
+
 def murmur3_hash32(
     seed: torch.Tensor,  # [...] int64
     pos: torch.Tensor,  # [...] int64
     offset: torch.Tensor,  # [...] int (the token id)
     domain: int = 0,
 ) -> torch.Tensor:  # [...] int64 holding a uint32
-    seed, pos, offset = seed.long(), pos.long(), offset.long() & _MASK32
-    h = torch.full_like(seed, domain & _MASK32)
-    h = _mix(h, seed & _MASK32)
-    h = _mix(h, (seed >> 32) & _MASK32)
-    h = _mix(h, pos & _MASK32)
-    h = _mix(h, offset)
+    h = _mix(murmur3_prefix(seed, pos, domain), offset.long() & _MASK32)
     return _fmix32(h ^ 16)
 
 

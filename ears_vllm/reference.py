@@ -5,7 +5,8 @@ Terms follow vLLM's ``RejectionSampler``:
     recovered token   emitted at the first rejected position, sampled from ``norm(max(0, p - q))``
                       (the policy's ``recovery`` says otherwise for typical and sglang; the target argmax
                       for greedy requests);
-    bonus token       emitted after the last draft when every draft is accepted (sampled by the caller);
+    bonus token       emitted after the last draft when every draft is accepted (sampled by the caller; for
+                      ERSD, the race winner at the bonus position, :func:`ears_vllm.policies.race_winners`);
     relaxed tokens    accepted tokens that vLLM's native test (the standard test with the same ``u``; argmax
                       match on greedy rows) would have rejected.
 
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ears_vllm.config import EarsConfig
-from ears_vllm.policies import DraftPositions, get_policy, settings_for
+from ears_vllm.policies import DraftPositions, get_policy, race_winners, settings_for
 
 PLACEHOLDER_TOKEN_ID = -1
 
@@ -54,6 +55,7 @@ def verify_reference(
     max_spec_len: int,
     budget: torch.Tensor | None = None,  # [batch] float64: B per request, 0 = no cap (control.budget)
     budget_slack: torch.Tensor | None = None,  # [batch] float64: B * verified - relaxed before this step
+    race_keys: torch.Tensor | None = None,  # [batch, 2] int64: key seed, position of the first draft (ersd)
 ) -> VerifyResult:
     batch_size = num_draft_tokens.shape[0]
     num_tokens = target_logits.shape[0]
@@ -68,17 +70,20 @@ def verify_reference(
     else:
         draft_prob = draft_probs.gather(-1, safe_ids).squeeze(-1).to(torch.float32)
     token_greedy = is_greedy[req_of_token]
-    positions = DraftPositions(target_logits, target_probs, draft_ids, draft_prob, uniform, tolerance[req_of_token],
-                               token_greedy, num_draft_tokens, req_of_token, draft_probs)  # fmt: skip
-
     spec = get_policy(config.policy)
-    accept = spec.rule(positions, settings_for(config.policy, dict(config.params), max_spec_len))
+    race_winner = race_winners(target_logits, *race_key_rows(race_keys, num_draft_tokens)) if spec.keyed else None
+    positions = DraftPositions(target_logits, target_probs, draft_ids, draft_prob, uniform, tolerance[req_of_token],
+                               token_greedy, num_draft_tokens, req_of_token, draft_probs, race_winner)  # fmt: skip
+
+    settings = settings_for(config.policy, dict(config.params), max_spec_len)
+    accept = spec.rule(positions, settings)
     # Greedy requests: argmax match on the logits (vLLM does not apply temperature to greedy rows), unless the
     # policy's source applies its rule there too.
     if not spec.greedy_rows:
         accept = torch.where(token_greedy, positions.native, accept)
     accept = accept & positions.is_valid
-    relaxed = accept & ~positions.native
+    # ERSD's acceptances are all exact (it accepts some that the standard test with the same u rejects).
+    relaxed = accept & ~positions.native & (not spec.keyed)
     start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
     position = torch.arange(num_tokens, device=device) - start[req_of_token]
     if budget is not None:
@@ -94,6 +99,8 @@ def verify_reference(
     target_argmax = positions.target_argmax
     if spec.recovery == "argmax":
         recovered = target_argmax
+    elif spec.recovery == "race":
+        recovered = torch.where(token_greedy, target_argmax, race_winner)
     else:
         residual_of = draft_probs if spec.recovery == "residual" else None
         sampled = _sample_recovered(target_probs, residual_of, draft_ids, inv_recovery_noise[req_of_token])
@@ -119,6 +126,18 @@ def verify_reference(
     )
     token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
     return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
+
+
+def race_key_rows(
+    race_keys: torch.Tensor | None,  # [batch, 2] int64: key seed, position of the request's first draft
+    num_draft_tokens: torch.Tensor,  # [batch] int64
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_tokens], [num_tokens]) int64: each draft row's seed and position
+    """The key seed and position of every draft row (a request's drafts sit at consecutive positions)."""
+    assert race_keys is not None, "a keyed policy needs race_keys (checked by ears_vllm.verify)"
+    seed = race_keys[:, 0].repeat_interleave(num_draft_tokens)
+    start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
+    offset = torch.arange(seed.shape[0], device=seed.device) - start.repeat_interleave(num_draft_tokens)
+    return seed, race_keys[:, 1].repeat_interleave(num_draft_tokens) + offset
 
 
 def _sample_recovered(

@@ -25,6 +25,7 @@ import torch
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig
 from ears_vllm.control.budget import BUDGETED_TOLERANCE
+from ears_vllm.policies import get_policy
 from ears_vllm.reference import VerifyResult, verify_reference
 
 Backend = Literal["auto", "torch", "triton"]
@@ -46,6 +47,7 @@ def verify(
     tolerance: torch.Tensor | None = None,  # [batch] per-request beta, overrides config.tolerance
     budget: torch.Tensor | None = None,  # [batch] float64 deviation budget B per request; 0 = none
     budget_slack: torch.Tensor | None = None,  # [batch] float64: B * verified - relaxed before this step
+    race_keys: torch.Tensor | None = None,  # [batch, 2] int64: key seed, position of the first draft (ersd)
     generator: torch.Generator | None = None,
     config: EarsConfig | None = None,
     backend: Backend = "auto",
@@ -64,6 +66,10 @@ def verify(
     process uses the PyTorch path from then on. Returns a :class:`VerifyResult`. Raises ``ValueError``
     naming the argument for bad shapes, dtypes, devices or values, and for ``backend="triton"`` where
     the kernel cannot run.
+
+    ``race_keys`` (needed by the keyed policy ``ersd``, :mod:`ears_vllm.policies.races`): each request's key seed
+    and the position in its sequence of its first draft; its drafts must be race winners of q on the same keys,
+    and its ``bonus_token_ids`` the race winner at the position after its last draft.
 
     ``budget`` / ``budget_slack`` cap each request's relaxed acceptances (:mod:`ears_vllm.control.budget`); with
     ``config.budget`` set and no ``budget`` given, every sampled request gets a fresh ledger (slack 0), and the
@@ -142,9 +148,15 @@ def verify(
     if batch_size and not bool(((tolerance >= 0) & (tolerance <= 1)).all()):
         raise ValueError(f"tolerance={tolerance.tolist()} must lie in [0, 1] for every request")
 
+    if get_policy(config.policy).keyed:
+        if race_keys is None:
+            raise ValueError(f"policy {config.policy!r} needs race_keys: [batch, 2] int64, each request's key seed "
+                             "and the position of its first draft")  # fmt: skip
+        _check_tensor("race_keys", race_keys, shape=(batch_size, 2), dtypes=(torch.int64,), device=device)
+
     args = (target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids, draft_probs, is_greedy,
             uniform.to(torch.float64), recovery_noise.reciprocal(), tolerance, config, max_spec_len, budget,
-            budget_slack)  # fmt: skip
+            budget_slack, race_keys)  # fmt: skip
     if backend == "triton" or (backend == "auto" and device.type in AUTO_KERNEL_DEVICES and not _kernel_failure):
         from ears_vllm import kernels
 

@@ -46,14 +46,15 @@ BATCHES = {
 GREEDY = {"batch1-k4": [False], "batch7-ragged-with-zeros": [False, True, False, True, False, False, True]}
 
 
-def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, **kernel_options):
-    reference = verify(**batch, config=config, is_greedy=is_greedy, tolerance=tolerance, backend="torch")
+def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, race_keys=None, **kernel_options):
+    reference = verify(**batch, config=config, is_greedy=is_greedy, tolerance=tolerance, race_keys=race_keys,
+                       backend="torch")  # fmt: skip
     n = batch["num_draft_tokens"]
     kernel = verify_kernel.verify_triton(
         batch["target_logits"], batch["draft_token_ids"], torch.as_tensor(n), batch["bonus_token_ids"],
         batch["draft_probs"], is_greedy, batch["uniform"], batch["recovery_noise"].reciprocal(),
         tolerance if tolerance is not None else torch.full((len(n),), config.tolerance, dtype=torch.float64),
-        config, max(n), **kernel_options,
+        config, max(n), race_keys=race_keys, **kernel_options,
     )  # fmt: skip
     assert torch.equal(kernel.token_ids, reference.token_ids)
     assert torch.equal(kernel.num_accepted, reference.num_accepted)
@@ -78,6 +79,37 @@ def test_adasd_relaxes_up_to_each_requests_threshold():
         batch, EarsConfig(policy="adasd"), torch.zeros(7, dtype=torch.bool), tau, block_size=256
     )
     assert result.num_relaxed.sum() > 0, "the test must exercise relaxed acceptances"
+
+
+def test_race_winners_are_the_keys_winners_bit_for_bit():
+    torch.manual_seed(0)
+    logits = torch.randn(24, 1037) * 2
+    seed, pos = torch.randint(0, 2**62, (24,)), torch.randint(0, 100_000, (24,))
+    from ears_vllm.policies import race_winners
+
+    kernel = verify_kernel.race_winners_triton(logits, seed, pos, block_size=128)
+    assert torch.equal(kernel, race_winners(logits, seed, pos))
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_ersd_walk_equals_the_reference(full_draft):
+    """Drafts that are the target's winners except where a row is corrupted: acceptances, mismatches (the winner
+    emitted), greedy rows (argmax match), bonus tokens."""
+    from ears_vllm.policies import race_winners
+    from ears_vllm.reference import race_key_rows
+
+    n = BATCHES["batch7-ragged-with-zeros"]
+    batch = verify_batch(n, 1037, seed=6, full_draft=full_draft)
+    race_keys = torch.stack([torch.arange(7) * 1_000_003, torch.randint(0, 4096, (7,))], 1)
+    winners = race_winners(batch["target_logits"], *race_key_rows(race_keys, torch.tensor(n)))
+    corrupt = torch.rand(winners.shape[0], generator=torch.Generator().manual_seed(1)) < 0.25
+    batch["draft_token_ids"] = torch.where(corrupt, (winners + 1) % 1037, winners)
+    is_greedy = torch.tensor(GREEDY["batch7-ragged-with-zeros"])
+    result = assert_kernel_equals_reference(batch, EarsConfig(policy="ersd"), is_greedy, race_keys=race_keys,
+                                            block_size=128, num_splits=3)  # fmt: skip
+    random_rows = ~is_greedy & (torch.tensor(n) > 0)
+    assert (result.num_accepted[random_rows] > 0).any() and (result.num_accepted < torch.tensor(n)).any()
+    assert result.num_relaxed.sum() == 0
 
 
 def test_per_request_tolerance():

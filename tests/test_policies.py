@@ -134,7 +134,7 @@ def test_exact_added_tv_matches_the_sampled_output(policy):
 
 
 def test_every_policy_is_registered_with_its_runners():
-    assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk", "adasd"}
+    assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk", "adasd", "ersd"}
     mrv2 = {name for name, spec in POLICIES.items() if "MRV2" in spec.runners}
     assert mrv2 == {"standard", "ears", "fly", "sglang", "relaxed_topk"}
 
@@ -150,7 +150,7 @@ def race_agreement_by_definition(p: torch.Tensor, q: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("zeros", [False, True], ids=["full-support", "disjoint-zeros"])
 def test_race_agreement_equals_its_definition_and_lies_within_its_bounds(zeros):
-    from ears_vllm.policies.closed_form import race_agreement
+    from ears_vllm.policies import race_agreement
 
     torch.manual_seed(0)
     p, q = torch.softmax(torch.randn(6, 12) * 2, -1).double(), torch.softmax(torch.randn(6, 12) * 2, -1).double()
@@ -166,7 +166,7 @@ def test_race_agreement_equals_its_definition_and_lies_within_its_bounds(zeros):
 
 
 def test_race_agreement_by_hand_and_by_sampling():
-    from ears_vllm.policies.closed_form import race_agreement
+    from ears_vllm.policies import race_agreement
 
     # A one-hot draft always wins its race at d, so the races agree iff the target's picks d: p(d).
     p = torch.tensor([[0.5, 0.3, 0.2]])

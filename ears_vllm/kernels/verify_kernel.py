@@ -30,7 +30,7 @@ import triton.language as tl
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies import get_policy, settings_for
 from ears_vllm.policies.adasd import js_distance
-from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
+from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult, race_key_rows
 
 
 @triton.jit
@@ -164,6 +164,7 @@ def _accept_kernel(
     rank_ptr,  # [num_tokens, num_splits] int32: logits above the draft's, per split (relaxed_topk)
     top_logits_ptr,  # [num_tokens, FLY_TOP_K] the largest logits of each row (fly)
     relax_ptr,  # [num_tokens] int8: JS(p, q) <= the request's learnt threshold (adasd), taken on the host
+    race_winner_ptr,  # [num_tokens] int64: the target's race winner (ersd), from _race_winner_kernel
     row_max_ptr,  # [num_tokens] out: merged max logit M
     row_sumexp_ptr,  # [num_tokens] out: merged sum exp(x - M)
     out_tokens_ptr,  # [batch, max_spec_len + 1] int32, prefilled with -1
@@ -175,7 +176,7 @@ def _accept_kernel(
     relaxed_topk,
     fly_window,
     POLICY: tl.constexpr,  # PolicySpec.kernel_id: 0 standard, 1 ears, 2 typical, 3 fly, 4 sglang, 5 relaxed_topk,
-    #                        6 adasd
+    #                        6 adasd, 7 ersd
     ARGMAX_RECOVERY: tl.constexpr,  # the policy emits the target argmax on rejection (typical)
     NO_DRAFT_PROBS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -243,6 +244,8 @@ def _accept_kernel(
             elif POLICY == 6:  # adasd: native, or close enough in JS distance (the host's test)
                 relax = tl.load(relax_ptr + row) != 0
                 policy_accept = standard | (valid & relax & (p_d > 0) & (q_d > 0))
+            elif POLICY == 7:  # ersd: the draft is the target's race winner
+                policy_accept = valid & (draft_id == tl.load(race_winner_ptr + row))
             else:
                 policy_accept = standard
             if POLICY == 3 or POLICY == 5:  # their sources apply the rule to greedy rows too
@@ -256,11 +259,14 @@ def _accept_kernel(
             if accept:
                 tl.store(out_row + pos, draft_id.to(tl.int32))
                 accepted_count += 1
-                relaxed_count += (accept & ~native).to(tl.int32)
+                if POLICY != 7:  # ERSD's acceptances are exact, whatever the standard test says
+                    relaxed_count += (accept & ~native).to(tl.int32)
             else:
                 rejected = True
                 if is_greedy | ARGMAX_RECOVERY:
                     tl.store(out_row + pos, target_argmax.to(tl.int32))
+                elif POLICY == 7:  # the target's winner: the token a non-speculative race emits here
+                    tl.store(out_row + pos, tl.load(race_winner_ptr + row).to(tl.int32))
                 else:
                     tl.store(recover_row_ptr + req, row.to(tl.int64))
     if not rejected:
@@ -320,6 +326,84 @@ def _recover_kernel(
     tl.store(index_ptr + req * NUM_SPLITS + split, best_idx)
 
 
+@triton.jit
+def _race_winner_kernel(
+    logits_ptr,  # [num_tokens, V]
+    key_prefix_ptr,  # [num_tokens] int64 holding a uint32: murmur3 state after the row's seed and position
+    score_ptr,  # [num_tokens, num_splits] float64 out: best logit - log E of the split
+    index_ptr,  # [num_tokens, num_splits] int32 out: its token id
+    vocab_size,
+    split_size,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """ERSD: each row's race winner ``argmax_x logit_x - log E_x`` over one vocabulary split, with the keys of
+    ``ears_vllm.keys`` (the token id is the last word the hash mixes)."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row_offset = row.to(tl.int64) * vocab_size
+    prefix = tl.load(key_prefix_ptr + row).to(tl.uint32)
+    split_start = split * split_size
+    split_end = tl.minimum(split_start + split_size, vocab_size)
+    best = tl.full((), float("-inf"), tl.float64)
+    best_idx = split_start
+    for start in range(split_start, split_end, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < split_end
+        x = tl.load(logits_ptr + row_offset + offs, mask=mask, other=float("-inf")).to(tl.float64)
+        u = _murmur3_uniform(prefix, offs.to(tl.uint32)).to(tl.float64)
+        score = tl.where(mask, x - tl.log(-tl.log(1.0 - u)), float("-inf"))
+        block_best, block_arg = tl.max(score, axis=0, return_indices=True)
+        if block_best > best:
+            best = block_best
+            best_idx = start + block_arg
+    tl.store(score_ptr + row * NUM_SPLITS + split, best)
+    tl.store(index_ptr + row * NUM_SPLITS + split, best_idx)
+
+
+@triton.jit
+def _rotl32(x, shift: tl.constexpr):
+    return (x << shift) | (x >> (32 - shift))
+
+
+@triton.jit
+def _murmur3_uniform(prefix, offset):  # uint32 state and token ids -> float32 in (0, 1), as ears_vllm.keys
+    k = _rotl32(offset * tl.full((), 0xCC9E2D51, tl.uint32), 15) * tl.full((), 0x1B873593, tl.uint32)
+    h = _rotl32(prefix ^ k, 13) * tl.full((), 5, tl.uint32) + tl.full((), 0xE6546B64, tl.uint32)
+    h = h ^ tl.full((), 16, tl.uint32)
+    h = (h ^ (h >> 16)) * tl.full((), 0x85EBCA6B, tl.uint32)
+    h = (h ^ (h >> 13)) * tl.full((), 0xC2B2AE35, tl.uint32)
+    h = h ^ (h >> 16)
+    hi16 = (h >> 16).to(tl.float32)
+    lo16 = (h & tl.full((), 0xFFFF, tl.uint32)).to(tl.float32)
+    return hi16 * 1.52587890625e-05 + (lo16 + 0.5) * 2.3283064365386963e-10
+
+
+def race_winners_triton(
+    logits: torch.Tensor,  # [n, V] after temperature
+    seed: torch.Tensor,  # [n] int64
+    pos: torch.Tensor,  # [n] int64
+    *,
+    block_size: int = 1024,
+) -> torch.Tensor:  # [n] int64
+    """:func:`ears_vllm.policies.races.race_winners` on the device, one pass over each row's logits."""
+    from ears_vllm.keys import murmur3_prefix
+
+    num_rows, vocab_size = logits.shape
+    if num_rows == 0:
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
+    splits = _num_splits(num_rows, vocab_size, block_size)
+    split_size = triton.cdiv(triton.cdiv(vocab_size, splits), block_size) * block_size
+    splits = triton.cdiv(vocab_size, split_size)
+    scores = torch.empty(num_rows, splits, dtype=torch.float64, device=logits.device)
+    indices = torch.empty(num_rows, splits, dtype=torch.int32, device=logits.device)
+    _race_winner_kernel[(num_rows, splits)](
+        logits.contiguous(), murmur3_prefix(seed, pos), scores, indices, vocab_size, split_size, NUM_SPLITS=splits,
+        BLOCK_SIZE=block_size,
+    )  # fmt: skip
+    return indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1).long()
+
+
 def _num_splits(num_rows: int, vocab_size: int, block_size: int, target_programs: int = 1024) -> int:
     """Enough programs to fill the device for small batches, none wasted for large ones."""
     blocks = triton.cdiv(vocab_size, block_size)
@@ -340,6 +424,7 @@ def verify_triton(
     max_spec_len: int,
     budget: torch.Tensor | None = None,  # [batch] float64, 0 = none
     budget_slack: torch.Tensor | None = None,  # [batch] float64
+    race_keys: torch.Tensor | None = None,  # [batch, 2] int64: key seed, position of the first draft (ersd)
     *,
     block_size: int = 1024,
     num_splits: int | None = None,
@@ -386,6 +471,11 @@ def verify_triton(
         tau = tolerance[req_of_token]
         relax[:num_tokens] = ((tau > 0) & (js.double() <= tau)).to(torch.int8)
 
+    race_winner = torch.zeros(rows, dtype=torch.int64, device=device)
+    if spec.keyed and num_tokens:
+        seed, pos = race_key_rows(race_keys, num_draft_tokens)
+        race_winner[:num_tokens] = race_winners_triton(logits, seed, pos, block_size=block_size)
+
     row_max = torch.empty(rows, dtype=torch.float32, device=device)
     row_sumexp = torch.empty_like(row_max)
     recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
@@ -398,7 +488,7 @@ def verify_triton(
         logits, draft_token_ids, draft_probs_arg, torch.cumsum(num_draft_tokens, 0), bonus_token_ids,
         is_greedy.to(torch.int8), uniform, tolerance, tolerance if budget is None else budget,
         tolerance if budget_slack is None else budget_slack, params, *stats, argmax_idx, rank, top_logits, relax,
-        row_max, row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
+        race_winner, row_max, row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
         settings.get("relaxed_topk", 0), settings.get("fly_window_size", 0),
         POLICY=spec.kernel_id, ARGMAX_RECOVERY=spec.recovery == "argmax", NO_DRAFT_PROBS=no_draft_probs,
         NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), FLY_TOP_K=fly_top_k,

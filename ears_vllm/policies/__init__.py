@@ -8,8 +8,8 @@ from ears_vllm.policies.closed_form import (
     fly_position_probabilities,
     position_form,
     position_form_one_hot,
-    race_agreement,
 )
+from ears_vllm.policies.races import race_agreement, race_token_agreement, race_winners
 from ears_vllm.policies.registry import PARAMS, POLICIES, Param, PolicySpec, fly_window, get_policy, settings_for
 from ears_vllm.policies.rules import (
     DraftPositions,
@@ -44,6 +44,8 @@ __all__ = [
     "position_form",
     "position_form_one_hot",
     "race_agreement",
+    "race_token_agreement",
+    "race_winners",
     "rank_among_logits",
     "relaxed_topk_candidate",
     "settings_for",

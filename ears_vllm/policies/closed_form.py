@@ -5,7 +5,8 @@ For a policy whose decision at a position depends on that position alone (``Poli
 averaging over ``d ~ q`` and ``u ~ U[0, 1)`` gives, per candidate token ``x``, an acceptance probability
 ``a(x)``; the emitted distribution is then ``out = q * a + (1 - sum q a) * R`` where ``R`` is the recovery
 (the residual ``norm(max(p - q, 0))``, the target without the rejected draft, or the argmax), so its
-distance from ``p`` is exact and O(V). For a policy that only adds acceptances and recovers like the
+distance from ``p`` is exact and O(V); ERSD's emitted token is always the target's race winner, so its output is
+p itself. For a policy that only adds acceptances and recovers like the
 standard rule (ears, relaxed_topk; sglang with one-hot drafts) the relaxed probability equals that
 distance (the bias identity of DESIGN.md section 2); for typical and for sglang with sampled drafts it does
 not, and ``added_tv`` says by how much. FLy decides from the next W positions too: no per-position form
@@ -60,6 +61,8 @@ def position_form(
     p, q = target_probs.to(torch.float64), draft_probs.to(torch.float64)
     a, standard = token_acceptance(p, q, p, policy, settings)
     accept = (q * a).sum(-1)
+    if get_policy(policy).recovery == "race":  # every emitted token is the target's race winner: exactly p
+        return PositionForm(accept, torch.zeros_like(accept), torch.zeros_like(accept))
     relaxed = (q * (a - standard).clamp_min(0.0)).sum(-1)
     rejected = (1.0 - accept).unsqueeze(-1)
     recovery = get_policy(policy).recovery
@@ -88,6 +91,8 @@ def position_form_one_hot(
     p_d = p.gather(-1, d)  # [n, 1]
     a, _ = token_acceptance(p_d, torch.ones_like(p_d), p, policy, settings)
     a, p_d = a.squeeze(-1), p_d.squeeze(-1)
+    if get_policy(policy).recovery == "race":
+        return PositionForm(a, torch.zeros_like(a), torch.zeros_like(a))
     relaxed = (a - p_d).clamp_min(0.0)
     if get_policy(policy).recovery == "argmax":
         p_max, argmax = p.max(-1)
@@ -168,24 +173,3 @@ def expected_acceptance_one_hot(
     """:func:`expected_acceptance` for ``q = one-hot(d)``."""
     form = position_form_one_hot(target_probs, draft_ids, policy, **settings)
     return form.accept, form.relaxed
-
-
-def race_agreement(
-    p: torch.Tensor,  # [n, V] target probabilities
-    q: torch.Tensor,  # [n, V] draft probabilities
-) -> torch.Tensor:  # [n]
-    """P(two exponential races on shared keys agree): the acceptance probability of one draft verified by shared
-    exponential races (ERSD, issue 18; not a policy yet). With one Exp(1) key E_y per token, the target's winner is
-    argmin E_y / p_y and the draft's argmin E_y / q_y; both pick x with probability 1 / sum_y max(p_y / p_x,
-    q_y / q_x). Sorting the tokens by r_y = p_y / q_y makes the sum (1 / p_x) * (sum of p over r_y >= r_x) +
-    (1 / q_x) * (sum of q over r_y < r_x), so the whole row costs a sort, not V^2. It lies in
-    [(1 - TV) / (1 + TV), 1 - TV], against standard rejection sampling's 1 - TV = sum min(p, q)."""
-    p, q = p.double(), q.double()
-    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.inf)
-    order = ratio.argsort(dim=-1)
-    p_sorted, q_sorted = p.gather(-1, order), q.gather(-1, order)
-    p_from = p_sorted.flip(-1).cumsum(-1).flip(-1)  # sum of p over the tokens at or after each in the order
-    q_before = q_sorted.cumsum(-1) - q_sorted  # sum of q over the tokens before each
-    both = (p_sorted > 0) & (q_sorted > 0)
-    total = p_from / p_sorted.clamp_min(1e-300) + q_before / q_sorted.clamp_min(1e-300)
-    return torch.where(both, 1.0 / total, 0.0).sum(-1)

@@ -1,16 +1,16 @@
-"""Speculative sampling by exponential races on shared keys (ERSD, issue 18): the verifier's arithmetic, in
-PyTorch. Groundwork: not a policy of the registry yet (no runner calls it; the drafter side is not built).
+"""ERSD: speculative sampling by exponential races on shared keys (Kobus and Gunduz, arXiv 2504.15475).
 
-Terms: every (request seed, position, token x) has a key ``u_x`` (:func:`ears_vllm.keys.murmur3_uniform32`) and
-so an Exp(1) variable ``E_x = -log(1 - u_x)``, the one MRV2's Gumbel noise ``-log(E_x)`` is made of (its fp32
-path evaluates ``log(1 - u)`` by a degree-8 series below 0.25: matching MRV2's drafter bit for bit will need that
-series too). A distribution's *race winner* at a position is ``argmin_x E_x / p_x``,
-an exact sample of p (the exponential race, i.e. the Gumbel-max trick with ``G_x = -log E_x``). A drafter that
-samples its draft by the race of q on the same keys, and a verifier that accepts the drafts while they equal the
-target's winners and emits the target's winner at the first mismatch (and at the bonus position), emit exactly
-the target's race winners: every token is an exact sample of p (lossless), and the text depends only on the
-keys and the target, not on the drafter. A draft is accepted with probability
-:func:`ears_vllm.policies.closed_form.race_agreement`.
+Terms: a request has a *key seed* (its ``seed``, or a random one drawn when it arrives), and every (key seed,
+position, token x) a *key* ``u_x`` (:func:`ears_vllm.keys.murmur3_uniform32`, vLLM MRV2's keyed noise) and so an
+Exp(1) variable ``E_x = -log(1 - u_x)``; the *position* is the index in the request's sequence (prompt included)
+of the token being chosen. A distribution's *race winner* at a position is ``argmin_x E_x / p_x``, an exact
+sample of p (the exponential race; the Gumbel-max trick with ``G_x = -log E_x``).
+
+The drafter proposes the race winner of q at each drafted position; the verifier accepts the drafts while they
+equal the target's race winners on the same keys, and emits the target's winner at the first mismatch (there is
+no residual), and at the bonus position when every draft matched. So every emitted token is the target's race
+winner: an exact sample of p (lossless whatever q is), and the text depends only on the keys and the target, not
+on the drafter or k. A draft is accepted with probability :func:`race_agreement`.
 """
 
 from __future__ import annotations
@@ -22,36 +22,40 @@ from ears_vllm.keys import murmur3_uniform32
 
 def race_winners(
     logits: torch.Tensor,  # [n, V] after temperature; masked entries -inf
-    seed: torch.Tensor,  # [n] int64: each row's request seed
-    pos: torch.Tensor,  # [n] int64: each row's position (the key's counter)
+    seed: torch.Tensor,  # [n] int64: each row's key seed
+    pos: torch.Tensor,  # [n] int64: each row's position
 ) -> torch.Tensor:  # [n] int64
-    """``argmin_x E_x / p_x`` per row, computed as ``argmax_x log p_x - log E_x`` (the same winner)."""
+    """``argmin_x E_x / p_x`` per row, computed as ``argmax_x logit_x - log E_x`` (the same winner: the
+    log-normaliser is one constant per row), in float64 with ``E = -log(1 - u)`` as the Triton kernel has it."""
     tokens = torch.arange(logits.shape[-1], device=logits.device)
     keys = murmur3_uniform32(seed[:, None], pos[:, None], tokens[None, :])
-    exponential = -torch.log1p(-keys.double())
-    return (logits.double().log_softmax(-1) - exponential.log()).argmax(-1)
+    exponential = -torch.log(1.0 - keys.double())
+    return (logits.double() - exponential.log()).argmax(-1)
 
 
-def verify_races(
-    target_logits: torch.Tensor,  # [num_tokens + batch, V]: each request's draft rows, then its bonus row
-    draft_token_ids: torch.Tensor,  # [num_tokens] int
-    num_draft_tokens: list[int],  # [batch]
-    seed: torch.Tensor,  # [batch] int64
-    first_pos: torch.Tensor,  # [batch] int64: the position of each request's first draft
-) -> tuple[torch.Tensor, torch.Tensor]:  # token_ids [batch, max k + 1] (-1 padded), num_accepted [batch]
-    """Accept each request's drafts while they equal the target's race winners; then emit the winner of the first
-    mismatching position, or of the bonus position when every draft matched."""
-    batch, longest = len(num_draft_tokens), max(num_draft_tokens, default=0)
-    token_ids = torch.full((batch, longest + 1), -1, dtype=torch.long)
-    num_accepted = torch.zeros(batch, dtype=torch.long)
-    row = 0
-    for r, k in enumerate(num_draft_tokens):
-        rows = target_logits[row + r : row + r + k + 1]  # the request's draft rows and its bonus row
-        positions = first_pos[r] + torch.arange(k + 1)
-        winners = race_winners(rows, seed[r].expand(k + 1), positions)
-        matches = (draft_token_ids[row : row + k].long() == winners[:k]).long().cumprod(0)
-        accepted = int(matches.sum())
-        token_ids[r, : accepted + 1] = winners[: accepted + 1]
-        num_accepted[r] = accepted
-        row += k
-    return token_ids, num_accepted
+def race_token_agreement(
+    p: torch.Tensor,  # [n, V] target probabilities
+    q: torch.Tensor,  # [n, V] draft probabilities
+) -> torch.Tensor:  # [n, V] float64
+    """``P(X = Y = x)`` per token: both races on shared keys pick x with probability
+    ``1 / sum_y max(p_y / p_x, q_y / q_x)``. Sorting the tokens by ``r_y = p_y / q_y`` makes the sum
+    ``(1 / p_x) * (sum of p over r_y >= r_x) + (1 / q_x) * (sum of q over r_y < r_x)``: a sort, not V^2."""
+    p, q = p.double(), q.double()
+    ratio = torch.where(q > 0, p / q.clamp_min(1e-300), torch.inf)
+    order = ratio.argsort(dim=-1)  # tied ratios: either side of the sum gives the same term
+    p_sorted, q_sorted = p.gather(-1, order), q.gather(-1, order)
+    p_from = p_sorted.flip(-1).cumsum(-1).flip(-1)  # sum of p over the tokens at or after each in the order
+    q_before = q_sorted.cumsum(-1) - q_sorted  # sum of q over the tokens before each
+    both = (p_sorted > 0) & (q_sorted > 0)
+    total = p_from / p_sorted.clamp_min(1e-300) + q_before / q_sorted.clamp_min(1e-300)
+    sorted_agreement = torch.where(both, 1.0 / total, 0.0)
+    return torch.zeros_like(p).scatter(-1, order, sorted_agreement)
+
+
+def race_agreement(
+    p: torch.Tensor,  # [n, V] target probabilities
+    q: torch.Tensor,  # [n, V] draft probabilities
+) -> torch.Tensor:  # [n]
+    """P(the two races agree): ERSD's acceptance probability of one draft. It lies in
+    ``[(1 - TV) / (1 + TV), 1 - TV]``, against standard rejection sampling's ``1 - TV = sum min(p, q)``."""
+    return race_token_agreement(p, q).sum(-1)

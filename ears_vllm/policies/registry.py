@@ -28,7 +28,8 @@ AcceptProbability = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 #   residual           sample norm(max(p - q, 0)) (the lossless rule's; a one-hot q removes the draft from p)
 #   one_hot_residual   sample p with the rejected draft removed, whatever q is (a target-only verifier)
 #   argmax             the target's argmax (deterministic)
-Recovery = Literal["residual", "one_hot_residual", "argmax"]
+#   race               the target's race winner on the request's keys (ERSD: the token it would have emitted anyway)
+Recovery = Literal["residual", "one_hot_residual", "argmax", "race"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,9 @@ class PolicySpec:
         greedy_rows: the source applies the rule to greedy requests too (vLLM's FLy, TensorRT-LLM's relaxed
             acceptance, which is greedy-only); otherwise greedy rows are verified by argmax match.
         lossless: the settings under which every step equals vLLM's standard rule.
+        keyed: the drafter and the verifier draw from the request's keys (``ears_vllm.keys``): the verifier needs
+            each request's key seed and positions, and the drafter must sample (vLLM ``draft_sample_method``
+            "probabilistic") by the same races.
         learnt: the decision reads state the request learns during the run (AdaSD's thresholds), so it has no
             closed form (``bench acceptance`` refuses it).
         only_adds_acceptances: the rule accepts whatever the native test (same u) accepts and recovers as the
@@ -123,6 +127,7 @@ class PolicySpec:
     lossless: Callable[[Mapping[str, Any]], bool] = lambda settings: False
     only_adds_acceptances: bool = False
     learnt: bool = False
+    keyed: bool = False
     source: str = ""
 
 
@@ -212,6 +217,20 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         learnt=True,
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
+    ),
+    PolicySpec(
+        name="ersd",
+        summary="ERSD: drafter and target race on shared keys; accept while the draft is the target's race winner, "
+        "then emit the target's winner. Lossless; the text does not depend on the drafter",
+        params=(),
+        rule=rules.rule_ersd,
+        accept_probability=rules.probability_ersd,
+        kernel_id=7,
+        runners=("V1",),  # the keys' positions come from V1's runner; MRV2's drafter salts its keys
+        recovery="race",
+        lossless=lambda settings: True,
+        keyed=True,
+        source="Kobus and Gunduz 2025, arXiv 2504.15475 (speculative sampling via exponential races)",
     ),
 )
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in _POLICY_LIST}

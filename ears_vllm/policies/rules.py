@@ -167,8 +167,10 @@ class DraftPositions:
         num_draft_tokens: torch.Tensor,  # [batch] int64
         req_of_token: torch.Tensor,  # [n] int64
         draft_probs: torch.Tensor | None = None,  # [n, V] q, or None for one-hot drafts
+        race_winner: torch.Tensor | None = None,  # [n] int64: the target's race winner (ERSD; keyed rows only)
     ) -> None:
         self.target_logits, self.target_probs, self.draft_probs = target_logits, target_probs, draft_probs
+        self.race_winner = race_winner
         self.draft_ids, self.draft_prob, self.uniform = draft_ids, draft_prob, uniform
         self.tolerance, self.is_greedy = tolerance, is_greedy
         self.num_draft_tokens, self.req_of_token = num_draft_tokens, req_of_token
@@ -263,6 +265,11 @@ def rule_adasd(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor
     return adasd_accept(pos.native, pos.target_prob, pos.draft_prob, pos.js, pos.tolerance) & pos.is_valid
 
 
+def rule_ersd(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    """ERSD: accept iff the draft is the target's race winner on the request's keys (policies.races)."""
+    return pos.draft_ids == pos.race_winner
+
+
 def rule_fly(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
     """vLLM V1's FLy pre-pass (``apply_fly_{greedy,random}_acceptance_kernel``) followed by its native walk."""
     top_k = min(settings["fly_entropy_top_k"], pos.target_probs.shape[-1])
@@ -320,6 +327,18 @@ def probability_relaxed_topk(
     floor = torch.maximum(top[:, -1:], top[:, :1] - settings["relaxed_delta"])
     candidate = ((p >= floor) | (p == top[:, :1])) & (p > 0)
     return torch.where(candidate, torch.ones_like(p), standard)
+
+
+def probability_ersd(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    """``P(X = Y = x) / q(x)`` for a drafter racing on the same keys (whole rows); a one-hot drafter's draft d
+    (one candidate) is the target's winner with probability p(d)."""
+    from ears_vllm.policies.races import race_token_agreement
+
+    if p.shape[-1] != row.shape[-1]:
+        return p
+    return torch.where(q > 0, race_token_agreement(p, q) / q.clamp_min(1e-300), torch.zeros_like(p))
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:  # [n, V] -> [n]
