@@ -525,3 +525,68 @@ def test_adasd_leaves_requests_that_do_not_learn_alone(adasd_run, standard_run):
     verified as a standard server verifies them: the same text."""
     assert adasd_run["ears_zero"] == standard_run["xargs_reference"]
     assert adasd_run["greedy"] == standard_run["greedy"][:3]
+
+
+ERSD_SEEDED = {"max_tokens": 32, "temperature": 1.0}
+
+
+def ersd_workload(tmp_path_factory, name: str, model, drafter, k: int) -> dict:
+    """One ERSD server (probabilistic drafting with ``drafter``, k drafts): seeded requests one at a time, the same
+    four at once, a greedy one; vLLM's acceptance counters; then stopped."""
+    spec = {"method": "draft_model", "model": str(drafter), "num_speculative_tokens": k,
+            "draft_sample_method": "probabilistic"}  # fmt: skip
+    server = start_server(tmp_path_factory, name, model, speculative=spec, ears={"policy": "ersd"})
+    try:
+        accepted0 = server.metric("vllm:spec_decode_num_accepted_tokens_total")
+        drafted0 = server.metric("vllm:spec_decode_num_draft_tokens_total")
+        seeded = [complete(server, p, seed=40 + i, **ERSD_SEEDED) for i, p in enumerate(PROMPTS[:4])]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda i: complete(server, PROMPTS[i], seed=40 + i, **ERSD_SEEDED), range(4)))
+        accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total") - accepted0
+        drafted = server.metric("vllm:spec_decode_num_draft_tokens_total") - drafted0
+        unseeded = [complete(server, PROMPTS[0], **ERSD_SEEDED) for _ in range(2)]
+        greedy = [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS[:3]]
+        return {"seeded": seeded, "together": together, "unseeded": unseeded, "greedy": greedy,
+                "acceptance": accepted / drafted, "log": server.log()}  # fmt: skip
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ersd_runs(tmp_path_factory, tiny_pair):
+    """Two ERSD servers of one target: the tiny draft at k = 4, and the target drafting for itself at k = 2."""
+    target, draft = tiny_pair
+    return {
+        "draft-k4": ersd_workload(tmp_path_factory, "ersd-k4", target, draft, 4),
+        "self-k2": ersd_workload(tmp_path_factory, "ersd-self", target, target, 2),
+    }
+
+
+def test_ersd_text_does_not_depend_on_the_drafter_or_k(ersd_runs):
+    runs = list(ersd_runs.values())
+    assert all("keys=on" in run["log"] for run in runs)
+    for run in runs[1:]:
+        assert run["seeded"] == runs[0]["seeded"]
+    # ...although the drafters are accepted at different rates (the target drafting for itself: every draft).
+    assert ersd_runs["self-k2"]["acceptance"] > 0.95 > ersd_runs["draft-k4"]["acceptance"]
+
+
+def test_ersd_seeded_requests_reproduce_alone_or_batched_and_unseeded_ones_differ(ersd_runs):
+    for run in ersd_runs.values():
+        assert run["together"] == run["seeded"]
+        assert run["unseeded"][0] != run["unseeded"][1]
+
+
+def test_ersd_leaves_greedy_requests_alone(ersd_runs, standard_run):
+    for run in ersd_runs.values():
+        assert run["greedy"] == standard_run["greedy"][:3]
+
+
+def test_ersd_refuses_to_start_when_the_drafter_does_not_sample(tmp_path, tiny_pair):
+    target, draft = tiny_pair
+    command = serve_command(target, free_port(), speculative=draft_model_spec(draft), ears={"policy": "ersd"})
+    done = subprocess.run(command, env=server_env(tmp_path), capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "REFUSES" in output or "Refusing to start" in output
+    assert "draft_sample_method" in output and "'greedy'" in output

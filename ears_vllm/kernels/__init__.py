@@ -27,3 +27,9 @@ def verify_triton(*args, **kwargs):
     from ears_vllm.kernels.verify_kernel import verify_triton as run
 
     return run(*args, **kwargs)
+
+
+def race_winners_triton(*args, **kwargs):
+    from ears_vllm.kernels.verify_kernel import race_winners_triton as run
+
+    return run(*args, **kwargs)

@@ -54,9 +54,11 @@ def plan_verification(
     hook_problem: str | None,
     method: str | None = VLLM_STANDARD_METHOD,
     watermarking: bool = False,
+    draft_problem: str | None = None,
 ) -> VerificationPlan:
     """Decide for one sampler. ``hook_problem``: why the runner's hooks do not check out (None: they do);
-    ``method``: the sampler's ``rejection_sample_method``; ``watermarking``: vLLM watermarks the output."""
+    ``method``: the sampler's ``rejection_sample_method``; ``watermarking``: vLLM watermarks the output;
+    ``draft_problem``: why the drafter cannot serve the policy (ERSD's keyed drafts), None when it can."""
     method = method or VLLM_STANDARD_METHOD
     if config.policy == "standard":
         return VerificationPlan(runner, config.policy, False, "policy 'standard' is vLLM's own rule", False)
@@ -73,6 +75,8 @@ def plan_verification(
     elif runner not in get_policy(config.policy).runners:
         other = list(get_policy(config.policy).runners)
         problem = f"policy {config.policy!r} is not available on the {runner} runner (it is on {other})"
+    elif draft_problem is not None:
+        problem = draft_problem
     elif config.budget is not None and runner == "MRV2" and config.policy == "fly":
         problem = "a deviation budget with policy 'fly' runs on the V1 runner only (MRV2's FLy confirms a deferred " \
                   "acceptance only after the walk)"  # fmt: skip

@@ -27,7 +27,8 @@ from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.requests import RequestSettings, request_config, request_settings
 from ears_vllm.policies.adasd import AdasdState
-from ears_vllm.seam import patches
+from ears_vllm.policies import get_policy
+from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import bound, find_class
 
 logger = get_logger()
@@ -46,6 +47,7 @@ class RequestControl:
     config: EarsConfig
     ledger: BudgetLedger | None
     adasd: AdasdState | None = None  # AdaSD's learnt thresholds (policy adasd, sampled requests)
+    race_seed: int | None = None  # ERSD's key seed (a keyed policy, sampled requests; seam.vllm_races)
 
     @property
     def tolerance(self) -> float:
@@ -107,10 +109,10 @@ def check_request(extra_args: Any) -> None:
                     f"verifies every request with the server's policy ({server_config.policy!r}); a request may set "
                     "ears_tolerance and ears_budget"
                 )
-            if config.policy == "adasd" and server_config.policy != "adasd":
+            if config.policy in ("adasd", "ersd") and server_config.policy != config.policy:
                 raise ValueError(
-                    "vllm_xargs key 'ears_policy' = 'adasd': AdaSD's draft-length half patches the drafter when the "
-                    'server starts; start it with {"policy": "adasd"} to serve AdaSD requests'
+                    f"vllm_xargs key 'ears_policy' = {config.policy!r}: its drafter is patched when the server "
+                    f'starts; start it with {{"policy": "{config.policy}"}} to serve {config.policy} requests'
                 )
             if server_runner == "MRV2" and config.policy == "fly" and config.budget is not None:
                 raise ValueError("vllm_xargs key 'ears_budget': a budget with policy 'fly' runs on the V1 runner only")
@@ -154,11 +156,12 @@ def new_control(server: EarsConfig, params: Any, who: str) -> RequestControl:
             logger.warning("ears-vllm: %s: %s; it is verified with the server's config", who, exc)
             config, asked = server, RequestSettings()
     adasd = AdasdState() if sampled and config.policy == "adasd" else None
-    if not (sampled and config.budget):
-        return RequestControl(config, None, adasd)
-    if server.budget_scope == "server" and asked.budget is None:  # the server's budget: its pool
-        return RequestControl(config, server_pool(server.budget), adasd)
-    return RequestControl(config, BudgetLedger(config.budget), adasd)
+    race_seed = vllm_races.key_seed(params) if sampled and get_policy(config.policy).keyed else None
+    ledger = None
+    if sampled and config.budget:  # the server's budget: its pool, or the request's own ledger
+        pooled = server.budget_scope == "server" and asked.budget is None
+        ledger = server_pool(server.budget) if pooled else BudgetLedger(config.budget)
+    return RequestControl(config, ledger, adasd, race_seed)
 
 
 _pools: dict[float, BudgetLedger] = {}
@@ -193,10 +196,18 @@ def install_runner_hook() -> str | None:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
             server = getattr(getattr(self, "rejection_sampler", None), "_ears_config", None)
-            if spec_decode_metadata is None or server is None:
+            keyed = server is not None and get_policy(server.policy).keyed  # ERSD: every sampling is keyed
+            if server is None or (spec_decode_metadata is None and not keyed):
                 return original(self, logits, spec_decode_metadata, *args, **kwargs)
-            with verifying_batch(_rows(self, server)):
-                return original(self, logits, spec_decode_metadata, *args, **kwargs)
+            batch, controls = _rows(self, server)
+            with verifying_batch(batch):
+                if not keyed:
+                    return original(self, logits, spec_decode_metadata, *args, **kwargs)
+                drafts = [0] * len(controls) if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
+                keys = vllm_races.row_keys(self, [c.race_seed for c in controls], drafts)
+                return vllm_races.sample_keyed(
+                    self, lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, drafts
+                )
 
         return _sample
 
@@ -204,11 +215,11 @@ def install_runner_hook() -> str | None:
     return None
 
 
-def _rows(runner: Any, server: EarsConfig) -> BatchRequests:
-    """The rows of the batch (the input batch's requests, in order) and their controls; no controls when every
-    row follows the server's config (the common case)."""
+def _rows(runner: Any, server: EarsConfig) -> tuple[BatchRequests, list[RequestControl]]:
+    """The rows of the batch (the input batch's requests, in order) and their controls; the batch carries no
+    controls when every row follows the server's config (the common case)."""
     req_ids = list(runner.input_batch.req_ids)
     controls = [control_of(runner.requests[req_id], server) for req_id in req_ids]
     if all(c.config is server and c.ledger is None and c.adasd is None for c in controls):
-        return BatchRequests(req_ids, None)
-    return BatchRequests(req_ids, controls)
+        return BatchRequests(req_ids, None), controls
+    return BatchRequests(req_ids, controls), controls

@@ -29,7 +29,8 @@ from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.control.budget import share_slack
 from ears_vllm.policies.adasd import learn_from_step
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
-from ears_vllm.seam import patches, vllm_drafter, vllm_requests
+from ears_vllm.policies import get_policy
+from ears_vllm.seam import patches, vllm_drafter, vllm_races, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import RequestControl
@@ -81,10 +82,11 @@ def install(hook_problem: str | None) -> None:
     module = importlib.import_module(MODULE)
     state.module, state.hook_problem = module, hook_problem
     active.guard(module.RejectionSampler, "forward",
-                 lambda sampler, arguments: _configure(module, arguments.get("spec_config")))  # fmt: skip
+                 lambda rejection_sampler, arguments: _configure(module, arguments.get("spec_config"),
+                                                                 arguments.get("sampler")))  # fmt: skip
 
 
-def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
+def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None:
     """Plan a sampler built with ``spec_config`` (raises when it must refuse), apply the plan, log it; the config
     when ours verifies."""
     from vllm.config import get_current_vllm_config_or_none
@@ -93,8 +95,10 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
     spec_config = spec_config if spec_config is not None else getattr(vllm_config, "speculative_config", None)
     config = config_for_sampler(resolve_config(getattr(vllm_config, "additional_config", None)),
                                 getattr(spec_config, "num_speculative_tokens", None))  # fmt: skip
+    keyed = get_policy(config.policy).keyed
     plan = plan_verification("V1", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
-                             method=getattr(spec_config, "rejection_sample_method", None))  # fmt: skip
+                             method=getattr(spec_config, "rejection_sample_method", None),
+                             draft_problem=vllm_races.draft_problem(spec_config) if keyed else None)  # fmt: skip
     enforce(plan, logger)
     state.shadow = settings().shadow
     fix = "not checked (hooks moved)" if state.hook_problem else _fix_expand(module)
@@ -105,9 +109,10 @@ def _configure(module: Any, spec_config: Any) -> EarsConfig | None:
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         per_request = vllm_requests.per_request_status(vllm_requests.install_runner_hook())
     draft_length = vllm_drafter.install(config, vllm_config) if plan.verifies else "untouched"
+    keys = vllm_races.install(config, sampler) if plan.verifies and keyed else "off"
     log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
               f" per_request={per_request}" + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
-              + (" shadow=on" if state.shadow else ""))  # fmt: skip
+              + (f" keys={keys}" if keyed else "") + (" shadow=on" if state.shadow else ""))  # fmt: skip
     return config if plan.verifies else None
 
 
@@ -289,9 +294,13 @@ def _verify_like_vllm(
         for i, generator in sampling_metadata.generators.items():
             if num_draft_tokens[i] > 0:  # vLLM skips requests without drafts (reproducibility)
                 noise[i].exponential_(generator=generator)
+    keys = vllm_races.sampling_keys()  # ERSD: each request's key seed and first draft position
+    race_keys = None if keys is None else torch.stack([keys.seed, keys.first_pos], dim=1)
+    if race_keys is None and get_policy(config.policy).keyed:  # a call outside a runner step: vLLM's warm-up
+        race_keys = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
     if controls is not None:
         result = verify_rows(controls, target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids.reshape(-1),
-                             draft_probs, is_greedy, uniform, noise, max_spec_len)  # fmt: skip
+                             draft_probs, is_greedy, uniform, noise, max_spec_len, race_keys)  # fmt: skip
         return result, is_greedy
     result = verify(
         target_logits,
@@ -302,6 +311,7 @@ def _verify_like_vllm(
         is_greedy=is_greedy,
         uniform=uniform,
         recovery_noise=noise,
+        race_keys=race_keys,
         config=config,
         max_spec_len=max_spec_len,
     )
@@ -319,6 +329,7 @@ def verify_rows(
     uniform: torch.Tensor,  # [num_tokens] float64, drawn for the whole batch
     noise: torch.Tensor,  # [batch, V] Exp(1), drawn for the whole batch
     max_spec_len: int,
+    race_keys: torch.Tensor | None = None,  # [batch, 2] int64: key seed, first draft position (ERSD)
 ) -> VerifyResult:
     """Verify each request with its own config and budget ledger, on the randoms vLLM drew for the batch: one
     :func:`ears_vllm.verify` per policy in the batch, on that policy's rows."""
@@ -347,7 +358,7 @@ def verify_rows(
         result = verify(
             **group, num_draft_tokens=counts[rows], bonus_token_ids=bonus_token_ids[rows], is_greedy=is_greedy[rows],
             recovery_noise=noise[rows], tolerance=tolerance[rows], budget=budget[rows], budget_slack=slack[rows],
-            config=config, max_spec_len=max_spec_len,
+            race_keys=None if race_keys is None else race_keys[rows], config=config, max_spec_len=max_spec_len,
         )  # fmt: skip
         if policy == "adasd":  # its requests learn from what was just verified
             mine = [i for i, p in enumerate(policies) if p == policy]

@@ -1,0 +1,184 @@
+"""ERSD on vLLM V1: every token of a keyed request, drafted or emitted, is a race winner on the request's keys.
+
+Installed only when the server's policy is ``ersd`` (:attr:`ears_vllm.policies.PolicySpec.keyed`). A request's
+*key seed* is its ``seed``, or a random 63-bit one drawn when it is first seen (kept on vLLM's state of the
+request); a key's *position* is the index in the request's sequence of the token being chosen, read from the
+positions vLLM feeds the target (so it is right under chunked prefill and asynchronous scheduling alike).
+
+Patched:
+
+- ``GPUModelRunner._sample`` (through :mod:`ears_vllm.seam.vllm_requests`'s wrapper): the rows' keys for the
+  step (:func:`sample_keyed`); afterwards, the positions the drafter's next proposal starts from.
+- the runner's sampler's ``topk_topp_sampler.forward`` (the instance the rejection sampler holds, which is also
+  the runner's own sampler): keyed rows take the race winner of vLLM's processed logits (penalties, temperature,
+  top-k/top-p already applied) instead of its draw. It samples the first token after the prompt and the bonus
+  token of a verification step; other rows keep vLLM's draw.
+- ``GPUModelRunner.propose_draft_token_ids`` and ``SpecDecodeBaseProposer._sample_from_logits``: the drafter's
+  draws for keyed rows become race winners of its q on the same keys, at the positions they draft.
+
+The verifier (:func:`ears_vllm.verify` with ``race_keys``) emits the target's winners; so a seeded request's text
+depends on its seed, the target and the sampling settings, not on the drafter or k.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ears_vllm._log import get_logger
+from ears_vllm.config import EarsConfig
+from ears_vllm.policies import get_policy, race_winners
+from ears_vllm.seam import patches
+from ears_vllm.seam.hooks import bound, find_class
+
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+PROPOSER_MODULE = "vllm.v1.spec_decode.llm_base_proposer"
+logger = get_logger()
+
+
+@dataclasses.dataclass
+class RowKeys:
+    """The keys of a batch's rows (input batch order)."""
+
+    seed: torch.Tensor  # [batch] int64 key seeds (0 on rows that are not keyed)
+    first_pos: torch.Tensor  # [batch] int64: position of the first token the step chooses (first draft, or the
+    #                          token a non-speculative row samples)
+    keyed: torch.Tensor  # [batch] bool: the row draws from its keys (a sampled request of a keyed policy)
+    draft_step: int = 0  # drafter: the drafts proposed so far in this proposal
+
+
+_sampling: contextvars.ContextVar[tuple[RowKeys, torch.Tensor] | None] = contextvars.ContextVar(
+    "ears_vllm_sample_keys", default=None
+)  # the rows' keys and the positions the runner's sampler chooses now
+_drafting: contextvars.ContextVar[RowKeys | None] = contextvars.ContextVar("ears_vllm_draft_keys", default=None)
+
+
+def key_seed(params: Any) -> int:
+    """A request's key seed: its own seed, or a fresh random one (its text is then random, as vLLM's)."""
+    seed = getattr(params, "seed", None)
+    return int(seed) if seed is not None else secrets.randbits(63)
+
+
+def draft_problem(spec_config: Any) -> str | None:
+    """Why this speculative config's drafter cannot race on keys (None: it can)."""
+    method = getattr(spec_config, "method", None)
+    sampling = getattr(spec_config, "draft_sample_method", "greedy")
+    if sampling != "probabilistic":
+        return (f"policy 'ersd' needs a drafter that samples, and draft_sample_method is {sampling!r}: add "
+                '"draft_sample_method": "probabilistic" to --speculative-config')  # fmt: skip
+    proposer, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
+    if proposer is None:
+        return f"the drafter's sampling moved: {problem}"
+    if method in ("ngram", "suffix", "medusa", "custom_class", None):
+        return f"policy 'ersd' needs a model drafter that samples (draft_model, eagle, mtp); method is {method!r}"
+    return None
+
+
+def install(config: EarsConfig, sampler: Any) -> str:
+    """Key the drafter and ``sampler`` (the runner's, shared with its rejection sampler); the startup line's
+    ``keys=`` value. Called only after the plan checked :func:`draft_problem`."""
+    if not get_policy(config.policy).keyed:
+        return "off"
+    runner_cls, problem = find_class(RUNNER_MODULE, "GPUModelRunner", "propose_draft_token_ids")
+    proposer_cls, _ = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
+    topk_topp = getattr(sampler, "topk_topp_sampler", None)
+    if runner_cls is None or proposer_cls is None or not hasattr(topk_topp, "forward"):
+        raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's samplers here: "
+                           f"{problem or 'the sampler has no topk_topp_sampler'}")  # fmt: skip
+    if not getattr(topk_topp, "_ears_keyed", False):
+        topk_topp.forward = _keyed_topk_topp(topk_topp.forward)
+        topk_topp._ears_keyed = True
+    patches.apply(runner_cls, "propose_draft_token_ids", _wrap_propose_draft_token_ids,
+                  "ERSD: the drafter learns each row's keys and positions")  # fmt: skip
+    patches.apply(proposer_cls, "_sample_from_logits", _wrap_sample_from_logits,
+                  "ERSD: keyed rows draft the race winner of q")  # fmt: skip
+    return "on (drafter, bonus and first tokens race on each request's keys)"
+
+
+def row_keys(runner: Any, seeds: list[int | None], num_draft_tokens: list[int]) -> RowKeys:
+    """The keys of the runner's current batch: ``seeds`` per row (None: not keyed), and the position of each row's
+    first chosen token from the positions vLLM fed the target (the row's last input token's, plus one, minus its
+    drafts)."""
+    positions = runner.mrope_positions.gpu[0] if getattr(runner, "uses_mrope", False) else runner.positions
+    batch = len(seeds)
+    last_input = runner.query_start_loc.gpu[1 : batch + 1].long() - 1
+    drafts = torch.as_tensor(num_draft_tokens, dtype=torch.long).to(positions.device, non_blocking=True)
+    keyed = torch.tensor([s is not None for s in seeds]).to(positions.device, non_blocking=True)
+    seed = torch.tensor([s or 0 for s in seeds], dtype=torch.long).to(positions.device, non_blocking=True)
+    return RowKeys(seed, positions[last_input].long() + 1 - drafts, keyed)
+
+
+def sample_keyed(runner: Any, sample: Callable[[], Any], keys: RowKeys, num_draft_tokens: list[int]) -> Any:
+    """Run the runner's ``_sample`` with the keys bound: the sampler's rows are the bonus rows of a verification
+    step (at the position after their drafts) or the rows of a non-speculative step. Keeps where the drafter's next
+    proposal starts: after the tokens each row emitted."""
+    drafts = torch.as_tensor(num_draft_tokens, dtype=torch.long).to(keys.first_pos.device, non_blocking=True)
+    with bound(_sampling, (keys, keys.first_pos + drafts)):
+        output = sample()
+    emitted = (output.sampled_token_ids >= 0).sum(dim=1).long()
+    runner._ears_draft_keys = RowKeys(keys.seed, keys.first_pos + emitted, keys.keyed)
+    return output
+
+
+def sampling_keys() -> RowKeys | None:
+    """The keys of the verification step in progress (its draft rows start at ``first_pos``)."""
+    bound_keys = _sampling.get()
+    return None if bound_keys is None else bound_keys[0]
+
+
+def winners(
+    logits: torch.Tensor,  # [n, V] after temperature; masked entries -inf
+    seed: torch.Tensor,  # [n] int64
+    pos: torch.Tensor,  # [n] int64
+) -> torch.Tensor:  # [n] int64
+    """Race winners on the device: the Triton kernel on a GPU, PyTorch elsewhere."""
+    from ears_vllm import kernels
+
+    if kernels.unusable_reason(logits.device.type) is None and logits.device.type == "cuda":
+        return kernels.race_winners_triton(logits, seed, pos)
+    return race_winners(logits, seed, pos)
+
+
+def _keyed_topk_topp(original: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(logits: torch.Tensor, generators: Any, k: Any, p: Any) -> Any:
+        bound_keys = _sampling.get()
+        if bound_keys is None or logits.shape[0] != bound_keys[0].seed.shape[0]:
+            return original(logits, generators, k, p)
+        keys, pos = bound_keys
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+        masked = apply_top_k_top_p(logits.clone(), k, p)  # vLLM may mask ``logits`` in place
+        sampled, processed = original(logits, generators, k, p)
+        return torch.where(keys.keyed, winners(masked, keys.seed, pos), sampled.long()).to(sampled.dtype), processed
+
+    return forward
+
+
+def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
+    def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
+        keys = getattr(self, "_ears_draft_keys", None)
+        if keys is None:
+            return original(self, *args, **kwargs)
+        with bound(_drafting, RowKeys(keys.seed, keys.first_pos, keys.keyed)):
+            return original(self, *args, **kwargs)
+
+    return propose_draft_token_ids
+
+
+def _wrap_sample_from_logits(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _sample_from_logits(self: Any, logits: torch.Tensor, sampling_metadata: Any) -> Any:
+        draft_ids, draft_probs = original(self, logits, sampling_metadata)
+        keys = _drafting.get()
+        if keys is None or draft_probs is None or logits.shape[0] != keys.seed.shape[0]:
+            return draft_ids, draft_probs  # greedy drafting, or parallel drafting's rows: vLLM's draws (lossless)
+        pos = keys.first_pos + keys.draft_step
+        keys.draft_step += 1
+        keyed = winners(draft_probs.float().log(), keys.seed, pos)
+        return torch.where(keys.keyed, keyed, draft_ids.long()).to(draft_ids.dtype), draft_probs
+
+    return _sample_from_logits
