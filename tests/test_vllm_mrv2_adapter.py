@@ -496,3 +496,23 @@ def test_keyed_uniforms_in_pytorch_are_mrv2s_bit_for_bit(mrv2):
     keyed_uniforms_kernel[(n,)](expected, seed, pos, offset, KEYED=mrv2.gumbel.murmur3_uniform32)
     assert torch.equal(murmur3_uniform32(seed, pos, offset), expected)
     assert bool(((expected > 0) & (expected < 1)).all())
+
+
+@pytest.mark.parametrize("drafting", [False, True], ids=["sampler", "drafter-salted-positions"])
+def test_mrv2s_keyed_sampling_draws_the_race_winners_of_our_keys(mrv2, drafting):
+    """MRV2's own sampler draws exactly the race winners ERSD's verifier computes on the same keys (its drafter:
+    on positions salted by 1 << 30): where the runner's sampler uses these keys, a verifier racing on them emits
+    the non-speculative text."""
+    from ears_vllm.keys import DRAFT_NOISE_SALT
+    from ears_vllm.policies import race_winners
+
+    generator = torch.Generator().manual_seed(3)
+    n, vocab = 16, 1500
+    logits = torch.randn(n, vocab, generator=generator) * 3
+    temperature = torch.full((n,), 0.8)
+    seed = torch.randint(0, 2**62, (n,), generator=generator)
+    pos = torch.randint(0, 4000, (n,), generator=generator)
+    sampled = mrv2.gumbel.gumbel_sample(logits.clone(), torch.arange(n, dtype=torch.int32), temperature, seed, pos,
+                                        apply_temperature=True, is_drafting=drafting)  # fmt: skip
+    expected = race_winners(logits / temperature[:, None], seed, pos + DRAFT_NOISE_SALT * drafting)
+    assert sampled.reshape(-1).tolist() == expected.tolist()
