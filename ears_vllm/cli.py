@@ -209,8 +209,8 @@ def _doctor(args: argparse.Namespace) -> int:
     from ears_vllm.doctor import diagnose
 
     additional = json.loads(args.additional_config) if args.additional_config else None
-    speculative = json.loads(args.speculative_config) if args.speculative_config else {}
-    rows = diagnose(additional, method=speculative.get("rejection_sample_method"))
+    speculative = json.loads(args.speculative_config) if args.speculative_config else None
+    rows = diagnose(additional, speculative)
     width = max(len(label) for label, _ in rows)
     for label, finding in rows:
         print(f"{label:<{width}}  {finding}")

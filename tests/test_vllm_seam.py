@@ -151,3 +151,49 @@ def test_the_drafter_hooks_adasd_patches_are_in_this_vllm(config, async_scheduli
         assert patches.is_patched(SpecDecodeBaseProposer, "propose")
         assert patches.is_patched(GPUModelRunner, "take_draft_token_ids")
         assert patches.is_patched(GPUModelRunner, "propose_draft_token_ids")
+
+
+ERSD_DRAFTER = dict(method="draft_model", num_speculative_tokens=2, rejection_sample_method="standard")
+
+
+@pytest.mark.parametrize(("draft_sample_method", "method"), [("greedy", "draft_model"), ("probabilistic", "ngram")],
+                         ids=["greedy-drafts", "ngram-drafter"])  # fmt: skip
+def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, monkeypatch, draft_sample_method, method):
+    import vllm.v1.sample.rejection_sampler as module
+
+    monkeypatch.setattr(module, "rejection_sample", module.rejection_sample)  # restored after the test
+    plugin.register()
+    spec = types.SimpleNamespace(**(ERSD_DRAFTER | {"method": method, "draft_sample_method": draft_sample_method}))
+    named = "'ngram'" if method == "ngram" else "'greedy'"
+    with pytest.raises(UnsupportedPolicyError, match=f"policy 'ersd' needs .*{named}"):
+        v1_sampler({"policy": "ersd"}, spec)
+
+
+def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, monkeypatch, caplog):
+    """With probabilistic drafting the sampler verifies, the proposer is patched, and the sampler it holds (the
+    runner's own) takes race winners for keyed rows: the winners of vLLM's top-k-masked logits."""
+    import vllm.v1.sample.rejection_sampler as module
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    from ears_vllm.policies import race_winners
+    from ears_vllm.seam import vllm_races
+    from ears_vllm.seam.hooks import bound
+
+    monkeypatch.setattr(module, "rejection_sample", module.rejection_sample)
+    plugin.register()
+    spec = types.SimpleNamespace(**(ERSD_DRAFTER | {"draft_sample_method": "probabilistic"}))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        sampler = v1_sampler({"policy": "ersd"}, spec)
+    assert sampler._ears_config.policy == "ersd" and "keys=on" in caplog.text
+    assert patches.is_patched(SpecDecodeBaseProposer, "_sample_from_logits")
+    topk_topp = sampler.sampler.topk_topp_sampler
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
+    top_k = torch.tensor([50, 5, 5, 50])
+    keys = vllm_races.RowKeys(torch.tensor([1, 2, 3, 4]), torch.tensor([10, 20, 30, 40]),
+                              torch.tensor([True, True, False, True]))  # fmt: skip
+    with bound(vllm_races._sampling, (keys, keys.first_pos + 1)):
+        sampled, _ = topk_topp(logits.clone(), {}, top_k, None)
+    winners = race_winners(apply_top_k_top_p(logits.clone(), top_k, None), keys.seed, keys.first_pos + 1)
+    assert sampled[[0, 1, 3]].tolist() == winners[[0, 1, 3]].tolist()
+    assert logits[1].topk(5).indices.tolist().count(int(sampled[1])) == 1  # inside row 1's top 5

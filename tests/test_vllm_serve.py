@@ -295,6 +295,7 @@ BAD_XARGS = {  # vllm_xargs -> what the 400 must name
     "budget-for-typical": ({"ears_policy": "typical", "ears_budget": 0.05}, "ears_budget"),
     "budget-zero": ({"ears_budget": 0}, "ears_budget"),
     "adasd-on-an-ears-server": ({"ears_policy": "adasd"}, "ears_policy"),  # its drafter half is set at startup
+    "ersd-on-an-ears-server": ({"ears_policy": "ersd"}, "ears_policy"),  # its keyed drafter too
 }
 
 

@@ -53,6 +53,10 @@ class E2EConfig:
     def __post_init__(self) -> None:
         if self.draft_sampling not in DRAFT_SAMPLING:
             raise ValueError(f"draft sampling {self.draft_sampling!r} not allowed; allowed: {DRAFT_SAMPLING}")
+        keyed = [name for name, settings in self.policies.items() if get_policy(settings["policy"]).keyed]
+        if keyed and self.draft_sampling != "probabilistic":
+            raise ValueError(f"policies {keyed} race their drafts on the requests' keys: they need draft sampling "
+                             f"'probabilistic' (--draft-sampling probabilistic), not {self.draft_sampling!r}")  # fmt: skip
 
 
 def parse_policies(text: str) -> dict[str, dict]:

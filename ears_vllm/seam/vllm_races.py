@@ -13,8 +13,9 @@ Patched:
   the runner's own sampler): keyed rows take the race winner of vLLM's processed logits (penalties, temperature,
   top-k/top-p already applied) instead of its draw. It samples the first token after the prompt and the bonus
   token of a verification step; other rows keep vLLM's draw.
-- ``GPUModelRunner.propose_draft_token_ids`` and ``SpecDecodeBaseProposer._sample_from_logits``: the drafter's
-  draws for keyed rows become race winners of its q on the same keys, at the positions they draft.
+- ``SpecDecodeBaseProposer._sample_from_logits``: the drafter's draws for keyed rows become race winners of its q
+  on the same keys, at the positions they draft (the runner drafts right after it samples, in the same call, so the
+  keys :func:`sample_keyed` leaves for it are this step's).
 
 The verifier (:func:`ears_vllm.verify` with ``race_keys``) emits the target's winners; so a seeded request's text
 depends on its seed, the target and the sampling settings, not on the drafter or k.
@@ -36,7 +37,6 @@ from ears_vllm.policies import get_policy, race_winners
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, find_class
 
-RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 PROPOSER_MODULE = "vllm.v1.spec_decode.llm_base_proposer"
 logger = get_logger()
 
@@ -84,17 +84,14 @@ def install(config: EarsConfig, sampler: Any) -> str:
     ``keys=`` value. Called only after the plan checked :func:`draft_problem`."""
     if not get_policy(config.policy).keyed:
         return "off"
-    runner_cls, problem = find_class(RUNNER_MODULE, "GPUModelRunner", "propose_draft_token_ids")
-    proposer_cls, _ = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
+    proposer_cls, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
     topk_topp = getattr(sampler, "topk_topp_sampler", None)
-    if runner_cls is None or proposer_cls is None or not hasattr(topk_topp, "forward"):
+    if proposer_cls is None or not hasattr(topk_topp, "forward"):
         raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's samplers here: "
                            f"{problem or 'the sampler has no topk_topp_sampler'}")  # fmt: skip
     if not getattr(topk_topp, "_ears_keyed", False):
         topk_topp.forward = _keyed_topk_topp(topk_topp.forward)
         topk_topp._ears_keyed = True
-    patches.apply(runner_cls, "propose_draft_token_ids", _wrap_propose_draft_token_ids,
-                  "ERSD: the drafter learns each row's keys and positions")  # fmt: skip
     patches.apply(proposer_cls, "_sample_from_logits", _wrap_sample_from_logits,
                   "ERSD: keyed rows draft the race winner of q")  # fmt: skip
     return "on (drafter, bonus and first tokens race on each request's keys)"
@@ -113,7 +110,7 @@ def row_keys(runner: Any, seeds: list[int | None], num_draft_tokens: list[int]) 
     return RowKeys(seed, positions[last_input].long() + 1 - drafts, keyed)
 
 
-def sample_keyed(runner: Any, sample: Callable[[], Any], keys: RowKeys, num_draft_tokens: list[int]) -> Any:
+def sample_keyed(sample: Callable[[], Any], keys: RowKeys, num_draft_tokens: list[int]) -> Any:
     """Run the runner's ``_sample`` with the keys bound: the sampler's rows are the bonus rows of a verification
     step (at the position after their drafts) or the rows of a non-speculative step. Keeps where the drafter's next
     proposal starts: after the tokens each row emitted."""
@@ -121,7 +118,7 @@ def sample_keyed(runner: Any, sample: Callable[[], Any], keys: RowKeys, num_draf
     with bound(_sampling, (keys, keys.first_pos + drafts)):
         output = sample()
     emitted = (output.sampled_token_ids >= 0).sum(dim=1).long()
-    runner._ears_draft_keys = RowKeys(keys.seed, keys.first_pos + emitted, keys.keyed)
+    _drafting.set(RowKeys(keys.seed, keys.first_pos + emitted, keys.keyed))  # read by this step's drafting
     return output
 
 
@@ -157,17 +154,6 @@ def _keyed_topk_topp(original: Callable[..., Any]) -> Callable[..., Any]:
         return torch.where(keys.keyed, winners(masked, keys.seed, pos), sampled.long()).to(sampled.dtype), processed
 
     return forward
-
-
-def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
-    def propose_draft_token_ids(self: Any, *args: Any, **kwargs: Any) -> Any:
-        keys = getattr(self, "_ears_draft_keys", None)
-        if keys is None:
-            return original(self, *args, **kwargs)
-        with bound(_drafting, RowKeys(keys.seed, keys.first_pos, keys.keyed)):
-            return original(self, *args, **kwargs)
-
-    return propose_draft_token_ids
 
 
 def _wrap_sample_from_logits(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -26,8 +26,8 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.requests import RequestSettings, request_config, request_settings
-from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.policies import get_policy
+from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import bound, find_class
 
@@ -206,7 +206,7 @@ def install_runner_hook() -> str | None:
                 drafts = [0] * len(controls) if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
                 keys = vllm_races.row_keys(self, [c.race_seed for c in controls], drafts)
                 return vllm_races.sample_keyed(
-                    self, lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, drafts
+                    lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, drafts
                 )
 
         return _sample

@@ -27,9 +27,9 @@ import torch
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.control.budget import share_slack
+from ears_vllm.policies import get_policy
 from ears_vllm.policies.adasd import learn_from_step
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
-from ears_vllm.policies import get_policy
 from ears_vllm.seam import patches, vllm_drafter, vllm_races, vllm_requests
 from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
