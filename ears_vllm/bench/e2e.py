@@ -56,7 +56,8 @@ class E2EConfig:
         keyed = [name for name, settings in self.policies.items() if get_policy(settings["policy"]).keyed]
         if keyed and self.draft_sampling != "probabilistic":
             raise ValueError(f"policies {keyed} race their drafts on the requests' keys: they need draft sampling "
-                             f"'probabilistic' (--draft-sampling probabilistic), not {self.draft_sampling!r}")  # fmt: skip
+                             f"'probabilistic' (--draft-sampling probabilistic), not "
+                             f"{self.draft_sampling!r}")  # fmt: skip
 
 
 def parse_policies(text: str) -> dict[str, dict]:
