@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 
 from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
 from ears_vllm.tiny_models import CORPUS
@@ -547,8 +548,12 @@ def ersd_workload(tmp_path_factory, name: str, model, drafter, k: int) -> dict:
         drafted = server.metric("vllm:spec_decode_num_draft_tokens_total") - drafted0
         unseeded = [complete(server, PROMPTS[0], **ERSD_SEEDED) for _ in range(2)]
         greedy = [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS[:3]]
+        with_ids = server.client().completions.create(model=server.command[2], prompt=PROMPTS[0], seed=40,
+                                                      extra_body={"return_token_ids": True}, **ERSD_SEEDED)  # fmt: skip
+        choice = with_ids.model_dump()["choices"][0]
         return {"seeded": seeded, "together": together, "unseeded": unseeded, "greedy": greedy,
-                "acceptance": accepted / drafted, "log": server.log()}  # fmt: skip
+                "acceptance": accepted / drafted, "ids": (choice["prompt_token_ids"], choice["token_ids"]),
+                "log": server.log()}  # fmt: skip
     finally:
         server.stop()
 
@@ -570,6 +575,24 @@ def test_ersd_text_does_not_depend_on_the_drafter_or_k(ersd_runs):
         assert run["seeded"] == runs[0]["seeded"]
     # ...although the drafters are accepted at different rates (the target drafting for itself: every draft).
     assert ersd_runs["self-k2"]["acceptance"] > 0.95 > ersd_runs["draft-k4"]["acceptance"]
+
+
+def test_ersd_text_is_the_targets_own_race_winners(ersd_runs, tiny_pair):
+    """Decoding the target alone (transformers, no vLLM, no drafter), one race per position on the request's keys,
+    gives the served tokens: the keys' positions are the sequence's, and the first token is keyed too."""
+    from transformers import AutoModelForCausalLM
+
+    from ears_vllm.policies import race_winners
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.float32).eval()
+    prompt, served = ersd_runs["draft-k4"]["ids"]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in served:
+            logits = model(torch.tensor([ids])).logits[:, -1]  # temperature 1.0
+            ids.append(int(race_winners(logits, torch.tensor([40]), torch.tensor([len(ids)]))))
+    assert ids[len(prompt) :] == served
+    assert ersd_runs["self-k2"]["ids"] == ersd_runs["draft-k4"]["ids"]
 
 
 def test_ersd_seeded_requests_reproduce_alone_or_batched_and_unseeded_ones_differ(ersd_runs):

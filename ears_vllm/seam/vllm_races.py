@@ -32,8 +32,7 @@ from typing import Any
 import torch
 
 from ears_vllm._log import get_logger
-from ears_vllm.config import EarsConfig
-from ears_vllm.policies import get_policy, race_winners
+from ears_vllm.policies import race_winners
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, find_class
 
@@ -79,16 +78,17 @@ def draft_problem(spec_config: Any) -> str | None:
     return None
 
 
-def install(config: EarsConfig, sampler: Any) -> str:
+def install(sampler: Any, runner_problem: str | None) -> str:
     """Key the drafter and ``sampler`` (the runner's, shared with its rejection sampler); the startup line's
-    ``keys=`` value. Called only after the plan checked :func:`draft_problem`."""
-    if not get_policy(config.policy).keyed:
-        return "off"
+    ``keys=`` value. Called only after the plan checked :func:`draft_problem`; ``runner_problem``: why the runner's
+    ``_sample`` hook, which computes the keys, could not be installed (then the server must not start: races on
+    missing keys would repeat across positions)."""
     proposer_cls, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
     topk_topp = getattr(sampler, "topk_topp_sampler", None)
-    if proposer_cls is None or not hasattr(topk_topp, "forward"):
-        raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's samplers here: "
-                           f"{problem or 'the sampler has no topk_topp_sampler'}")  # fmt: skip
+    problem = runner_problem or problem or (None if hasattr(topk_topp, "forward") else "the sampler has no "
+                                             "topk_topp_sampler")  # fmt: skip
+    if problem is not None:
+        raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's sampling here: {problem}")
     if not getattr(topk_topp, "_ears_keyed", False):
         topk_topp.forward = _keyed_topk_topp(topk_topp.forward)
         topk_topp._ears_keyed = True

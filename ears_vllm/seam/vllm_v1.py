@@ -102,14 +102,15 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
     enforce(plan, logger)
     state.shadow = settings().shadow
     fix = "not checked (hooks moved)" if state.hook_problem else _fix_expand(module)
-    per_request = "off"
+    per_request, runner_problem = "off", None
     if plan.verifies:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
                       "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
         state.original_rejection_sample = patches.original(module, "rejection_sample")
-        per_request = vllm_requests.per_request_status(vllm_requests.install_runner_hook())
+        runner_problem = vllm_requests.install_runner_hook()
+        per_request = vllm_requests.per_request_status(runner_problem)
     draft_length = vllm_drafter.install(config, vllm_config) if plan.verifies else "untouched"
-    keys = vllm_races.install(config, sampler) if plan.verifies and keyed else "off"
+    keys = vllm_races.install(sampler, runner_problem) if plan.verifies and keyed else "off"
     log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
               f" per_request={per_request}" + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
               + (f" keys={keys}" if keyed else "") + (" shadow=on" if state.shadow else ""))  # fmt: skip
