@@ -31,13 +31,11 @@ from typing import Any
 
 import torch
 
-from ears_vllm._log import get_logger
 from ears_vllm.policies import race_winners
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, find_class
 
 PROPOSER_MODULE = "vllm.v1.spec_decode.llm_base_proposer"
-logger = get_logger()
 
 
 @dataclasses.dataclass
