@@ -516,3 +516,44 @@ def test_mrv2s_keyed_sampling_draws_the_race_winners_of_our_keys(mrv2, drafting)
                                         apply_temperature=True, is_drafting=drafting)  # fmt: skip
     expected = race_winners(logits / temperature[:, None], seed, pos + DRAFT_NOISE_SALT * drafting)
     assert sampled.reshape(-1).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+def test_ersd_on_mrv2_emits_mrv2s_non_speculative_draws(mrv2, step, monkeypatch):
+    """Drafts that are MRV2's own draws on its sampler's keys except where corrupted: through the patched
+    ``rejection_sample`` each request emits exactly what MRV2's non-speculative sampler draws at its positions, up
+    to and including its first mismatch (or its bonus row)."""
+    batch = mrv2_batch(7, **step)
+    non_speculative = mrv2.gumbel.gumbel_sample(
+        batch["target_logits"].clone(), batch["expanded_idx_mapping"], batch["temperature"], batch["seed"],
+        batch["pos"], apply_temperature=False, is_drafting=False,
+    ).reshape(-1)  # fmt: skip
+    drafts = batch["draft_sampled"].clone()
+    corrupt = torch.rand(drafts.shape[0], generator=torch.Generator().manual_seed(2)) < 0.3
+    vocab = batch["target_logits"].shape[1]
+    drafts[1:] = torch.where(corrupt[1:], (non_speculative[:-1] + 1) % vocab, non_speculative[:-1])
+    if step.get("placeholder"):
+        drafts[batch["draft_sampled"] == -1] = -1
+    batch["draft_sampled"] = drafts
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    with vllm_mrv2.verifying_with(EarsConfig(policy="ersd")):
+        sampled, num_sampled = vllm_mrv2.rejection_sample(**batch)
+    cu = batch["cu_num_logits"].tolist()
+    for r, n in enumerate(num_sampled.tolist()):
+        start, end = cu[r], cu[r + 1]
+        verified = [int(d) for d in drafts[start + 1 : end]]
+        chosen = non_speculative[start:end].tolist()
+        accepted = next((i for i, (d, w) in enumerate(zip(verified, chosen, strict=False)) if d != w), len(verified))
+        assert n == accepted + 1
+        assert sampled[r, :n].tolist() == chosen[:n]
+
+
+def test_ersd_removes_the_salt_of_mrv2s_drafter():
+    """The wrapper MRV2's speculators get: whatever the drafter asks, the keys are the sampler's (no salt)."""
+    from ears_vllm.seam import vllm_races
+
+    seen = []
+    unsalted = vllm_races._unsalted(lambda *args, **kwargs: seen.append(kwargs["is_drafting"]))
+    unsalted("logits", is_drafting=True, use_fp64=False)
+    assert seen == [False]

@@ -197,3 +197,26 @@ def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, monke
     winners = race_winners(apply_top_k_top_p(logits.clone(), top_k, None), keys.seed, keys.first_pos + 1)
     assert sampled[[0, 1, 3]].tolist() == winners[[0, 1, 3]].tolist()
     assert logits[1].topk(5).indices.tolist().count(int(sampled[1])) == 1  # inside row 1's top 5
+
+
+@pytest.mark.parametrize("draft_sample_method", ["probabilistic", "greedy"])
+def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(monkeypatch, caplog, draft_sample_method):
+    import vllm.config
+
+    from ears_vllm.seam import vllm_races
+
+    module = types.SimpleNamespace(rejection_sample=lambda *a, **k: None)
+    monkeypatch.setattr(vllm_mrv2.state, "hook_problem", None)
+    spec = types.SimpleNamespace(**(ERSD_DRAFTER | {"draft_sample_method": draft_sample_method}))
+    config = types.SimpleNamespace(speculative_config=spec, additional_config={"ears": {"policy": "ersd"}},
+                                   scheduler_config=types.SimpleNamespace(max_num_seqs=8))  # fmt: skip
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: config)
+    if draft_sample_method == "greedy":
+        with pytest.raises(UnsupportedPolicyError, match="draft_sample_method is 'greedy'"):
+            vllm_mrv2._configure(module, types.SimpleNamespace())
+        return
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert vllm_mrv2._configure(module, types.SimpleNamespace()).policy == "ersd"
+    assert "keys=on (MRV2's own keys" in caplog.text
+    speculators = vllm_races._importable(vllm_races.MRV2_SPECULATOR_MODULES)
+    assert speculators and all(patches.is_patched(m, "gumbel_sample") for m in speculators)

@@ -36,7 +36,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
 from ears_vllm.policies import fly_entropy, get_policy, rank_among_logits, relaxed_topk_candidate, settings_for
-from ears_vllm.seam import patches
+from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import check_module, find_class, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
@@ -218,8 +218,10 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
     elif getattr(sampler, "fly_window_size", 0):
         method = "fly"
     watermarking = getattr(sampler, "watermark_key", None) is not None
+    keyed = get_policy(config.policy).keyed
+    drafter = vllm_races.draft_problem(spec_config, "MRV2") if keyed else None
     plan = plan_verification("MRV2", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
-                             method=method, watermarking=watermarking)  # fmt: skip
+                             method=method, watermarking=watermarking, draft_problem=drafter)  # fmt: skip
     enforce(plan, logger)
     per_request = "off"
     if plan.verifies:
@@ -229,7 +231,8 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
         size = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 1024
         state.slots = SlotControls(config, int(size))
         per_request = per_request_status(_install_add_request_hook(), applied="on (tolerance, budget)")
-    log_plan(plan, config, logger, f" per_request={per_request}")
+    keys = vllm_races.install_mrv2() if plan.verifies and keyed else "off"
+    log_plan(plan, config, logger, f" per_request={per_request}" + (f" keys={keys}" if keyed else ""))
     return config if plan.verifies else None
 
 
@@ -317,6 +320,9 @@ def verify_mrv2(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``; ``slots``:
     each request's tolerance and budget ledger (None: the config's tolerance for every request)."""
+    if get_policy(config.policy).keyed:
+        return verify_races_mrv2(target_logits, draft_sampled, cu_num_logits, pos, expanded_idx_mapping, temperature,
+                                 seed, num_speculative_steps)  # fmt: skip
     import triton
 
     from ears_vllm.kernels.split_stats_accept import split_stats_accept_kernel
@@ -416,6 +422,39 @@ def verify_mrv2(
         resample_num_blocks=resample_blocks, PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
     ))  # fmt: skip
     return sampled, num_sampled, num_relaxed
+
+
+def verify_races_mrv2(
+    target_logits: torch.Tensor,  # [num_logits, V], after temperature
+    draft_sampled: torch.Tensor,  # [num_logits]: the draft row i verifies is draft_sampled[i + 1]
+    cu_num_logits: torch.Tensor,  # [num_reqs + 1]
+    pos: torch.Tensor,  # [num_logits]
+    expanded_idx_mapping: torch.Tensor,  # [num_logits]
+    temperature: torch.Tensor,  # [max_num_reqs]
+    seed: torch.Tensor,  # [max_num_reqs]
+    num_speculative_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ERSD on MRV2, on MRV2's own keys (each row's request seed and ``pos``, as its sampler draws): every row's
+    race winner (argmax on greedy rows), accepted while the draft equals it; the request emits the winners up to
+    and including its first mismatch or its bonus row. So every emitted token is MRV2's non-speculative draw at
+    that position. No host synchronisation."""
+    num_reqs, num_logits = cu_num_logits.shape[0] - 1, target_logits.shape[0]
+    device = target_logits.device
+    rows = (cu_num_logits[1:] - cu_num_logits[:-1]).long()  # drafts + 1 per request
+    req_of_row = torch.repeat_interleave(torch.arange(num_reqs, device=device), rows, output_size=num_logits)
+    local = torch.arange(num_logits, device=device) - cu_num_logits[:-1].long()[req_of_row]
+    slot = expanded_idx_mapping.long()
+    chosen = vllm_races.winners(target_logits, seed[slot].long(), pos.long())
+    chosen = torch.where(temperature[slot] == 0, target_logits.argmax(dim=-1), chosen)
+    drafts = torch.cat([draft_sampled[1:], draft_sampled.new_full((1,), -1)]).long()
+    stops = (drafts != chosen) | (local == rows[req_of_row] - 1)  # a mismatch, or the bonus row
+    first_stop = torch.full((num_reqs,), num_speculative_steps, dtype=torch.long, device=device)
+    first_stop.scatter_reduce_(0, req_of_row[stops], local[stops], reduce="amin")
+    sampled = torch.full((num_reqs, num_speculative_steps + 1), -1, dtype=torch.int64, device=device)
+    kept = local <= first_stop[req_of_row]
+    sampled[req_of_row[kept], local[kept]] = chosen[kept]
+    num_sampled = (first_stop + 1).to(torch.int32)
+    return sampled, num_sampled, torch.zeros_like(num_sampled)
 
 
 def relaxed_topk_candidates(

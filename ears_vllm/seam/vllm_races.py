@@ -36,6 +36,9 @@ from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, find_class
 
 PROPOSER_MODULE = "vllm.v1.spec_decode.llm_base_proposer"
+# Model Runner V2's speculators, which sample their drafts with ``gumbel_sample(..., is_drafting=True)``.
+MRV2_SPECULATOR_MODULES = ("vllm.v1.worker.gpu.spec_decode.speculator",
+                           "vllm.v1.worker.gpu.spec_decode.dspark.speculator")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -61,13 +64,16 @@ def key_seed(params: Any) -> int:
     return int(seed) if seed is not None else secrets.randbits(63)
 
 
-def draft_problem(spec_config: Any) -> str | None:
-    """Why this speculative config's drafter cannot race on keys (None: it can)."""
+def draft_problem(spec_config: Any, runner: str = "V1") -> str | None:
+    """Why this speculative config's drafter cannot race on keys on ``runner`` (None: it can)."""
     method = getattr(spec_config, "method", None)
     sampling = getattr(spec_config, "draft_sample_method", "greedy")
     if sampling != "probabilistic":
         return (f"policy 'ersd' needs a drafter that samples, and draft_sample_method is {sampling!r}: add "
                 '"draft_sample_method": "probabilistic" to --speculative-config')  # fmt: skip
+    if runner == "MRV2":
+        found = [m for m in _importable(MRV2_SPECULATOR_MODULES) if hasattr(m, "gumbel_sample")]
+        return None if found else f"the drafter's sampling moved: none of {MRV2_SPECULATOR_MODULES} has gumbel_sample"
     proposer, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
     if proposer is None:
         return f"the drafter's sampling moved: {problem}"
@@ -93,6 +99,35 @@ def install(sampler: Any, runner_problem: str | None) -> str:
     patches.apply(proposer_cls, "_sample_from_logits", _wrap_sample_from_logits,
                   "ERSD: keyed rows draft the race winner of q")  # fmt: skip
     return "on (drafter, bonus and first tokens race on each request's keys)"
+
+
+def install_mrv2() -> str:
+    """Model Runner V2: its sampler and its drafter already draw race winners on these keys, but its drafter adds
+    ``1 << 30`` to the position; draw the drafts on the sampler's own keys instead, so that the drafts race the
+    target on the same keys and the text is MRV2's non-speculative text. The startup line's ``keys=`` value."""
+    for module in _importable(MRV2_SPECULATOR_MODULES):
+        if hasattr(module, "gumbel_sample"):
+            patches.apply(module, "gumbel_sample", _unsalted, "ERSD: MRV2's drafter races on its sampler's keys")
+    return "on (MRV2's own keys; the drafter's salt removed)"
+
+
+def _importable(names: tuple[str, ...]) -> list[Any]:
+    import importlib
+
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception:  # an import error of any kind: that speculator is not there
+            continue
+    return modules
+
+
+def _unsalted(original: Callable[..., Any]) -> Callable[..., Any]:
+    def gumbel_sample(*args: Any, is_drafting: bool = False, **kwargs: Any) -> Any:
+        return original(*args, is_drafting=False, **kwargs)
+
+    return gumbel_sample
 
 
 def row_keys(runner: Any, seeds: list[int | None], num_draft_tokens: list[int]) -> RowKeys:
