@@ -34,9 +34,10 @@ def test_gpu_check_runs_from_a_bundle_of_vllm_033_sources(tmp_path, capsys):
         "kernel vs reference",
         f"MRV2 ears-0 vs vLLM {VLLM_VERSION}",
         f"MRV2 ears-0.3 vs vLLM {VLLM_VERSION}",
+        f"MRV2 ersd vs vLLM {VLLM_VERSION} gumbel_sample",
     }
     kernel_policies = {check["policy"] for check in report["checks"] if check["check"] == "kernel vs reference"}
-    assert kernel_policies == {"standard", "ears-0.3", "typical", "fly", "sglang-0.5", "relaxed_topk-10-0.6"}
+    assert kernel_policies == {"standard", "ears-0.3", "typical", "fly", "sglang-0.5", "relaxed_topk-10-0.6", "ersd"}
     assert (out / "gpu_check.md").read_text().startswith("gpu-check on cpu") and (
         out / "kernel" / "kernel.csv"
     ).exists()

@@ -579,7 +579,8 @@ def test_ersd_text_does_not_depend_on_the_drafter_or_k(ersd_runs):
 
 def test_ersd_text_is_the_targets_own_race_winners(ersd_runs, tiny_pair):
     """Decoding the target alone (transformers, no vLLM, no drafter), one race per position on the request's keys,
-    gives the served tokens: the keys' positions are the sequence's, and the first token is keyed too."""
+    gives the served tokens: the key of each token is at its input token's position (MRV2's convention), and the
+    first token is keyed too."""
     from transformers import AutoModelForCausalLM
 
     from ears_vllm.policies import race_winners
@@ -590,7 +591,7 @@ def test_ersd_text_is_the_targets_own_race_winners(ersd_runs, tiny_pair):
     with torch.no_grad():
         for _ in served:
             logits = model(torch.tensor([ids])).logits[:, -1]  # temperature 1.0
-            ids.append(int(race_winners(logits, torch.tensor([40]), torch.tensor([len(ids)]))))
+            ids.append(int(race_winners(logits, torch.tensor([40]), torch.tensor([len(ids) - 1]))))
     assert ids[len(prompt) :] == served
     assert ersd_runs["self-k2"]["ids"] == ersd_runs["draft-k4"]["ids"]
 

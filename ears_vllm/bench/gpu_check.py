@@ -4,10 +4,12 @@ Made for a GPU machine that has torch and Triton but neither vLLM nor network ac
 
 1. *kernel parity*: the fused Triton kernel against the PyTorch reference at real shapes (vocabulary
    151936, batch up to 256, k up to 8, float32 and bfloat16 logits, greedy and random rows, one-hot and full
-   drafts, policies standard / ears / typical): token ids, accepted and relaxed counts identical;
+   drafts, every policy with a closed form or a kernel branch, ersd's race winners included): token ids,
+   accepted and relaxed counts identical;
 2. *MRV2 parity*: ears-vllm's MRV2 path (vLLM's statistics, resampling and insertion launches around our
-   acceptance walk) at tolerance 0 against vLLM 0.33's own MRV2 ``rejection_sample``, bit for bit; and at
-   tolerance 0.3, that no request accepts fewer drafts than under vLLM's rule;
+   acceptance walk) at tolerance 0 against vLLM 0.33's own MRV2 ``rejection_sample``, bit for bit; at
+   tolerance 0.3, that no request accepts fewer drafts than under vLLM's rule; and ersd's MRV2 walk against
+   MRV2's own non-speculative ``gumbel_sample`` on the same keys (every emitted token equal);
 3. ``bench kernel`` at its default shapes.
 
 vLLM's MRV2 modules come from a *bundle*: ``gpu-check bundle`` copies the few 0.33 source files they need out
@@ -159,7 +161,8 @@ def kernel_parity(sizes: Sizes, device: str) -> list[dict]:
     policies = {"standard": EarsConfig(), "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
                 "typical": EarsConfig(policy="typical"), "fly": EarsConfig(policy="fly"),
                 "sglang-0.5": EarsConfig(policy="sglang", accept_threshold_acc=0.5),
-                "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk")}  # fmt: skip
+                "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk"),
+                "ersd": EarsConfig(policy="ersd")}  # fmt: skip
     checks = []
     for batch, k in sizes.verify_batches:
         for dtype in sizes.dtypes:
@@ -168,6 +171,8 @@ def kernel_parity(sizes: Sizes, device: str) -> list[dict]:
                                     masked_fraction=0.1, device=device)  # fmt: skip
                 step["target_logits"] = step["target_logits"].to(getattr(torch, dtype))
                 is_greedy = torch.arange(batch, device=device) % 4 == 3  # a quarter greedy
+                step["race_keys"] = torch.stack([torch.arange(batch, device=device) * 7919 + k,
+                                                 torch.arange(batch, device=device) * 31 + 100], dim=1)  # fmt: skip
                 for name, config in policies.items():
                     ours = verify(**step, is_greedy=is_greedy, config=config, backend="triton")
                     reference = verify(**step, is_greedy=is_greedy, config=config, backend="torch")
@@ -213,7 +218,36 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
                                "policy": f"ears-{tolerance:g}", "equal": equal,
                                "accepted": int(num_sampled.sum()) - batch,
                                "relaxed": int(num_relaxed.sum())})  # fmt: skip
+            checks.append(_mrv2_races(step, batch, k, sizes.vocab, full_draft))
     return checks
+
+
+def _mrv2_races(step: dict, batch: int, k: int, vocab: int, full_draft: bool) -> dict:
+    """ersd on MRV2: with drafts that are MRV2's own draws at every other row, each request emits MRV2's
+    non-speculative draws (vLLM's ``gumbel_sample``, same seeds and positions) up to its first mismatch."""
+    import importlib
+
+    import torch
+    import vllm
+
+    from ears_vllm import EarsConfig
+    from ears_vllm.seam import vllm_mrv2
+
+    gumbel_sample = importlib.import_module(vllm_mrv2.RANDOM_MODULE).gumbel_sample
+    draws = gumbel_sample(step["target_logits"].clone(), step["expanded_idx_mapping"], step["temperature"],
+                          step["seed"], step["pos"], apply_temperature=False, is_drafting=False)  # fmt: skip
+    draws = draws.reshape(-1)
+    drafts = step["draft_sampled"].clone()
+    rows = torch.arange(drafts.shape[0] - 1, device=drafts.device)
+    drafts[1:] = torch.where(rows % 5 == 4, (draws[:-1] + 1) % vocab, draws[:-1])
+    ersd = EarsConfig(policy="ersd")
+    sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**(step | {"draft_sampled": drafts}), config=ersd)
+    cu = step["cu_num_logits"].tolist()
+    equal = all(sampled[r, :n].tolist() == draws[cu[r] : cu[r] + n].tolist()
+                for r, n in enumerate(num_sampled.tolist()))  # fmt: skip
+    return {"check": f"MRV2 ersd vs vLLM {vllm.__version__} gumbel_sample", "batch": batch, "k": k, "vocab": vocab,
+            "dtype": "float32", "draft": "full" if full_draft else "one-hot", "policy": "ersd", "equal": equal,
+            "accepted": int(num_sampled.sum()) - batch, "relaxed": 0}  # fmt: skip
 
 
 def markdown(report: dict) -> str:

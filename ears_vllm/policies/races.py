@@ -2,9 +2,10 @@
 
 Terms: a request has a *key seed* (its ``seed``, or a random one drawn when it arrives), and every (key seed,
 position, token x) a *key* ``u_x`` (:func:`ears_vllm.keys.murmur3_uniform32`, vLLM MRV2's keyed noise) and so an
-Exp(1) variable ``E_x = -log(1 - u_x)``; the *position* is the index in the request's sequence (prompt included)
-of the token being chosen. A distribution's *race winner* at a position is ``argmin_x E_x / p_x``, an exact
-sample of p (the exponential race; the Gumbel-max trick with ``G_x = -log E_x``).
+Exp(1) variable ``E_x = -log(1 - u_x)``; the *position* is that of the input token whose logits choose the token
+(the chosen token's index in the request's sequence, prompt included, minus one; MRV2's ``pos``). A
+distribution's *race winner* at a position is ``argmin_x E_x / p_x``, an exact sample of p (the exponential race;
+the Gumbel-max trick with ``G_x = -log E_x``).
 
 The drafter proposes the race winner of q at each drafted position; the verifier accepts the drafts while they
 equal the target's race winners on the same keys, and emits the target's winner at the first mismatch (there is

@@ -2,8 +2,10 @@
 
 Installed only when the server's policy is ``ersd`` (:attr:`ears_vllm.policies.PolicySpec.keyed`). A request's
 *key seed* is its ``seed``, or a random 63-bit one drawn when it is first seen (kept on vLLM's state of the
-request); a key's *position* is the index in the request's sequence of the token being chosen, read from the
-positions vLLM feeds the target (so it is right under chunked prefill and asynchronous scheduling alike).
+request); a key's *position* is that of the input token whose logits choose the token (MRV2's ``pos``: the chosen
+token's index in the sequence minus one), read from the positions vLLM feeds the target (so it is right under
+chunked prefill and asynchronous scheduling alike). With MRV2's convention, a seed gives the same keys on both
+runners.
 
 Patched:
 
@@ -46,8 +48,8 @@ class RowKeys:
     """The keys of a batch's rows (input batch order)."""
 
     seed: torch.Tensor  # [batch] int64 key seeds (0 on rows that are not keyed)
-    first_pos: torch.Tensor  # [batch] int64: position of the first token the step chooses (first draft, or the
-    #                          token a non-speculative row samples)
+    first_pos: torch.Tensor  # [batch] int64: key position of the first token the step chooses (its first draft, or
+    #                          the token a non-speculative row samples)
     keyed: torch.Tensor  # [batch] bool: the row draws from its keys (a sampled request of a keyed policy)
     draft_step: int = 0  # drafter: the drafts proposed so far in this proposal
 
@@ -131,16 +133,15 @@ def _unsalted(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def row_keys(runner: Any, seeds: list[int | None], num_draft_tokens: list[int]) -> RowKeys:
-    """The keys of the runner's current batch: ``seeds`` per row (None: not keyed), and the position of each row's
-    first chosen token from the positions vLLM fed the target (the row's last input token's, plus one, minus its
-    drafts)."""
+    """The keys of the runner's current batch: ``seeds`` per row (None: not keyed), and each row's first key
+    position from the positions vLLM fed the target (the row's last input token's, minus its drafts)."""
     positions = runner.mrope_positions.gpu[0] if getattr(runner, "uses_mrope", False) else runner.positions
     batch = len(seeds)
     last_input = runner.query_start_loc.gpu[1 : batch + 1].long() - 1
     drafts = torch.as_tensor(num_draft_tokens, dtype=torch.long).to(positions.device, non_blocking=True)
     keyed = torch.tensor([s is not None for s in seeds]).to(positions.device, non_blocking=True)
     seed = torch.tensor([s or 0 for s in seeds], dtype=torch.long).to(positions.device, non_blocking=True)
-    return RowKeys(seed, positions[last_input].long() + 1 - drafts, keyed)
+    return RowKeys(seed, positions[last_input].long() - drafts, keyed)
 
 
 def sample_keyed(sample: Callable[[], Any], keys: RowKeys, num_draft_tokens: list[int]) -> Any:
