@@ -227,8 +227,7 @@ _POLICY_LIST = (
         accept_probability=rules.probability_ersd,
         kernel_id=7,
         runners=("V1", "MRV2"),  # MRV2: on its own keys, its drafter's salt removed (seam.vllm_races)
-        recovery="race",
-        lossless=lambda settings: True,
+        recovery="race",  # lossless in distribution, but not step for step vLLM's rule (``lossless`` stays False)
         keyed=True,
         source="Kobus and Gunduz 2025, arXiv 2504.15475 (speculative sampling via exponential races)",
     ),
