@@ -118,3 +118,16 @@ def test_the_registry_closed_form_is_the_race_agreement_and_adds_no_deviation():
     one_hot = position_form_one_hot(p, draft_ids, "ersd")
     assert torch.allclose(one_hot.accept, p.double().gather(-1, draft_ids[:, None]).squeeze(-1))
     assert one_hot.added_tv.abs().max() == 0
+
+
+def test_the_compiled_cpu_race_equals_the_eager_definition():
+    """Large CPU batches run the definition compiled into one loop; one graph for every row count, 1 included."""
+    from ears_vllm.policies import races
+
+    assert races.compiled_race_winners() is not None, "torch.compile works on this machine (CI's too)"
+    generator = torch.Generator().manual_seed(5)
+    for rows in (1, 7):
+        logits = torch.randn(rows, races.COMPILE_FROM + 123, generator=generator) * 4
+        logits[:, :100] = float("-inf")  # masked tokens
+        seed, pos = torch.randint(0, 2**62, (rows,), generator=generator), torch.randint(0, 9000, (rows,))
+        assert torch.equal(races.race_winners(logits, seed, pos), races._race_winners(logits, seed, pos))

@@ -16,6 +16,9 @@ on the drafter or k. A draft is accepted with probability :func:`race_agreement`
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from ears_vllm.keys import murmur3_uniform32
@@ -27,11 +30,53 @@ def race_winners(
     pos: torch.Tensor,  # [n] int64: each row's position
 ) -> torch.Tensor:  # [n] int64
     """``argmin_x E_x / p_x`` per row, computed as ``argmax_x logit_x - log E_x`` (the same winner: the
-    log-normaliser is one constant per row), in float64 with ``E = -log(1 - u)`` as the Triton kernel has it."""
+    log-normaliser is one constant per row), in float64 with ``E = -log(1 - u)`` as the Triton kernel has it.
+
+    On a CPU, batches of :data:`COMPILE_FROM` elements or more run this same function compiled by Inductor into
+    one fused loop over the vocabulary (about 30 times faster at 100 rows x 152k tokens than the ~30 tensor passes
+    of eager PyTorch), eager if compilation fails."""
+    if logits.device.type == "cpu" and logits.numel() >= COMPILE_FROM:
+        compiled = compiled_race_winners()
+        if compiled is not None:
+            return compiled(*_any_row_count(logits, seed, pos))
+    return _race_winners(logits, seed, pos)
+
+
+COMPILE_FROM = 1 << 16
+
+
+def _race_winners(logits: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     tokens = torch.arange(logits.shape[-1], device=logits.device)
     keys = murmur3_uniform32(seed[:, None], pos[:, None], tokens[None, :])
     exponential = -torch.log(1.0 - keys.double())
     return (logits.double() - exponential.log()).argmax(-1)
+
+
+def _any_row_count(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mark the row count unbacked, so one compiled graph serves every batch (1 row included, which Dynamo would
+    otherwise specialise and compile again for)."""
+    for tensor in tensors:
+        torch._dynamo.decorators.mark_unbacked(tensor, 0)
+    return tensors
+
+
+@functools.cache
+def compiled_race_winners() -> Callable[..., torch.Tensor] | None:
+    """:func:`_race_winners` compiled for the CPU, checked on a first call (None, with a warning, if it fails);
+    compiled once per process (a server calls it at startup, so that no request waits for it)."""
+    try:
+        compiled = torch.compile(_race_winners, dynamic=True)
+        logits = torch.randn(2, COMPILE_FROM, generator=torch.Generator().manual_seed(0))
+        seed, pos = torch.tensor([3, 1 << 40]), torch.tensor([0, 77])
+        if torch.equal(compiled(*_any_row_count(logits, seed, pos)), _race_winners(logits, seed, pos)):
+            return compiled
+        problem = "its winners differ from eager PyTorch's"
+    except Exception as exc:  # no C++ compiler, an Inductor that cannot lower it: eager PyTorch, slower
+        problem = f"{type(exc).__name__}: {exc}"
+    from ears_vllm._log import get_logger
+
+    get_logger().warning("ears-vllm: race winners run in eager PyTorch (slower): torch.compile failed (%s)", problem)
+    return None
 
 
 def race_token_agreement(

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ears_vllm.policies import race_winners
+from ears_vllm.policies.races import compiled_race_winners, race_winners
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, find_class
 
@@ -95,6 +95,8 @@ def install(sampler: Any, runner_problem: str | None) -> str:
                                              "topk_topp_sampler")  # fmt: skip
     if problem is not None:
         raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's sampling here: {problem}")
+    if not torch.cuda.is_available():  # compile the CPU race now, not in the first request's step
+        compiled_race_winners()
     if not getattr(topk_topp, "_ears_keyed", False):
         topk_topp.forward = _keyed_topk_topp(topk_topp.forward)
         topk_topp._ears_keyed = True
@@ -167,7 +169,7 @@ def winners(
     seed: torch.Tensor,  # [n] int64
     pos: torch.Tensor,  # [n] int64
 ) -> torch.Tensor:  # [n] int64
-    """Race winners on the device: the Triton kernel on a GPU, PyTorch elsewhere."""
+    """Race winners on the device: the Triton kernel on a GPU, PyTorch elsewhere (compiled on a CPU)."""
     from ears_vllm import kernels
 
     if kernels.unusable_reason(logits.device.type) is None and logits.device.type == "cuda":
