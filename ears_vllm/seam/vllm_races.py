@@ -91,8 +91,9 @@ def install(sampler: Any, runner_problem: str | None) -> str:
     missing keys would repeat across positions)."""
     proposer_cls, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
     topk_topp = getattr(sampler, "topk_topp_sampler", None)
-    problem = runner_problem or problem or (None if hasattr(topk_topp, "forward") else "the sampler has no "
-                                             "topk_topp_sampler")  # fmt: skip
+    if problem is None and not hasattr(topk_topp, "forward"):
+        problem = "vLLM's sampler has no topk_topp_sampler"
+    problem = runner_problem or problem
     if problem is not None:
         raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's sampling here: {problem}")
     if not torch.cuda.is_available():  # compile the CPU race now, not in the first request's step
