@@ -156,9 +156,20 @@ def test_the_drafter_hooks_adasd_patches_are_in_this_vllm(config, async_scheduli
 ERSD_DRAFTER = dict(method="draft_model", num_speculative_tokens=2, rejection_sample_method="standard")
 
 
+@pytest.fixture
+def server_state(monkeypatch):
+    """The server-wide state an ersd sampler's construction sets (the per-request check's server config, MRV2's
+    slots), restored after the test, so later tests see the config they set up themselves."""
+    from ears_vllm.seam import vllm_requests
+
+    for owner, name in ((vllm_requests, "server_config"), (vllm_requests, "server_runner"), (vllm_mrv2.state, "slots")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+
+
 @pytest.mark.parametrize(("draft_sample_method", "method"), [("greedy", "draft_model"), ("probabilistic", "ngram")],
                          ids=["greedy-drafts", "ngram-drafter"])  # fmt: skip
-def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, monkeypatch, draft_sample_method, method):
+def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, server_state, monkeypatch, draft_sample_method,
+                                                 method):  # fmt: skip
     import vllm.v1.sample.rejection_sampler as module
 
     monkeypatch.setattr(module, "rejection_sample", module.rejection_sample)  # restored after the test
@@ -169,7 +180,7 @@ def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, monkeypatch
         v1_sampler({"policy": "ersd"}, spec)
 
 
-def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, monkeypatch, caplog):
+def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, server_state, monkeypatch, caplog):
     """With probabilistic drafting the sampler verifies, the proposer is patched, and the sampler it holds (the
     runner's own) takes race winners for keyed rows: the winners of vLLM's top-k-masked logits."""
     import vllm.v1.sample.rejection_sampler as module
@@ -200,7 +211,8 @@ def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, monke
 
 
 @pytest.mark.parametrize("draft_sample_method", ["probabilistic", "greedy"])
-def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(monkeypatch, caplog, draft_sample_method):
+def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(server_state, monkeypatch, caplog,
+                                                                         draft_sample_method):  # fmt: skip
     import vllm.config
 
     from ears_vllm.seam import vllm_races
