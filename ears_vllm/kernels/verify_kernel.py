@@ -318,12 +318,18 @@ def _recover_kernel(
             residual = tl.maximum(p - q, 0.0)
         inv_noise = tl.load(inv_noise_ptr + noise_offset + offs, mask=mask, other=0.0)
         score = tl.where(mask, residual * inv_noise, float("-inf"))
-        block_best, block_arg = tl.max(score, axis=0, return_indices=True)
-        if block_best > best:
-            best = block_best
-            best_idx = start + block_arg
+        best, best_idx = _keep_best(score, start, best, best_idx)
     tl.store(score_ptr + req * NUM_SPLITS + split, best)
     tl.store(index_ptr + req * NUM_SPLITS + split, best_idx)
+
+
+@triton.jit
+def _keep_best(score, start, best, best_idx):
+    """The running (best score, its token id) of a split after the block of tokens starting at ``start``; an
+    earlier token keeps a tie (``torch.argmax``'s first index)."""
+    block_best, block_arg = tl.max(score, axis=0, return_indices=True)
+    better = block_best > best
+    return tl.where(better, block_best, best), tl.where(better, start + block_arg, best_idx)
 
 
 @triton.jit
@@ -353,10 +359,7 @@ def _race_winner_kernel(
         x = tl.load(logits_ptr + row_offset + offs, mask=mask, other=float("-inf")).to(tl.float64)
         u = _murmur3_uniform(prefix, offs.to(tl.uint32)).to(tl.float64)
         score = tl.where(mask, x - tl.log(-tl.log(1.0 - u)), float("-inf"))
-        block_best, block_arg = tl.max(score, axis=0, return_indices=True)
-        if block_best > best:
-            best = block_best
-            best_idx = start + block_arg
+        best, best_idx = _keep_best(score, start, best, best_idx)
     tl.store(score_ptr + row * NUM_SPLITS + split, best)
     tl.store(index_ptr + row * NUM_SPLITS + split, best_idx)
 
@@ -392,22 +395,35 @@ def race_winners_triton(
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return torch.zeros(0, dtype=torch.long, device=logits.device)
-    splits = _num_splits(num_rows, vocab_size, block_size)
-    split_size = triton.cdiv(triton.cdiv(vocab_size, splits), block_size) * block_size
-    splits = triton.cdiv(vocab_size, split_size)
+    splits, split_size = _split_layout(num_rows, vocab_size, block_size)
     scores = torch.empty(num_rows, splits, dtype=torch.float64, device=logits.device)
     indices = torch.empty(num_rows, splits, dtype=torch.int32, device=logits.device)
     _race_winner_kernel[(num_rows, splits)](
         logits.contiguous(), murmur3_prefix(seed, pos), scores, indices, vocab_size, split_size, NUM_SPLITS=splits,
         BLOCK_SIZE=block_size,
     )  # fmt: skip
-    return indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1).long()
+    return _best_of_splits(scores, indices).long()
 
 
 def _num_splits(num_rows: int, vocab_size: int, block_size: int, target_programs: int = 1024) -> int:
     """Enough programs to fill the device for small batches, none wasted for large ones."""
     blocks = triton.cdiv(vocab_size, block_size)
     return max(1, min(blocks, triton.cdiv(target_programs, max(num_rows, 1))))
+
+
+def _split_layout(num_rows: int, vocab_size: int, block_size: int, num_splits: int | None = None) -> tuple[int, int]:
+    """(number of vocabulary splits, tokens per split): whole blocks per split, no empty split."""
+    splits = num_splits or _num_splits(num_rows, vocab_size, block_size)
+    split_size = triton.cdiv(triton.cdiv(vocab_size, splits), block_size) * block_size
+    return triton.cdiv(vocab_size, split_size), split_size
+
+
+def _best_of_splits(
+    scores: torch.Tensor,  # [rows, num_splits] each split's best score
+    indices: torch.Tensor,  # [rows, num_splits] its token id
+) -> torch.Tensor:  # [rows]
+    """The token of each row's best split (the first split on ties, like ``torch.argmax``)."""
+    return indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
 def verify_triton(
@@ -435,9 +451,7 @@ def verify_triton(
     device = target_logits.device
     logits = target_logits.contiguous()
     draft_probs = draft_probs.contiguous() if draft_probs is not None else None
-    splits = num_splits or _num_splits(num_tokens, vocab_size, block_size)
-    split_size = triton.cdiv(triton.cdiv(vocab_size, splits), block_size) * block_size
-    splits = triton.cdiv(vocab_size, split_size)
+    splits, split_size = _split_layout(num_tokens, vocab_size, block_size, num_splits)
 
     token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     num_accepted = torch.zeros(batch_size, dtype=torch.int32, device=device)
@@ -504,7 +518,7 @@ def verify_triton(
             recover_row, scores, indices, vocab_size, split_size, NUM_SPLITS=splits,
             NO_DRAFT_PROBS=no_draft_probs or spec.recovery == "one_hot_residual", BLOCK_SIZE=block_size,
         )  # fmt: skip
-        recovered = indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+        recovered = _best_of_splits(scores, indices)
         rows = needs_recovery.nonzero().squeeze(1)
         token_ids[rows, num_accepted[rows].long()] = recovered[rows]
     return VerifyResult(token_ids, num_accepted, num_relaxed)
