@@ -135,24 +135,24 @@ def _unsalted(original: Callable[..., Any]) -> Callable[..., Any]:
     return gumbel_sample
 
 
-def row_keys(runner: Any, seeds: list[int | None], num_draft_tokens: list[int]) -> RowKeys:
-    """The keys of the runner's current batch: ``seeds`` per row (None: not keyed), and each row's first key
-    position from the positions vLLM fed the target (the row's last input token's, minus its drafts)."""
+def row_keys(runner: Any, seeds: list[int | None], num_draft_tokens: list[int]) -> tuple[RowKeys, torch.Tensor]:
+    """The keys of the runner's current batch, ``seeds`` per row (None: not keyed), from the positions vLLM fed the
+    target: each row's last input token's position is the key position of the token the runner's sampler chooses
+    (the bonus token, or a non-speculative row's token); its drafts' start that many rows earlier. Returns the keys
+    and those sampler positions [batch]."""
     positions = runner.mrope_positions.gpu[0] if getattr(runner, "uses_mrope", False) else runner.positions
     batch = len(seeds)
-    last_input = runner.query_start_loc.gpu[1 : batch + 1].long() - 1
+    sample_pos = positions[runner.query_start_loc.gpu[1 : batch + 1].long() - 1].long()
     drafts = torch.as_tensor(num_draft_tokens, dtype=torch.long).to(positions.device, non_blocking=True)
     keyed = torch.tensor([s is not None for s in seeds]).to(positions.device, non_blocking=True)
     seed = torch.tensor([s or 0 for s in seeds], dtype=torch.long).to(positions.device, non_blocking=True)
-    return RowKeys(seed, positions[last_input].long() - drafts, keyed)
+    return RowKeys(seed, sample_pos - drafts, keyed), sample_pos
 
 
-def sample_keyed(sample: Callable[[], Any], keys: RowKeys, num_draft_tokens: list[int]) -> Any:
-    """Run the runner's ``_sample`` with the keys bound: the sampler's rows are the bonus rows of a verification
-    step (at the position after their drafts) or the rows of a non-speculative step. Keeps where the drafter's next
-    proposal starts: after the tokens each row emitted."""
-    drafts = torch.as_tensor(num_draft_tokens, dtype=torch.long).to(keys.first_pos.device, non_blocking=True)
-    with bound(_sampling, (keys, keys.first_pos + drafts)):
+def sample_keyed(sample: Callable[[], Any], keys: RowKeys, sample_pos: torch.Tensor) -> Any:
+    """Run the runner's ``_sample`` with the keys bound (``sample_pos`` [batch]: the key positions its sampler
+    chooses at). Keeps where the drafter's next proposal starts: after the tokens each row emitted."""
+    with bound(_sampling, (keys, sample_pos)):
         output = sample()
     emitted = (output.sampled_token_ids >= 0).sum(dim=1).long()
     _drafting.set(RowKeys(keys.seed, keys.first_pos + emitted, keys.keyed))  # read by this step's drafting

@@ -204,9 +204,9 @@ def install_runner_hook() -> str | None:
                 if not keyed:
                     return original(self, logits, spec_decode_metadata, *args, **kwargs)
                 drafts = [0] * len(controls) if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
-                keys = vllm_races.row_keys(self, [c.race_seed for c in controls], drafts)
+                keys, sample_pos = vllm_races.row_keys(self, [c.race_seed for c in controls], drafts)
                 return vllm_races.sample_keyed(
-                    lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, drafts
+                    lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, sample_pos
                 )
 
         return _sample
