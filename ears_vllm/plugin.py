@@ -5,9 +5,9 @@ it builds the config or the model runner. Registration:
 
 * makes ``VllmConfig`` validate ``additional_config["ears"]`` (or the ``EARS_VLLM_*`` environment) as
   it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded;
-* checks each runner's hooks and wraps its ``RejectionSampler`` (see the adapters and
-  :mod:`ears_vllm.seam.patches`). Where a hook moved, only the constructor is wrapped, so that a sampler built
-  with a non-standard policy stops the server with the reason (or, with ``on_unsupported: fallback``,
+* checks the hooks of each runner the installed vLLM has (0.34 has Model Runner V2 only) and wraps its
+  ``RejectionSampler`` (see the adapters and :mod:`ears_vllm.seam.patches`). Where a hook moved, only the
+  constructor is wrapped, so that a sampler built with a non-standard policy stops the server with the reason (or, with ``on_unsupported: fallback``,
   warns and runs vLLM's own rule): the plugin is never silently inert.
 """
 
@@ -21,7 +21,7 @@ from ears_vllm.control import metrics
 from ears_vllm.seam import patches
 
 _registered = False
-hook_report: dict[str, str] = {}  # runner -> "patched" or why not
+hook_report: dict[str, str] = {}  # runner -> "patched", "hooks moved: ...", "absent: ..." or "not guarded (...)"
 
 
 def register() -> None:
@@ -42,8 +42,13 @@ def register() -> None:
         return
 
     from ears_vllm.seam import vllm_mrv2, vllm_v1
+    from ears_vllm.seam.hooks import runner_absence
 
     for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
+        absence = runner_absence(runner)
+        if absence is not None:  # vLLM cannot build this runner's sampler: nothing to guard
+            hook_report[runner] = f"absent: {absence}"
+            continue
         try:
             problem = adapter.check_hooks()
         except Exception as exc:

@@ -23,6 +23,7 @@ from ears_vllm.bench.steps import mrv2_batch
 from ears_vllm.seam import vllm_mrv2
 from ears_vllm.stats import VerifyStats
 from tests.triton_cpu import triton_interpreter, vllm_triton_modules
+from tests.vllm_release import VLLM_VERSION
 
 with triton_interpreter():
 
@@ -41,20 +42,33 @@ with triton_interpreter():
         tl.store(u_ptr + i, KEYED(tl.load(seed_ptr + i), tl.load(pos_ptr + i), tl.load(offset_ptr + i)))
 
 
-# vLLM 0.33's MRV2 also imports FLy's module (its entropy and kernels).
-MRV2_MODULES = (() if importlib.util.find_spec("vllm.v1.spec_decode.fly") is None else ("vllm.v1.spec_decode.fly",)) + (
-    "vllm.v1.worker.gpu.sample.gumbel",
-    "vllm.v1.worker.gpu.sample.watermark",
-    vllm_mrv2.UTILS_MODULE,
+# MRV2's modules with Triton kernels, in import order: FLy's (its entropy; vLLM 0.33 keeps it beside V1's spec
+# decoding, 0.34 in MRV2's), 0.34's draft-logits cache (its row lookup), the sampler's draws, the verifier's.
+MRV2_MODULES = tuple(
+    name
+    for name in (
+        "vllm.v1.spec_decode.fly",
+        "vllm.v1.worker.gpu.spec_decode.fly",
+        vllm_mrv2.DRAFT_CACHE_MODULE,
+        "vllm.v1.worker.gpu.sample.gumbel",
+        "vllm.v1.worker.gpu.sample.watermark",
+        vllm_mrv2.UTILS_MODULE,
+    )
+    if importlib.util.find_spec(name) is not None
 )
+HAS_DRAFT_CACHE = importlib.util.find_spec(vllm_mrv2.DRAFT_CACHE_MODULE) is not None
 
 
 @pytest.fixture(scope="module")
 def mrv2():
-    """MRV2's ``rejection_sampler_utils`` compiled by Triton's interpreter; vLLM's placeholders restored after."""
+    """MRV2's ``rejection_sampler_utils`` compiled by Triton's interpreter; vLLM's placeholders restored after.
+
+    ``arguments(step)``: a step of ``mrv2_batch`` as the release's ``rejection_sample`` takes it (0.34: the draft
+    logits in vLLM's ``DraftLogitsCache``); ``rejection_sample(step, **keywords)``: vLLM's own on that step."""
     with vllm_triton_modules(MRV2_MODULES, tldevice=types.SimpleNamespace(log1p=log1p_stand_in)) as modules:
         with triton_interpreter():
             importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
+        utils = modules[-1]
         uniform = importlib.import_module(vllm_mrv2.RANDOM_MODULE).tl_rand32
 
         def draw_uniforms(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n] float32
@@ -62,8 +76,24 @@ def mrv2():
             draw_uniforms_kernel[(len(pos),)](u, seed, pos, UNIFORM=uniform)
             return u
 
+        def arguments(step: dict) -> dict:
+            if step.get("draft_logits_row_mapping") is not None and not HAS_DRAFT_CACHE:
+                pytest.skip(f"vLLM {VLLM_VERSION} has no sharded draft-logits cache (0.34 added it)")
+            return vllm_mrv2.vllm_arguments(step, utils.rejection_sample)
+
         gumbel = importlib.import_module(vllm_mrv2.RANDOM_MODULE)
-        yield types.SimpleNamespace(utils=modules[-1], draw_uniforms=draw_uniforms, gumbel=gumbel)
+        yield types.SimpleNamespace(
+            utils=utils,
+            draw_uniforms=draw_uniforms,
+            gumbel=gumbel,
+            arguments=arguments,
+            rejection_sample=lambda step, **keywords: utils.rejection_sample(**arguments(step), **keywords),
+        )
+
+
+def draft_logits_row(batch: dict, state: int) -> torch.Tensor:  # [k, V]: the draft logits of a request state
+    mapping = batch["draft_logits_row_mapping"]
+    return batch["draft_logits"][state if mapping is None else int(mapping[state])]
 
 
 def accepted_tokens(sampled: torch.Tensor, num_sampled: torch.Tensor) -> list[list[int]]:
@@ -88,6 +118,10 @@ STEPS = {
     ),
     "batch-1": dict(num_drafts=[4], greedy=[False], k=4, vocab=1037, full_draft=False),
     "two-vocab-blocks": dict(num_drafts=[2, 2], greedy=[False, True], k=2, vocab=9000, full_draft=True),
+    # vLLM 0.34's batch-sharded cache: a request's draft logits at the row its mapping gives, not its state index
+    "sharded-draft-cache": dict(
+        num_drafts=[3, 2, 3], greedy=[False, True, False], k=3, vocab=1000, full_draft=True, sharded=True
+    ),
 }
 
 
@@ -99,11 +133,11 @@ def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed, monkeypatch):
     batch = mrv2_batch(seed, **step)
     parameters = list(inspect.signature(mrv2.utils.rejection_sample).parameters.values())
     keywords = {p.name: p.default for p in parameters[len(vllm_mrv2.EXPECTED_PARAMETERS) :]}
-    expected = mrv2.utils.rejection_sample(**batch, **keywords)
+    expected = mrv2.rejection_sample(batch, **keywords)
     monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
     monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
     with vllm_mrv2.verifying_with(EarsConfig(policy="ears", tolerance=0.0)):
-        sampled, num_sampled = vllm_mrv2.rejection_sample(**batch, **keywords)
+        sampled, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch), **keywords)
     assert num_sampled.tolist() == expected[1].tolist()
     assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
     _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
@@ -131,7 +165,7 @@ def expected_acceptance(
                 log_p = logits[draft] - logits.logsumexp(-1)
                 log_q = torch.tensor(0.0)
                 if batch["draft_logits"] is not None:
-                    log_q = (batch["draft_logits"][state, i] / temp).log_softmax(-1)[draft]
+                    log_q = (draft_logits_row(batch, state)[i] / temp).log_softmax(-1)[draft]
                 standard = bool(log_p > u[row].log() + log_q)
                 t = config.tolerance * (1 - float(logits.softmax(-1).max()))
                 floor = max(float(u[row]) - t, config.min_ratio)
@@ -158,7 +192,7 @@ def test_ears_acceptance_follows_the_rule_with_mrv2_randomness(mrv2, step, toler
     assert (num_sampled - 1).tolist() == num_accepted
     assert num_relaxed.tolist() == relaxed
 
-    standard = mrv2.utils.rejection_sample(**batch)
+    standard = mrv2.rejection_sample(batch)
     for r, (tokens, standard_tokens) in enumerate(
         zip(accepted_tokens(sampled, num_sampled), accepted_tokens(*standard), strict=True)
     ):
@@ -202,7 +236,7 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
     monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
     monkeypatch.setattr(vllm_mrv2.state, "pending_draft_dist_steps", 0)
     with vllm_mrv2.verifying_with(config):
-        _, num_sampled = vllm_mrv2.rejection_sample(**batch)
+        _, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
     _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
     stats = vllm_mrv2.state.stats
     assert (stats.steps, stats.drafts, stats.random_drafts, stats.draft_dist_steps) == (1, 9, 9, 1)
@@ -223,10 +257,10 @@ def test_a_kernel_that_fails_hands_the_step_to_mrv2s_own_sampler(mrv2, monkeypat
         raise RuntimeError("CompilationError: simulated")
 
     monkeypatch.setattr(vllm_mrv2, "verify_mrv2", kernel_that_does_not_compile)
-    expected = mrv2.utils.rejection_sample(**batch)
+    expected = mrv2.rejection_sample(batch)
     for _ in range(2):
         with vllm_mrv2.verifying_with(EarsConfig(policy="ears", tolerance=0.3)):
-            got = vllm_mrv2.rejection_sample(**batch)
+            got = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
         assert accepted_tokens(*got) == accepted_tokens(*expected)
     assert len(attempts) == 1 and "simulated" in vllm_mrv2.state.kernel_failure
 
@@ -274,7 +308,7 @@ def test_fly_is_bit_identical_to_mrv2_fly(mrv2, step, setting, masked):
         batch = mrv2_batch(seed, **step)
         batch["target_logits"] /= 2  # flatter targets: the entropy gate opens
         batch = mask_some_drafts(batch) if masked else batch
-        expected = mrv2.utils.rejection_sample(**batch, **fly)
+        expected = mrv2.rejection_sample(batch, **fly)
         sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="fly", **fly))
         assert num_sampled.tolist() == expected[1].tolist(), f"seed {seed}"
         assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected), f"seed {seed}"
@@ -317,7 +351,7 @@ def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
                 log_p = logits[draft] - logits.logsumexp(-1) if draft >= 0 else torch.tensor(-torch.inf)
                 log_q = torch.tensor(0.0)
                 if batch["draft_logits"] is not None and draft >= 0:
-                    log_q = (batch["draft_logits"][state, i] / temp).log_softmax(-1)[draft]
+                    log_q = (draft_logits_row(batch, state)[i] / temp).log_softmax(-1)[draft]
                 native = draft >= 0 and bool(log_p > u[row].log() + log_q)
                 ok = draft >= 0 and (float(u[row]) <= float(log_p.exp()) / acc or float(log_p.exp()) >= single)
             if not ok:
@@ -328,7 +362,7 @@ def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     assert (num_sampled - 1).tolist() == expected
     assert num_relaxed.tolist() == expected_relaxed  # accepted where MRV2's native test rejects
     if (single, acc) == (1.0, 1.0) and batch["draft_logits"] is None:
-        assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*mrv2.utils.rejection_sample(**batch))
+        assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*mrv2.rejection_sample(batch))
 
 
 RELAXED_TOPK_SETTINGS = {"trtllm-10-0.6": (10, 0.6), "top3-0.3": (3, 0.3), "top2-delta0": (2, 0.0)}
@@ -359,7 +393,7 @@ def test_relaxed_topk_follows_its_rule_with_mrv2_randomness(mrv2, step, setting)
             else:
                 log_q = torch.tensor(0.0)
                 if batch["draft_logits"] is not None:
-                    log_q = (batch["draft_logits"][state, i] / temp).log_softmax(-1)[draft]
+                    log_q = (draft_logits_row(batch, state)[i] / temp).log_softmax(-1)[draft]
                 native = bool(log_p[draft] > u[row].log() + log_q)
             rank = int((logits > logits[draft]).sum())
             candidate = rank < topk and (rank == 0 or float(log_p[draft].exp()) >= float(log_p.max().exp()) - delta)
@@ -474,7 +508,7 @@ def test_requests_reach_their_slots_through_vllms_sampler_and_rejection_sample(m
         params = SamplingParams(temperature=temperature, extra_args={"ears_tolerance": tolerance})
         sampler_module.Sampler.add_request(object.__new__(sampler_module.Sampler), state, params)
     with vllm_mrv2.verifying_with(server):
-        sampled, num_sampled = vllm_mrv2.rejection_sample(**batch)
+        sampled, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
     expected = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server, {
         states[0]: {"ears_tolerance": 1.0}, states[1]: {"ears_tolerance": 0.0}}))  # fmt: skip
     assert num_sampled.tolist() == expected[1].tolist()
@@ -538,7 +572,7 @@ def test_ersd_on_mrv2_emits_mrv2s_non_speculative_draws(mrv2, step, monkeypatch)
     monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
     monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
     with vllm_mrv2.verifying_with(EarsConfig(policy="ersd")):
-        sampled, num_sampled = vllm_mrv2.rejection_sample(**batch)
+        sampled, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
     cu = batch["cu_num_logits"].tolist()
     for r, n in enumerate(num_sampled.tolist()):
         start, end = cu[r], cu[r + 1]

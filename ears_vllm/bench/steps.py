@@ -45,10 +45,24 @@ def verify_batch(
     ), device)  # fmt: skip
 
 
-def mrv2_batch(seed: int, *, num_drafts: list[int], greedy: list[bool], k: int, vocab: int, full_draft: bool,
-               placeholder: bool = False, device: str | torch.device = "cpu") -> dict:  # fmt: skip
-    """The arguments of MRV2's ``rejection_sample`` for one step: ``num_drafts[r]`` drafts (<= k) for request r,
-    drawn near the target; ``placeholder`` puts MRV2's ``-1`` draft at the end of each request of 2+ drafts."""
+def mrv2_batch(
+    seed: int,
+    *,
+    num_drafts: list[int],
+    greedy: list[bool],
+    k: int,
+    vocab: int,
+    full_draft: bool,
+    placeholder: bool = False,
+    sharded: bool = False,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The arguments of MRV2's ``rejection_sample`` for one step, by :func:`ears_vllm.seam.vllm_mrv2.verify_mrv2`'s
+    names (``vllm_mrv2.vllm_arguments`` gives them as the installed release takes them): ``num_drafts[r]`` drafts
+    (<= k) for request r, drawn near the target; ``placeholder`` puts MRV2's ``-1`` draft at the end of each
+    request of 2+ drafts; ``sharded`` holds the draft logits as a batch-sharded cache of vLLM 0.34 does, one row
+    per request of the batch in shuffled order (``draft_logits_row_mapping``: a request state's row, -1 for the
+    states this rank does not hold)."""
     g = torch.Generator().manual_seed(seed)
     num_reqs, max_num_reqs = len(num_drafts), len(num_drafts) + 2
     rows = torch.tensor(num_drafts) + 1
@@ -72,10 +86,17 @@ def mrv2_batch(seed: int, *, num_drafts: list[int], greedy: list[bool], k: int, 
             draft_sampled[start + i + 1] = torch.multinomial(q, 1, generator=g)
         if placeholder and num_drafts[r] > 1:
             draft_sampled[start + num_drafts[r]] = -1  # MRV2's placeholder draft: always rejected
+    row_mapping = None
+    if sharded:
+        rows_of_batch = torch.randperm(num_reqs, generator=g).to(torch.int32)
+        row_mapping = torch.full((max_num_reqs,), -1, dtype=torch.int32)
+        row_mapping[idx_mapping.long()] = rows_of_batch
+        draft_logits = draft_logits[idx_mapping.long()][torch.argsort(rows_of_batch)].contiguous()
     pos = (torch.randint(0, 500, (max_num_reqs,), generator=g)[expanded_idx_mapping.long()] + expanded_local_pos).long()
     return _to(dict(
         target_logits=target_logits,
         draft_logits=draft_logits if full_draft else None,
+        draft_logits_row_mapping=row_mapping if full_draft else None,
         draft_sampled=draft_sampled,
         cu_num_logits=cu_num_logits,
         pos=pos,

@@ -60,6 +60,17 @@ def _row_argmax(
 
 
 @triton.jit
+def _draft_logits_row(req_state_idx, row_mapping_ptr):
+    """The row of a request's draft logits: its request state index, or under a sharded cache (``row_mapping_ptr``
+    not None) the row the mapping gives it; a request this rank does not hold (-1) reads row 0, whose draws its
+    placeholder drafts never reach (vLLM's own launches clamp the same way)."""
+    row = req_state_idx
+    if row_mapping_ptr is not None:
+        row = tl.load(row_mapping_ptr + req_state_idx).to(tl.int64)
+    return tl.maximum(row, 0)
+
+
+@triton.jit
 def split_stats_accept_kernel(
     sampled_ptr,  # [num_reqs, k + 1] int64: accepted drafts, then the greedy recovered token
     sampled_stride,
@@ -75,9 +86,10 @@ def split_stats_accept_kernel(
     target_local_sumexp_ptr,  # [num_logits, num_blocks] float32
     target_local_stride,
     draft_sampled_ptr,  # [num_logits]: the input token of each row; -1 = placeholder, rejected
-    draft_logits_ptr,  # [max_num_reqs, k, V], before temperature (unused without HAS_DRAFT_LOGITS)
+    draft_logits_ptr,  # [rows, k, V], before temperature (unused without HAS_DRAFT_LOGITS)
     draft_logits_stride_0,
     draft_logits_stride_1,
+    draft_logits_row_mapping_ptr,  # [max_num_reqs] int32: a request's row in draft_logits, or None: its state index
     draft_local_max_ptr,  # [num_logits, num_blocks] float32
     draft_local_sumexp_ptr,  # [num_logits, num_blocks] float32
     draft_local_stride,
@@ -164,8 +176,9 @@ def split_stats_accept_kernel(
                 draft_logprob = 0.0  # one-hot draft: q(d) = 1
                 step_draft_lse = 0.0
                 if HAS_DRAFT_LOGITS:
+                    draft_row = _draft_logits_row(req_state_idx, draft_logits_row_mapping_ptr)
                     draft_logit = tl.load(
-                        draft_logits_ptr + req_state_idx * draft_logits_stride_0 + i * draft_logits_stride_1 + draft
+                        draft_logits_ptr + draft_row * draft_logits_stride_0 + i * draft_logits_stride_1 + draft
                     ).to(tl.float32)
                     _, step_draft_lse = _row_max_and_lse(
                         draft_local_max_ptr,

