@@ -7,8 +7,8 @@ it builds the config or the model runner. Registration:
   it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded;
 * checks the hooks of each runner the installed vLLM has (0.34 has Model Runner V2 only) and wraps its
   ``RejectionSampler`` (see the adapters and :mod:`ears_vllm.seam.patches`). Where a hook moved, only the
-  constructor is wrapped, so that a sampler built with a non-standard policy stops the server with the reason (or, with ``on_unsupported: fallback``,
-  warns and runs vLLM's own rule): the plugin is never silently inert.
+  constructor is wrapped, so that a sampler built with a non-standard policy stops the server with the reason
+  (or, with ``on_unsupported: fallback``, warns and runs vLLM's own rule): the plugin is never silently inert.
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ def vllm_arguments(step: dict[str, Any], function: Callable[..., Any]) -> dict[s
     cache = None
     if draft_logits is not None:
         cache_cls = importlib.import_module(DRAFT_CACHE_MODULE).DraftLogitsCache
-        rows, k, vocab = draft_logits.shape
+        _, k, vocab = draft_logits.shape
         cache = cache_cls(1, k, vocab, dtype=draft_logits.dtype, fill=0.0, device=draft_logits.device)
         cache.values, cache.row_mapping = draft_logits, row_mapping  # what a sharded cache holds on its rank
     return arguments | {"draft_logits_cache": cache}
