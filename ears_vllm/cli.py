@@ -206,7 +206,7 @@ def _gpu_check_run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from ears_vllm.doctor import diagnose
+    from ears_vllm.doctor import diagnose, exit_code
 
     additional = json.loads(args.additional_config) if args.additional_config else None
     speculative = json.loads(args.speculative_config) if args.speculative_config else None
@@ -214,7 +214,7 @@ def _doctor(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in rows)
     for label, finding in rows:
         print(f"{label:<{width}}  {finding}")
-    return 1 if any(finding.startswith("INVALID") for _, finding in rows) else 0
+    return exit_code(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gpu_help = "the GPU checks in one command: kernel and MRV2 parity at real shapes, bench kernel (make gpu-check)"
     gpu = commands.add_parser("gpu-check", help=gpu_help).add_subparsers(dest="gpu", required=True)
-    bundle = gpu.add_parser("bundle", help="copy vLLM 0.33's MRV2 verification sources for a machine without vLLM")
-    bundle.add_argument("--vllm-dir", help="an installed vLLM 0.33 package (default: the importable vllm)")
+    bundle = gpu.add_parser(
+        "bundle", help="copy vLLM's MRV2 verification sources (0.33 or later) for a machine without vLLM"
+    )
+    bundle.add_argument("--vllm-dir", help="an installed vLLM package, 0.33 or later (default: the importable vllm)")
     bundle.add_argument("--out", default=".gpu-bundle")
     bundle.set_defaults(run=_gpu_check_bundle)
     gpu_run = gpu.add_parser("run", help="run the checks (needs no vLLM: the bundle brings its sources)")

@@ -22,6 +22,15 @@ def _distribution_version(*names: str) -> str | None:
     return None
 
 
+SERVER_ROW = "verification"  # the row that says what the server would do, on the runner vLLM picks
+
+
+def exit_code(rows: list[tuple[str, str]]) -> int:
+    """1 when the ears config is invalid or the server would refuse to start with it, else 0."""
+    refuses = any(label == SERVER_ROW and "REFUSES to start" in finding for label, finding in rows)
+    return 1 if refuses or any(finding.startswith("INVALID") for _, finding in rows) else 0
+
+
 def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[str, Any] | None = None,
              ) -> list[tuple[str, str]]:  # fmt: skip
     """(label, finding) rows. Never raises for an environment problem: it reports it.
@@ -56,18 +65,26 @@ def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[
 
     from ears_vllm.policies import get_policy
     from ears_vllm.seam import patches, vllm_mrv2, vllm_races, vllm_v1
+    from ears_vllm.seam.hooks import installed_runners, runner_absence, serving_runner
     from ears_vllm.seam.hooks import vllm_version as reported_version
     from ears_vllm.seam.verification import plan_verification
 
-    picked = "MRV2" if cuda and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0" else "V1"  # vLLM's switch
-    rows.append(("runner", f"{picked} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
-                           "or the spec method needs V1)"))  # fmt: skip
+    runners = installed_runners()
+    picked = serving_runner(cuda=cuda)
+    if len(runners) == 1:
+        rows.append(("runner", f"{picked} (the only runner vLLM {reported_version()} has)"))
+    else:
+        rows.append(("runner", f"{picked} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
+                               "or the spec method needs V1)"))  # fmt: skip
     if not kernels.AVAILABLE:
         rows.append(("backend", f"torch (Triton kernel unavailable: {kernels.UNAVAILABLE_REASON})"))
     else:
         rows.append(("backend", "triton" if cuda else "torch (no CUDA device)"))
     plans, problems = {}, {}
     for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
+        if runner not in runners:
+            rows.append((f"hooks {runner}", f"absent: {runner_absence(runner)}"))
+            continue
         problems[runner] = problem = adapter.check_hooks()
         rows.append((f"hooks {runner}", "found" if problem is None else f"moved: {problem}"))
         if config is not None:
@@ -78,7 +95,7 @@ def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[
                                               method=getattr(spec, "rejection_sample_method", None),
                                               draft_problem=drafter)  # fmt: skip
             rows.append((f"verification {runner}", plans[runner].summary))
-    if problems["V1"] is None:
+    if problems.get("V1", "absent") is None:
         from vllm.platforms import current_platform
 
         getattr(current_platform, "register_triton_kernel_overrides", lambda: None)()  # as vLLM's worker does
@@ -87,7 +104,7 @@ def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[
         broken = vllm_v1.expand_is_broken(patches.original(module, "expand_batch_to_tokens"))
         rows.append(("vLLM expand_batch_to_tokens", "BROKEN here: the plugin replaces it" if broken else "correct"))
     if picked in plans:
-        rows.append(("verification", f"{picked}: {plans[picked].summary}"))
+        rows.append((SERVER_ROW, f"{picked}: {plans[picked].summary}"))
     allowed = os.environ.get("VLLM_PLUGINS")
     metrics_on = allowed is not None and "ears_metrics" in allowed.split(",")
     off = "not on /metrics: vLLM loads endpoint plugins only when named, VLLM_PLUGINS=ears,ears_metrics"

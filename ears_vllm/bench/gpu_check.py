@@ -7,14 +7,16 @@ Made for a GPU machine that has torch and Triton but neither vLLM nor network ac
    drafts, every policy with a closed form or a kernel branch, ersd's race winners included): token ids,
    accepted and relaxed counts identical;
 2. *MRV2 parity*: ears-vllm's MRV2 path (vLLM's statistics, resampling and insertion launches around our
-   acceptance walk) at tolerance 0 against vLLM 0.33's own MRV2 ``rejection_sample``, bit for bit; at
+   acceptance walk) at tolerance 0 against the bundled vLLM's own MRV2 ``rejection_sample`` (0.34: also with
+   draft logits in a batch-sharded cache), bit for bit; at
    tolerance 0.3, that no request accepts fewer drafts than under vLLM's rule; and ersd's MRV2 walk against
    MRV2's own non-speculative ``gumbel_sample`` on the same keys (every emitted token equal);
 3. ``bench kernel`` at its default shapes.
 
-vLLM's MRV2 modules come from a *bundle*: ``gpu-check bundle`` copies the few 0.33 source files they need out
-of an installed vLLM 0.33 (``make test-vllm033`` makes one) beside stand-in package files (``vllm/__init__.py``,
-``vllm/triton_utils``: the real Triton), with a manifest of the copied files' sha256. ``gpu-check run``
+vLLM's MRV2 modules come from a *bundle*: ``gpu-check bundle`` copies the few source files they need out of an
+installed vLLM 0.33 or 0.34 (``make gpu-bundle`` uses 0.34, the current release) beside stand-in package files
+(``vllm/__init__.py``, ``vllm/triton_utils``: the real Triton; for 0.34's draft-logits cache, the three modules
+it imports for tensor-parallel sharding), with a manifest of the copied files' sha256. ``gpu-check run``
 puts the bundle first on the path and refuses to run if ``vllm`` resolves anywhere else.
 
 ``--device cpu`` runs the same checks on the CPU under Triton's interpreter at small shapes: that is how CI
@@ -31,15 +33,29 @@ import sys
 import time
 from pathlib import Path
 
-# The vLLM 0.33 files MRV2's verification imports, as paths inside the vllm package.
+# The vLLM files MRV2's verification imports, as paths inside the vllm package: each entry is a tuple of
+# alternatives (the first that exists is bundled), and an entry ending in None is optional.
 BUNDLED_SOURCES = (
-    "v1/worker/gpu/spec_decode/rejection_sampler_utils.py",
-    "v1/worker/gpu/sample/gumbel.py",
-    "v1/worker/gpu/sample/watermark.py",
-    "v1/watermarking/prfs/philox.py",
-    "v1/watermarking/prfs/base.py",
-    "v1/spec_decode/fly.py",
+    ("v1/worker/gpu/spec_decode/rejection_sampler_utils.py",),
+    ("v1/worker/gpu/sample/gumbel.py",),
+    ("v1/worker/gpu/sample/watermark.py",),
+    ("v1/watermarking/prfs/philox.py",),
+    ("v1/watermarking/prfs/base.py",),
+    ("v1/worker/gpu/spec_decode/fly.py", "v1/spec_decode/fly.py"),  # 0.34 moved FLy into MRV2
+    ("v1/worker/gpu/spec_decode/draft_logits.py", None),  # 0.34's DraftLogitsCache
 )
+DRAFT_CACHE_SOURCE = "v1/worker/gpu/spec_decode/draft_logits.py"
+DRAFT_CACHE_IMPORTS = ("utils/math_utils.py",)  # bundled with it
+# Stand-ins for what draft_logits.py imports and verification never calls (sharding rows needs vLLM's
+# tensor-parallel group, which a bundle has not).
+DRAFT_CACHE_STAND_INS = {
+    "distributed/parallel_state.py": "def get_tp_group():\n    raise RuntimeError('no tensor-parallel group')\n",
+    "v1/worker/gpu/input_batch.py": "class InputBatch:\n    pass\n",
+    "v1/worker/gpu/sample/batch_shard.py": "".join(
+        f"def {name}(*args, **kwargs):\n    raise RuntimeError('no batch sharding here')\n\n\n"
+        for name in ("shard_owner", "shard_owners", "shard_row", "shard_rows")
+    ),
+}
 TRITON_UTILS_STAND_IN = '''"""Stand-in for vllm.triton_utils (ears-vllm gpu-check bundle): the real Triton."""
 import triton
 import triton.language as tl
@@ -67,16 +83,22 @@ def make_bundle(vllm_dir: Path, out: Path) -> dict:
     """Copy :data:`BUNDLED_SOURCES` out of ``vllm_dir`` (an installed vLLM package) into ``out/vllm``."""
     version = _installed_version(vllm_dir)
     files = {}
-    for relative in BUNDLED_SOURCES:
-        source = vllm_dir / relative
-        if not source.exists():
-            raise ValueError(f"{source} not found: gpu-check bundles vLLM 0.33's MRV2 modules (vLLM here: {version})")
-        target = out / "vllm" / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        content = source.read_bytes()
-        target.write_bytes(content)
-        files[relative] = hashlib.sha256(content).hexdigest()
-    package_dirs = {Path(relative).parent for relative in BUNDLED_SOURCES}
+    for alternatives in BUNDLED_SOURCES:
+        relative = next((r for r in alternatives if r is None or (vllm_dir / r).exists()), "")
+        if relative is None:
+            continue
+        if not relative:
+            raise ValueError(f"{' or '.join(str(vllm_dir / r) for r in alternatives)} not found: gpu-check bundles "
+                             f"the MRV2 modules of vLLM 0.33 or later (vLLM here: {version})")  # fmt: skip
+        files[relative] = _copy(vllm_dir / relative, out / "vllm" / relative)
+    stand_ins = {}
+    if DRAFT_CACHE_SOURCE in files:
+        files |= {relative: _copy(vllm_dir / relative, out / "vllm" / relative) for relative in DRAFT_CACHE_IMPORTS}
+        stand_ins = DRAFT_CACHE_STAND_INS
+    for relative, text in stand_ins.items():
+        (out / "vllm" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out / "vllm" / relative).write_text(f'"""Stand-in (ears-vllm gpu-check bundle)."""\n\n\n{text}')
+    package_dirs = {Path(relative).parent for relative in [*files, *stand_ins]}
     for directory in {parent for d in package_dirs for parent in (d, *d.parents)}:
         init = out / "vllm" / directory / "__init__.py"
         if not init.exists():
@@ -87,9 +109,17 @@ def make_bundle(vllm_dir: Path, out: Path) -> dict:
         f'"""Stand-in vllm package: vLLM {version}\'s MRV2 verification sources only (ears-vllm gpu-check)."""\n'
         f'__version__ = "{version}"\n'
     )
-    manifest = {"vllm_version": version, "from": str(vllm_dir), "sha256": files}
+    manifest = {"vllm_version": version, "from": str(vllm_dir), "sha256": files, "stand_ins": sorted(stand_ins)}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _copy(source: Path, target: Path) -> str:
+    """Copy one file; its sha256."""
+    content = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(content)
+    return hashlib.sha256(content).hexdigest()
 
 
 def _installed_version(vllm_dir: Path) -> str:
@@ -142,8 +172,10 @@ def _interpreter_log1p() -> None:
     import types
 
     import triton
-    import triton.language as tl
     import vllm.triton_utils
+
+    global tl  # the interpreter looks for triton.language among a jitted function's globals
+    import triton.language as tl
 
     @triton.jit
     def log1p(x):
@@ -186,7 +218,7 @@ def kernel_parity(sizes: Sizes, device: str) -> list[dict]:
 
 
 def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
-    import importlib
+    import importlib.util
 
     import vllm
 
@@ -195,13 +227,19 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
     from ears_vllm.seam import vllm_mrv2
 
     vllm_rejection_sample = importlib.import_module(vllm_mrv2.UTILS_MODULE).rejection_sample
+    # one-hot drafts, full drafts, and from 0.34 on full drafts in a batch-sharded cache
+    drafts = {"one-hot": (False, False), "full": (True, False)}
+    if importlib.util.find_spec(vllm_mrv2.DRAFT_CACHE_MODULE) is not None:
+        drafts["full, sharded cache"] = (True, True)
     checks = []
     for batch, k in sizes.mrv2_batches:
-        for full_draft in (False, True):
+        for draft, (full_draft, sharded) in drafts.items():
             step = mrv2_batch(batch + k, num_drafts=[k - (r % 2) for r in range(batch)],
                               greedy=[r % 4 == 3 for r in range(batch)], k=k, vocab=sizes.vocab,
-                              full_draft=full_draft, device=device)  # fmt: skip
-            expected_sampled, expected_num = vllm_rejection_sample(**step)
+                              full_draft=full_draft, sharded=sharded, device=device)  # fmt: skip
+            expected_sampled, expected_num = vllm_rejection_sample(
+                **vllm_mrv2.vllm_arguments(step, vllm_rejection_sample)
+            )
             for tolerance in (0.0, 0.3):
                 sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(
                     **step, config=EarsConfig(policy="ears", tolerance=tolerance)
@@ -214,15 +252,15 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
                 else:  # relaxing only adds acceptances: never fewer accepted than vLLM's rule, per request
                     equal = bool((num_sampled >= expected_num).all())
                 checks.append({"check": f"MRV2 ears-{tolerance:g} vs vLLM {vllm.__version__}", "batch": batch, "k": k,
-                               "vocab": sizes.vocab, "dtype": "float32", "draft": "full" if full_draft else "one-hot",
+                               "vocab": sizes.vocab, "dtype": "float32", "draft": draft,
                                "policy": f"ears-{tolerance:g}", "equal": equal,
                                "accepted": int(num_sampled.sum()) - batch,
                                "relaxed": int(num_relaxed.sum())})  # fmt: skip
-            checks.append(_mrv2_races(step, batch, k, sizes.vocab, full_draft))
+            checks.append(_mrv2_races(step, batch, k, sizes.vocab, draft))
     return checks
 
 
-def _mrv2_races(step: dict, batch: int, k: int, vocab: int, full_draft: bool) -> dict:
+def _mrv2_races(step: dict, batch: int, k: int, vocab: int, draft: str) -> dict:
     """ersd on MRV2: with drafts that are MRV2's own draws at every other row, each request emits MRV2's
     non-speculative draws (vLLM's ``gumbel_sample``, same seeds and positions) up to its first mismatch."""
     import importlib
@@ -246,7 +284,7 @@ def _mrv2_races(step: dict, batch: int, k: int, vocab: int, full_draft: bool) ->
     equal = all(sampled[r, :n].tolist() == draws[cu[r] : cu[r] + n].tolist()
                 for r, n in enumerate(num_sampled.tolist()))  # fmt: skip
     return {"check": f"MRV2 ersd vs vLLM {vllm.__version__} gumbel_sample", "batch": batch, "k": k, "vocab": vocab,
-            "dtype": "float32", "draft": "full" if full_draft else "one-hot", "policy": "ersd", "equal": equal,
+            "dtype": "float32", "draft": draft, "policy": "ersd", "equal": equal,
             "accepted": int(num_sampled.sum()) - batch, "relaxed": 0}  # fmt: skip
 
 

@@ -6,7 +6,8 @@ For each shape (batch x k x vocabulary x logits dtype) one run times, with ``tri
 * ``ears-vllm standard`` / ``ears-vllm ears-0.1``: the fused kernel (``kernels.verify_triton``), randoms
   drawn beforehand; their ratio is the price of EARS;
 * ``pytorch``: the PyTorch path (softmax, gather, residual, as vLLM V1 computes it: ``verify_reference``);
-* ``vllm-v1`` / ``vllm-mrv2``: vLLM's own ``rejection_sample`` of each runner, where vLLM imports;
+* ``vllm-v1`` / ``vllm-mrv2``: vLLM's own ``rejection_sample`` of each runner, where vLLM imports (0.34 has
+  Model Runner V2 only; ``make gpu-bundle`` brings 0.34's MRV2 sources to a GPU machine without vLLM);
 * ``ears-vllm mrv2 ears-0.1``: ears-vllm's path on Model Runner V2 (vLLM's launches around our walk);
 * ``flashinfer``: FlashInfer's ``chain_speculative_sampling`` (softmax included), where it imports;
 * ``bandwidth-bound``: the bytes the step must read (the logits) at the copy bandwidth measured here.
@@ -161,7 +162,9 @@ def _mrv2_arguments(shape: Shape, inputs: dict) -> dict:
 def _vllm_mrv2(shape: Shape, inputs: dict) -> Callable[[], object]:
     from vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils import rejection_sample
 
-    arguments = _mrv2_arguments(shape, inputs)
+    from ears_vllm.seam.vllm_mrv2 import vllm_arguments
+
+    arguments = vllm_arguments(_mrv2_arguments(shape, inputs), rejection_sample)  # 0.34: a DraftLogitsCache
     return lambda: rejection_sample(**arguments)
 
 
