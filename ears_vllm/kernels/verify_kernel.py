@@ -237,10 +237,11 @@ def _accept_kernel(
             elif POLICY == 4:  # sglang: u <= p(d) / max(acc, 1e-9), or p(d) >= single; q unread
                 acc = tl.maximum(tl.load(params_ptr + 3), 1e-9)
                 policy_accept = (u <= p_d.to(tl.float64) / acc) | (p_d >= tl.load(params_ptr + 4).to(tl.float32))
-            elif POLICY == 5:  # relaxed_topk: native, or among the top-k with p(d) >= max p - delta
+            elif POLICY == 5:  # relaxed_topk: native, or among the top-k with p(d) >= max p - delta, never masked
                 rank = tl.sum(tl.load(rank_ptr + row * NUM_SPLITS + split_offs, mask=split_mask, other=0), axis=0)
                 floor = max_p - tl.load(params_ptr + 5).to(tl.float32)
-                policy_accept = native | (valid & (rank < relaxed_topk) & ((p_d >= floor) | (rank == 0)))
+                candidate = (p_d > 0) & (rank < relaxed_topk) & ((p_d >= floor) | (rank == 0))
+                policy_accept = native | (valid & candidate)
             elif POLICY == 6:  # adasd: native, or close enough in JS distance (the host's test)
                 relax = tl.load(relax_ptr + row) != 0
                 policy_accept = standard | (valid & relax & (p_d > 0) & (q_d > 0))

@@ -99,9 +99,14 @@ def relaxed_topk_candidate(
     delta: float,
 ) -> torch.Tensor:  # [n] bool
     """TensorRT-LLM's relaxed candidate: d is among the target's top-k and ``p(d) >= max p - delta``
-    (``mtpRelaxedAcceptanceKernel``; the top-1 always qualifies). Ties at the k-th place count for d."""
+    (``mtpRelaxedAcceptanceKernel``; the top-1 always qualifies). Ties at the k-th place count for d.
+
+    Never a draft with ``p(d) = 0``: a masked draft's rank is the number of tokens the mask left, so when fewer
+    than k survive (top-k, top-p, a grammar, bad words) and ``max p <= delta`` it would pass both tests, and a
+    user who asked for ``top_k=2`` would get a token outside the top 2.
+    """
     threshold = max_target_prob - torch.tensor(delta, dtype=torch.float32)
-    return (draft_rank < topk) & ((target_prob >= threshold) | (draft_rank == 0))
+    return (target_prob > 0) & (draft_rank < topk) & ((target_prob >= threshold) | (draft_rank == 0))
 
 
 def rank_among_logits(
