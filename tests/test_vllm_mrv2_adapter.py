@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import types
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -53,6 +54,8 @@ MRV2_MODULES = tuple(
         "vllm.v1.worker.gpu.sample.gumbel",
         "vllm.v1.worker.gpu.sample.watermark",
         vllm_mrv2.UTILS_MODULE,
+        "vllm.v1.worker.gpu.input_batch",  # for RejectionSampler.__call__: its num_rejected kernel
+        vllm_mrv2.MODULE,  # RejectionSampler, bound to the interpreted rejection_sample
     )
     if importlib.util.find_spec(name) is not None
 )
@@ -68,7 +71,7 @@ def mrv2():
     with vllm_triton_modules(MRV2_MODULES, tldevice=types.SimpleNamespace(log1p=log1p_stand_in)) as modules:
         with triton_interpreter():
             importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
-        utils = modules[-1]
+        utils = modules[MRV2_MODULES.index(vllm_mrv2.UTILS_MODULE)]
         uniform = importlib.import_module(vllm_mrv2.RANDOM_MODULE).tl_rand32
 
         def draw_uniforms(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n] float32
@@ -77,18 +80,30 @@ def mrv2():
             return u
 
         def arguments(step: dict) -> dict:
-            if step.get("draft_logits_row_mapping") is not None and not HAS_DRAFT_CACHE:
-                pytest.skip(f"vLLM {VLLM_VERSION} has no sharded draft-logits cache (0.34 added it)")
             return vllm_mrv2.vllm_arguments(step, utils.rejection_sample)
 
         gumbel = importlib.import_module(vllm_mrv2.RANDOM_MODULE)
         yield types.SimpleNamespace(
             utils=utils,
+            sampler_module=modules[-1],
             draw_uniforms=draw_uniforms,
             gumbel=gumbel,
             arguments=arguments,
             rejection_sample=lambda step, **keywords: utils.rejection_sample(**arguments(step), **keywords),
         )
+
+
+def cases(steps: dict[str, dict]) -> list:
+    """Named steps as test cases; a sharded draft-logits cache's only where the release has one (vLLM 0.34)."""
+    no_cache = pytest.mark.skipif(not HAS_DRAFT_CACHE, reason=f"vLLM {VLLM_VERSION} has no sharded draft-logits cache")
+    return [
+        pytest.param(step, id=name, marks=[no_cache] if step.get("sharded") else []) for name, step in steps.items()
+    ]
+
+
+def runnable(steps: dict[str, dict]) -> list[dict]:
+    """The steps this release can verify (a sharded draft-logits cache only from vLLM 0.34 on)."""
+    return [step for step in steps.values() if HAS_DRAFT_CACHE or not step.get("sharded")]
 
 
 def draft_logits_row(batch: dict, state: int) -> torch.Tensor:  # [k, V]: the draft logits of a request state
@@ -126,7 +141,7 @@ STEPS = {
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
 def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed, monkeypatch):
     """Through the patched ``rejection_sample``, with every keyword the release's sampler passes at its default
     (0.33: watermarking's and FLy's)."""
@@ -182,7 +197,7 @@ def expected_acceptance(
 
 
 @pytest.mark.parametrize("tolerance", [0.3, 1.0], ids=["ears-0.3", "ears-1.0"])
-@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
 def test_ears_acceptance_follows_the_rule_with_mrv2_randomness(mrv2, step, tolerance):
     batch = mrv2_batch(7, **step)
     config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=0.05)
@@ -222,7 +237,7 @@ def test_relaxation_happens_in_these_batches(mrv2):
     """Guards the test above against batches in which EARS never has anything to do."""
     config = EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.05)
     relaxed = sum(
-        int(vllm_mrv2.verify_mrv2(**mrv2_batch(7, **step), config=config)[2].sum()) for step in STEPS.values()
+        int(vllm_mrv2.verify_mrv2(**mrv2_batch(7, **step), config=config)[2].sum()) for step in runnable(STEPS)
     )
     assert relaxed >= 3
 
@@ -277,6 +292,93 @@ def test_hook_check_names_a_changed_kernel(monkeypatch):
     assert "_resample_kernel has parameter(s) ['new_parameter'] that ears-vllm cannot fill" in problem
 
 
+def runner_sampler_stand_in(step: dict) -> types.SimpleNamespace:
+    """The attributes of MRV2's ``Sampler`` that ``RejectionSampler.__call__`` reads, holding one step's request
+    state: a named stand-in (a real ``Sampler`` keeps its state in GPU buffers), whose ``apply_sampling_params``
+    returns the step's target logits, already processed."""
+    max_num_reqs = step["temperature"].shape[0]
+    no_logprobs = getattr(importlib.import_module("vllm.v1.worker.gpu.sample.states"), "NO_LOGPROBS", None)
+    return types.SimpleNamespace(
+        compute_nans=False,
+        logprobs_mode="raw_logprobs",
+        return_sampling_mask=False,
+        use_fp64_gumbel=False,
+        trace_replay_state=None,
+        may_mask_logits=np.zeros(max_num_reqs, dtype=bool),
+        req_states=types.SimpleNamespace(prefill_len=types.SimpleNamespace(gpu=torch.zeros(max_num_reqs).int())),
+        sampling_states=types.SimpleNamespace(
+            temperature=types.SimpleNamespace(gpu=step["temperature"]),
+            seeds=types.SimpleNamespace(gpu=step["seed"]),
+            max_num_logprobs=lambda idx_mapping_np: no_logprobs,  # 0.33
+        ),
+        get_logprobs_dims=lambda idx_mapping_np: None,  # 0.34
+        apply_sampling_params=lambda logits, *args: logits,
+    )
+
+
+def input_batch_stand_in(step: dict) -> types.SimpleNamespace:
+    """The fields of MRV2's ``InputBatch`` that ``RejectionSampler.__call__`` reads, for a step whose every token is
+    a logits row (its input token is the draft it verifies; no request is still in its prefill)."""
+    num_reqs, num_logits = step["idx_mapping"].shape[0], step["target_logits"].shape[0]
+    return types.SimpleNamespace(
+        input_ids=step["draft_sampled"],
+        positions=step["pos"],
+        logits_indices=torch.arange(num_logits),
+        expanded_idx_mapping=step["expanded_idx_mapping"],
+        expanded_local_pos=step["expanded_local_pos"],
+        idx_mapping=step["idx_mapping"],
+        idx_mapping_np=step["idx_mapping"].numpy(),
+        cu_num_logits=step["cu_num_logits"],
+        cu_num_logits_np=step["cu_num_logits"].numpy(),
+        num_reqs=num_reqs,
+        seq_lens=torch.full((num_reqs,), 1000, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.full((num_reqs,), 1000, dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize("step", cases({name: STEPS[name] for name in ("random-full-draft", "sharded-draft-cache",
+                                                                       "random-one-hot")}))  # fmt: skip
+def test_vllms_rejection_sampler_call_verifies_through_ears_vllm(mrv2, monkeypatch, step):
+    """The entry point MRV2's model runner calls, ``RejectionSampler.__call__``, is vLLM's own code here (the draft
+    gather, the chunking, ``num_rejected``); only the plugin's guard on that class routes the step to ears-vllm. A
+    sampler built for tolerance 0 returns vLLM's own tokens, one built for tolerance 1 ears-vllm's walk, which
+    accepts more here: a patch that the real call path skips fails this test."""
+    import vllm.config
+
+    step = mrv2_batch(7, **step)
+    module = mrv2.sampler_module
+    for owner, name in ((module.RejectionSampler, "__init__"), (module.RejectionSampler, "__call__"),
+                        (module, "rejection_sample")):  # fmt: skip
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    for name in ("hook_problem", "original_rejection_sample", "slots"):
+        monkeypatch.setattr(vllm_mrv2.state, name, getattr(vllm_mrv2.state, name))
+    monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    spec_config = types.SimpleNamespace(
+        num_speculative_tokens=step["num_speculative_steps"], rejection_sample_method="standard",
+        enable_adaptive_verification=False, fly_window_size=None, fly_entropy_threshold=0.3, fly_entropy_top_k=3,
+        synthetic_acceptance_rates=None, draft_sample_method="probabilistic", method="draft_model",
+    )  # fmt: skip
+    arguments = mrv2.arguments(step)
+    draft = arguments.get("draft_logits_cache", arguments.get("draft_logits"))  # what the runner passes
+    vllm_mrv2.install(None)
+    results = {}
+    for tolerance in (0.0, 1.0):
+        server = types.SimpleNamespace(speculative_config=spec_config,
+                                       additional_config={"ears": {"policy": "ears", "tolerance": tolerance}},
+                                       scheduler_config=types.SimpleNamespace(max_num_seqs=8))  # fmt: skip
+        monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda server=server: server)
+        sampler = module.RejectionSampler(runner_sampler_stand_in(step), spec_config, torch.device("cpu"))
+        output = sampler(step["target_logits"], input_batch_stand_in(step), draft)
+        results[tolerance] = accepted_tokens(output.sampled_token_ids, output.num_sampled)
+    assert vllm_mrv2.state.pending_steps == 2  # both steps were counted by ears-vllm
+    assert results[0.0] == accepted_tokens(*mrv2.rejection_sample(step))
+    ears = vllm_mrv2.verify_mrv2(**step, config=EarsConfig(policy="ears", tolerance=1.0))
+    assert results[1.0] == accepted_tokens(*ears[:2]) and int(ears[2].sum()) > 0
+    assert sum(map(len, results[1.0])) > sum(map(len, results[0.0]))
+
+
 def test_hook_check_names_every_difference_it_finds(monkeypatch):
     """A release that changed several things at once gets all of them named, not the first only."""
     module = importlib.import_module(vllm_mrv2.MODULE)
@@ -316,7 +418,7 @@ def mask_some_drafts(batch: dict, every: int = 4) -> dict:
 
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked-drafts"])
 @pytest.mark.parametrize("setting", FLY_SETTINGS, ids=FLY_SETTINGS.keys())
-@pytest.mark.parametrize("step", FLY_STEPS.values(), ids=FLY_STEPS.keys())
+@pytest.mark.parametrize("step", cases(FLY_STEPS))
 def test_fly_is_bit_identical_to_mrv2_fly(mrv2, step, setting, masked):
     """vLLM 0.33's MRV2 FLy (its window state machine in ``_rejection_kernel``) against ears-vllm's ``fly`` walk."""
     if "fly_window_size" not in inspect.signature(mrv2.utils.rejection_sample).parameters:
@@ -337,7 +439,7 @@ def test_fly_defers_in_these_batches(mrv2):
     """Guards the test above against batches in which FLy never defers."""
     config = EarsConfig(policy="fly", fly_window_size=1, fly_entropy_threshold=0.05, fly_entropy_top_k=5)
     relaxed = 0
-    for step in FLY_STEPS.values():
+    for step in runnable(FLY_STEPS):
         for seed in range(2):
             batch = mrv2_batch(seed, **step)
             batch["target_logits"] /= 2
@@ -349,7 +451,7 @@ SGLANG_SETTINGS = {"sglang-defaults": (1.0, 1.0), "single-0.3-acc-0.5": (0.3, 0.
 
 
 @pytest.mark.parametrize("setting", SGLANG_SETTINGS, ids=SGLANG_SETTINGS.keys())
-@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
 def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     """SGLang's chain rule (``coin <= p / threshold_acc || p >= threshold_single``, q unread) on MRV2's uniforms;
     greedy rows by argmax match; with one-hot drafts at (1, 1) it is MRV2's own rule, token for token."""
@@ -388,7 +490,7 @@ RELAXED_TOPK_SETTINGS = {"trtllm-10-0.6": (10, 0.6), "top3-0.3": (3, 0.3), "top2
 
 
 @pytest.mark.parametrize("setting", RELAXED_TOPK_SETTINGS, ids=RELAXED_TOPK_SETTINGS.keys())
-@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
 def test_relaxed_topk_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     """TensorRT-LLM's relaxed candidates (top-k of the target, p(d) >= max p - delta, top-1 always) on top of MRV2's
     native test, greedy rows included; counted as relaxed where the native test rejected."""
@@ -430,7 +532,7 @@ def test_relaxed_topk_relaxes_in_these_batches(mrv2):
     relaxed = 0
     for topk, delta in RELAXED_TOPK_SETTINGS.values():
         config = EarsConfig(policy="relaxed_topk", relaxed_topk=topk, relaxed_delta=delta)
-        for step in STEPS.values():
+        for step in runnable(STEPS):
             batch = mrv2_batch(13, **step)
             batch["target_logits"] /= 3
             relaxed += int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
@@ -571,7 +673,7 @@ def test_mrv2s_keyed_sampling_draws_the_race_winners_of_our_keys(mrv2, drafting)
     assert sampled.reshape(-1).tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("step", STEPS.values(), ids=STEPS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
 def test_ersd_on_mrv2_emits_mrv2s_non_speculative_draws(mrv2, step, monkeypatch):
     """Drafts that are MRV2's own draws on its sampler's keys except where corrupted: through the patched
     ``rejection_sample`` each request emits exactly what MRV2's non-speculative sampler draws at its positions, up

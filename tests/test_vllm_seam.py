@@ -276,3 +276,26 @@ def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(server_s
     assert "keys=on (MRV2's own keys" in caplog.text
     speculators = vllm_races._importable(vllm_races.MRV2_SPECULATOR_MODULES)
     assert speculators and all(patches.is_patched(m, "gumbel_sample") for m in speculators)
+    if V1_ABSENT:  # vLLM 0.34 maps draft_model to its autoregressive speculator, which drafts through the patched name
+        from vllm.v1.worker.gpu.spec_decode import speculator
+        from vllm.v1.worker.gpu.spec_decode.autoregressive import speculator as autoregressive
+
+        assert issubclass(autoregressive.AutoRegressiveSpeculator, speculator.DraftModelSpeculator)
+        assert not hasattr(autoregressive, "gumbel_sample")
+
+
+def test_the_per_request_check_knows_which_runner_verifies(server_state):
+    """vLLM 0.34's config has no ``use_v2_model_runner``: every 0.34 server verifies on MRV2, where a request may
+    set its tolerance but not another policy than the server's."""
+    from vllm.exceptions import VLLMValidationError
+
+    from ears_vllm.seam import vllm_requests
+
+    vllm_requests.note_server(types.SimpleNamespace(additional_config={"ears": EARS}))
+    assert vllm_requests.server_runner == ("MRV2" if V1_ABSENT else "V1")
+    vllm_requests.check_request({"ears_tolerance": 0.5})
+    if V1_ABSENT:
+        with pytest.raises(VLLMValidationError, match="'ears_policy' = 'fly': this server runs vLLM's Model Runner V2"):
+            vllm_requests.check_request({"ears_policy": "fly"})
+    else:
+        vllm_requests.check_request({"ears_policy": "fly"})

@@ -35,6 +35,8 @@ def vllm_triton_modules(names: tuple[str, ...], tldevice: object) -> Iterator[li
     import vllm.triton_utils as triton_utils
 
     saved = (triton_utils.triton, triton_utils.tl, triton_utils.tldevice, getattr(triton_utils, "HAS_TRITON", None))
+    for name in names:  # first imported as vLLM would (placeholders), so only ``names`` are recompiled below, not
+        importlib.import_module(name)  # what they import (V1's sampler would otherwise pick its Triton top-k)
     with triton_interpreter():
         triton_utils.triton, triton_utils.tl, triton_utils.tldevice = triton, tl, tldevice
         triton_utils.HAS_TRITON = True

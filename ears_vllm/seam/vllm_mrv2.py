@@ -442,6 +442,10 @@ def verify_mrv2(
 
     utils = importlib.import_module(UTILS_MODULE)
     uniform = importlib.import_module(RANDOM_MODULE).tl_rand32
+    if draft_logits_row_mapping is not None and "draft_logits_row_mapping_ptr" not in _parameters(
+        utils._compute_local_logits_stats_kernel
+    ):
+        raise ValueError(f"vLLM {vllm_version()}'s MRV2 statistics cannot read a sharded draft-logits cache")
     num_reqs = cu_num_logits.shape[0] - 1
     num_logits, vocab_size = target_logits.shape
     has_draft_logits = draft_logits is not None
