@@ -96,16 +96,6 @@ def verify_reference(
         accept = accept & (positions.native | fits | (rate == 0))
         relaxed = accept & ~positions.native
 
-    target_argmax = positions.target_argmax
-    if spec.recovery == "argmax":
-        recovered = target_argmax
-    elif spec.recovery == "race":
-        recovered = torch.where(token_greedy, target_argmax, race_winner)
-    else:
-        residual_of = draft_probs if spec.recovery == "residual" else None
-        sampled = _sample_recovered(target_probs, residual_of, draft_ids, inv_recovery_noise[req_of_token])
-        recovered = torch.where(token_greedy, target_argmax, sampled)
-
     # The accepted prefix of each request: positions before its first rejection.
     rejections = torch.cumsum((~accept).long(), 0)
     rejections_before_request = torch.cat([rejections.new_zeros(1), rejections])[start][req_of_token]
@@ -117,15 +107,39 @@ def verify_reference(
 
     token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     token_ids[req_of_token[in_prefix], position[in_prefix]] = draft_ids[in_prefix].to(torch.int32)
-    all_accepted = num_accepted == num_draft_tokens
-    first_rejected = (start + num_accepted).clamp(max=max(num_tokens - 1, 0))
-    last_token = torch.where(
-        all_accepted,
-        bonus_token_ids.long(),
-        recovered[first_rejected] if num_tokens > 0 else bonus_token_ids.long(),
-    )
+    # The last token: the bonus where every draft was accepted, else the token recovered at the first rejected
+    # position, computed there only (one row per such request, not every position of the step).
+    last_token = bonus_token_ids.long().clone()
+    rejected = (num_accepted < num_draft_tokens).nonzero().squeeze(-1)  # [m] requests with a rejection
+    rows = start[rejected] + num_accepted[rejected]  # [m] their first rejected position
+    last_token[rejected] = _recovered_at(rows, rejected, positions, spec.recovery, target_probs, draft_probs,
+                                         inv_recovery_noise)  # fmt: skip
     token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
     return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
+
+
+def _recovered_at(
+    rows: torch.Tensor,  # [m] int64: first rejected positions
+    requests: torch.Tensor,  # [m] int64: their requests
+    positions: DraftPositions,
+    recovery: str,  # PolicySpec.recovery
+    target_probs: torch.Tensor,  # [num_tokens, V] float32
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
+    inv_recovery_noise: torch.Tensor,  # [batch, V]: 1 / Exp(1), one vector per request
+) -> torch.Tensor:  # [m] int64
+    """The token emitted at each of ``rows``: the target argmax on greedy rows (and for argmax recovery), the race
+    winner (race recovery), else a sample of the residual with the request's noise, as vLLM V1 samples it."""
+    greedy = positions.is_greedy[rows]
+    if recovery == "argmax":
+        return positions.argmax_at(rows)
+    if recovery == "race":
+        sampled = positions.race_winner[rows]
+    else:
+        residual_of = draft_probs if recovery == "residual" else None
+        sampled = _sample_recovered(rows, requests, target_probs, residual_of, positions.draft_ids, inv_recovery_noise)
+    greedy_rows = greedy.nonzero().squeeze(-1)
+    sampled[greedy_rows] = positions.argmax_at(rows[greedy_rows])
+    return sampled
 
 
 def race_key_rows(
@@ -141,18 +155,27 @@ def race_key_rows(
 
 
 def _sample_recovered(
+    rows: torch.Tensor,  # [m] int64: the positions to sample at
+    requests: torch.Tensor,  # [m] int64: their requests
     target_probs: torch.Tensor,  # [num_tokens, V] float32
-    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
+    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None (one-hot q)
     draft_ids: torch.Tensor,  # [num_tokens] int64
-    inv_noise: torch.Tensor,  # [num_tokens, V] 1 / Exp(1), the request's vector per token
-) -> torch.Tensor:  # [num_tokens] int64
-    """Exponential race over the residual: ``argmax(max(p - q, 0) / E)`` samples ``norm(max(p - q, 0))``."""
-    if draft_probs is None:
-        # One-hot q: the residual is p with the draft token removed (padding -1 removes nothing).
-        drop = torch.zeros_like(target_probs, dtype=torch.bool)
-        valid = draft_ids >= 0
-        drop[valid.nonzero().squeeze(-1), draft_ids[valid]] = True
-        residual = target_probs.masked_fill(drop, 0.0)
-    else:
-        residual = torch.clamp(target_probs - draft_probs, min=0.0)
-    return (residual * inv_noise).argmax(dim=-1)
+    inv_noise: torch.Tensor,  # [batch, V] 1 / Exp(1), one vector per request
+) -> torch.Tensor:  # [m] int64
+    """Exponential race over the residual: ``argmax(max(p - q, 0) / E)`` samples ``norm(max(p - q, 0))``.
+
+    Row by row on views of the step's tensors (no gathered copies), each product element computed exactly as
+    vLLM V1 computes it, ``residual * (1 / E)``, so the winner is vLLM's to the bit."""
+    sampled = torch.empty_like(rows)
+    chosen = zip(rows.tolist(), requests.tolist(), draft_ids[rows].tolist(), strict=True)
+    for i, (row, request, draft) in enumerate(chosen):
+        inv = inv_noise[request]
+        if draft_probs is None:
+            # One-hot q: the residual is p with the draft token removed (padding -1 removes nothing).
+            weighted = target_probs[row] * inv
+            if draft >= 0:
+                weighted[draft] = 0.0 * inv[draft]
+        else:
+            weighted = (target_probs[row] - draft_probs[row]).clamp_(min=0.0).mul_(inv)
+        sampled[i] = weighted.argmax()
+    return sampled

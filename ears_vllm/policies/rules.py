@@ -187,14 +187,23 @@ class DraftPositions:
     def target_argmax(self) -> torch.Tensor:  # on the logits, as vLLM (no temperature on greedy rows)
         return self.target_logits.argmax(dim=-1)
 
+    def argmax_at(self, rows: torch.Tensor) -> torch.Tensor:  # [m] int64 -> [m] int64
+        """``target_argmax[rows]``, reading only those rows of the logits unless every row's is known already."""
+        if "target_argmax" in self.__dict__:
+            return self.target_argmax[rows]
+        return self.target_logits[rows].argmax(dim=-1)
+
     @functools.cached_property
     def standard(self) -> torch.Tensor:
         return standard_accept(self.target_prob, self.draft_prob, self.uniform)
 
     @functools.cached_property
     def native(self) -> torch.Tensor:
-        """vLLM's own decision: argmax match on greedy rows, the standard test on random rows."""
-        greedy = self.draft_ids == self.target_argmax
+        """vLLM's own decision: argmax match on greedy rows, the standard test on random rows (the argmax is read
+        on the greedy rows only: a batch of sampled requests never pays a pass over its logits for it)."""
+        greedy_rows = self.is_greedy.nonzero().squeeze(-1)
+        greedy = torch.zeros_like(self.is_valid)
+        greedy[greedy_rows] = self.draft_ids[greedy_rows] == self.argmax_at(greedy_rows)
         return torch.where(self.is_greedy, greedy, self.standard) & self.is_valid
 
     @functools.cached_property
