@@ -159,7 +159,9 @@ def _bench_kernel(args: argparse.Namespace) -> int:
         raise SystemExit("bench kernel times GPU kernels and needs CUDA (--allow-cpu runs it anyway, untimed)")
     ints = [[int(x) for x in getattr(args, a).split(",")] for a in ("batches", "ks", "vocabs")]
     shapes = [Shape(*combo) for combo in itertools.product(*ints, args.dtypes.split(","))]
-    rows = run_kernel_bench(Path(args.out), shapes, device=device)
+    from ears_vllm.bench.e2e import parse_policies
+
+    rows = run_kernel_bench(Path(args.out), shapes, device=device, cpu_policies=parse_policies(args.cpu_policies))
     print(markdown_table(rows, {}))
     print(f"\nCSV, table, plot and environment in {args.out}/")
     return 0
@@ -218,7 +220,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ears_vllm.bench.kernel import BATCHES, DTYPES, KS, VOCABS
+    from ears_vllm.bench.kernel import BATCHES, CPU_POLICIES, DTYPES, KS, VOCABS
 
     parser = argparse.ArgumentParser(prog="ears-vllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -325,7 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--vocabs", default=",".join(map(str, VOCABS)))
     kernel.add_argument("--dtypes", default=",".join(DTYPES))
     kernel.add_argument("--out", default="results/kernel")
-    kernel.add_argument("--allow-cpu", action="store_true", help="run without CUDA (tests the code; no kernel timing)")
+    kernel.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run without CUDA: times the CPU step beside vLLM's own V1 step (no kernel timing)",
+    )
+    kernel.add_argument(
+        "--cpu-policies",
+        default=CPU_POLICIES,
+        help="the policies whose CPU step is timed without CUDA (as bench e2e's --policies)",
+    )
     kernel.set_defaults(run=_bench_kernel)
 
     load = bench.add_parser("load", help="a bounded load run on a real vllm serve: errors, losses, reproducibility")

