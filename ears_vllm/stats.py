@@ -1,9 +1,11 @@
 """Running counts of the verification steps a process has made, reported in a periodic log line.
 
-``relaxed`` counts drafts accepted only because of the relaxation (DESIGN.md section 2). Per *verified*
-position (a draft the verifier decided on: every accepted one and the first rejected one of a request; the
-drafts after a rejection are never examined) it is an exact, unbiased estimate of the total-variation
-distance added to the output distribution at that position. With
+``relaxed`` counts drafts accepted only because of the relaxation (the standard test with the same uniform
+rejects them). Per *verified* position (a draft the verifier decided on: every accepted one and the first
+rejected one of a request; the drafts after a rejection are never examined) it is an unbiased estimate of the
+total-variation distance added to the output distribution at that position for the policies whose registry entry
+says so (``PolicySpec.relaxed_rate``: ears, relaxed_topk, adasd; sglang with one-hot drafts), a sequence-level
+bound for fly, and only a rate for the others; the log line says which. With
 ``EARS_VLLM_STATS_PATH`` set, the counts are also written there as JSON at each report (one file per
 process: the process id is appended; under tensor parallelism by TP rank 0 only).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ears_vllm.config import settings
+from ears_vllm.policies.registry import relaxed_rate_label
 
 STATS_SUFFIX = "json"
 
@@ -137,14 +140,16 @@ class VerifyStats:
     def report(self, logger: logging.Logger) -> None:
         s = self.as_dict()
         shadow = f", shadow steps={self.shadow_steps} mismatches={self.shadow_mismatches}" if self.shadow_steps else ""
+        one_hot = self.draft_dist_steps == 0  # no step had the drafter's distribution: greedy drafting, n-gram
+        meaning = ", ".join(f"{policy}: {relaxed_rate_label(policy, one_hot)}" for policy in self.by_policy)
         logger.info(
-            "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d "
-            "(relaxed per verified position %.4f: the added TV per position for ears, a bound on it for fly)%s",
+            "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d (relaxed per verified position %.4f%s)%s",
             self.steps,
             self.drafts,
             self.accepted,
             self.relaxed,
             s["relaxed_per_verified"],
+            f"; as a TV: {meaning}" if meaning else "",
             shadow,
         )
         path = settings().stats_path

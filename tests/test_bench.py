@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -11,7 +12,17 @@ import torch
 
 from ears_vllm import cli
 from ears_vllm.bench import datasets
-from ears_vllm.bench.e2e import E2EConfig, _paired_row, cells, paired_quality, parse_policies, run_e2e, summarize
+from ears_vllm.bench.e2e import (
+    E2EConfig,
+    _paired_row,
+    cells,
+    markdown_table,
+    paired_quality,
+    parse_policies,
+    run_e2e,
+    summarize,
+    verified_bounds,
+)
 from ears_vllm.config import EarsConfig
 
 
@@ -49,12 +60,12 @@ def test_shards_cover_the_prompts_policy_by_policy(tmp_path):
     assert grid[2].name == "gsm8k@2-4__standard"
 
 
-def _finished_run(out_dir, policy, shard, accepted, texts, answers):
+def _finished_run(out_dir, policy, shard, accepted, texts, answers, ears=None, **counters):
     result = {"temperature": 0.9, "elapsed_s": 2.0, "output_tokens": 10, "drafts": 4, "draft_tokens": 16,
               "accepted": accepted, "accepted_per_position": [accepted, 0, 0, 0], "relaxed": 1, "random_drafts": 16,
-              "texts": texts, "finish_reasons": ["stop"] * len(texts)}  # fmt: skip
-    spec = {"dataset": "gsm8k", "policy_name": policy, "ears": {"policy": "ears", "tolerance": 0.1},
-            "shard": list(shard), "answers": answers}  # fmt: skip
+              "texts": texts, "finish_reasons": ["stop"] * len(texts)} | counters  # fmt: skip
+    spec = {"dataset": "gsm8k", "policy_name": policy, "ears": ears or {"policy": "ears", "tolerance": 0.1},
+            "shard": list(shard), "answers": answers, "k": 4}  # fmt: skip
     name = f"gsm8k@{shard[0]}-{shard[1]}__{policy}.json"
     (out_dir / name).write_text(json.dumps({"spec": spec, "results": [result]}))
 
@@ -71,11 +82,96 @@ def test_summary_pairs_policies_on_the_shards_all_of_them_finished(tmp_path):
     assert rows["standard"]["mean_acceptance_length"] == 1 + (4 + 2) / 8
     assert rows["ears-0.1"]["acceptance_per_position"] == [14 / 8, 0, 0, 0]
     assert rows["ears-0.1"]["relaxed_per_draft"] == 2 / 32
-    # 14 accepted drafts + 8 steps, none of which accepted its 4th draft, so 8 rejected drafts were verified.
-    assert rows["ears-0.1"]["added_tv_per_verified"] == 2 / (14 + 8)
+    # 14 accepted drafts + 8 steps of 4 drafts, none of which accepted its 4th draft, so 8 rejected drafts were
+    # verified (runs without the plugin's count, k drafts in every step: vLLM's counters fix it).
+    assert rows["ears-0.1"]["relaxed_per_verified"] == rows["ears-0.1"]["added_tv_per_verified"] == 2 / (14 + 8)
+    assert rows["ears-0.1"]["relaxed_rate_is"] == "added TV" and not rows["ears-0.1"]["verified_counted"]
     assert rows["standard"]["distinct_4grams"] == 1.0  # two-word outputs repeat no 4-gram
 
     assert {r["policy"] for r in summarize(tmp_path, policies=["standard"])} == {"standard"}
+
+
+def step_counters(steps: list[tuple[int, int]], k: int) -> dict:
+    """vLLM's spec-decode counters of a run whose steps each proposed n and accepted a drafts, ``(n, a)``."""
+    return {"drafts": len(steps), "draft_tokens": sum(n for n, _ in steps), "accepted": sum(a for _, a in steps),
+            "accepted_per_position": [sum(a > j for _, a in steps) for j in range(k)]}  # fmt: skip
+
+
+def test_verified_bounds_hold_every_run_vllms_counters_allow_and_are_reached():
+    """Every run of up to 3 steps, k = 3, each step proposing 1..3 drafts and accepting 0..n (AdaSD proposes fewer
+    than k): its true verified count (a + 1 per step, a where all n were accepted) lies within the bounds computed
+    from its counters, and each bound is some run's true count (the bounds are the tightest the counters allow)."""
+    k = 3
+    kinds = [(n, a) for n in range(1, k + 1) for a in range(n + 1)]
+    truths: dict[str, set[int]] = {}
+    for size in range(1, 4):
+        for steps in itertools.combinations_with_replacement(kinds, size):
+            counters = step_counters(list(steps), k)
+            truths.setdefault(json.dumps(counters), set()).add(sum(a + (a < n) for n, a in steps))
+    tight = 0
+    for key, truth in truths.items():
+        fewest, most = verified_bounds(json.loads(key))
+        assert (fewest, most) == (min(truth), max(truth)), key
+        tight += fewest == most
+    assert 0 < tight < len(truths)  # some counters fix the count, others do not
+    exact = step_counters([(3, 1), (1, 1)], k) | {"random_verified": 3}  # the plugin's count, when recorded, wins
+    assert verified_bounds(exact) == (3, 3)
+
+
+def test_a_run_without_the_plugins_count_and_short_drafts_gives_an_interval(tmp_path):
+    """Steps (proposed, accepted) = (4, 4), (2, 2), (3, 1), (1, 0) verify 4 + 2 + 2 + 1 = 9 positions, but vLLM's
+    counters fit 8 as well ((3, 1) as (1, 1), (1, 0) as (3, 0)) and 10 ((2, 2) as (3, 2), (3, 1) as (2, 1)): the
+    relaxed rate is printed as the interval, flagged, never as a point; with the plugin's count it is the point."""
+    counters = step_counters([(4, 4), (2, 2), (3, 1), (1, 0)], 4)
+    assert verified_bounds(counters) == (8, 10)
+    fewest, most = 8, 10
+    accepted = counters.pop("accepted")
+    _finished_run(tmp_path, "adasd", (0, 2), accepted, ["#### 1", "#### 2"], ["1", "2"], {"policy": "adasd"},
+                  **counters, relaxed=2)  # fmt: skip
+    (row,) = summarize(tmp_path)
+    assert row["relaxed_per_verified"] is None and row["added_tv_per_verified"] is None
+    assert row["relaxed_per_verified_interval"] == [2 / most, 2 / fewest]
+    assert f"[{2 / most:.4f}, {2 / fewest:.4f}] (verified positions not recorded" in markdown_table([row])
+    _finished_run(tmp_path, "adasd", (0, 2), accepted, ["#### 1", "#### 2"], ["1", "2"], {"policy": "adasd"},
+                  **counters, relaxed=2, random_verified=9)  # fmt: skip
+    (row,) = summarize(tmp_path)
+    assert row["relaxed_per_verified"] == row["added_tv_per_verified"] == 2 / 9 and row["verified_counted"]
+
+
+def test_committed_adasd_runs_give_the_interval_their_counters_allow():
+    """docs/results.md's AdaSD figures, from the committed run files (made before the plugin's verified count was
+    recorded): the creative set's 0.0468 was the lowest value the counters allow, not the value."""
+    results = Path(__file__).parent.parent / "docs" / "results"
+    creative = {r["policy"]: r for r in summarize(results / "adasd-creative-t1")}["adasd"]
+    low, high = creative["relaxed_per_verified_interval"]
+    assert (round(low, 4), round(high, 4)) == (0.0468, 0.0603) and creative["relaxed_per_verified"] is None
+    gsm8k = {r["policy"]: r for r in summarize(results / "adasd-gsm8k-t0.9")}["adasd"]
+    low, high = gsm8k["relaxed_per_verified_interval"]
+    assert (round(low, 4), round(high, 4)) == (0.0113, 0.0125)  # the old 0.0110 is below the interval
+
+
+RELAXED_LABELS = {  # policy, draft_sample_method -> what its relaxed rate is printed as
+    "ears-greedy": ({"policy": "ears", "tolerance": 0.1}, None, "added TV"),
+    "relaxed_topk-probabilistic": ({"policy": "relaxed_topk"}, "probabilistic", "added TV"),
+    "sglang-greedy": ({"policy": "sglang"}, None, "added TV"),
+    "sglang-probabilistic": ({"policy": "sglang"}, "probabilistic", "relaxed rate"),
+    "typical-greedy": ({"policy": "typical"}, None, "relaxed rate"),
+    "fly-greedy": ({"policy": "fly"}, None, "sequence-level bound on added TV"),
+}
+
+
+@pytest.mark.parametrize(("ears", "sampling", "label"), RELAXED_LABELS.values(), ids=RELAXED_LABELS.keys())
+def test_the_summary_calls_a_relaxed_rate_added_tv_only_where_it_is_one(tmp_path, ears, sampling, label):
+    _finished_run(tmp_path, "p", (0, 2), 2, ["#### 1", "#### 2"], ["1", "2"], ears, random_verified=6)
+    if sampling:
+        path = tmp_path / "gsm8k@0-2__p.json"
+        run = json.loads(path.read_text())
+        path.write_text(json.dumps(run | {"spec": run["spec"] | {"draft_sample_method": sampling}}))
+    (row,) = summarize(tmp_path)
+    assert row["relaxed_rate_is"] == label and row["relaxed_per_verified"] == 1 / 6
+    assert (row["added_tv_per_verified"] == 1 / 6) == (label == "added TV")
+    header, _, line = markdown_table([row]).splitlines()
+    assert "added TV per verified position" not in header and f"| 0.1667 | {label} |" in line
 
 
 def test_paired_quality_counts_problems_solved_by_one_side_only(tmp_path):
@@ -206,6 +302,32 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
 
 
 @pytest.mark.slow
+def test_bench_speed_interleaves_the_policies_engines_round_by_round(tmp_path, tiny_pair):
+    """`ears-vllm bench speed` through its command line: one engine per policy per round, in the order A B A B,
+    each round's ratio to the baseline taken within the round."""
+    target, draft = tiny_pair
+    out = tmp_path / "speed"
+    argv = ["bench", "speed", "--target", str(target), "--draft", str(draft), "--out", str(out), "--num-prompts", "3",
+            "--policies", "standard,ears:0.5", "--temperature", "1", "--rounds", "2", "--max-tokens", "12"]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((out / "speed.json").read_text())
+    assert [(run["round"], run["policy"]) for run in report["runs"]] == [
+        (0, "standard"), (0, "ears-0.5"), (1, "standard"), (1, "ears-0.5")
+    ]  # fmt: skip
+    for run in report["runs"]:  # each an e2e run of its own, in its round's folder
+        result = json.loads((out / f"round-{run['round']}" / f"gsm8k__{run['policy']}.json").read_text())
+        assert result["spec"]["temperatures"] == [1.0] and len(result["spec"]["answers"]) == 3
+        assert run["tokens_per_s"] == pytest.approx(result["results"][0]["output_tokens"] / run["elapsed_s"])
+    standard, ears = report["policies"]
+    assert standard["ratio_to_baseline"] == 1.0 and standard["rounds"] == ears["rounds"] == 2
+    speeds = {(run["round"], run["policy"]): run["tokens_per_s"] for run in report["runs"]}
+    paired = [speeds[(r, "ears-0.5")] / speeds[(r, "standard")] for r in (0, 1)]
+    assert ears["ratio_to_baseline"] == pytest.approx(sum(paired) / 2)
+    assert (ears["ratio_min"], ears["ratio_max"]) == (pytest.approx(min(paired)), pytest.approx(max(paired)))
+    assert ears["mean_acceptance_length"] > 1 and (out / "speed.png").stat().st_size > 0
+    assert "| ears-0.5 |" in (out / "speed.md").read_text()
+
+
 def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     """draft_sample_method "probabilistic": the verifier gets the draft's distribution, not one-hot drafts."""
     target, draft = tiny_pair
@@ -388,3 +510,15 @@ def test_shipped_sweep_grids_load(grid, monkeypatch):
     monkeypatch.setattr(models, "fetch_pair", lambda: (Path("target"), Path("draft")))
     config, _ = load_grid(Path(__file__).parent.parent / "configs" / grid)
     assert "standard" in config.policies and config.datasets and config.target == "target"
+
+
+def test_bench_synthetic_labels_the_relaxed_rate_per_policy():
+    """Sampled drafts: the relaxed rate is the added TV for ears, only a rate for typical (its added TV is larger)."""
+    from ears_vllm.bench.synthetic import markdown_table as synthetic_table
+    from ears_vllm.bench.synthetic import run_synthetic
+
+    rows = {r.policy: r for r in run_synthetic((1.0,), batch=64, num_speculative_tokens=2, vocab=64)}
+    assert rows["ears 0.3"].relaxed_rate_is == "added TV" and rows["typical"].relaxed_rate_is == "relaxed rate"
+    assert rows["ears 0.3"].relaxed_per_verified > rows["ears 0.3"].relaxed_per_draft > 0
+    table = synthetic_table(list(rows.values()))
+    assert "(added TV)" not in table and "| relaxed rate |" in table

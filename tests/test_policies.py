@@ -133,6 +133,38 @@ def test_exact_added_tv_matches_the_sampled_output(policy):
     assert float(out.num_accepted.double().mean()) == pytest.approx(float(form.accept[0]), abs=0.005)
 
 
+# Per policy with a per-position closed form, settings loose enough to relax often.
+LOOSE = {"standard": {}, "ears": dict(tolerance=0.5), "typical": {}, "sglang": dict(accept_threshold_acc=0.5),
+         "relaxed_topk": dict(relaxed_topk=3, relaxed_delta=0.6), "ersd": {}}  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", LOOSE, ids=LOOSE)
+def test_the_registry_says_where_the_relaxed_rate_is_the_added_tv(policy):
+    """``relaxed_rate`` against the closed forms, on random rows: where it says exact (for one-hot drafts, or for
+    any), relaxed rate = added TV at every position; where it does not, some position tells them apart (so a
+    benchmark that printed its relaxed rate as added TV would print a wrong figure)."""
+    from ears_vllm.policies import position_form_one_hot
+    from ears_vllm.policies.registry import get_policy, relaxed_rate_label
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(64, 8, generator=g, dtype=torch.float64) * 1.5, -1)
+    q = torch.softmax(torch.randn(64, 8, generator=g, dtype=torch.float64) * 1.5, -1)
+    forms = {
+        True: position_form_one_hot(p, torch.multinomial(q, 1, generator=g).squeeze(-1), policy, **LOOSE[policy]),
+        False: position_form(p, q, policy, **LOOSE[policy]),
+    }
+    for one_hot, form in forms.items():
+        equal = torch.allclose(form.relaxed, form.added_tv, rtol=0, atol=1e-12)
+        assert equal == (relaxed_rate_label(policy, one_hot) == "added TV"), (one_hot, get_policy(policy).relaxed_rate)
+
+
+def test_fly_relaxed_rate_is_labelled_a_bound_only():
+    from ears_vllm.policies.registry import relaxed_rate_label
+
+    assert {relaxed_rate_label("fly", one_hot) for one_hot in (True, False)} == {"sequence-level bound on added TV"}
+    assert relaxed_rate_label("typical", True) == relaxed_rate_label("sglang", False) == "relaxed rate"
+
+
 def test_every_policy_is_registered_with_its_runners():
     assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk", "adasd", "ersd"}
     mrv2 = {name for name, spec in POLICIES.items() if "MRV2" in spec.runners}

@@ -21,6 +21,7 @@ from pathlib import Path
 from ears_vllm.bench import datasets
 from ears_vllm.config import BUDGET, EarsConfig
 from ears_vllm.policies import PARAMS, get_policy
+from ears_vllm.policies.registry import RELAXED_RATE_LABELS, relaxed_rate_label
 
 # vLLM's draft_sample_method values: "greedy" (its default) proposes the draft model's argmax and passes no
 # probabilities, so the verifier sees a one-hot q; "probabilistic" samples at the request's temperature and
@@ -159,15 +160,15 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
     groups = {f"{d}, T={t:g}": [r for r in rows if (r["dataset"], r["temperature"]) == (d, t)]
               for d, t in sorted({(r["dataset"], r["temperature"]) for r in rows if r["temperature"] > 0})}  # fmt: skip
     if groups:
-        plot_pareto(groups, "added_tv_per_verified", "mean_acceptance_length", "relaxed acceptances per verified "
-                    "position (added TV: exact for ears, a bound for fly)", "mean acceptance length",
+        plot_pareto(groups, "relaxed_per_verified", "mean_acceptance_length",
+                    f"relaxed acceptances per verified position ({relaxed_axis_note(rows)})", "mean acceptance length",
                     out_dir / "pareto_added_tv.png")  # fmt: skip
         # Quality: GSM8K accuracy where answers are scored, the fraction of distinct word 4-grams on open prompts.
         quality = {title: "accuracy" if any(r["accuracy"] is not None for r in group) else "distinct_4grams"
                    for title, group in groups.items()}  # fmt: skip
         plot_pareto(groups, quality, "mean_acceptance_length", "quality", "mean acceptance length",
                     out_dir / "pareto_quality.png", x_higher_better=True)  # fmt: skip
-    if any(r["budget"] is not None and r["temperature"] > 0 for r in rows):
+    if any(r["budget"] is not None and r["temperature"] > 0 and r["relaxed_per_verified"] is not None for r in rows):
         plot_budget(rows, out_dir / "budget_realised_vs_asked.png")
     return rows
 
@@ -243,6 +244,44 @@ def summarize(out_dir: Path, policies: list[str] | None = None) -> list[dict]:
     return [_row(dataset, policy, temperature, items) for (dataset, policy, temperature), items in groups.items()]
 
 
+def relaxed_axis_note(rows: list[dict]) -> str:
+    """What the relaxed rate of the plotted rows is, policy by policy (the registry's ``relaxed_rate``)."""
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for row in sorted(rows, key=_row_order):
+        if row["temperature"] > 0 and row["policy"] not in by_label[row["relaxed_rate_is"]]:
+            by_label[row["relaxed_rate_is"]].append(row["policy"])
+    return "; ".join(f"{label}: {', '.join(policies)}" for label, policies in by_label.items())
+
+
+def verified_bounds(result: dict) -> tuple[int, int]:
+    """The verified positions of one run's result (every accepted draft, plus the first rejected one of each step
+    that rejected one), as ``(fewest, most)``: the plugin's exact count where the run recorded it
+    (``random_verified``), else the range vLLM's counters allow.
+
+    vLLM counts steps with drafts, draft tokens, accepted drafts, and steps by how many drafts they accepted, not
+    how many each step proposed. With k drafts in every step (draft tokens = k * steps) that fixes the count. Where
+    a drafter proposes fewer (AdaSD's draft-length half, an n-gram match near the end), a step that accepted all
+    of its j < k drafts verified j positions, not j + 1, and how many steps did is known only within limits: each
+    step that accepted j drafts proposed j (all accepted) or j + 1 to k, and the proposals add up to the draft
+    tokens counted."""
+    if "random_verified" in result:
+        return result["random_verified"], result["random_verified"]
+    steps, drafted, accepted = result["drafts"], result["draft_tokens"], result["accepted"]
+    if not steps:
+        return 0, 0
+    reached = list(result["accepted_per_position"])  # [k]: steps that accepted j + 1 drafts or more
+    k = len(reached)
+    exactly = [steps - reached[0], *(reached[j - 1] - reached[j] for j in range(1, k)), reached[k - 1]]
+    most = accepted + steps - exactly[k]  # no step that accepted j < k drafts had proposed only j
+    # Each step that proposed only the j < k drafts it accepted lowers the count by one and proposed k - j fewer
+    # drafts than k: at most k * steps - drafted fewer in all, fewest first (the largest j).
+    room, full = k * steps - drafted, 0
+    for j in range(k - 1, 0, -1):
+        take = min(exactly[j], room // (k - j))
+        full, room = full + take, room - take * (k - j)
+    return most - full, min(most, drafted)  # and no more verified positions than drafts proposed
+
+
 def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, dict]]) -> dict:
     def total(key: str) -> float:  # a counter a run made before it was kept counts 0
         return sum(result.get(key, 0) for _, result in items)
@@ -254,9 +293,19 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
     per_position = [sum(column) for column in zip(*positions, strict=True)]
     drafts, elapsed = max(total("drafts"), 1), total("elapsed_s")
     proposals, passes = total("proposals"), total("draft_forward_passes")
-    # Verified positions from vLLM's counters: every accepted draft, plus one rejected draft per step that did
-    # not accept all of its drafts (a step that did accepted its last position).
-    verified = total("accepted") + total("drafts") - sum(per_position[-1:])
+    # Verified positions: the plugin's exact count, or the range vLLM's counters allow (runs made before the count
+    # was recorded); the relaxed rate is then an interval, a point only where the range is one count.
+    bounds = [verified_bounds(result) for _, result in items]
+    fewest, most = sum(b[0] for b in bounds), sum(b[1] for b in bounds)
+    one_hot = items[0][0].get("draft_sample_method", "greedy") != "probabilistic"  # greedy drafting, n-gram
+    relaxed_rate_is = relaxed_rate_label(ears["policy"], one_hot)
+    if temperature > 0:
+        interval = [total("relaxed") / most, total("relaxed") / fewest] if most else [0.0, 0.0]
+    elif get_policy(ears["policy"]).greedy_rows:  # fly, relaxed_topk relax greedy rows: not counted per position
+        interval, relaxed_rate_is = [None, None], "greedy rows relax (not counted per position)"
+    else:
+        interval = [0.0, 0.0]
+    point = interval[0] if interval[0] == interval[1] else None
     row = {
         "dataset": dataset,
         "policy": policy,
@@ -268,8 +317,13 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
         "acceptance_rate": total("accepted") / max(total("draft_tokens"), 1),
         "acceptance_per_position": [a / drafts for a in per_position],
         "relaxed_per_draft": total("relaxed") / max(total("random_drafts"), 1),
-        # The total-variation distance added per verified position (exact in expectation; 0 at T = 0).
-        "added_tv_per_verified": total("relaxed") / verified if temperature > 0 and verified else 0.0,
+        # Relaxed acceptances per verified position (None where only an interval is known, see below); what it is
+        # as a total-variation distance, from the registry; and the added TV itself, only where it equals it.
+        "relaxed_per_verified": point,
+        "relaxed_per_verified_interval": interval,
+        "verified_counted": all("random_verified" in result for _, result in items),
+        "relaxed_rate_is": relaxed_rate_is,
+        "added_tv_per_verified": point if relaxed_rate_is == RELAXED_RATE_LABELS["added_tv"] else None,
         "output_tokens_per_s": total("output_tokens") / elapsed,
         # What drafting costs per output token: draft tokens proposed (vLLM's counter), target positions verified
         # (the drafts and the one position past them, per request and step), and, where the drafter was patched
@@ -294,19 +348,30 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| dataset | T | policy | mean acceptance length | accepted / draft | added TV per verified position "
-        "| drafted / token | output tok/s | req/s | finished | distinct 4-grams | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | T | policy | mean acceptance length | accepted / draft | relaxed per verified position "
+        "| which is | drafted / token | output tok/s | req/s | finished | distinct 4-grams | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=_row_order):
         accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
-            f"{r['acceptance_rate']:.3f} | {r['added_tv_per_verified']:.4f} | {r.get('drafted_per_token', 0):.3f} | "
-            f"{r['output_tokens_per_s']:.2f} | "
+            f"{r['acceptance_rate']:.3f} | {relaxed_cell(r)} | {r['relaxed_rate_is']} | "
+            f"{r.get('drafted_per_token', 0):.3f} | {r['output_tokens_per_s']:.2f} | "
             f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {r['distinct_4grams']:.3f} | {accuracy} |"
         )
     return "\n".join(lines)
+
+
+def relaxed_cell(row: dict) -> str:
+    """The relaxed rate as a point, or, for a run that did not record its verified positions and whose drafter
+    proposed fewer than k drafts in some steps, the interval vLLM's counters allow (flagged)."""
+    low, high = row["relaxed_per_verified_interval"]
+    if low is None:
+        return "n/a"
+    if row["relaxed_per_verified"] is not None:
+        return f"{row['relaxed_per_verified']:.4f}"
+    return f"[{low:.4f}, {high:.4f}] (verified positions not recorded: the range vLLM's counters allow)"
 
 
 def _row_order(row: dict) -> tuple:

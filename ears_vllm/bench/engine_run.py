@@ -2,8 +2,13 @@
 
 Run in its own process (vLLM's engine and its memory go away with it). Reads a spec written by
 :mod:`ears_vllm.bench.e2e`, generates every prompt at every temperature with offline ``LLM``, and writes
-one JSON result: vLLM's own spec-decode counters (``llm.get_metrics()``), the plugin's relaxed
-acceptances, wall-clock throughput and the generated texts.
+one JSON result: vLLM's own spec-decode counters (``llm.get_metrics()``), the plugin's exact counters
+(:class:`ears_vllm.stats.VerifyStats`: relaxed acceptances, verified positions and drafted tokens of the sampled
+requests), wall-clock throughput and the generated texts.
+
+The verified positions must come from the plugin: vLLM counts steps and accepted drafts by position, not how
+many drafts each step proposed, so where a drafter proposes fewer than k (AdaSD) they fix the count only within
+a range (:func:`ears_vllm.bench.e2e.verified_bounds`).
 """
 
 from __future__ import annotations
@@ -75,8 +80,11 @@ def run(spec: dict) -> dict:
             "draft_tokens": _delta(after, before, "vllm:spec_decode_num_draft_tokens"),
             "accepted": _delta(after, before, "vllm:spec_decode_num_accepted_tokens"),
             "accepted_per_position": _delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos"),
+            # The plugin's counts of the sampled requests' drafts: relaxed acceptances and drafted tokens (their
+            # verified positions below); and the greedy rows' relaxed acceptances (fly, relaxed_topk relax them).
             "relaxed": _delta(ears_after, ears_before, "relaxed"),
             "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
+            "greedy_relaxed": _delta(ears_after, ears_before, "greedy_relaxed"),
             "draft_dist_steps": _delta(ears_after, ears_before, "draft_dist_steps"),  # 0 with one-hot drafts
             # AdaSD's drafter (0 where the proposer is untouched): proposer calls and their draft forward passes
             "proposals": _delta(ears_after, ears_before, "proposals"),
@@ -84,6 +92,9 @@ def run(spec: dict) -> dict:
             "texts": [o.outputs[0].text for o in outputs],
             "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
         })  # fmt: skip
+        if ears_after:  # the plugin verified and wrote its counts (not under policy standard: vLLM's own rule)
+            # The exact denominator of the relaxed rate (bench e2e falls back on vLLM's counters without it).
+            results[-1]["random_verified"] = _delta(ears_after, ears_before, "random_verified")
     kept = {k: v for k, v in spec.items() if k != "prompts"}
     kept["answers"] = [item["answer"] for item in spec["prompts"]]
     kept["prompt_texts"] = [item["prompt"] for item in spec["prompts"]]  # lets `bench acceptance --from-run` replay

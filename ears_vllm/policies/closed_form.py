@@ -8,8 +8,10 @@ averaging over ``d ~ q`` and ``u ~ U[0, 1)`` gives, per candidate token ``x``, a
 distance from ``p`` is exact and O(V); ERSD's emitted token is always the target's race winner, so its output is
 p itself. For a policy that only adds acceptances and recovers like the
 standard rule (ears, relaxed_topk; sglang with one-hot drafts) the relaxed probability equals that
-distance (the bias identity of DESIGN.md section 2); for typical and for sglang with sampled drafts it does
-not, and ``added_tv`` says by how much. FLy decides from the next W positions too: no per-position form
+distance: the policy's output is the standard rule's (which is p) plus the relaxed mass moved from the residual's
+support onto the drafts, two disjoint sets. For typical and for sglang with sampled drafts it does not, and
+``added_tv`` says by how much. ``PolicySpec.relaxed_rate`` records which is which, for every label a benchmark
+prints; a test holds it to these forms. FLy decides from the next W positions too: no per-position form
 (:func:`fly_chain` gives its chained expectation under independent positions).
 """
 

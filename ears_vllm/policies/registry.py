@@ -31,6 +31,19 @@ AcceptProbability = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 #   race               the target's race winner on the request's keys (ERSD: the token it would have emitted anyway)
 Recovery = Literal["residual", "one_hot_residual", "argmax", "race"]
 
+# What a policy's relaxed acceptances per verified position say about the total-variation distance it adds to the
+# output distribution, i.e. what a benchmark may print them as (:func:`relaxed_rate_label`):
+#   exact           the added TV per position, whatever the drafter: the rule accepts whatever the standard test
+#                   (same u) accepts, decides each position alone and recovers with the standard residual, so the
+#                   emitted distribution moves by exactly the probability of a relaxed acceptance
+#   exact_one_hot   the same with one-hot drafts (greedy drafting, n-gram); with sampled drafts the rule also
+#                   rejects drafts the standard test keeps, and its added TV is larger than its relaxed rate
+#   sequence_bound  a bound on the deviation of the whole sequence only (coupling with the standard rule on the same
+#                   randoms: TV <= P(any relaxed acceptance)); per position there is no such identity
+#   rate_only       neither: the rule also rejects drafts the standard test keeps and recovers otherwise, so the
+#                   relaxed rate neither equals nor bounds its added TV (``bench acceptance`` gives the exact TV)
+RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Param:
@@ -112,6 +125,8 @@ class PolicySpec:
         only_adds_acceptances: the rule accepts whatever the native test (same u) accepts and recovers as the
             standard rule does, so its relaxed acceptances are its whole deviation from the target; a deviation
             budget (``EarsConfig.budget``) can then cap them.
+        relaxed_rate: what its relaxed acceptances per verified position are as a measure of added TV
+            (:data:`RelaxedRate`); every benchmark label reads it through :func:`relaxed_rate_label`.
         source: where the rule comes from.
     """
 
@@ -126,6 +141,7 @@ class PolicySpec:
     greedy_rows: bool = False
     lossless: Callable[[Mapping[str, Any]], bool] = lambda settings: False
     only_adds_acceptances: bool = False
+    relaxed_rate: RelaxedRate = "rate_only"
     learnt: bool = False
     keyed: bool = False
     source: str = ""
@@ -141,6 +157,7 @@ _POLICY_LIST = (
         kernel_id=0,
         runners=("V1", "MRV2"),
         lossless=lambda settings: True,
+        relaxed_rate="exact",
         source="vLLM vllm/v1/sample/rejection_sampler.py",
     ),
     PolicySpec(
@@ -153,6 +170,7 @@ _POLICY_LIST = (
         runners=("V1", "MRV2"),
         lossless=lambda settings: settings["tolerance"] == 0.0,
         only_adds_acceptances=True,
+        relaxed_rate="exact",
         source="Sun et al. 2025, Efficient Adaptive Rejection Sampling",
     ),
     PolicySpec(
@@ -177,6 +195,7 @@ _POLICY_LIST = (
         runners=("V1", "MRV2"),
         greedy_rows=True,
         only_adds_acceptances=True,
+        relaxed_rate="sequence_bound",
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
     ),
     PolicySpec(
@@ -189,6 +208,7 @@ _POLICY_LIST = (
         kernel_id=4,
         runners=("V1", "MRV2"),
         recovery="one_hot_residual",
+        relaxed_rate="exact_one_hot",
         source="sgl-kernel csrc/speculative/speculative_sampling.cuh TreeSpeculativeSamplingTargetOnly",
     ),
     PolicySpec(
@@ -202,6 +222,7 @@ _POLICY_LIST = (
         runners=("V1", "MRV2"),  # MRV2: the candidate test made on the host, as vLLM takes FLy's top-k there
         greedy_rows=True,
         only_adds_acceptances=True,
+        relaxed_rate="exact",
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
     PolicySpec(
@@ -216,6 +237,7 @@ _POLICY_LIST = (
         runners=("V1",),  # the thresholds live on the host with the request; MRV2 keeps requests on the device
         only_adds_acceptances=True,
         learnt=True,
+        relaxed_rate="exact",
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
     ),
     PolicySpec(
@@ -229,10 +251,25 @@ _POLICY_LIST = (
         runners=("V1", "MRV2"),  # MRV2: on its own keys, its drafter's salt removed (seam.vllm_races)
         recovery="race",  # lossless in distribution, but not step for step vLLM's rule (``lossless`` stays False)
         keyed=True,
+        relaxed_rate="exact",
         source="Kobus and Gunduz 2025, arXiv 2504.15475 (speculative sampling via exponential races)",
     ),
 )
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in _POLICY_LIST}
+
+
+RELAXED_RATE_LABELS = {"added_tv": "added TV", "bound": "sequence-level bound on added TV", "rate": "relaxed rate"}
+
+
+def relaxed_rate_label(policy: str, one_hot_drafts: bool) -> str:
+    """What ``policy``'s relaxed acceptances per verified position may be printed as, for drafts that are one-hot
+    (vLLM's greedy drafting, n-gram) or sampled: "added TV" only where the two are equal (the policy's
+    ``relaxed_rate`` says where), else a bound (FLy) or just the relaxed rate (typical; sglang with sampled
+    drafts). The only place a benchmark decides whether a figure is an added TV."""
+    meaning = get_policy(policy).relaxed_rate
+    if meaning == "exact" or (meaning == "exact_one_hot" and one_hot_drafts):
+        return RELAXED_RATE_LABELS["added_tv"]
+    return RELAXED_RATE_LABELS["bound" if meaning == "sequence_bound" else "rate"]
 
 
 def get_policy(name: str) -> PolicySpec:
