@@ -128,6 +128,28 @@ def _demo(args: argparse.Namespace) -> int:
     return _bench_e2e(args)
 
 
+def _bench_speed(args: argparse.Namespace) -> int:
+    from ears_vllm.bench.e2e import parse_policies
+    from ears_vllm.bench.speed import SpeedConfig, markdown_table, run_speed
+
+    target, draft = _resolve_models(args)
+    config = SpeedConfig(
+        target=target,
+        draft=draft,
+        out_dir=Path(args.out),
+        dataset=(args.dataset, args.dataset_path, args.num_prompts),
+        policies=parse_policies(args.policies),
+        temperature=args.temperature,
+        rounds=args.rounds,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        draft_sampling=args.draft_sampling,
+    )
+    print(markdown_table(run_speed(config)))
+    print(f"\nspeed.json, speed.md, speed.png and every run in {args.out}/")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from ears_vllm.bench.e2e import markdown_table
     from ears_vllm.bench.sweep import load_grid, run_sweep
@@ -307,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = bench.add_parser("e2e", help="real vLLM speculative decoding, policies side by side")
     e2e_options(e2e)
     e2e.set_defaults(run=_bench_e2e)
+
+    speed = bench.add_parser("speed", help="output tok/s per policy, engines interleaved (A B A B ...) over rounds")
+    model_options(speed)
+    speed.add_argument("--dataset", default="gsm8k", help="gsm8k, mt_bench or humaneval")
+    speed.add_argument("--dataset-path", help="path of the dataset file (default: the copy shipped in the package)")
+    speed.add_argument("--policies", default="standard,ears:0.3", help="as bench e2e's; the first is the baseline")
+    speed.add_argument("--temperature", type=float, default=0.9)
+    speed.add_argument("--rounds", type=int, default=3, help="engines per policy, interleaved")
+    speed.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    speed.add_argument("--draft-sampling", default="greedy", choices=["greedy", "probabilistic"])
+    speed.set_defaults(run=_bench_speed, out="results/speed", num_prompts=16)
 
     acceptance = bench.add_parser("acceptance", help="expected acceptance of every policy, teacher-forced (fast)")
     all_policies = FIELD_GRID

@@ -27,6 +27,7 @@ COMMANDS = {
     "sweep": "tests/test_bench.py::test_sweep_runs_a_two_cell_grid_on_local_ray_and_resumes",
     "bench synthetic": "test_bench_synthetic_prints_every_policy",
     "bench e2e": "tests/test_bench.py::test_e2e_bench_pairs_policies_resumes_and_plots",
+    "bench speed": "tests/test_bench.py::test_bench_speed_interleaves_the_policies_engines_round_by_round",
     "bench acceptance": "tests/test_bench.py::test_bench_acceptance_on_tiny_models",
     "bench kernel": "tests/test_bench.py::test_kernel_bench_writes_every_implementation_it_can_run",
     "bench load": "tests/test_vllm_serve.py::test_a_load_run_loses_nothing_and_its_counters_agree",
