@@ -24,7 +24,8 @@ ON_UNSUPPORTED: tuple[str, ...] = ("error", "fallback")
 # Who holds a server budget's ledger: each request its own, or the requests together (control/budget.py).
 BUDGET_SCOPES: tuple[str, ...] = ("request", "server")
 
-# The deviation budget: relaxed acceptances allowed per verified position (the added TV per position).
+# The deviation budget: relaxed acceptances allowed per verified position (the added TV per position for ears,
+# relaxed_topk and adasd; for fly a bound on the deviation of whole texts only: control/budget.py).
 BUDGET = Param("budget", None, 0.0, 1.0, low_open=True, optional=True, doc="deviation budget per verified position")
 BUDGET_POLICIES = tuple(name for name, spec in POLICIES.items() if spec.only_adds_acceptances)
 
@@ -63,8 +64,9 @@ class EarsConfig:
     (``tolerance``, ``min_ratio``, ``fly_window_size``, ...), each validated there and readable as an
     attribute (``config.tolerance``). A parameter of another policy than the configured one is allowed and
     unused, so a preset can carry several. ``budget``: the deviation budget B (relaxed acceptances per verified
-    position, i.e. the added TV per position, :mod:`ears_vllm.control.budget`), for a policy whose only deviation
-    is added acceptances (ears, fly, relaxed_topk); the server then finds the tolerance, so a budget with a
+    position: the added TV per position for ears, relaxed_topk and adasd, for fly a cap on what bounds a whole
+    text's deviation, :mod:`ears_vllm.control.budget`), for a policy whose only deviation is added acceptances
+    (ears, fly, relaxed_topk, adasd); the server then finds the tolerance, so a budget with a
     non-zero ``tolerance`` is an error. ``budget_scope``: ``"request"`` (default: each request holds its own
     ledger; seeded text does not depend on the traffic) or ``"server"`` (the requests share one ledger, so the
     run's realised rate comes within one acceptance of the budget).

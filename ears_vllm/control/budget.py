@@ -2,8 +2,13 @@
 
 Terms: a request's *ledger* counts its verified positions V (every accepted draft and the first rejected one
 of each step, on sampled requests) and its relaxed acceptances R (drafts accepted only because of the
-relaxation). R / V is the request's added TV per position (exact for ears and relaxed_topk, a bound for fly),
-so B is a budget of added TV. Its *slack* before a step is ``B * V - R``. Inside the step, the draft at
+relaxation). R / V is the request's relaxed rate. For ears, relaxed_topk and adasd it is the added TV per
+position (``PolicySpec.relaxed_rate``), so there B is a budget of added TV per position. For fly it is not: FLy
+emits the drafts of a confirmed window conditioned on their passing the native test, a deviation it never
+counts, so per position its TV may exceed R / V; what R bounds is the deviation of the request's whole text
+(run FLy and the standard rule on the same randoms: the texts coincide until the first relaxed acceptance, so
+their TV is at most P(R > 0) <= E[R] <= B * E[V]). For fly, B caps that, not a per-position TV. Its *slack*
+before a step is ``B * V - R``. Inside the step, the draft at
 position j (0-based) may be accepted through the relaxation only if the relaxed acceptances before it in the
 step, plus this one, fit in ``slack + B * (j + 1)``; otherwise it is rejected as the standard rule rejects it.
 So ``R <= B * V`` holds after every verified position of every request: the realised rate of each request,

@@ -114,7 +114,8 @@ class EarsCollector:
             yield family
         rate = GaugeMetricFamily(f"{PREFIX}_relaxed_per_verified_position",
                                  "relaxed acceptances per verified position of sampled requests (the added TV per "
-                                 "position for ears and relaxed_topk, a bound for fly)", labels=["policy"])  # fmt: skip
+                                 "position for ears, relaxed_topk and adasd; for fly only a bound on the "
+                                 "deviation of whole texts)", labels=["policy"])  # fmt: skip
         for policy, counts in sorted(by_policy.items()):
             verified = counts.get("random_verified", 0)
             rate.add_metric([policy], counts.get("relaxed", 0) / verified if verified else 0.0)
