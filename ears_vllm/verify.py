@@ -73,7 +73,8 @@ def verify(
 
     ``budget`` / ``budget_slack`` cap each request's relaxed acceptances (:mod:`ears_vllm.control.budget`); with
     ``config.budget`` set and no ``budget`` given, every sampled request gets a fresh ledger (slack 0), and the
-    tolerance defaults to the budgeted one.
+    tolerance defaults to the budgeted one. Greedy requests get none: where the policy relaxes greedy rows (fly,
+    relaxed_topk) those relaxed acceptances are uncapped, as in the vLLM adapters.
     """
     config = config if config is not None else EarsConfig()
     if backend not in ("auto", "torch", "triton"):

@@ -153,6 +153,23 @@ def test_a_budget_of_zero_slack_and_rate_is_the_standard_step():
     assert torch.equal(standard.token_ids, capped.token_ids) and capped.num_relaxed.sum() == 0
 
 
+@pytest.mark.parametrize("policy", ["relaxed_topk", "fly"])
+def test_a_budget_caps_sampled_rows_only_greedy_rows_relax_uncapped(policy):
+    """As documented (README, control/budget.py): the ledger is a sampled request's; fly and relaxed_topk also relax
+    greedy rows, as their sources do, and a budget leaves those uncapped (counted apart, greedy_relaxed)."""
+    p = [[0.45, 0.35, 0.2], [0.34, 0.33, 0.33], [0.34, 0.33, 0.33]]  # drafts 1 (not the argmax), then 0 and 0
+    logits = torch.tensor(p * 2).log()
+    settings = dict(fly_window_size=2, fly_entropy_threshold=0.0) if policy == "fly" else {}
+    out = ears_vllm.verify(
+        logits, torch.tensor([1, 0, 0] * 2), [3, 3], torch.tensor([2, 2]), is_greedy=torch.tensor([False, True]),
+        uniform=torch.tensor([0.9, 0.1, 0.1] * 2, dtype=torch.float64), recovery_noise=torch.ones(2, 3),
+        config=EarsConfig(policy=policy, budget=0.01, **settings), backend="torch",
+    )  # fmt: skip
+    # The sampled row: the relaxed acceptance at position 0 does not fit in 0 + 0.01 * 1, so it is rejected.
+    assert (out.num_accepted[0].item(), out.num_relaxed[0].item()) == (0, 0)
+    assert out.num_relaxed[1].item() >= 1  # the greedy row: a draft other than the argmax accepted, uncapped
+
+
 def test_a_long_run_under_a_budget_stays_at_or_under_it():
     """Steps of a chain at T=1 with a real ledger: R <= B V after every step, and R ends within one of B V."""
     torch.manual_seed(1)

@@ -14,6 +14,13 @@ step, plus this one, fit in ``slack + B * (j + 1)``; otherwise it is rejected as
 So ``R <= B * V`` holds after every verified position of every request: the realised rate of each request,
 and of any run, is at or under B by construction.
 
+Sampled requests only. A greedy request has no ledger, so where the policy relaxes greedy rows too (fly and
+relaxed_topk, as their sources do: ``PolicySpec.greedy_rows``) those relaxed acceptances are not capped by any
+budget, on any path (``ears_vllm.verify`` gives greedy rows budget 0, the vLLM adapters make no ledger for greedy
+requests); they are counted apart (``VerifyStats.greedy_relaxed``). Capping them would need a ledger for greedy
+requests in every path, the reference, the kernels and both runners' adapters; it is stated here and in the
+README instead.
+
 While the ledger has slack the policy runs at its loosest (``BUDGETED_TOLERANCE``: EARS relaxes as far as
 it goes), so each unit of budget is spent on the first rejection the relaxation can turn into an acceptance:
 the request accepts as much as B allows. The tolerance thus moves online between "relax anything" and
