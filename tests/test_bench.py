@@ -93,8 +93,12 @@ def test_summary_pairs_policies_on_the_shards_all_of_them_finished(tmp_path):
 
 def step_counters(steps: list[tuple[int, int]], k: int) -> dict:
     """vLLM's spec-decode counters of a run whose steps each proposed n and accepted a drafts, ``(n, a)``."""
-    return {"drafts": len(steps), "draft_tokens": sum(n for n, _ in steps), "accepted": sum(a for _, a in steps),
-            "accepted_per_position": [sum(a > j for _, a in steps) for j in range(k)]}  # fmt: skip
+    return {
+        "drafts": len(steps),
+        "draft_tokens": sum(n for n, _ in steps),
+        "accepted": sum(a for _, a in steps),
+        "accepted_per_position": [sum(a > j for _, a in steps) for j in range(k)],
+    }
 
 
 def test_verified_bounds_hold_every_run_vllms_counters_allow_and_are_reached():
@@ -126,14 +130,33 @@ def test_a_run_without_the_plugins_count_and_short_drafts_gives_an_interval(tmp_
     assert verified_bounds(counters) == (8, 10)
     fewest, most = 8, 10
     accepted = counters.pop("accepted")
-    _finished_run(tmp_path, "adasd", (0, 2), accepted, ["#### 1", "#### 2"], ["1", "2"], {"policy": "adasd"},
-                  **counters, relaxed=2)  # fmt: skip
+    _finished_run(
+        tmp_path,
+        "adasd",
+        (0, 2),
+        accepted,
+        ["#### 1", "#### 2"],
+        ["1", "2"],
+        {"policy": "adasd"},
+        **counters,
+        relaxed=2,
+    )
     (row,) = summarize(tmp_path)
     assert row["relaxed_per_verified"] is None and row["added_tv_per_verified"] is None
     assert row["relaxed_per_verified_interval"] == [2 / most, 2 / fewest]
     assert f"[{2 / most:.4f}, {2 / fewest:.4f}] (verified positions not recorded" in markdown_table([row])
-    _finished_run(tmp_path, "adasd", (0, 2), accepted, ["#### 1", "#### 2"], ["1", "2"], {"policy": "adasd"},
-                  **counters, relaxed=2, random_verified=9)  # fmt: skip
+    _finished_run(
+        tmp_path,
+        "adasd",
+        (0, 2),
+        accepted,
+        ["#### 1", "#### 2"],
+        ["1", "2"],
+        {"policy": "adasd"},
+        **counters,
+        relaxed=2,
+        random_verified=9,
+    )
     (row,) = summarize(tmp_path)
     assert row["relaxed_per_verified"] == row["added_tv_per_verified"] == 2 / 9 and row["verified_counted"]
 

@@ -161,10 +161,16 @@ def test_a_budget_caps_sampled_rows_only_greedy_rows_relax_uncapped(policy):
     logits = torch.tensor(p * 2).log()
     settings = dict(fly_window_size=2, fly_entropy_threshold=0.0) if policy == "fly" else {}
     out = ears_vllm.verify(
-        logits, torch.tensor([1, 0, 0] * 2), [3, 3], torch.tensor([2, 2]), is_greedy=torch.tensor([False, True]),
-        uniform=torch.tensor([0.9, 0.1, 0.1] * 2, dtype=torch.float64), recovery_noise=torch.ones(2, 3),
-        config=EarsConfig(policy=policy, budget=0.01, **settings), backend="torch",
-    )  # fmt: skip
+        logits,
+        torch.tensor([1, 0, 0] * 2),
+        [3, 3],
+        torch.tensor([2, 2]),
+        is_greedy=torch.tensor([False, True]),
+        uniform=torch.tensor([0.9, 0.1, 0.1] * 2, dtype=torch.float64),
+        recovery_noise=torch.ones(2, 3),
+        config=EarsConfig(policy=policy, budget=0.01, **settings),
+        backend="torch",
+    )
     # The sampled row: the relaxed acceptance at position 0 does not fit in 0 + 0.01 * 1, so it is rejected.
     assert (out.num_accepted[0].item(), out.num_relaxed[0].item()) == (0, 0)
     assert out.num_relaxed[1].item() >= 1  # the greedy row: a draft other than the argmax accepted, uncapped

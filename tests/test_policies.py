@@ -134,8 +134,14 @@ def test_exact_added_tv_matches_the_sampled_output(policy):
 
 
 # Per policy with a per-position closed form, settings loose enough to relax often.
-LOOSE = {"standard": {}, "ears": dict(tolerance=0.5), "typical": {}, "sglang": dict(accept_threshold_acc=0.5),
-         "relaxed_topk": dict(relaxed_topk=3, relaxed_delta=0.6), "ersd": {}}  # fmt: skip
+LOOSE = {
+    "standard": {},
+    "ears": dict(tolerance=0.5),
+    "typical": {},
+    "sglang": dict(accept_threshold_acc=0.5),
+    "relaxed_topk": dict(relaxed_topk=3, relaxed_delta=0.6),
+    "ersd": {},
+}
 
 
 @pytest.mark.parametrize("policy", LOOSE, ids=LOOSE)

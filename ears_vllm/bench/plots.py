@@ -50,8 +50,11 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for temperature in sorted({r["temperature"] for r in rows if r["dataset"] == dataset}):
-            group = [r for r in rows if r["dataset"] == dataset and r["temperature"] == temperature
-                     and r["relaxed_per_verified"] is not None]  # fmt: skip
+            group = [
+                r
+                for r in rows
+                if r["dataset"] == dataset and r["temperature"] == temperature and r["relaxed_per_verified"] is not None
+            ]
             ax.scatter([r["relaxed_per_verified"] for r in group], [r["mean_acceptance_length"] for r in group],
                        label=f"T={temperature:g}")  # fmt: skip
             for r in group:
@@ -131,8 +134,11 @@ def plot_budget(rows: list[dict], path: Path) -> Path:
     under the diagonal is kept), each point labelled with the mean acceptance length it bought."""
     plt = pyplot()
 
-    rows = [r for r in rows if r.get("budget") is not None and r["temperature"] > 0
-            and r["relaxed_per_verified"] is not None]  # fmt: skip
+    rows = [
+        r
+        for r in rows
+        if r.get("budget") is not None and r["temperature"] > 0 and r["relaxed_per_verified"] is not None
+    ]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
 
     def group_of(row: dict) -> tuple:
