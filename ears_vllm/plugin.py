@@ -4,7 +4,10 @@ vLLM calls :func:`register` in every process (API server, engine core, workers, 
 it builds the config or the model runner. Registration:
 
 * makes ``VllmConfig`` validate ``additional_config["ears"]`` (or the ``EARS_VLLM_*`` environment) as
-  it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded;
+  it is built, so a bad setting stops ``vllm serve`` at startup, before any model is loaded. Where that hook
+  cannot be installed, each runner's sampler is still guarded, as for a moved hook (below): the config is then
+  not checked as vLLM builds it, so an ears config that asks for a non-standard policy stops the server when its
+  sampler is built (or, with ``on_unsupported: fallback``, warns and runs vLLM's own rule);
 * checks the hooks of each runner the installed vLLM has (0.34 has Model Runner V2 only) and wraps its
   ``RejectionSampler`` (see the adapters and :mod:`ears_vllm.seam.patches`). Where a hook moved, only the
   constructor is wrapped, so that a sampler built with a non-standard policy stops the server with the reason
@@ -22,23 +25,28 @@ from ears_vllm.seam import patches
 
 _registered = False
 hook_report: dict[str, str] = {}  # runner -> "patched", "hooks moved: ...", "absent: ..." or "not guarded (...)"
+# Why VllmConfig.__post_init__ could not be wrapped in this process (None: it was, or register() has not run).
+config_hook_problem: str | None = None
 
 
 def register() -> None:
-    """Idempotent and cheap; never raises into vLLM."""
-    global _registered
+    """Idempotent and cheap; never raises into vLLM, and never leaves an ears config silently unserved: each step
+    that fails is a warning, and a failed config hook guards the samplers as a moved hook does."""
+    global _registered, config_hook_problem
     if _registered:
         return
     _registered = True
     logger = get_logger()
     try:
         import vllm
-
-        version = getattr(vllm, "__version__", "unknown")
-        _validate_config_on_creation()
-        metrics.install_worker_method()
-    except Exception as exc:
-        logger.warning("ears-vllm: not active, cannot hook into vLLM: %s: %s", type(exc).__name__, exc)
+    except Exception as exc:  # no vLLM in this process: nothing verifies here, nothing to guard
+        logger.warning("ears-vllm: not active, vLLM does not import: %s: %s", type(exc).__name__, exc)
+        return
+    version = getattr(vllm, "__version__", "unknown")
+    config_hook_problem = _failure(_validate_config_on_creation)
+    _install_the_rest()
+    if config_hook_problem is not None:
+        _guard_without_config_check(version, config_hook_problem)
         return
 
     from ears_vllm.seam import vllm_mrv2, vllm_v1
@@ -68,7 +76,17 @@ def register() -> None:
             logger.debug("ears-vllm: vLLM %s: %s hooks moved: %s", version, runner, problem)
 
 
+def _failure(install: Callable[[], None]) -> str | None:
+    """Run ``install``; None, or why it failed (never raised: vLLM calls register() without a guard)."""
+    try:
+        install()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _validate_config_on_creation() -> None:
+    """Wrap ``VllmConfig.__post_init__``, or raise why it cannot be."""
     from vllm.config import VllmConfig
 
     from ears_vllm.seam import vllm_requests
@@ -81,4 +99,50 @@ def _validate_config_on_creation() -> None:
         return __post_init__
 
     patches.apply(VllmConfig, "__post_init__", wrap, "a bad ears config stops vLLM while it builds its config")
-    vllm_requests.install_request_check()
+
+
+def _install_the_rest() -> None:
+    """What does not decide whether ears-vllm verifies, each a warning if it fails (none disables the rest): the
+    per-request check (bad ``vllm_xargs`` answered 400) and the metrics' worker method."""
+
+    def install_request_check() -> None:
+        from ears_vllm.seam import vllm_requests
+
+        vllm_requests.install_request_check()
+
+    for what, install in (
+        ("per-request ears settings are not checked where vLLM builds a request", install_request_check),
+        ("the ears_vllm_* counters are not served on /metrics", metrics.install_worker_method),
+    ):
+        problem = _failure(install)
+        if problem is not None:
+            get_logger().warning("ears-vllm: %s (%s)", what, problem)
+
+
+def _guard_without_config_check(version: str, problem: str) -> None:
+    """The config hook failed: guard each runner's sampler as for a moved hook, so that a sampler built for a
+    non-standard ears policy refuses (or, with ``on_unsupported: fallback``, warns and runs vLLM's own rule). The
+    runner's own hooks are not relied on either (its plan names this problem as the moved hook)."""
+    from ears_vllm.seam import vllm_mrv2, vllm_v1
+    from ears_vllm.seam.hooks import runner_absence
+
+    logger = get_logger()
+    moved = f"VllmConfig.__post_init__ could not be wrapped to check the ears config ({problem})"
+    logger.warning(
+        "ears-vllm: vLLM %s: %s; a non-standard ears policy stops the server when its sampler is built "
+        '(with "on_unsupported": "fallback", vLLM\'s own rule runs, with a warning)',
+        version,
+        moved,
+    )
+    for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
+        if runner_absence(runner) is not None:  # vLLM cannot build this runner's sampler: nothing to guard
+            continue
+        failed = _failure(lambda adapter=adapter: adapter.install(moved))
+        if failed is not None:
+            logger.warning(
+                "ears-vllm: vLLM %s: cannot wrap the %s rejection sampler either (%s); if vLLM verifies "
+                "there, it runs its own rule",
+                version,
+                runner,
+                failed,
+            )
