@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from ears_vllm._log import get_logger
-from ears_vllm.config import EarsConfig
+from ears_vllm.config import BUDGET_POLICIES, EarsConfig
 from ears_vllm.control.budget import BUDGETED_TOLERANCE
 from ears_vllm.policies import get_policy
 from ears_vllm.reference import VerifyResult, verify_reference
@@ -64,8 +64,9 @@ def verify(
     ``backend="auto"`` runs the fused Triton kernel for CUDA tensors and the PyTorch reference
     otherwise; if the kernel fails (a Triton that cannot compile it, say), it warns once and the
     process uses the PyTorch path from then on. Returns a :class:`VerifyResult`. Raises ``ValueError``
-    naming the argument for bad shapes, dtypes, devices or values, and for ``backend="triton"`` where
-    the kernel cannot run.
+    naming the argument for bad shapes, dtypes, devices or values (a uniform outside [0, 1) or NaN; recovery noise
+    negative, infinite or NaN; a non-zero ``budget`` for a policy a budget cannot cap), and for
+    ``backend="triton"`` where the kernel cannot run.
 
     ``race_keys`` (needed by the keyed policy ``ersd``, :mod:`ears_vllm.policies.races`): each request's key seed
     and the position in its sequence of its first draft; its drafts must be race winners of q on the same keys,
@@ -132,6 +133,7 @@ def verify(
         dtypes=(torch.float32, torch.float64),
         device=device,
     )
+    _check_randoms(uniform, recovery_noise)
 
     if budget is None and config.budget is not None:
         budget = torch.where(is_greedy, 0.0, config.budget).to(torch.float64)
@@ -141,6 +143,17 @@ def verify(
         _check_tensor("budget_slack", budget_slack, shape=(batch_size,), dtypes=(torch.float64,), device=device)
         if batch_size and not bool(((budget >= 0) & (budget <= 1)).all()):
             raise ValueError(f"budget={budget.tolist()} must lie in [0, 1] for every request (0: no budget)")
+        if not get_policy(config.policy).only_adds_acceptances:
+            # A budget caps relaxed acceptances, the whole deviation only of a policy that adds acceptances and
+            # nothing else. Elsewhere 0 (no cap, what the V1 adapter passes for every row) is dropped: the capped
+            # path would count such a policy's acceptances as relaxed (ERSD's race acceptances).
+            if batch_size and bool((budget != 0).any()):
+                raise ValueError(
+                    f"budget={budget.tolist()}: policy {config.policy!r} cannot be held to a deviation "
+                    f"budget (its deviation is not only added acceptances); the policies that can: "
+                    f"{list(BUDGET_POLICIES)}"
+                )
+            budget = budget_slack = None
     if tolerance is None:
         default = BUDGETED_TOLERANCE if config.budget is not None else config.tolerance
         tolerance = torch.full((batch_size,), default, dtype=torch.float64, device=device)
@@ -172,6 +185,27 @@ def verify(
         elif backend == "triton":
             raise ValueError(f"backend='triton' cannot run here: {problem}")
     return verify_reference(*args)
+
+
+def _check_randoms(
+    uniform: torch.Tensor,  # [num_tokens] float
+    recovery_noise: torch.Tensor,  # [batch, V] float32/64
+) -> None:
+    """ValueError naming the argument for randoms no draw gives: a uniform outside [0, 1) or NaN (every test
+    compares against u), recovery noise negative, infinite or NaN (its reciprocal weighs the recovery race). Noise
+    0 is allowed: torch's CPU ``exponential_`` draws it (``-log1p(-u)`` at u = 0), vLLM's V1 samples recovered
+    tokens with it, and so must we. One host synchronisation for both."""
+    bad_uniform = ~((uniform >= 0) & (uniform < 1))  # NaN fails both comparisons
+    bad_noise = ~((recovery_noise >= 0) & (recovery_noise < float("inf")))
+    uniform_bad, noise_bad = torch.stack([bad_uniform.any(), bad_noise.any()]).tolist()
+    if uniform_bad:
+        values = uniform[bad_uniform][:4].tolist()
+        raise ValueError(f"uniform has values outside [0, 1) (first: {values}); one U[0, 1) draw per draft token")
+    if noise_bad:
+        values = recovery_noise[bad_noise][:4].tolist()
+        raise ValueError(
+            f"recovery_noise has negative, infinite or NaN values (first: {values}); Exp(1) draws are >= 0"
+        )
 
 
 def _kernel_failed(exc: Exception) -> None:

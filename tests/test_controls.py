@@ -49,9 +49,12 @@ def test_request_settings_read_the_ears_keys(xargs, expected):
         ({"ears_budget": 0}, "'ears_budget' = 0"),
         ({"ears_budget": 0.1, "ears_tolerance": 0.1}, "set together"),
         ({"ears_tolerence": 0.1}, "['ears_tolerence'] are not ears-vllm keys"),
+        ({"EARS_TOLERANCE": 0.5}, "['EARS_TOLERANCE'] are not ears-vllm keys (keys are lowercase with underscores: "
+                                  "['ears_tolerance'])"),
+        ({"Ears-Budget": 0.1, "temperature_scale": 2}, "['Ears-Budget'] are not ears-vllm keys"),
     ],
     ids=["above-1", "negative", "nan", "string", "bool", "unknown-policy", "policy-number", "budget-0",
-         "budget-and-tolerance", "misspelt"],
+         "budget-and-tolerance", "misspelt", "upper-case", "mixed-case-hyphen"],
 )  # fmt: skip
 def test_bad_request_settings_name_the_key_and_what_is_allowed(xargs, named):
     with pytest.raises(ValueError, match="vllm_xargs") as info:

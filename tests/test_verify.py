@@ -260,6 +260,20 @@ BAD_INPUTS = {
     "draft-probs-vocab": ("draft_probs", lambda a: a["draft_probs"][:, :9], "draft_probs"),
     "uniform-shape": ("uniform", lambda a: a["uniform"][:2], "uniform"),
     "noise-shape": ("recovery_noise", lambda a: a["recovery_noise"][:1], "recovery_noise"),
+    "uniform-one": ("uniform", lambda a: a["uniform"].index_fill(0, torch.tensor([1]), 1.0), r"uniform .*\[1\.0\]"),
+    "uniform-negative": ("uniform", lambda a: a["uniform"].index_fill(0, torch.tensor([0]), -0.1), "uniform"),
+    "uniform-nan": ("uniform", lambda a: a["uniform"].index_fill(0, torch.tensor([2]), float("nan")), "uniform"),
+    "noise-negative": ("recovery_noise", lambda a: -a["recovery_noise"], "recovery_noise"),
+    "noise-nan": (
+        "recovery_noise",
+        lambda a: a["recovery_noise"].index_fill(1, torch.tensor([3]), float("nan")),
+        "recovery_noise",
+    ),
+    "noise-inf": (
+        "recovery_noise",
+        lambda a: a["recovery_noise"].index_fill(1, torch.tensor([3]), float("inf")),
+        "recovery_noise",
+    ),
     "greedy-dtype": ("is_greedy", lambda a: torch.tensor([0, 1]), "is_greedy"),
     "tolerance-range": ("tolerance", lambda a: torch.tensor([0.1, 1.5]), "tolerance"),
     "tolerance-nan": ("tolerance", lambda a: torch.tensor([0.1, float("nan")]), "tolerance"),
@@ -273,6 +287,59 @@ def test_bad_input_raises_a_value_error_naming_the_argument(arg, make_bad, named
     args[arg] = make_bad(args)
     with pytest.raises(ValueError, match=named):
         verify(**args)
+
+
+def test_zero_recovery_noise_is_a_draw_and_is_taken():
+    """torch's CPU exponential_ draws 0 (``-log1p(-u)`` at u = 0), and vLLM V1 samples with it: not refused."""
+    args = _valid_args()
+    args["recovery_noise"] = args["recovery_noise"].index_fill(1, torch.tensor([0]), 0.0)
+    assert verify(**args).token_ids.shape == (2, 3)
+
+
+NOT_BUDGETED = {
+    "standard": EarsConfig(),
+    "typical": EarsConfig(policy="typical"),
+    "sglang": EarsConfig(policy="sglang"),
+    "ersd": EarsConfig(policy="ersd"),
+}
+
+
+@pytest.mark.parametrize("config", NOT_BUDGETED.values(), ids=NOT_BUDGETED.keys())
+def test_a_budget_for_a_policy_it_cannot_cap_is_refused_and_zero_is_no_budget(config):
+    """A non-zero budget is a cap on relaxed acceptances, which are not the whole deviation of these policies: a
+    ValueError naming budget and the policy. A budget of 0 (no cap: what vLLM's V1 adapter passes for every row)
+    changes nothing, and ERSD's race acceptances are still not counted as relaxed."""
+    args = _valid_args()
+    args["race_keys"] = torch.tensor([[3, 0], [4, 0]])
+    zero = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"budget=\[0\.0, 0\.05\]: policy '{config.policy}' cannot be held"):
+        verify(**args, config=config, budget=torch.tensor([0.0, 0.05], dtype=torch.float64), budget_slack=zero)
+    plain = verify(**args, config=config)
+    capped = verify(**args, config=config, budget=zero, budget_slack=zero)
+    assert torch.equal(plain.token_ids, capped.token_ids) and torch.equal(plain.num_relaxed, capped.num_relaxed)
+
+
+def test_ersd_accepts_drafts_the_standard_test_rejects_and_counts_none_relaxed_under_a_zero_budget():
+    """The race accepts a draft whenever it is the target's winner, whatever u (one-hot draft here, u = 0.999):
+    never a relaxed acceptance, on the budgeted path too."""
+    from ears_vllm.policies import race_winners
+
+    target = torch.tensor([[0.0, 0.5, 1.0, -1.0]]).expand(64, -1)
+    seed, pos = torch.arange(64), torch.zeros(64, dtype=torch.long)
+    drafts = race_winners(target, seed, pos)  # every draft is the target's winner: all accepted
+    zero = torch.zeros(64, dtype=torch.float64)
+    out = verify(
+        target,
+        drafts,
+        [1] * 64,
+        torch.zeros(64, dtype=torch.long),
+        race_keys=torch.stack([seed, pos], 1),
+        uniform=torch.full((64,), 0.999, dtype=torch.float64),
+        config=EarsConfig(policy="ersd"),
+        budget=zero,
+        budget_slack=zero,
+    )
+    assert out.num_accepted.sum() == 64 and out.num_relaxed.sum() == 0
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_says_why(monkeypatch):

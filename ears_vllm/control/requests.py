@@ -40,9 +40,13 @@ def request_settings(extra_args: Mapping[str, Any] | None) -> RequestSettings:
     values); :func:`request_config` checks them against the server's config."""
     if not extra_args:
         return RequestSettings()
-    unknown = sorted(k for k in extra_args if isinstance(k, str) and k.startswith("ears_") and k not in XARGS)
+    # Any key that reads as an ears key once lowercased ("EARS_TOLERANCE", "Ears-Budget") but is not one exactly is
+    # refused by name: silently ignored, it would leave the request on the server's settings.
+    unknown = sorted(k for k in extra_args if isinstance(k, str) and _ears_like(k) and k not in XARGS)
     if unknown:
-        raise ValueError(f"vllm_xargs key(s) {unknown} are not ears-vllm keys; allowed: {list(XARGS)}")
+        meant = sorted({_ears_like(k) for k in unknown} & set(XARGS))
+        hint = f" (keys are lowercase with underscores: {meant})" if meant else ""
+        raise ValueError(f"vllm_xargs key(s) {unknown} are not ears-vllm keys{hint}; allowed: {list(XARGS)}")
     policy = extra_args.get("ears_policy")
     if policy is not None and (not isinstance(policy, str) or policy not in POLICIES):
         raise ValueError(f"vllm_xargs key 'ears_policy' = {policy!r} is not one of {list(POLICIES)}")
@@ -54,6 +58,12 @@ def request_settings(extra_args: Mapping[str, Any] | None) -> RequestSettings:
         raise ValueError(f"vllm_xargs keys 'ears_tolerance' = {tolerance!r} and 'ears_budget' = {budget!r} are set "
                          "together; a budget makes the server find the tolerance: give one of them")  # fmt: skip
     return RequestSettings(policy, tolerance, budget)
+
+
+def _ears_like(key: str) -> str | None:
+    """``key`` lowercased with ``-`` as ``_``, where that starts with ``ears_``; else None."""
+    normal = key.lower().replace("-", "_")
+    return normal if normal.startswith("ears_") else None
 
 
 def _number(key: str, value: Any, allowed: str, ok) -> float | None:
