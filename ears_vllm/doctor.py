@@ -91,9 +91,15 @@ def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[
             spec = types.SimpleNamespace(**(speculative or {}))
             keyed = speculative is not None and get_policy(config.policy).keyed
             drafter = vllm_races.draft_problem(spec) if keyed else None
-            plans[runner] = plan_verification(runner, config, vllm_version=reported_version(), hook_problem=problem,
-                                              method=getattr(spec, "rejection_sample_method", None),
-                                              draft_problem=drafter)  # fmt: skip
+            plans[runner] = plan_verification(
+                runner,
+                config,
+                vllm_version=reported_version(),
+                hook_problem=problem,
+                installed_runners=runners,
+                method=getattr(spec, "rejection_sample_method", None),
+                draft_problem=drafter,
+            )
             rows.append((f"verification {runner}", plans[runner].summary))
     if problems.get("V1", "absent") is None:
         from vllm.platforms import current_platform

@@ -20,6 +20,9 @@ PLANS = {
     "typical-on-v1": ("V1", EarsConfig(policy="typical"), {}, True, False, "policy 'typical'"),
     "typical-on-mrv2-refuses": ("MRV2", EarsConfig(policy="typical"), {}, False, True,
                                 "policy 'typical' is not available on the MRV2 runner (it is on ['V1'])"),
+    "typical-on-a-release-without-v1": ("MRV2", EarsConfig(policy="typical"),
+                                        dict(installed_runners=("MRV2",), vllm_version="0.34.0"), False, True,
+                                        "(it is on ['V1']), which vLLM 0.34.0 does not have"),
     "moved-hook-refuses": ("V1", EARS, dict(hook_problem="rejection_sample has parameters ('x',)"), False, True,
                            "vLLM 0.33.0 moved the V1 hook: rejection_sample has parameters ('x',)"),
     "moved-hook-falls-back": ("V1", EARS_FALLBACK, dict(hook_problem="gone"), False, False, "moved the V1 hook"),
@@ -36,7 +39,7 @@ PLANS = {
 @pytest.mark.parametrize(("runner", "config", "asked", "verifies", "refuses", "reason"), PLANS.values(),
                          ids=PLANS.keys())  # fmt: skip
 def test_plan(runner, config, asked, verifies, refuses, reason):
-    plan = plan_verification(runner, config, vllm_version="0.33.0", **({"hook_problem": None} | asked))
+    plan = plan_verification(runner, config, **({"vllm_version": "0.33.0", "hook_problem": None} | asked))
     assert (plan.runner, plan.verifies, plan.refuses) == (runner, verifies, refuses)
     assert reason in plan.reason
 

@@ -55,10 +55,12 @@ def plan_verification(
     method: str | None = VLLM_STANDARD_METHOD,
     watermarking: bool = False,
     draft_problem: str | None = None,
+    installed_runners: tuple[str, ...] = ("V1", "MRV2"),
 ) -> VerificationPlan:
     """Decide for one sampler. ``hook_problem``: why the runner's hooks do not check out (None: they do);
     ``method``: the sampler's ``rejection_sample_method``; ``watermarking``: vLLM watermarks the output;
-    ``draft_problem``: why the drafter cannot serve the policy (ERSD's keyed drafts), None when it can."""
+    ``draft_problem``: why the drafter cannot serve the policy (ERSD's keyed drafts), None when it can;
+    ``installed_runners``: the runners this vLLM has (``seam.hooks.installed_runners``), for the refusal's words."""
     method = method or VLLM_STANDARD_METHOD
     if config.policy == "standard":
         return VerificationPlan(runner, config.policy, False, "policy 'standard' is vLLM's own rule", False)
@@ -75,6 +77,8 @@ def plan_verification(
     elif runner not in get_policy(config.policy).runners:
         other = list(get_policy(config.policy).runners)
         problem = f"policy {config.policy!r} is not available on the {runner} runner (it is on {other})"
+        if not set(other) & set(installed_runners):
+            problem += f", which vLLM {vllm_version} does not have"
     elif draft_problem is not None:
         problem = draft_problem
     elif config.budget is not None and runner == "MRV2" and config.policy == "fly":

@@ -37,7 +37,7 @@ from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
 from ears_vllm.policies import fly_entropy, get_policy, rank_among_logits, relaxed_topk_candidate, settings_for
 from ears_vllm.seam import patches, vllm_races
-from ears_vllm.seam.hooks import check_module, find_class, signature_of, vllm_version
+from ears_vllm.seam.hooks import check_module, find_class, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
 from ears_vllm.stats import VerifyStats
@@ -312,8 +312,16 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
     watermarking = getattr(sampler, "watermark_key", None) is not None
     keyed = get_policy(config.policy).keyed
     drafter = vllm_races.draft_problem(spec_config, "MRV2") if keyed else None
-    plan = plan_verification("MRV2", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
-                             method=method, watermarking=watermarking, draft_problem=drafter)  # fmt: skip
+    plan = plan_verification(
+        "MRV2",
+        config,
+        vllm_version=vllm_version(),
+        hook_problem=state.hook_problem,
+        installed_runners=installed_runners(),
+        method=method,
+        watermarking=watermarking,
+        draft_problem=drafter,
+    )
     enforce(plan, logger)
     per_request = "off"
     if plan.verifies:

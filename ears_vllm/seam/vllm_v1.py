@@ -35,7 +35,7 @@ from ears_vllm.policies import get_policy
 from ears_vllm.policies.adasd import learn_from_step
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult
 from ears_vllm.seam import patches, vllm_drafter, vllm_races, vllm_requests
-from ears_vllm.seam.hooks import check_module, signature_of, vllm_version
+from ears_vllm.seam.hooks import check_module, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import RequestControl
 from ears_vllm.stats import RecentRequests, VerifyStats
@@ -101,9 +101,15 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
     config = config_for_sampler(resolve_config(getattr(vllm_config, "additional_config", None)),
                                 getattr(spec_config, "num_speculative_tokens", None))  # fmt: skip
     keyed = get_policy(config.policy).keyed
-    plan = plan_verification("V1", config, vllm_version=vllm_version(), hook_problem=state.hook_problem,
-                             method=getattr(spec_config, "rejection_sample_method", None),
-                             draft_problem=vllm_races.draft_problem(spec_config) if keyed else None)  # fmt: skip
+    plan = plan_verification(
+        "V1",
+        config,
+        vllm_version=vllm_version(),
+        hook_problem=state.hook_problem,
+        installed_runners=installed_runners(),
+        method=getattr(spec_config, "rejection_sample_method", None),
+        draft_problem=vllm_races.draft_problem(spec_config) if keyed else None,
+    )
     enforce(plan, logger)
     state.shadow = settings().shadow
     if state.hook_problem:
