@@ -24,6 +24,7 @@ from ears_vllm.bench.e2e import (
     verified_bounds,
 )
 from ears_vllm.config import EarsConfig
+from ears_vllm.policies.registry import relaxed_rate_label
 
 
 def test_parse_policies_names_and_validates():
@@ -408,13 +409,21 @@ def test_bench_acceptance_on_tiny_models(tiny_pair, tmp_path):
                 assert (
                     by_policy[lossy]["expected_acceptance_length"] > by_policy["standard"]["expected_acceptance_length"]
                 )
-        if sampling == "probabilistic":  # SGLang's rule ignores q: it also rejects drafts standard keeps
-            sglang = by_policy["sglang-0.5"]
-            assert sglang["added_tv_per_position"] > sglang["relaxed_per_verified_position"]
-        # The bias identity: a policy that only adds acceptances and recovers like standard adds exactly that TV.
-        ears = by_policy["ears-0.3"]
-        assert ears["added_tv_per_position"] == pytest.approx(ears["relaxed_per_verified_position"], rel=1e-9)
-        assert by_policy["fly-0"]["added_tv_per_position"] is None  # no closed form: it looks ahead
+        # The relaxed rate against the exact added TV, policy by policy, as the registry says: equal where the
+        # relaxed rate is the added TV, for a reason (the policy only adds acceptances and recovers like standard),
+        # checked with sampled drafts, where the closed form computes the TV from the whole emitted distribution
+        # (with one-hot drafts both come from a - p(d) and would agree by construction); larger where it is not
+        # (typical with either drafts, sglang with sampled ones: they also reject drafts standard keeps).
+        for name, row in by_policy.items():
+            label = relaxed_rate_label(row["policy_kind"], one_hot_drafts=sampling == "greedy")
+            tv, relaxed = row["added_tv_per_position"], row["relaxed_per_verified_position"]
+            if tv is None:
+                assert row["policy_kind"] == "fly"  # no closed form: it looks ahead
+            elif label != "added TV":
+                assert tv > relaxed + 1e-3, (name, sampling)
+            elif sampling == "probabilistic":
+                assert tv == pytest.approx(relaxed, rel=1e-9), name
+        assert {"ears-0.3", "relaxed_topk", "typical"} <= by_policy.keys()
         assert 1 <= by_policy["standard"]["expected_acceptance_length"] <= 5
     assert (tmp_path / "acceptance.md").read_text().count("| ears-0.3 |") == 2
     assert (tmp_path / "pareto_added_tv.png").stat().st_size > 0 and (tmp_path / "pareto_relaxed.png").exists()
