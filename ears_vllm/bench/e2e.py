@@ -269,7 +269,9 @@ def verified_bounds(result: dict) -> tuple[int, int]:
     steps, drafted, accepted = result["drafts"], result["draft_tokens"], result["accepted"]
     if not steps:
         return 0, 0
-    reached = list(result["accepted_per_position"])  # [k]: steps that accepted j + 1 drafts or more
+    reached = list(result["accepted_per_position"] or [])  # [k]: steps that accepted j + 1 drafts or more
+    if not reached:  # vLLM gave no per-position counter: each step verified its accepted drafts and at most one more
+        return accepted, min(accepted + steps, drafted)
     k = len(reached)
     exactly = [steps - reached[0], *(reached[j - 1] - reached[j] for j in range(1, k)), reached[k - 1]]
     most = accepted + steps - exactly[k]  # no step that accepted j < k drafts had proposed only j
