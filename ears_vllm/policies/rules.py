@@ -210,6 +210,14 @@ class DraftPositions:
     def max_target_prob(self) -> torch.Tensor:
         return self.target_probs.max(dim=-1).values
 
+    def max_target_prob_at(self, rows: torch.Tensor) -> torch.Tensor:  # [m] int64 -> [m] float32
+        """``max_target_prob[rows]``: for a few rows, read on those rows only (a max is exact in any order)."""
+        if "max_target_prob" in self.__dict__ or 2 * rows.numel() > self.draft_ids.numel():
+            return self.max_target_prob[rows]
+        if not rows.numel():
+            return self.target_prob.new_empty(0)
+        return torch.stack([self.target_probs[row].max() for row in rows.tolist()])
+
     @functools.cached_property
     def entropy(self) -> torch.Tensor:
         return entropy(self.target_probs)
@@ -244,7 +252,13 @@ def rule_standard(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Ten
 
 
 def rule_ears(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
-    return ears_accept(pos.target_prob, pos.draft_prob, pos.uniform, pos.max_target_prob, pos.tolerance,
+    # Only a draft the standard test rejects, with p(d) > 0, q(d) > 0 and a tolerance, can be relaxed: the target's
+    # max is read on those rows alone; elsewhere it stands at 1 (no relaxation), which decides the same.
+    may_relax = ~pos.standard & (pos.target_prob > 0) & (pos.draft_prob > 0) & (pos.tolerance > 0)
+    rows = may_relax.nonzero().squeeze(-1)
+    max_target_prob = torch.ones_like(pos.target_prob)
+    max_target_prob[rows] = pos.max_target_prob_at(rows)
+    return ears_accept(pos.target_prob, pos.draft_prob, pos.uniform, max_target_prob, pos.tolerance,
                        settings["min_ratio"])  # fmt: skip
 
 
