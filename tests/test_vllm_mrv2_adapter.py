@@ -162,8 +162,9 @@ def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed, monkeypatch):
 def expected_acceptance(
     batch: dict, u: torch.Tensor, config: EarsConfig, budget: dict[int, tuple[float, float]] | None = None
 ) -> tuple[list[int], list[int]]:
-    """(num_accepted, num_relaxed) per request from DESIGN.md section 2, in PyTorch, with MRV2's uniforms ``u``;
-    ``budget``: request state -> (B, slack), the cap of ears_vllm.control.budget."""
+    """(num_accepted, num_relaxed) per request from EARS's rule (``ears_vllm.policies.rules.ears_accept``), in
+    PyTorch, with MRV2's uniforms ``u``; ``budget``: request state -> (B, slack), the cap of
+    ears_vllm.control.budget."""
     cu, temperature = batch["cu_num_logits"].tolist(), batch["temperature"]
     num_accepted, num_relaxed = [], []
     for r, state in enumerate(batch["idx_mapping"].tolist()):

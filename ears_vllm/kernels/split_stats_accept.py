@@ -10,7 +10,7 @@ Terms, per request (one program each): drafts sit at ``draft_sampled[start + i +
 arrive after temperature, draft logits before it (divided here). The uniform of position ``pos`` is
 ``UNIFORM(seed, pos, False)``: a counter-based draw in (0, 1), so it does not depend on the batch.
 
-Policies (``POLICY`` = ``PolicySpec.kernel_id``; DESIGN.md section 2):
+Policies (``POLICY`` = ``PolicySpec.kernel_id``; the rules are the registry's, ``ears_vllm.policies.rules``):
 
 * standard (0): ``log p(d) > log u + log q(d)``, written exactly as the split-statistics verifier writes it,
   so the result is bit-identical to it.

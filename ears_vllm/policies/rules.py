@@ -1,4 +1,5 @@
-"""Acceptance rules of speculative decoding, as pure functions on tensors (DESIGN.md section 2).
+"""Acceptance rules of speculative decoding, as pure functions on tensors (README.md, "Use it as a library", has
+the table of rules).
 
 Vocabulary, per verified draft position:
     p      target distribution (after temperature, top-k/top-p, logits processors)
