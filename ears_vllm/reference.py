@@ -49,7 +49,7 @@ def verify_reference(
     draft_probs: torch.Tensor | None,  # [num_tokens, V] float32 or None (one-hot draft)
     is_greedy: torch.Tensor,  # [batch] bool
     uniform: torch.Tensor,  # [num_tokens] float64
-    inv_recovery_noise: torch.Tensor,  # [batch, V] float32/64: 1 / Exp(1) noise
+    recovery_noise: torch.Tensor,  # [batch, V] float32/64: Exp(1) noise, one vector per request
     tolerance: torch.Tensor,  # [batch] float64
     config: EarsConfig,
     max_spec_len: int,
@@ -113,7 +113,7 @@ def verify_reference(
     rejected = (num_accepted < num_draft_tokens).nonzero().squeeze(-1)  # [m] requests with a rejection
     rows = start[rejected] + num_accepted[rejected]  # [m] their first rejected position
     last_token[rejected] = _recovered_at(rows, rejected, positions, spec.recovery, target_probs, draft_probs,
-                                         inv_recovery_noise)  # fmt: skip
+                                         recovery_noise)  # fmt: skip
     token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
     return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
 
@@ -125,7 +125,7 @@ def _recovered_at(
     recovery: str,  # PolicySpec.recovery
     target_probs: torch.Tensor,  # [num_tokens, V] float32
     draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
-    inv_recovery_noise: torch.Tensor,  # [batch, V]: 1 / Exp(1), one vector per request
+    recovery_noise: torch.Tensor,  # [batch, V]: Exp(1), one vector per request
 ) -> torch.Tensor:  # [m] int64
     """The token emitted at each of ``rows``: the target argmax on greedy rows (and for argmax recovery), the race
     winner (race recovery), else a sample of the residual with the request's noise, as vLLM V1 samples it."""
@@ -136,7 +136,7 @@ def _recovered_at(
         sampled = positions.race_winner[rows]
     else:
         residual_of = draft_probs if recovery == "residual" else None
-        sampled = _sample_recovered(rows, requests, target_probs, residual_of, positions.draft_ids, inv_recovery_noise)
+        sampled = _sample_recovered(rows, requests, target_probs, residual_of, positions.draft_ids, recovery_noise)
     greedy_rows = greedy.nonzero().squeeze(-1)
     sampled[greedy_rows] = positions.argmax_at(rows[greedy_rows])
     return sampled
@@ -160,16 +160,17 @@ def _sample_recovered(
     target_probs: torch.Tensor,  # [num_tokens, V] float32
     draft_probs: torch.Tensor | None,  # [num_tokens, V] or None (one-hot q)
     draft_ids: torch.Tensor,  # [num_tokens] int64
-    inv_noise: torch.Tensor,  # [batch, V] 1 / Exp(1), one vector per request
+    noise: torch.Tensor,  # [batch, V] Exp(1), one vector per request
 ) -> torch.Tensor:  # [m] int64
     """Exponential race over the residual: ``argmax(max(p - q, 0) / E)`` samples ``norm(max(p - q, 0))``.
 
-    Row by row on views of the step's tensors (no gathered copies), each product element computed exactly as
-    vLLM V1 computes it, ``residual * (1 / E)``, so the winner is vLLM's to the bit."""
+    Row by row on views of the step's tensors (no gathered copies; ``1 / E`` taken on the rows used), each
+    product element computed exactly as vLLM V1 computes it, ``residual * (1 / E)``, so the winner is vLLM's to
+    the bit."""
     sampled = torch.empty_like(rows)
     chosen = zip(rows.tolist(), requests.tolist(), draft_ids[rows].tolist(), strict=True)
     for i, (row, request, draft) in enumerate(chosen):
-        inv = inv_noise[request]
+        inv = noise[request].reciprocal()
         if draft_probs is None:
             # One-hot q: the residual is p with the draft token removed (padding -1 removes nothing).
             weighted = target_probs[row] * inv

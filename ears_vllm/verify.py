@@ -168,23 +168,35 @@ def verify(
                              "and the position of its first draft")  # fmt: skip
         _check_tensor("race_keys", race_keys, shape=(batch_size, 2), dtypes=(torch.int64,), device=device)
 
-    args = (target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids, draft_probs, is_greedy,
-            uniform.to(torch.float64), recovery_noise.reciprocal(), tolerance, config, max_spec_len, budget,
-            budget_slack, race_keys)  # fmt: skip
+    step = dict(
+        target_logits=target_logits,
+        draft_token_ids=draft_token_ids,
+        num_draft_tokens=num_draft_tokens,
+        bonus_token_ids=bonus_token_ids,
+        draft_probs=draft_probs,
+        is_greedy=is_greedy,
+        uniform=uniform.to(torch.float64),
+        tolerance=tolerance,
+        config=config,
+        max_spec_len=max_spec_len,
+        budget=budget,
+        budget_slack=budget_slack,
+        race_keys=race_keys,
+    )
     if backend == "triton" or (backend == "auto" and device.type in AUTO_KERNEL_DEVICES and not _kernel_failure):
         from ears_vllm import kernels
 
         problem = kernels.unusable_reason(device.type)
         if problem is None and backend == "triton":
-            return kernels.verify_triton(*args)
+            return kernels.verify_triton(**step, inv_recovery_noise=recovery_noise.reciprocal())
         if problem is None:
             try:
-                return kernels.verify_triton(*args)
+                return kernels.verify_triton(**step, inv_recovery_noise=recovery_noise.reciprocal())
             except Exception as exc:  # a kernel that fails to compile or launch must not fail the request
                 _kernel_failed(exc)
         elif backend == "triton":
             raise ValueError(f"backend='triton' cannot run here: {problem}")
-    return verify_reference(*args)
+    return verify_reference(**step, recovery_noise=recovery_noise)  # inverts the noise only where it samples
 
 
 def _check_randoms(

@@ -379,8 +379,8 @@ def test_a_kernel_that_fails_falls_back_to_pytorch_with_one_warning(monkeypatch,
     monkeypatch.setattr(kernels, "unusable_reason", lambda device_type: None)
     attempts = []
 
-    def kernel_that_does_not_compile(*args):
-        attempts.append(args)
+    def kernel_that_does_not_compile(**step):
+        attempts.append(step)
         raise RuntimeError("CompilationError: simulated, at 12:8: unsupported op")
 
     monkeypatch.setattr(kernels, "verify_triton", kernel_that_does_not_compile)

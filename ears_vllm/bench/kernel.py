@@ -101,7 +101,7 @@ def step_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
         draft_probs=None,
         is_greedy=torch.zeros(shape.batch, dtype=torch.bool, device=device),
         uniform=torch.rand(shape.num_tokens, dtype=torch.float64, device=device, generator=g),
-        inv_recovery_noise=torch.empty(shape.batch, shape.vocab, device=device).exponential_(generator=g).reciprocal(),
+        recovery_noise=torch.empty(shape.batch, shape.vocab, device=device).exponential_(generator=g),
         tolerance=torch.full((shape.batch,), 0.1, dtype=torch.float64, device=device),
     )
 
@@ -117,14 +117,17 @@ def implementations(
     CPU step under each of ``cpu_policies`` (label -> ears settings, :func:`ears_vllm.bench.e2e.parse_policies`)."""
     from ears_vllm import kernels
 
-    args = list(inputs.values())
     found: dict[str, Callable[[], object]] = {}
     if inputs["target_logits"].device.type == "cpu":
         found |= _cpu_steps(shape, inputs, cpu_policies or {})
     if kernels.unusable_reason(inputs["target_logits"].device.type) is None:
+        kernel_inputs = {k: v for k, v in inputs.items() if k != "recovery_noise"}
+        kernel_inputs["inv_recovery_noise"] = inputs["recovery_noise"].reciprocal()
         for name, config in (("standard", EarsConfig()), ("ears-0.1", EarsConfig(policy="ears", tolerance=0.1))):
-            found[f"ears-vllm {name}"] = lambda c=config: kernels.verify_triton(*args, c, shape.k)
-    found["pytorch"] = lambda: verify_reference(*args, EarsConfig(), shape.k)
+            found[f"ears-vllm {name}"] = lambda c=config: kernels.verify_triton(
+                **kernel_inputs, config=c, max_spec_len=shape.k
+            )
+    found["pytorch"] = lambda: verify_reference(**inputs, config=EarsConfig(), max_spec_len=shape.k)
     others = (("vllm-v1", _vllm_v1), ("vllm-mrv2", _vllm_mrv2), ("ears-vllm mrv2 ears-0.1", _ears_vllm_mrv2),
               ("flashinfer", _flashinfer))  # fmt: skip
     for name, build in others:
