@@ -253,9 +253,14 @@ def rule_standard(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Ten
 
 
 def rule_ears(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
-    # Only a draft the standard test rejects, with p(d) > 0, q(d) > 0 and a tolerance, can be relaxed: the target's
-    # max is read on those rows alone; elsewhere it stands at 1 (no relaxation), which decides the same.
+    # Only a draft the standard test rejects, with p(d) > 0 and q(d) > 0, can be relaxed, and only if it passes the
+    # loosest threshold any max p allows (max p = 0: t = beta): the target's max is read on those rows alone;
+    # elsewhere it stands at 1 (no relaxation), which decides the same.
+    loosest = ears_relaxed_threshold(
+        pos.uniform, torch.zeros_like(pos.target_prob), pos.tolerance, settings["min_ratio"]
+    )
     may_relax = ~pos.standard & (pos.target_prob > 0) & (pos.draft_prob > 0) & (pos.tolerance > 0)
+    may_relax &= pos.target_prob / pos.draft_prob >= loosest
     rows = may_relax.nonzero().squeeze(-1)
     max_target_prob = torch.ones_like(pos.target_prob)
     max_target_prob[rows] = pos.max_target_prob_at(rows)
