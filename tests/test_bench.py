@@ -131,33 +131,27 @@ def test_a_run_without_the_plugins_count_and_short_drafts_gives_an_interval(tmp_
     assert verified_bounds(counters) == (8, 10)
     fewest, most = 8, 10
     accepted = counters.pop("accepted")
-    _finished_run(
-        tmp_path,
-        "adasd",
-        (0, 2),
-        accepted,
-        ["#### 1", "#### 2"],
-        ["1", "2"],
-        {"policy": "adasd"},
-        **counters,
-        relaxed=2,
-    )
+
+    def finished(**exact) -> None:  # the run's file, with or without the plugin's exact count of verified positions
+        _finished_run(
+            tmp_path,
+            "adasd",
+            (0, 2),
+            accepted,
+            ["#### 1", "#### 2"],
+            ["1", "2"],
+            {"policy": "adasd"},
+            **counters,
+            relaxed=2,
+            **exact,
+        )
+
+    finished()
     (row,) = summarize(tmp_path)
     assert row["relaxed_per_verified"] is None and row["added_tv_per_verified"] is None
     assert row["relaxed_per_verified_interval"] == [2 / most, 2 / fewest]
     assert f"[{2 / most:.4f}, {2 / fewest:.4f}] (verified positions not recorded" in markdown_table([row])
-    _finished_run(
-        tmp_path,
-        "adasd",
-        (0, 2),
-        accepted,
-        ["#### 1", "#### 2"],
-        ["1", "2"],
-        {"policy": "adasd"},
-        **counters,
-        relaxed=2,
-        random_verified=9,
-    )
+    finished(random_verified=9)
     (row,) = summarize(tmp_path)
     assert row["relaxed_per_verified"] == row["added_tv_per_verified"] == 2 / 9 and row["verified_counted"]
 
