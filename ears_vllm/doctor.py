@@ -74,8 +74,13 @@ def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[
     if len(runners) == 1:
         rows.append(("runner", f"{picked} (the only runner vLLM {reported_version()} has)"))
     else:
-        rows.append(("runner", f"{picked} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
-                               "or the spec method needs V1)"))  # fmt: skip
+        rows.append(
+            (
+                "runner",
+                f"{picked} (vLLM picks MRV2 on GPUs with Triton unless VLLM_USE_V2_MODEL_RUNNER=0 "
+                "or the spec method needs V1)",
+            )
+        )
     if not kernels.AVAILABLE:
         rows.append(("backend", f"torch (Triton kernel unavailable: {kernels.UNAVAILABLE_REASON})"))
     else:

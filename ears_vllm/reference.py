@@ -112,8 +112,9 @@ def verify_reference(
     last_token = bonus_token_ids.long().clone()
     rejected = (num_accepted < num_draft_tokens).nonzero().squeeze(-1)  # [m] requests with a rejection
     rows = start[rejected] + num_accepted[rejected]  # [m] their first rejected position
-    last_token[rejected] = _recovered_at(rows, rejected, positions, spec.recovery, target_probs, draft_probs,
-                                         recovery_noise)  # fmt: skip
+    last_token[rejected] = _recovered_at(
+        rows, rejected, positions, spec.recovery, target_probs, draft_probs, recovery_noise
+    )
     token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
     return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
 

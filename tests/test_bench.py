@@ -62,11 +62,27 @@ def test_shards_cover_the_prompts_policy_by_policy(tmp_path):
 
 
 def _finished_run(out_dir, policy, shard, accepted, texts, answers, ears=None, **counters):
-    result = {"temperature": 0.9, "elapsed_s": 2.0, "output_tokens": 10, "drafts": 4, "draft_tokens": 16,
-              "accepted": accepted, "accepted_per_position": [accepted, 0, 0, 0], "relaxed": 1, "random_drafts": 16,
-              "texts": texts, "finish_reasons": ["stop"] * len(texts)} | counters  # fmt: skip
-    spec = {"dataset": "gsm8k", "policy_name": policy, "ears": ears or {"policy": "ears", "tolerance": 0.1},
-            "shard": list(shard), "answers": answers, "k": 4}  # fmt: skip
+    result = {
+        "temperature": 0.9,
+        "elapsed_s": 2.0,
+        "output_tokens": 10,
+        "drafts": 4,
+        "draft_tokens": 16,
+        "accepted": accepted,
+        "accepted_per_position": [accepted, 0, 0, 0],
+        "relaxed": 1,
+        "random_drafts": 16,
+        "texts": texts,
+        "finish_reasons": ["stop"] * len(texts),
+    } | counters
+    spec = {
+        "dataset": "gsm8k",
+        "policy_name": policy,
+        "ears": ears or {"policy": "ears", "tolerance": 0.1},
+        "shard": list(shard),
+        "answers": answers,
+        "k": 4,
+    }
     name = f"gsm8k@{shard[0]}-{shard[1]}__{policy}.json"
     (out_dir / name).write_text(json.dumps({"spec": spec, "results": [result]}))
 
@@ -325,13 +341,34 @@ def test_bench_speed_interleaves_the_policies_engines_round_by_round(tmp_path, t
     each round's ratio to the baseline taken within the round."""
     target, draft = tiny_pair
     out = tmp_path / "speed"
-    argv = ["bench", "speed", "--target", str(target), "--draft", str(draft), "--out", str(out), "--num-prompts", "3",
-            "--policies", "standard,ears:0.5", "--temperature", "1", "--rounds", "2", "--max-tokens", "12"]  # fmt: skip
+    argv = [
+        "bench",
+        "speed",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--out",
+        str(out),
+        "--num-prompts",
+        "3",
+        "--policies",
+        "standard,ears:0.5",
+        "--temperature",
+        "1",
+        "--rounds",
+        "2",
+        "--max-tokens",
+        "12",
+    ]
     assert cli.main(argv) == 0
     report = json.loads((out / "speed.json").read_text())
     assert [(run["round"], run["policy"]) for run in report["runs"]] == [
-        (0, "standard"), (0, "ears-0.5"), (1, "standard"), (1, "ears-0.5")
-    ]  # fmt: skip
+        (0, "standard"),
+        (0, "ears-0.5"),
+        (1, "standard"),
+        (1, "ears-0.5"),
+    ]
     for run in report["runs"]:  # each an e2e run of its own, in its round's folder
         result = json.loads((out / f"round-{run['round']}" / f"gsm8k__{run['policy']}.json").read_text())
         assert result["spec"]["temperatures"] == [1.0] and len(result["spec"]["answers"]) == 3
@@ -508,8 +545,23 @@ def test_kernel_bench_writes_every_implementation_it_can_run(tmp_path, monkeypat
     with triton_interpreter():
         importlib.import_module("ears_vllm.kernels.verify_kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    argv = ["bench", "kernel", "--allow-cpu", "--batches", "1", "--ks", "2", "--vocabs", "300",
-            "--dtypes", "float32,bfloat16", "--cpu-policies", "standard,ears:0.3", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "bench",
+        "kernel",
+        "--allow-cpu",
+        "--batches",
+        "1",
+        "--ks",
+        "2",
+        "--vocabs",
+        "300",
+        "--dtypes",
+        "float32,bfloat16",
+        "--cpu-policies",
+        "standard,ears:0.3",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     rows = list(csv.DictReader((tmp_path / "kernel.csv").open()))
     impls = {r["impl"] for r in rows}

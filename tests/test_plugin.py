@@ -121,8 +121,9 @@ def test_doctor_names_vllms_own_method_and_the_runner_without_typical(capsys):
     ("on_unsupported", "said", "code"), [("error", "REFUSES to start", 1), ("fallback", "vLLM's own rule", 0)]
 )
 @pytest.mark.parametrize("runner", PRESENT_RUNNERS)
-def test_doctor_under_a_moved_hook_says_what_the_server_will_do(capsys, monkeypatch, runner, on_unsupported, said,
-                                                                code):  # fmt: skip
+def test_doctor_under_a_moved_hook_says_what_the_server_will_do(
+    capsys, monkeypatch, runner, on_unsupported, said, code
+):
     """And exits non-zero where the server would refuse to start: when the runner vLLM picks here is the moved one."""
     move_rejection_sample(monkeypatch, runner)
     ears = json.dumps({"ears": {"policy": "ears", "on_unsupported": on_unsupported}})

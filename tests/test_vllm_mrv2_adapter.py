@@ -337,8 +337,9 @@ def input_batch_stand_in(step: dict) -> types.SimpleNamespace:
     )
 
 
-@pytest.mark.parametrize("step", cases({name: STEPS[name] for name in ("random-full-draft", "sharded-draft-cache",
-                                                                       "random-one-hot")}))  # fmt: skip
+@pytest.mark.parametrize(
+    "step", cases({name: STEPS[name] for name in ("random-full-draft", "sharded-draft-cache", "random-one-hot")})
+)
 def test_vllms_rejection_sampler_call_verifies_through_ears_vllm(mrv2, monkeypatch, step):
     """The entry point MRV2's model runner calls, ``RejectionSampler.__call__``, is vLLM's own code here (the draft
     gather, the chunking, ``num_rejected``); only the plugin's guard on that class routes the step to ears-vllm. A
@@ -348,8 +349,11 @@ def test_vllms_rejection_sampler_call_verifies_through_ears_vllm(mrv2, monkeypat
 
     step = mrv2_batch(7, **step)
     module = mrv2.sampler_module
-    for owner, name in ((module.RejectionSampler, "__init__"), (module.RejectionSampler, "__call__"),
-                        (module, "rejection_sample")):  # fmt: skip
+    for owner, name in (
+        (module.RejectionSampler, "__init__"),
+        (module.RejectionSampler, "__call__"),
+        (module, "rejection_sample"),
+    ):
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
     for name in ("hook_problem", "original_rejection_sample", "slots"):
         monkeypatch.setattr(vllm_mrv2.state, name, getattr(vllm_mrv2.state, name))
@@ -357,18 +361,26 @@ def test_vllms_rejection_sampler_call_verifies_through_ears_vllm(mrv2, monkeypat
     monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
     monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
     spec_config = types.SimpleNamespace(
-        num_speculative_tokens=step["num_speculative_steps"], rejection_sample_method="standard",
-        enable_adaptive_verification=False, fly_window_size=None, fly_entropy_threshold=0.3, fly_entropy_top_k=3,
-        synthetic_acceptance_rates=None, draft_sample_method="probabilistic", method="draft_model",
-    )  # fmt: skip
+        num_speculative_tokens=step["num_speculative_steps"],
+        rejection_sample_method="standard",
+        enable_adaptive_verification=False,
+        fly_window_size=None,
+        fly_entropy_threshold=0.3,
+        fly_entropy_top_k=3,
+        synthetic_acceptance_rates=None,
+        draft_sample_method="probabilistic",
+        method="draft_model",
+    )
     arguments = mrv2.arguments(step)
     draft = arguments.get("draft_logits_cache", arguments.get("draft_logits"))  # what the runner passes
     vllm_mrv2.install(None)
     results = {}
     for tolerance in (0.0, 1.0):
-        server = types.SimpleNamespace(speculative_config=spec_config,
-                                       additional_config={"ears": {"policy": "ears", "tolerance": tolerance}},
-                                       scheduler_config=types.SimpleNamespace(max_num_seqs=8))  # fmt: skip
+        server = types.SimpleNamespace(
+            speculative_config=spec_config,
+            additional_config={"ears": {"policy": "ears", "tolerance": tolerance}},
+            scheduler_config=types.SimpleNamespace(max_num_seqs=8),
+        )
         monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda server=server: server)
         sampler = module.RejectionSampler(runner_sampler_stand_in(step), spec_config, torch.device("cpu"))
         output = sampler(step["target_logits"], input_batch_stand_in(step), draft)

@@ -117,8 +117,11 @@ def mrv2_server(ears: dict, spec_config=None) -> types.SimpleNamespace:
     """What an MRV2 sampler's construction reads of the server's vLLM config (a namespace: a full VllmConfig with a
     speculative config needs a model)."""
     spec_config = spec_config or types.SimpleNamespace(num_speculative_tokens=2, rejection_sample_method="standard")
-    return types.SimpleNamespace(speculative_config=spec_config, additional_config={"ears": ears},
-                                 scheduler_config=types.SimpleNamespace(max_num_seqs=8))  # fmt: skip
+    return types.SimpleNamespace(
+        speculative_config=spec_config,
+        additional_config={"ears": ears},
+        scheduler_config=types.SimpleNamespace(max_num_seqs=8),
+    )
 
 
 @pytest.mark.parametrize("on_unsupported", ["error", "fallback"])

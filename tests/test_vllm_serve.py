@@ -32,11 +32,12 @@ def draft_model_spec(draft) -> dict:
     return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 4}
 
 
-def start_server(tmp_path_factory, name, model, *, speculative, ears, env=None, extra=()):
+def start_server(tmp_path_factory, name, model, *, speculative, ears, env=None, extra=(), api_key=None):
     workdir = tmp_path_factory.mktemp(name)
     port = free_port()
+    extra = [*extra, "--api-key", api_key] if api_key else extra
     command = serve_command(model, port, speculative=speculative, ears=ears, extra=extra)
-    return VllmServer(command, server_env(workdir, env), workdir, port).start()
+    return VllmServer(command, server_env(workdir, env), workdir, port, api_key=api_key).start()
 
 
 def complete(server: VllmServer, prompt: str, **params) -> str:
@@ -287,6 +288,7 @@ def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
 # --- Per-request settings, /metrics and the deviation budget (production controls) ---------------------------
 
 CONTROLS_SERVER = {"policy": "ears", "tolerance": 0.2}
+API_KEY = "ears-test-key"
 BAD_XARGS = {  # vllm_xargs -> what the 400 must name
     "tolerance-above-1": ({"ears_tolerance": 1.5}, "ears_tolerance"),
     "tolerance-a-string": ({"ears_tolerance": "0.5"}, "ears_tolerance"),
@@ -311,7 +313,7 @@ def xargs_complete(server: VllmServer, prompt: str, xargs: dict | None, request_
 
 def request_counts(server: VllmServer, request_id: str) -> dict:
     """One response's own counts (choice 0), from the ears_metrics plugin."""
-    answer = requests.get(f"{server.url}/ears_vllm/requests/cmpl-{request_id}", timeout=30)
+    answer = server.get(f"/v1/ears_vllm/requests/cmpl-{request_id}")
     answer.raise_for_status()
     return answer.json()["choices"]["0"]
 
@@ -327,10 +329,10 @@ def counter_deltas(server: VllmServer, names: tuple[str, ...], run) -> dict[str,
 
 @pytest.fixture(scope="module")
 def controls_run(tmp_path_factory, tiny_pair):
-    """One server (ears at tolerance 0.2, the ears_metrics endpoint plugin on), the whole workload."""
+    """One server (ears at tolerance 0.2, the ears_metrics endpoint plugin on, an API key), the whole workload."""
     target, draft = tiny_pair
     server = start_server(tmp_path_factory, "controls", target, speculative=draft_model_spec(draft),
-                          ears=CONTROLS_SERVER,
+                          ears=CONTROLS_SERVER, api_key=API_KEY,
                           env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"})  # fmt: skip
     result: dict = {}
     try:
@@ -379,6 +381,21 @@ def controls_run(tmp_path_factory, tiny_pair):
         result["budget_again"] = xargs_complete(server, PROMPTS[0], {"ears_budget": 0.05}, max_tokens=48,
                                                 temperature=1.0, seed=1)  # fmt: skip
         time.sleep(1.5)
+        record = "/v1/ears_vllm/requests/cmpl-tolerance_0.5-0-1"
+        result["auth"] = {  # a response's record is guarded by vLLM's own API-key check, like /v1/completions
+            "record-with-key": server.get(record).status_code,
+            "record-without-key": requests.get(server.url + record, timeout=10).status_code,
+            "record-wrong-key": requests.get(
+                server.url + record, headers={"Authorization": "Bearer wrong"}, timeout=10
+            ).status_code,
+            "completions-without-key": requests.post(
+                server.url + "/v1/completions", timeout=10, json={"model": "x", "prompt": "a"}
+            ).status_code,
+            "old-path-without-key": requests.get(
+                server.url + record.removeprefix("/v1"), timeout=10, allow_redirects=False
+            ),
+            "stats-without-key": requests.get(server.url + "/ears_vllm/stats", timeout=10).status_code,
+        }
         result["metrics"] = requests.get(server.url + "/metrics", timeout=10).text
         result["stats_route"] = requests.get(server.url + "/ears_vllm/stats", timeout=10).json()
         result["stats"] = server.ears_stats()
@@ -391,6 +408,40 @@ def controls_run(tmp_path_factory, tiny_pair):
 def test_a_request_at_tolerance_zero_equals_a_standard_server_beside_a_relaxed_one(controls_run, standard_run):
     assert controls_run["pair"][0] == standard_run["xargs_reference"]
     assert "per_request=on" in controls_run["log"]
+
+
+def test_a_responses_record_needs_the_api_key_the_aggregate_stats_do_not(controls_run):
+    auth = controls_run["auth"]
+    moved = auth.pop("old-path-without-key")
+    assert auth == {
+        "record-with-key": 200,
+        "record-without-key": 401,
+        "record-wrong-key": 401,
+        "completions-without-key": 401,  # the same check vLLM makes for its own routes
+        "stats-without-key": 200,  # aggregate, as vLLM's /metrics
+    }
+    assert moved.status_code == 307 and moved.headers["location"] == "/v1/ears_vllm/requests/cmpl-tolerance_0.5-0-1"
+
+
+def test_without_an_api_key_a_responses_record_is_open(tmp_path_factory, tiny_pair):
+    """No --api-key: vLLM checks nothing, and the record is served to anyone (as /v1/completions is)."""
+    target, draft = tiny_pair
+    server = start_server(
+        tmp_path_factory,
+        "no-key",
+        target,
+        speculative=draft_model_spec(draft),
+        ears={"policy": "ears", "tolerance": 0.3},
+        env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"},
+    )
+    try:
+        xargs_complete(server, PROMPTS[0], None, "open-1", max_tokens=16, temperature=1.0, seed=1)
+        record = requests.get(server.url + "/v1/ears_vllm/requests/cmpl-open-1", timeout=30)
+        unknown = requests.get(server.url + "/v1/ears_vllm/requests/cmpl-never-sent", timeout=30)
+    finally:
+        server.stop()
+    assert record.status_code == 200 and record.json()["choices"]["0"]["drafts"] > 0
+    assert unknown.status_code == 404 and "cmpl-never-sent" in unknown.text
 
 
 def test_a_request_without_xargs_follows_the_server_default(controls_run):

@@ -88,8 +88,10 @@ def make_bundle(vllm_dir: Path, out: Path) -> dict:
         if relative is None:
             continue
         if not relative:
-            raise ValueError(f"{' or '.join(str(vllm_dir / r) for r in alternatives)} not found: gpu-check bundles "
-                             f"the MRV2 modules of vLLM 0.33 or later (vLLM here: {version})")  # fmt: skip
+            raise ValueError(
+                f"{' or '.join(str(vllm_dir / r) for r in alternatives)} not found: gpu-check bundles "
+                f"the MRV2 modules of vLLM 0.33 or later (vLLM here: {version})"
+            )
         files[relative] = _copy(vllm_dir / relative, out / "vllm" / relative)
     stand_ins = {}
     if DRAFT_CACHE_SOURCE in files:
@@ -234,9 +236,16 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
     checks = []
     for batch, k in sizes.mrv2_batches:
         for draft, (full_draft, sharded) in drafts.items():
-            step = mrv2_batch(batch + k, num_drafts=[k - (r % 2) for r in range(batch)],
-                              greedy=[r % 4 == 3 for r in range(batch)], k=k, vocab=sizes.vocab,
-                              full_draft=full_draft, sharded=sharded, device=device)  # fmt: skip
+            step = mrv2_batch(
+                batch + k,
+                num_drafts=[k - (r % 2) for r in range(batch)],
+                greedy=[r % 4 == 3 for r in range(batch)],
+                k=k,
+                vocab=sizes.vocab,
+                full_draft=full_draft,
+                sharded=sharded,
+                device=device,
+            )
             expected_sampled, expected_num = vllm_rejection_sample(
                 **vllm_mrv2.vllm_arguments(step, vllm_rejection_sample)
             )

@@ -301,8 +301,10 @@ CPU_PREFIX, CPU_BASELINE = "ears-vllm cpu ", "vllm-v1"
 
 def markdown_table(rows: list[dict], env: dict[str, str]) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    ratios = [*RATIOS, *((i, CPU_BASELINE, f"{i[len(CPU_PREFIX):]} / {CPU_BASELINE}")
-                         for i in impls if i.startswith(CPU_PREFIX))]  # fmt: skip
+    ratios = [
+        *RATIOS,
+        *((i, CPU_BASELINE, f"{i[len(CPU_PREFIX) :]} / {CPU_BASELINE}") for i in impls if i.startswith(CPU_PREFIX)),
+    ]
     ratios = [r for r in ratios if r[0] in impls and r[1] in impls]
     columns = [f"{i} (us)" for i in impls] + [name for _, _, name in ratios]
     lines = [

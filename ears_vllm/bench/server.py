@@ -47,8 +47,9 @@ def serve_command(model: Path, port: int, *, speculative: dict | None, ears: dic
 
 
 class VllmServer:
-    def __init__(self, command: list[str], env: dict[str, str], workdir: Path, port: int):
+    def __init__(self, command: list[str], env: dict[str, str], workdir: Path, port: int, api_key: str | None = None):
         self.command, self.env, self.workdir, self.port = command, env, workdir, port
+        self.api_key = api_key  # what the server was started with (--api-key), sent by client() and get()
         self.log_path = workdir / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -90,7 +91,12 @@ class VllmServer:
     def client(self):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "unused", max_retries=0, timeout=300)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        """GET ``path`` with the server's API key, as a client of vLLM's /v1 routes sends it."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return requests.get(self.url + path, headers=headers, timeout=30, **kwargs)
 
     def metric(self, name: str) -> float:
         """A Prometheus series read from the real /metrics endpoint (see :meth:`parse_metric`)."""

@@ -100,18 +100,20 @@ def policy_figures(runs: list[dict], policies: list[str]) -> list[dict]:
         speeds = [run["tokens_per_s"] for run in mine]
         ratios = [run["tokens_per_s"] / baseline[run["round"]] for run in mine if run["round"] in baseline]
         lengths = [run["mean_acceptance_length"] for run in mine if run["mean_acceptance_length"] is not None]
-        figures.append({
-            "policy": policy,
-            "rounds": len(mine),
-            "tokens_per_s": statistics.mean(speeds),
-            "tokens_per_s_min": min(speeds),
-            "tokens_per_s_max": max(speeds),
-            "tokens_per_s_stdev": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
-            "ratio_to_baseline": statistics.mean(ratios) if ratios else None,
-            "ratio_min": min(ratios) if ratios else None,
-            "ratio_max": max(ratios) if ratios else None,
-            "mean_acceptance_length": statistics.mean(lengths) if lengths else None,
-        })  # fmt: skip
+        figures.append(
+            {
+                "policy": policy,
+                "rounds": len(mine),
+                "tokens_per_s": statistics.mean(speeds),
+                "tokens_per_s_min": min(speeds),
+                "tokens_per_s_max": max(speeds),
+                "tokens_per_s_stdev": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
+                "ratio_to_baseline": statistics.mean(ratios) if ratios else None,
+                "ratio_min": min(ratios) if ratios else None,
+                "ratio_max": max(ratios) if ratios else None,
+                "mean_acceptance_length": statistics.mean(lengths) if lengths else None,
+            }
+        )
     return figures
 
 

@@ -112,10 +112,13 @@ class EarsCollector:
             else:
                 family = CounterMetricFamily(f"{PREFIX}_{name}", doc, value=self.totals.get(key, 0))
             yield family
-        rate = GaugeMetricFamily(f"{PREFIX}_relaxed_per_verified_position",
-                                 "relaxed acceptances per verified position of sampled requests (the added TV per "
-                                 "position for ears, relaxed_topk and adasd; for fly only a bound on the "
-                                 "deviation of whole texts)", labels=["policy"])  # fmt: skip
+        rate = GaugeMetricFamily(
+            f"{PREFIX}_relaxed_per_verified_position",
+            "relaxed acceptances per verified position of sampled requests (the added TV per "
+            "position for ears, relaxed_topk and adasd; for fly only a bound on the "
+            "deviation of whole texts)",
+            labels=["policy"],
+        )
         for policy, counts in sorted(by_policy.items()):
             verified = counts.get("random_verified", 0)
             rate.add_metric([policy], counts.get("relaxed", 0) / verified if verified else 0.0)
@@ -133,11 +136,20 @@ def poll_interval_s() -> float:
     return interval
 
 
+# Under /v1, where vLLM's API-key middleware checks every request (see EarsMetricsPlugin).
+REQUEST_ROUTE = "/v1/ears_vllm/requests/{response_id}"
+
+
 class EarsMetricsPlugin:
     """vLLM endpoint plugin (``vllm.endpoint_plugins``: ``ears_metrics``): ears counters on ``/metrics``, the same
     totals as JSON at ``GET /ears_vllm/stats``, and one response's own counts (its relaxed acceptances, by
-    choice) at ``GET /ears_vllm/requests/{response id}`` (the ``id`` of an OpenAI response, e.g. ``cmpl-...``;
-    the V1 runner keeps the last 10000 requests)."""
+    choice) at ``GET /v1/ears_vllm/requests/{response id}`` (the ``id`` of an OpenAI response, e.g. ``cmpl-...``;
+    the V1 runner keeps the last 10000 requests).
+
+    A response's record lives under ``/v1`` so that vLLM's own authentication (``--api-key``, ``VLLM_API_KEY``)
+    guards it exactly as it guards ``/v1/completions``: vLLM's middleware checks every ``/v1`` path, and the
+    plugin adds no check of its own. The old path answers 307 to the guarded one. ``/ears_vllm/stats`` stays open,
+    as vLLM's ``/metrics`` is: aggregate counts, nothing of any one request."""
 
     name = "ears_metrics"
     required_tasks = ("generate",)
@@ -149,6 +161,7 @@ class EarsMetricsPlugin:
 
     def attach_router(self, app: Any) -> None:
         from fastapi import HTTPException
+        from fastapi.responses import RedirectResponse
 
         plugin = self
 
@@ -157,6 +170,10 @@ class EarsMetricsPlugin:
             return plugin.collector.totals
 
         @app.get("/ears_vllm/requests/{response_id}")
+        async def ears_vllm_request_moved(response_id: str) -> RedirectResponse:
+            return RedirectResponse(REQUEST_ROUTE.format(response_id=response_id), status_code=307)
+
+        @app.get(REQUEST_ROUTE)
         async def ears_vllm_request(response_id: str) -> dict[str, Any]:
             if plugin._engine is None:
                 raise HTTPException(status_code=503, detail="no engine")

@@ -557,8 +557,8 @@ def verify_mrv2(
             resample_num_blocks=resample_blocks,
             PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
         ),
-        num_warps=1,
-    )  # fmt: skip  (0.34: the kernel updates num_sampled in place; more warps race on it)
+        num_warps=1,  # as vLLM 0.34 launches it: the kernel updates num_sampled in place; more warps race on it
+    )
     return sampled, num_sampled, num_relaxed
 
 
