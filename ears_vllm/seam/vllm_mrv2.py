@@ -236,10 +236,8 @@ def check_hooks() -> str | None:
         return problem
     problems = []
     found = tuple(signature_of(importlib.import_module(MODULE).rejection_sample).parameters)
-    leading = found[: len(EXPECTED_PARAMETERS)]
-    if leading[:1] + leading[2:] != EXPECTED_PARAMETERS[:1] + EXPECTED_PARAMETERS[2:] or (
-        leading[1:2] and leading[1] not in DRAFT_PARAMETERS
-    ):
+    allowed = [DRAFT_PARAMETERS if name == "draft_logits" else (name,) for name in EXPECTED_PARAMETERS]
+    if len(found) < len(allowed) or any(name not in names for name, names in zip(found, allowed, strict=False)):
         problems.append(
             f"{MODULE}.rejection_sample has parameters {found}, expected {EXPECTED_PARAMETERS} first (the second "
             f"one of {DRAFT_PARAMETERS})"
