@@ -178,6 +178,6 @@ def _sample_recovered(
             if draft >= 0:
                 weighted[draft] = 0.0 * inv[draft]
         else:
-            weighted = (target_probs[row] - draft_probs[row]).clamp_(min=0.0).mul_(inv)
+            weighted = (target_probs[row] - draft_probs[row]).clamp_(min=0.0) * inv  # 1 / E may be float64
         sampled[i] = weighted.argmax()
     return sampled
