@@ -393,3 +393,19 @@ def test_a_kernel_that_fails_falls_back_to_pytorch_with_one_warning(monkeypatch,
     assert "simulated" in caplog.records[0].message and "PyTorch path" in caplog.records[0].message
     with pytest.raises(RuntimeError, match="simulated"):
         verify(**_valid_args(), backend="triton")  # asked for by name: the error is the caller's to see
+
+
+def test_float64_noise_keeps_the_residual_product_in_float64():
+    """vLLM's ``use_fp64_gumbel``: ``residual * (1 / E)`` is a float64 product. Here the residual is (1/4, 1/4, 1/4,
+    0) and 1 / E favours token 1 by 1e-10, which a float32 product rounds away (a tie, won by token 0)."""
+    recovered = verify(
+        torch.zeros(1, 4),
+        torch.tensor([3]),
+        torch.tensor([1]),
+        torch.tensor([0]),
+        draft_probs=torch.tensor([[0.0, 0.0, 0.0, 1.0]]),
+        uniform=torch.tensor([0.9], dtype=torch.float64),  # p(3) / q(3) = 1/4 < 0.9: rejected
+        recovery_noise=torch.tensor([[1.0, 1 / (1 + 1e-10), 2.0, 2.0]], dtype=torch.float64),
+        backend="torch",
+    )
+    assert recovered.token_ids.tolist() == [[1, -1]] and recovered.num_accepted.tolist() == [0]
