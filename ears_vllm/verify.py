@@ -187,12 +187,12 @@ def verify(
         from ears_vllm import kernels
 
         problem = kernels.unusable_reason(device.type)
-        if problem is None and backend == "triton":
-            return kernels.verify_triton(**step, inv_recovery_noise=recovery_noise.reciprocal())
         if problem is None:
             try:
                 return kernels.verify_triton(**step, inv_recovery_noise=recovery_noise.reciprocal())
             except Exception as exc:  # a kernel that fails to compile or launch must not fail the request
+                if backend == "triton":  # asked for by name: the error is the caller's to see
+                    raise
                 _kernel_failed(exc)
         elif backend == "triton":
             raise ValueError(f"backend='triton' cannot run here: {problem}")
