@@ -45,9 +45,19 @@ def register() -> None:
     version = getattr(vllm, "__version__", "unknown")
     config_hook_problem = _failure(_validate_config_on_creation)
     _install_the_rest()
+    # Without the config hook, every runner counts as moved for that reason: its sampler is guarded all the same,
+    # and a non-standard policy refuses (or falls back with a warning) when the sampler is built.
+    unchecked_config = None
     if config_hook_problem is not None:
-        _guard_without_config_check(version, config_hook_problem)
-        return
+        unchecked_config = (
+            f"VllmConfig.__post_init__ could not be wrapped to check the ears config ({config_hook_problem})"
+        )
+        logger.warning(
+            "ears-vllm: vLLM %s: %s; a non-standard ears policy stops the server when its sampler is built "
+            '(with "on_unsupported": "fallback", vLLM\'s own rule runs, with a warning)',
+            version,
+            unchecked_config,
+        )
 
     from ears_vllm.seam import vllm_mrv2, vllm_v1
     from ears_vllm.seam.hooks import runner_absence
@@ -57,10 +67,12 @@ def register() -> None:
         if absence is not None:  # vLLM cannot build this runner's sampler: nothing to guard
             hook_report[runner] = f"absent: {absence}"
             continue
-        try:
-            problem = adapter.check_hooks()
-        except Exception as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+        problem = unchecked_config
+        if problem is None:
+            try:
+                problem = adapter.check_hooks()
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
         try:
             # Guards the sampler even when the hooks moved: its plan then refuses a non-standard policy.
             adapter.install(problem)
@@ -117,32 +129,3 @@ def _install_the_rest() -> None:
         problem = _failure(install)
         if problem is not None:
             get_logger().warning("ears-vllm: %s (%s)", what, problem)
-
-
-def _guard_without_config_check(version: str, problem: str) -> None:
-    """The config hook failed: guard each runner's sampler as for a moved hook, so that a sampler built for a
-    non-standard ears policy refuses (or, with ``on_unsupported: fallback``, warns and runs vLLM's own rule). The
-    runner's own hooks are not relied on either (its plan names this problem as the moved hook)."""
-    from ears_vllm.seam import vllm_mrv2, vllm_v1
-    from ears_vllm.seam.hooks import runner_absence
-
-    logger = get_logger()
-    moved = f"VllmConfig.__post_init__ could not be wrapped to check the ears config ({problem})"
-    logger.warning(
-        "ears-vllm: vLLM %s: %s; a non-standard ears policy stops the server when its sampler is built "
-        '(with "on_unsupported": "fallback", vLLM\'s own rule runs, with a warning)',
-        version,
-        moved,
-    )
-    for runner, adapter in (("V1", vllm_v1), ("MRV2", vllm_mrv2)):
-        if runner_absence(runner) is not None:  # vLLM cannot build this runner's sampler: nothing to guard
-            continue
-        failed = _failure(lambda adapter=adapter: adapter.install(moved))
-        if failed is not None:
-            logger.warning(
-                "ears-vllm: vLLM %s: cannot wrap the %s rejection sampler either (%s); if vLLM verifies "
-                "there, it runs its own rule",
-                version,
-                runner,
-                failed,
-            )

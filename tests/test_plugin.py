@@ -77,7 +77,9 @@ def test_plugin_imports_without_touching_vllm_when_vllm_breaks(fresh_registratio
     monkeypatch.delattr(vllm, "__version__")
     monkeypatch.setattr(plugin, "_validate_config_on_creation", lambda: 1 / 0)
     plugin.register()  # must not raise into vLLM
-    assert plugin.hook_report == {}
+    # The samplers are guarded all the same, each runner counted as moved for the unchecked config.
+    moved = "hooks moved: VllmConfig.__post_init__ could not be wrapped to check the ears config (ZeroDivisionError"
+    assert plugin.hook_report and all(report.startswith(moved) for report in plugin.hook_report.values())
 
 
 def doctor(capsys, *argv: str) -> tuple[int, str]:
