@@ -60,8 +60,10 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
     policies = parse_policies(args.policies)
     learnt = [name for name, settings in policies.items() if get_policy(settings["policy"]).learnt]
     if learnt:
-        raise SystemExit(f"--policies: {learnt} learn their thresholds during a run, so no closed form predicts "
-                         "them; measure them with `ears-vllm bench e2e`")  # fmt: skip
+        raise SystemExit(
+            f"--policies: {learnt} learn their thresholds during a run, so no closed form predicts "
+            "them; measure them with `ears-vllm bench e2e`"
+        )
     target, draft = _resolve_models(args)
     sampling = tuple(args.draft_sampling.split(","))
     if args.from_run:
@@ -71,8 +73,9 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
         rows = []
         for temperature in temperatures:  # each temperature is checked on the texts sampled at it
             pairs = run_outputs(args.from_run, temperature)
-            rows += run_acceptance(target, draft, pairs, policies, [temperature], k=args.k, draft_sampling=sampling,
-                                   chat=True)  # fmt: skip
+            rows += run_acceptance(
+                target, draft, pairs, policies, [temperature], k=args.k, draft_sampling=sampling, chat=True
+            )
     else:
         pairs = [
             p for name in args.datasets.split(",") for p in reference_texts(name, args.dataset_path, args.num_prompts)
@@ -87,14 +90,23 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
     print(table)
     from ears_vllm.bench.plots import plot_pareto
 
-    groups = {f"T={t:g}, {s} drafts": [r for r in rows if (r["temperature"], r["draft_sampling"]) == (t, s)]
-              for t, s in sorted({(r["temperature"], r["draft_sampling"]) for r in rows})}  # fmt: skip
+    groups = {
+        f"T={t:g}, {s} drafts": [r for r in rows if (r["temperature"], r["draft_sampling"]) == (t, s)]
+        for t, s in sorted({(r["temperature"], r["draft_sampling"]) for r in rows})
+    }
     # FLy has no closed-form added TV: its relaxed acceptances per verified position stand in, as its own plot.
-    for key, label, name in (("added_tv_per_position", "exact added TV per position", "pareto_added_tv.png"),
-                             ("relaxed_per_verified_position", "relaxed acceptances per verified position",
-                              "pareto_relaxed.png")):  # fmt: skip
-        plot_pareto(groups, key, "expected_acceptance_length", label, f"expected mean acceptance length (k={args.k})",
-                    out / name)  # fmt: skip
+    for key, label, name in (
+        ("added_tv_per_position", "exact added TV per position", "pareto_added_tv.png"),
+        ("relaxed_per_verified_position", "relaxed acceptances per verified position", "pareto_relaxed.png"),
+    ):
+        plot_pareto(
+            groups,
+            key,
+            "expected_acceptance_length",
+            label,
+            f"expected mean acceptance length (k={args.k})",
+            out / name,
+        )
     return 0
 
 
@@ -110,14 +122,24 @@ FIELD_GRID = (
 # `demo` is `bench e2e` with these defaults, parsed by the same options (build_parser): a preset cannot drift
 # from the command it presets.
 DEMO_PRESET = {
-    "datasets": "gsm8k", "temperatures": "0.9", "policies": "standard,ears:0.1,ears:0.3", "method": "draft_model",
-    "draft_sampling": "greedy", "k": 4, "num_prompts": 4, "max_tokens": 96, "out": "results/demo",
-}  # fmt: skip
+    "datasets": "gsm8k",
+    "temperatures": "0.9",
+    "policies": "standard,ears:0.1,ears:0.3",
+    "method": "draft_model",
+    "draft_sampling": "greedy",
+    "k": 4,
+    "num_prompts": 4,
+    "max_tokens": 96,
+    "out": "results/demo",
+}
 
 
 def _demo(args: argparse.Namespace) -> int:
-    pair = (f"{args.target} verifying drafts of {args.draft}" if args.target else
-            "Qwen2.5-Coder-1.5B-Instruct verifying drafts of Qwen2.5-Coder-0.5B-Instruct (float32)")  # fmt: skip
+    pair = (
+        f"{args.target} verifying drafts of {args.draft}"
+        if args.target
+        else "Qwen2.5-Coder-1.5B-Instruct verifying drafts of Qwen2.5-Coder-0.5B-Instruct (float32)"
+    )
     print(
         f"ears-vllm demo: real speculative decoding with vLLM, {pair}, k={args.k}, policies {args.policies}, "
         f"T={args.temperatures}, on {args.num_prompts} {args.datasets} problems.\n"
@@ -201,8 +223,15 @@ def _bench_load(args: argparse.Namespace) -> int:
         target, draft = build_tiny_pair(out / "tiny-models")
     elif draft is None:
         raise SystemExit("--draft is required with --target")
-    config = LoadConfig(str(target), str(draft), out, parse_policies(args.policies), num_requests=args.num_requests,
-                        concurrency=args.concurrency, seed=args.seed)  # fmt: skip
+    config = LoadConfig(
+        str(target),
+        str(draft),
+        out,
+        parse_policies(args.policies),
+        num_requests=args.num_requests,
+        concurrency=args.concurrency,
+        seed=args.seed,
+    )
     rows = run_load(config)
     print(markdown_table(rows))
     print(f"\nper-request results in {out}/<policy>/requests.json")
@@ -270,8 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     def e2e_options(p: argparse.ArgumentParser) -> None:
         grid_options(p, "gsm8k, mt_bench, humaneval", "standard,ears:0.1,ears:0.3", "0.9")
         p.add_argument("--method", default="draft_model", choices=["draft_model", "ngram"])
-        p.add_argument("--draft-sampling", default="greedy", choices=["greedy", "probabilistic"],
-                       help="vLLM's draft_sample_method for draft_model (default greedy, as in vLLM)")  # fmt: skip
+        p.add_argument(
+            "--draft-sampling",
+            default="greedy",
+            choices=["greedy", "probabilistic"],
+            help="vLLM's draft_sample_method for draft_model (default greedy, as in vLLM)",
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(
             "--shard-size", type=int, help="prompts per engine run; a stopped run keeps its finished shards (resume)"
@@ -291,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--additional-config", help='the JSON you pass to vllm serve, e.g. \'{"ears": {"policy": "ears"}}\''
     )
-    doctor.add_argument("--speculative-config", help="the JSON you pass to vllm serve (its rejection_sample_method "
-                        "decides whether ears-vllm verifies)")  # fmt: skip
+    doctor.add_argument(
+        "--speculative-config",
+        help="the JSON you pass to vllm serve (its rejection_sample_method decides whether ears-vllm verifies)",
+    )
     doctor.set_defaults(run=_doctor)
 
     gpu_help = "the GPU checks in one command: kernel and MRV2 parity at real shapes, bench kernel (make gpu-check)"
@@ -306,8 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     gpu_run = gpu.add_parser("run", help="run the checks (needs no vLLM: the bundle brings its sources)")
     gpu_run.add_argument("--bundle", default=".gpu-bundle")
     gpu_run.add_argument("--out", default="docs/results/gpu")
-    gpu_run.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                         help="cpu: the same checks under Triton's interpreter, small shapes, no timing")  # fmt: skip
+    gpu_run.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: the same checks under Triton's interpreter, small shapes, no timing",
+    )
     gpu_run.set_defaults(run=_gpu_check_run)
 
     models = commands.add_parser("models", help="offline models").add_subparsers(dest="models", required=True)
@@ -346,12 +385,19 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(
         acceptance, "gsm8k, humaneval (reference texts)", all_policies, "0.6,0.9,1.0; with --from-run, the runs'"
     )
-    acceptance.add_argument("--draft-sampling", default="greedy,probabilistic",
-                            help="comma list: greedy (vLLM's default draft_sample_method: the draft's argmax, one-hot "
-                            "q) and/or probabilistic (q = the draft's distribution)")  # fmt: skip
-    acceptance.add_argument("--from-run", nargs="+", metavar="RUN_JSON",
-                            help="teacher-force the texts of finished `bench e2e` runs (standard policy) instead: "
-                            "checks the prediction on the engine's own samples")  # fmt: skip
+    acceptance.add_argument(
+        "--draft-sampling",
+        default="greedy,probabilistic",
+        help="comma list: greedy (vLLM's default draft_sample_method: the draft's argmax, one-hot "
+        "q) and/or probabilistic (q = the draft's distribution)",
+    )
+    acceptance.add_argument(
+        "--from-run",
+        nargs="+",
+        metavar="RUN_JSON",
+        help="teacher-force the texts of finished `bench e2e` runs (standard policy) instead: "
+        "checks the prediction on the engine's own samples",
+    )
     acceptance.set_defaults(run=_bench_acceptance, out="results/acceptance", num_prompts=20, temperatures=None)
 
     kernel = bench.add_parser("kernel", help="the verification step's time per implementation (GPU)")

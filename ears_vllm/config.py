@@ -33,8 +33,10 @@ BUDGET_POLICIES = tuple(name for name, spec in POLICIES.items() if spec.only_add
 def check_budget_policy(policy: str, what: str) -> None:
     """ValueError unless ``policy``'s only deviation is added acceptances, which a budget can cap."""
     if not get_policy(policy).only_adds_acceptances:
-        raise ValueError(f"{what} needs a policy whose only deviation is added acceptances, one of "
-                         f"{list(BUDGET_POLICIES)}; policy {policy!r} is not one")  # fmt: skip
+        raise ValueError(
+            f"{what} needs a policy whose only deviation is added acceptances, one of "
+            f"{list(BUDGET_POLICIES)}; policy {policy!r} is not one"
+        )
 
 
 ENV_CONFIG_PATH = "EARS_VLLM_CONFIG"
@@ -100,8 +102,10 @@ class EarsConfig:
                 )
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
-            raise ValueError(f"ears config has unknown key(s) {unknown} (values {[params[k] for k in unknown]!r}); "
-                             f"allowed keys: {sorted(_KEYS)}")  # fmt: skip
+            raise ValueError(
+                f"ears config has unknown key(s) {unknown} (values {[params[k] for k in unknown]!r}); "
+                f"allowed keys: {sorted(_KEYS)}"
+            )
         values = tuple((name, spec.validate(params.get(name, spec.default))) for name, spec in PARAMS.items())
         object.__setattr__(self, "policy", policy)
         object.__setattr__(self, "on_unsupported", on_unsupported)
@@ -126,8 +130,13 @@ class EarsConfig:
         return self.budget is None and get_policy(self.policy).lossless(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "on_unsupported": self.on_unsupported, "budget": self.budget,
-                "budget_scope": self.budget_scope, **dict(self.params)}  # fmt: skip
+        return {
+            "policy": self.policy,
+            "on_unsupported": self.on_unsupported,
+            "budget": self.budget,
+            "budget_scope": self.budget_scope,
+            **dict(self.params),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> EarsConfig:
@@ -142,8 +151,10 @@ class EarsConfig:
         for key in _STRING_KEYS:
             if key in data and not isinstance(data[key], str):
                 value, allowed = data[key], list(_STRING_VALUES[key])
-                raise ValueError(f"ears config key {key!r} = {value!r} has type {type(value).__name__}; expected a "
-                                 f"string, one of {allowed}")  # fmt: skip
+                raise ValueError(
+                    f"ears config key {key!r} = {value!r} has type {type(value).__name__}; expected a "
+                    f"string, one of {allowed}"
+                )
         return cls(**{str(k): v for k, v in data.items()})
 
     @classmethod

@@ -31,8 +31,10 @@ def exit_code(rows: list[tuple[str, str]]) -> int:
     return 1 if refuses or any(finding.startswith("INVALID") for _, finding in rows) else 0
 
 
-def diagnose(additional_config: dict[str, Any] | None = None, speculative: dict[str, Any] | None = None,
-             ) -> list[tuple[str, str]]:  # fmt: skip
+def diagnose(
+    additional_config: dict[str, Any] | None = None,
+    speculative: dict[str, Any] | None = None,
+) -> list[tuple[str, str]]:
     """(label, finding) rows. Never raises for an environment problem: it reports it.
 
     ``speculative``: the ``--speculative-config`` the server will get (its ``rejection_sample_method``, and for a

@@ -78,8 +78,14 @@ def register() -> None:
             adapter.install(problem)
         except Exception as exc:
             hook_report[runner] = f"not guarded ({type(exc).__name__}: {exc})"
-            logger.warning("ears-vllm: vLLM %s: cannot wrap the %s rejection sampler (%s: %s); if vLLM verifies "
-                           "there, it runs its own rule", version, runner, type(exc).__name__, exc)  # fmt: skip
+            logger.warning(
+                "ears-vllm: vLLM %s: cannot wrap the %s rejection sampler (%s: %s); if vLLM verifies "
+                "there, it runs its own rule",
+                version,
+                runner,
+                type(exc).__name__,
+                exc,
+            )
             continue
         hook_report[runner] = "patched" if problem is None else f"hooks moved: {problem}"
         if problem is not None:

@@ -72,8 +72,19 @@ def verify_reference(
     token_greedy = is_greedy[req_of_token]
     spec = get_policy(config.policy)
     race_winner = race_winners(target_logits, *race_key_rows(race_keys, num_draft_tokens)) if spec.keyed else None
-    positions = DraftPositions(target_logits, target_probs, draft_ids, draft_prob, uniform, tolerance[req_of_token],
-                               token_greedy, num_draft_tokens, req_of_token, draft_probs, race_winner)  # fmt: skip
+    positions = DraftPositions(
+        target_logits,
+        target_probs,
+        draft_ids,
+        draft_prob,
+        uniform,
+        tolerance[req_of_token],
+        token_greedy,
+        num_draft_tokens,
+        req_of_token,
+        draft_probs,
+        race_winner,
+    )
 
     settings = settings_for(config.policy, dict(config.params), max_spec_len)
     accept = spec.rule(positions, settings)

@@ -172,7 +172,7 @@ class RecentRequests:
         "relaxed",
         "random_verified",
         "greedy_relaxed",
-    )  # fmt: skip  (VerifyStats.record's order)
+    )  # VerifyStats.record's order
 
     def __init__(self, limit: int = 10_000) -> None:
         self.limit = limit

@@ -41,8 +41,14 @@ def build_tiny_pair(
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     directory = Path(directory)
-    settings = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-                    logit_scale=logit_scale, draft_noise=draft_noise, seed=seed)  # fmt: skip
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        logit_scale=logit_scale,
+        draft_noise=draft_noise,
+        seed=seed,
+    )
     target_dir, draft_dir, stamp = directory / "target", directory / "draft", directory / "settings.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return target_dir, draft_dir

@@ -164,8 +164,10 @@ def verify(
 
     if get_policy(config.policy).keyed:
         if race_keys is None:
-            raise ValueError(f"policy {config.policy!r} needs race_keys: [batch, 2] int64, each request's key seed "
-                             "and the position of its first draft")  # fmt: skip
+            raise ValueError(
+                f"policy {config.policy!r} needs race_keys: [batch, 2] int64, each request's key seed "
+                "and the position of its first draft"
+            )
         _check_tensor("race_keys", race_keys, shape=(batch_size, 2), dtypes=(torch.int64,), device=device)
 
     step = dict(

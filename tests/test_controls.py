@@ -49,13 +49,27 @@ def test_request_settings_read_the_ears_keys(xargs, expected):
         ({"ears_budget": 0}, "'ears_budget' = 0"),
         ({"ears_budget": 0.1, "ears_tolerance": 0.1}, "set together"),
         ({"ears_tolerence": 0.1}, "['ears_tolerence'] are not ears-vllm keys"),
-        ({"EARS_TOLERANCE": 0.5}, "['EARS_TOLERANCE'] are not ears-vllm keys (keys are lowercase with underscores: "
-                                  "['ears_tolerance'])"),
+        (
+            {"EARS_TOLERANCE": 0.5},
+            "['EARS_TOLERANCE'] are not ears-vllm keys (keys are lowercase with underscores: ['ears_tolerance'])",
+        ),
         ({"Ears-Budget": 0.1, "temperature_scale": 2}, "['Ears-Budget'] are not ears-vllm keys"),
     ],
-    ids=["above-1", "negative", "nan", "string", "bool", "unknown-policy", "policy-number", "budget-0",
-         "budget-and-tolerance", "misspelt", "upper-case", "mixed-case-hyphen"],
-)  # fmt: skip
+    ids=[
+        "above-1",
+        "negative",
+        "nan",
+        "string",
+        "bool",
+        "unknown-policy",
+        "policy-number",
+        "budget-0",
+        "budget-and-tolerance",
+        "misspelt",
+        "upper-case",
+        "mixed-case-hyphen",
+    ],
+)
 def test_bad_request_settings_name_the_key_and_what_is_allowed(xargs, named):
     with pytest.raises(ValueError, match="vllm_xargs") as info:
         request_settings(xargs)
@@ -132,12 +146,18 @@ def test_the_budget_caps_relaxed_acceptances_by_hand(budget, slack, accepted, re
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     logits = torch.zeros(4, 2)
     out = ears_vllm.verify(
-        logits, torch.zeros(4, dtype=torch.long), [4], torch.tensor([1]),
-        uniform=torch.tensor(U_ALL_RELAXABLE, dtype=torch.float64), recovery_noise=torch.ones(1, 2),
-        tolerance=torch.tensor([1.0], dtype=torch.float64), budget=torch.tensor([budget], dtype=torch.float64),
-        budget_slack=torch.tensor([slack], dtype=torch.float64), config=EarsConfig(policy="ears", tolerance=1.0),
+        logits,
+        torch.zeros(4, dtype=torch.long),
+        [4],
+        torch.tensor([1]),
+        uniform=torch.tensor(U_ALL_RELAXABLE, dtype=torch.float64),
+        recovery_noise=torch.ones(1, 2),
+        tolerance=torch.tensor([1.0], dtype=torch.float64),
+        budget=torch.tensor([budget], dtype=torch.float64),
+        budget_slack=torch.tensor([slack], dtype=torch.float64),
+        config=EarsConfig(policy="ears", tolerance=1.0),
         backend=backend,
-    )  # fmt: skip
+    )
     assert (out.num_accepted.item(), out.num_relaxed.item()) == (accepted, relaxed)
     if accepted < 4:  # a capped position is rejected as the standard rule rejects it: the residual, token 1
         assert out.token_ids[0, accepted].item() == 1
@@ -149,10 +169,17 @@ def test_a_budget_of_zero_slack_and_rate_is_the_standard_step():
     args = dict(uniform=torch.rand(12, dtype=torch.float64), recovery_noise=torch.empty(3, 16).exponential_())
     standard = ears_vllm.verify(logits, ids, [4, 4, 4], torch.zeros(3, dtype=torch.long), **args, backend="torch")
     capped = ears_vllm.verify(
-        logits, ids, [4, 4, 4], torch.zeros(3, dtype=torch.long), **args, backend="torch",
-        config=EarsConfig(policy="ears", tolerance=1.0), tolerance=torch.ones(3, dtype=torch.float64),
-        budget=torch.full((3,), 1e-9, dtype=torch.float64), budget_slack=torch.zeros(3, dtype=torch.float64),
-    )  # fmt: skip
+        logits,
+        ids,
+        [4, 4, 4],
+        torch.zeros(3, dtype=torch.long),
+        **args,
+        backend="torch",
+        config=EarsConfig(policy="ears", tolerance=1.0),
+        tolerance=torch.ones(3, dtype=torch.float64),
+        budget=torch.full((3,), 1e-9, dtype=torch.float64),
+        budget_slack=torch.zeros(3, dtype=torch.float64),
+    )
     assert torch.equal(standard.token_ids, capped.token_ids) and capped.num_relaxed.sum() == 0
 
 
@@ -186,10 +213,16 @@ def test_a_long_run_under_a_budget_stays_at_or_under_it():
     for _ in range(200):
         logits, draft = torch.randn(5, 32), torch.softmax(torch.randn(5, 32), -1)
         out = ears_vllm.verify(
-            logits, torch.multinomial(draft, 1).squeeze(1), [5], torch.zeros(1, dtype=torch.long), draft_probs=draft,
-            config=config, budget=torch.tensor([0.05], dtype=torch.float64),
-            budget_slack=torch.tensor([ledger.slack], dtype=torch.float64), backend="torch",
-        )  # fmt: skip
+            logits,
+            torch.multinomial(draft, 1).squeeze(1),
+            [5],
+            torch.zeros(1, dtype=torch.long),
+            draft_probs=draft,
+            config=config,
+            budget=torch.tensor([0.05], dtype=torch.float64),
+            budget_slack=torch.tensor([ledger.slack], dtype=torch.float64),
+            backend="torch",
+        )
         accepted = out.num_accepted.item()
         ledger.record(accepted + (accepted < 5), out.num_relaxed.item())
         assert ledger.relaxed <= 0.05 * ledger.verified + 1e-9
@@ -224,11 +257,17 @@ def _pooled_and_per_request_run(budget: float, requests: int, steps: int) -> tup
     for _ in range(steps):
         logits = torch.randn(requests * 4, 32, generator=generator)
         draft = torch.softmax(torch.randn(requests * 4, 32, generator=generator), -1)
-        args = dict(target_logits=logits, draft_token_ids=torch.multinomial(draft, 1, generator=generator).squeeze(1),
-                    num_draft_tokens=[4] * requests, bonus_token_ids=torch.zeros(requests, dtype=torch.long),
-                    draft_probs=draft, is_greedy=torch.zeros(requests, dtype=torch.bool),
-                    uniform=torch.rand(requests * 4, dtype=torch.float64, generator=generator),
-                    noise=torch.empty(requests, 32).exponential_(generator=generator), max_spec_len=4)  # fmt: skip
+        args = dict(
+            target_logits=logits,
+            draft_token_ids=torch.multinomial(draft, 1, generator=generator).squeeze(1),
+            num_draft_tokens=[4] * requests,
+            bonus_token_ids=torch.zeros(requests, dtype=torch.long),
+            draft_probs=draft,
+            is_greedy=torch.zeros(requests, dtype=torch.bool),
+            uniform=torch.rand(requests * 4, dtype=torch.float64, generator=generator),
+            noise=torch.empty(requests, 32).exponential_(generator=generator),
+            max_spec_len=4,
+        )
         for ledgers in ([pool] * requests, own):
             out = verify_rows([RequestControl(config, ledger) for ledger in ledgers], **args)
             counts = zip(ledgers, out.num_accepted.tolist(), out.num_relaxed.tolist(), strict=True)
@@ -260,8 +299,9 @@ def test_requests_on_the_servers_budget_share_its_pool_when_it_is_server_scoped(
 
     monkeypatch.setattr(vllm_requests, "_pools", {})
     server = EarsConfig(policy="ears", budget=0.02, budget_scope=scope)
-    first, second = (vllm_requests.new_control(server, SamplingParams(temperature=1.0, extra_args=asked), "r")
-                     for _ in range(2))  # fmt: skip
+    first, second = (
+        vllm_requests.new_control(server, SamplingParams(temperature=1.0, extra_args=asked), "r") for _ in range(2)
+    )
     assert (first.ledger is second.ledger) == shared and first.ledger.shared == shared
     assert first.tolerance == 1.0  # the budgeted tolerance: the cap bounds it
 
@@ -282,14 +322,21 @@ def test_the_collector_serves_counters_by_policy_and_the_running_rate():
     from prometheus_client import CollectorRegistry, generate_latest
 
     collector = EarsCollector()
-    collector.totals = {"steps": 7, "invalid": 1, "by_policy": {"ears": {"random_verified": 40, "relaxed": 2,
-                                                                         "accepted": 30}}}  # fmt: skip
+    collector.totals = {
+        "steps": 7,
+        "invalid": 1,
+        "by_policy": {"ears": {"random_verified": 40, "relaxed": 2, "accepted": 30}},
+    }
     registry = CollectorRegistry()
     registry.register(collector)
     text = generate_latest(registry).decode()
-    for line in ("ears_vllm_verification_steps_total 7.0", 'ears_vllm_relaxed_acceptances_total{policy="ears"} 2.0',
-                 'ears_vllm_verified_positions_total{policy="ears"} 40.0', "ears_vllm_invalid_drafts_total 1.0",
-                 'ears_vllm_relaxed_per_verified_position{policy="ears"} 0.05'):  # fmt: skip
+    for line in (
+        "ears_vllm_verification_steps_total 7.0",
+        'ears_vllm_relaxed_acceptances_total{policy="ears"} 2.0',
+        'ears_vllm_verified_positions_total{policy="ears"} 40.0',
+        "ears_vllm_invalid_drafts_total 1.0",
+        'ears_vllm_relaxed_per_verified_position{policy="ears"} 0.05',
+    ):
         assert line in text
 
 
@@ -328,8 +375,15 @@ def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():
     recent.record("cmpl-a-0-x1", "ears", 4, 1, 4, 1, 0, 2, 0)
     recent.record("cmpl-b-0-x2", "ears", 4, 0, 4, 0, 0, 1, 0)
     assert recent.starting_with("cmpl-a-")["cmpl-a-0-x1"] | {} == {
-        "policy": "ears", "drafts": 8, "accepted": 3, "random_drafts": 8, "random_accepted": 3, "relaxed": 1,
-        "random_verified": 5, "greedy_relaxed": 0}  # fmt: skip
+        "policy": "ears",
+        "drafts": 8,
+        "accepted": 3,
+        "random_drafts": 8,
+        "random_accepted": 3,
+        "relaxed": 1,
+        "random_verified": 5,
+        "greedy_relaxed": 0,
+    }
     recent.record("cmpl-c-0-x3", "ears", 1, 1, 1, 1, 0, 1, 0)
     assert recent.starting_with("cmpl-a-") == {}  # the oldest went
 

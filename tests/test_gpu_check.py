@@ -27,9 +27,22 @@ def test_gpu_check_runs_from_a_bundle_of_this_releases_sources(tmp_path, capsys)
     assert cli.main(["gpu-check", "bundle", "--out", str(bundle)]) == 0
     assert f"bundled {BUNDLED[VLLM_VERSION]} vLLM {VLLM_VERSION} sources" in capsys.readouterr().out
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the bundle brings vLLM code
-    done = subprocess.run(["make", "-C", str(REPO), "gpu-check", "GPU_CHECK_DEVICE=cpu", f"GPU_BUNDLE={bundle}",
-                           f"GPU_CHECK_OUT={out}", f"GPU_PYTHON={sys.executable}"],
-                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(REPO),
+            "gpu-check",
+            "GPU_CHECK_DEVICE=cpu",
+            f"GPU_BUNDLE={bundle}",
+            f"GPU_CHECK_OUT={out}",
+            f"GPU_PYTHON={sys.executable}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["passed"] and report["bundle"]["vllm_version"] == VLLM_VERSION

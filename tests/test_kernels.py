@@ -47,15 +47,25 @@ GREEDY = {"batch1-k4": [False], "batch7-ragged-with-zeros": [False, True, False,
 
 
 def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, race_keys=None, **kernel_options):
-    reference = verify(**batch, config=config, is_greedy=is_greedy, tolerance=tolerance, race_keys=race_keys,
-                       backend="torch")  # fmt: skip
+    reference = verify(
+        **batch, config=config, is_greedy=is_greedy, tolerance=tolerance, race_keys=race_keys, backend="torch"
+    )
     n = batch["num_draft_tokens"]
     kernel = verify_kernel.verify_triton(
-        batch["target_logits"], batch["draft_token_ids"], torch.as_tensor(n), batch["bonus_token_ids"],
-        batch["draft_probs"], is_greedy, batch["uniform"], batch["recovery_noise"].reciprocal(),
+        batch["target_logits"],
+        batch["draft_token_ids"],
+        torch.as_tensor(n),
+        batch["bonus_token_ids"],
+        batch["draft_probs"],
+        is_greedy,
+        batch["uniform"],
+        batch["recovery_noise"].reciprocal(),
         tolerance if tolerance is not None else torch.full((len(n),), config.tolerance, dtype=torch.float64),
-        config, max(n), race_keys=race_keys, **kernel_options,
-    )  # fmt: skip
+        config,
+        max(n),
+        race_keys=race_keys,
+        **kernel_options,
+    )
     assert torch.equal(kernel.token_ids, reference.token_ids)
     assert torch.equal(kernel.num_accepted, reference.num_accepted)
     assert torch.equal(kernel.num_relaxed, reference.num_relaxed)
@@ -105,8 +115,9 @@ def test_ersd_walk_equals_the_reference(full_draft):
     corrupt = torch.rand(winners.shape[0], generator=torch.Generator().manual_seed(1)) < 0.25
     batch["draft_token_ids"] = torch.where(corrupt, (winners + 1) % 1037, winners)
     is_greedy = torch.tensor(GREEDY["batch7-ragged-with-zeros"])
-    result = assert_kernel_equals_reference(batch, EarsConfig(policy="ersd"), is_greedy, race_keys=race_keys,
-                                            block_size=128, num_splits=3)  # fmt: skip
+    result = assert_kernel_equals_reference(
+        batch, EarsConfig(policy="ersd"), is_greedy, race_keys=race_keys, block_size=128, num_splits=3
+    )
     random_rows = ~is_greedy & (torch.tensor(n) > 0)
     assert (result.num_accepted[random_rows] > 0).any() and (result.num_accepted < torch.tensor(n)).any()
     assert result.num_relaxed.sum() == 0
@@ -124,15 +135,21 @@ def test_per_request_tolerance():
 @pytest.mark.parametrize("num_splits", [1, 2, 8], ids=lambda s: f"splits{s}")
 def test_split_count_does_not_change_the_result(num_splits):
     batch = verify_batch([4, 4, 4], 1000, seed=9, full_draft=True)
-    assert_kernel_equals_reference(batch, EarsConfig(policy="ears", tolerance=0.2), torch.zeros(3, dtype=torch.bool),
-                                   block_size=64, num_splits=num_splits)  # fmt: skip
+    assert_kernel_equals_reference(
+        batch,
+        EarsConfig(policy="ears", tolerance=0.2),
+        torch.zeros(3, dtype=torch.bool),
+        block_size=64,
+        num_splits=num_splits,
+    )
 
 
 def test_bf16_logits():
     batch = verify_batch([4, 2], 1037, seed=2, full_draft=False)
     batch["target_logits"] = batch["target_logits"].to(torch.bfloat16)
-    assert_kernel_equals_reference(batch, EarsConfig(policy="ears", tolerance=0.3), torch.tensor([False, True]),
-                                   block_size=256)  # fmt: skip
+    assert_kernel_equals_reference(
+        batch, EarsConfig(policy="ears", tolerance=0.3), torch.tensor([False, True]), block_size=256
+    )
 
 
 def test_verify_dispatches_to_the_kernel():

@@ -19,10 +19,17 @@ from ears_vllm.policies import POLICIES, PositionForm, position_form
 def run(p_rows, drafts, uniforms, config, *, greedy=False, draft_probs=None):
     logits = torch.tensor(p_rows, dtype=torch.float64).log().float()
     out = verify(
-        logits, torch.tensor(drafts), [len(drafts)], torch.tensor([len(p_rows[0]) - 1]),
-        uniform=torch.tensor(uniforms, dtype=torch.float64), is_greedy=torch.tensor([greedy]), config=config,
-        draft_probs=draft_probs, generator=torch.Generator().manual_seed(0), backend="torch",
-    )  # fmt: skip
+        logits,
+        torch.tensor(drafts),
+        [len(drafts)],
+        torch.tensor([len(p_rows[0]) - 1]),
+        uniform=torch.tensor(uniforms, dtype=torch.float64),
+        is_greedy=torch.tensor([greedy]),
+        config=config,
+        draft_probs=draft_probs,
+        generator=torch.Generator().manual_seed(0),
+        backend="torch",
+    )
     return out.token_ids[0].tolist(), int(out.num_accepted[0]), int(out.num_relaxed[0])
 
 
@@ -116,17 +123,27 @@ def test_fly_never_defers_a_masked_draft():
 @pytest.mark.parametrize("policy", ["sglang", "typical", "relaxed_topk", "ears"])
 def test_exact_added_tv_matches_the_sampled_output(policy):
     """The closed-form added TV against the emitted token's distribution over many draws (full drafts, d ~ q)."""
-    settings = {"sglang": dict(accept_threshold_acc=0.5), "typical": {}, "relaxed_topk": dict(relaxed_topk=2),
-                "ears": dict(tolerance=0.5)}[policy]  # fmt: skip
+    settings = {
+        "sglang": dict(accept_threshold_acc=0.5),
+        "typical": {},
+        "relaxed_topk": dict(relaxed_topk=2),
+        "ears": dict(tolerance=0.5),
+    }[policy]
     p = torch.tensor([[0.45, 0.25, 0.2, 0.1]], dtype=torch.float64)
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
     form: PositionForm = position_form(p, q, policy, **settings)
     n, g = 200_000, torch.Generator().manual_seed(1)
     drafts = torch.multinomial(q[0], n, replacement=True, generator=g)
     out = verify(
-        p.log().float().expand(n, 4), drafts, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
-        draft_probs=q.float().expand(n, 4), config=EarsConfig(policy=policy, **settings), generator=g, backend="torch",
-    )  # fmt: skip
+        p.log().float().expand(n, 4),
+        drafts,
+        torch.ones(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+        draft_probs=q.float().expand(n, 4),
+        config=EarsConfig(policy=policy, **settings),
+        generator=g,
+        backend="torch",
+    )
     emitted = torch.bincount(out.token_ids[:, 0].long(), minlength=4).double() / n
     sampled_tv = 0.5 * float((emitted - p[0]).abs().sum())
     assert sampled_tv == pytest.approx(float(form.added_tv[0]), abs=0.006)
@@ -252,8 +269,9 @@ def test_adasd_thresholds_are_midpoints_of_what_each_request_saw(steps, tau_acc,
 
 # One-hot q at d: JS^2 = ((1 - p_d) + p_d log2(2 p_d / (1 + p_d)) + log2(2 / (1 + p_d))) / 2, worked by hand:
 # p_d = 0.3: (0.7 - 0.3346 + 0.6215) / 2 = 0.4934 -> 0.7025; p_d = 0.9: (0.1 - 0.0702 + 0.0740) / 2 -> 0.2278.
-@pytest.mark.parametrize(("p_d", "distance"), [(0.0, 1.0), (0.3, 0.7025), (0.9, 0.2278), (1.0, 0.0)],
-                         ids=["p0", "p0.3", "p0.9", "p1"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("p_d", "distance"), [(0.0, 1.0), (0.3, 0.7025), (0.9, 0.2278), (1.0, 0.0)], ids=["p0", "p0.3", "p0.9", "p1"]
+)
 def test_the_one_hot_js_distance_by_hand_and_as_the_dense_one(p_d, distance):
     from ears_vllm.policies.adasd import js_distance
 

@@ -29,8 +29,15 @@ def verify_ersd(
     batch, rows, vocab = target.shape
     k = rows - 1
     bonus = race_winners(target[:, k], seed, first_pos + k)
-    result = verify(target[:, :k].reshape(-1, vocab), drafts, [k] * batch, bonus, draft_probs=draft_probs,
-                    race_keys=torch.stack([seed, first_pos], 1), config=ERSD)  # fmt: skip
+    result = verify(
+        target[:, :k].reshape(-1, vocab),
+        drafts,
+        [k] * batch,
+        bonus,
+        draft_probs=draft_probs,
+        race_keys=torch.stack([seed, first_pos], 1),
+        config=ERSD,
+    )
     return [row[: n + 1] for row, n in zip(result.token_ids.tolist(), result.num_accepted.tolist(), strict=True)]
 
 
@@ -149,16 +156,25 @@ def test_the_emitted_text_does_not_depend_on_the_drafter():
     close, far = target[:, :k] + torch.randn(batch, k, vocab), torch.randn(batch, k, vocab) * 3
     emitted = [verify_ersd(target, drafts_by_race(d, seed, first_pos), seed, first_pos) for d in (close, far)]
     assert [len(t) for t in emitted[0]] != [len(t) for t in emitted[1]]  # the drafters differ in acceptance...
-    non_speculative = [race_winners(target[r], seed[r].expand(k + 1), first_pos[r] + torch.arange(k + 1)).tolist()
-                       for r in range(batch)]  # fmt: skip
+    non_speculative = [
+        race_winners(target[r], seed[r].expand(k + 1), first_pos[r] + torch.arange(k + 1)).tolist()
+        for r in range(batch)
+    ]
     for tokens in emitted:  # ...but every emitted token is the target's own winner at its position
         assert all(t == non_speculative[r][: len(t)] for r, t in enumerate(tokens))
 
 
 def test_greedy_rows_are_verified_by_argmax_match():
     target = torch.tensor([[[0.0, 3.0, 1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])  # k = 2, then the bonus row
-    result = verify(target[0, :2], torch.tensor([1, 2]), [2], torch.tensor([2]), is_greedy=torch.tensor([True]),
-                    race_keys=torch.tensor([[5, 9]]), config=ERSD)  # fmt: skip
+    result = verify(
+        target[0, :2],
+        torch.tensor([1, 2]),
+        [2],
+        torch.tensor([2]),
+        is_greedy=torch.tensor([True]),
+        race_keys=torch.tensor([[5, 9]]),
+        config=ERSD,
+    )
     assert result.token_ids.tolist() == [[1, 0, -1]]  # draft 1 is the argmax; 2 is not, the argmax 0 replaces it
     assert result.num_relaxed.tolist() == [0]
 

@@ -18,26 +18,50 @@ PLANS = {
     "ears-on-v1": ("V1", EARS, {}, True, False, "policy 'ears' on vLLM 0.33.0"),
     "ears-on-mrv2": ("MRV2", EARS, {}, True, False, "policy 'ears' on vLLM 0.33.0"),
     "typical-on-v1": ("V1", EarsConfig(policy="typical"), {}, True, False, "policy 'typical'"),
-    "typical-on-mrv2-refuses": ("MRV2", EarsConfig(policy="typical"), {}, False, True,
-                                "policy 'typical' is not available on the MRV2 runner (it is on ['V1'])"),
-    "typical-on-a-release-without-v1": ("MRV2", EarsConfig(policy="typical"),
-                                        dict(installed_runners=("MRV2",), vllm_version="0.34.0"), False, True,
-                                        "(it is on ['V1']), which vLLM 0.34.0 does not have"),
-    "moved-hook-refuses": ("V1", EARS, dict(hook_problem="rejection_sample has parameters ('x',)"), False, True,
-                           "vLLM 0.33.0 moved the V1 hook: rejection_sample has parameters ('x',)"),
+    "typical-on-mrv2-refuses": (
+        "MRV2",
+        EarsConfig(policy="typical"),
+        {},
+        False,
+        True,
+        "policy 'typical' is not available on the MRV2 runner (it is on ['V1'])",
+    ),
+    "typical-on-a-release-without-v1": (
+        "MRV2",
+        EarsConfig(policy="typical"),
+        dict(installed_runners=("MRV2",), vllm_version="0.34.0"),
+        False,
+        True,
+        "(it is on ['V1']), which vLLM 0.34.0 does not have",
+    ),
+    "moved-hook-refuses": (
+        "V1",
+        EARS,
+        dict(hook_problem="rejection_sample has parameters ('x',)"),
+        False,
+        True,
+        "vLLM 0.33.0 moved the V1 hook: rejection_sample has parameters ('x',)",
+    ),
     "moved-hook-falls-back": ("V1", EARS_FALLBACK, dict(hook_problem="gone"), False, False, "moved the V1 hook"),
     # What the user asked of vLLM itself runs, named beside the policy: a warning, never a refusal.
-    "vllm-fly-is-vllms": ("V1", EARS, dict(method="fly"), False, False,
-                          "method='fly', its own rule, which does not combine with ears policy 'ears'"),
+    "vllm-fly-is-vllms": (
+        "V1",
+        EARS,
+        dict(method="fly"),
+        False,
+        False,
+        "method='fly', its own rule, which does not combine with ears policy 'ears'",
+    ),
     "vllm-block-is-vllms": ("MRV2", EARS, dict(method="block"), False, False, "method='block'"),
     "vllm-synthetic-is-vllms": ("V1", EARS, dict(method="synthetic"), False, False, "method='synthetic'"),
     "watermarking-is-vllms": ("MRV2", EARS, dict(watermarking=True), False, False, "watermark the output"),
     "no-method-is-standard": ("V1", EARS, dict(method=None), True, False, "policy 'ears'"),
-}  # fmt: skip
+}
 
 
-@pytest.mark.parametrize(("runner", "config", "asked", "verifies", "refuses", "reason"), PLANS.values(),
-                         ids=PLANS.keys())  # fmt: skip
+@pytest.mark.parametrize(
+    ("runner", "config", "asked", "verifies", "refuses", "reason"), PLANS.values(), ids=PLANS.keys()
+)
 def test_plan(runner, config, asked, verifies, refuses, reason):
     plan = plan_verification(runner, config, **({"vllm_version": "0.33.0", "hook_problem": None} | asked))
     assert (plan.runner, plan.verifies, plan.refuses) == (runner, verifies, refuses)

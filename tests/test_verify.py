@@ -57,8 +57,9 @@ SHAPES = {
 @pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot-draft", "full-draft"])
 @pytest.mark.parametrize("vocab", [37, 1000], ids=["vocab37", "vocab1000"])
 def test_token_ids_equal_the_naive_implementation(config, num_draft_tokens, full_draft, vocab):
-    batch = verify_batch(num_draft_tokens, vocab, seed=vocab + len(num_draft_tokens), full_draft=full_draft,
-                       masked_fraction=0.3)  # fmt: skip
+    batch = verify_batch(
+        num_draft_tokens, vocab, seed=vocab + len(num_draft_tokens), full_draft=full_draft, masked_fraction=0.3
+    )
     assert_matches_naive(batch, config)
 
 

@@ -558,8 +558,9 @@ def slots_for(batch: dict, config: EarsConfig, asked: dict[int, dict]) -> vllm_m
 
     slots = vllm_mrv2.SlotControls(config, batch["temperature"].shape[0])
     for state in batch["idx_mapping"].tolist():
-        slots.add_request(state, SamplingParams(temperature=float(batch["temperature"][state]),
-                                                extra_args=asked.get(state)))  # fmt: skip
+        slots.add_request(
+            state, SamplingParams(temperature=float(batch["temperature"][state]), extra_args=asked.get(state))
+        )
     return slots
 
 
@@ -612,8 +613,9 @@ def test_a_server_pool_is_dealt_to_the_batch_and_gathered_back_on_the_device(mrv
     batch = mrv2_batch(1, **STEPS["random-full-draft"])
     server = EarsConfig(policy="ears", min_ratio=0.05, budget=0.1, budget_scope="server")
     slots = slots_for(batch, server, {})
-    per_request = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server.merged(
-        {"budget_scope": "request"}), {}))  # fmt: skip
+    per_request = vllm_mrv2.verify_mrv2(
+        **batch, config=server, slots=slots_for(batch, server.merged({"budget_scope": "request"}), {})
+    )
     assert int(per_request[2].sum()) == 0  # without slack, no request can relax at B = 0.1 in one step
     pool = slots.tensors(batch["temperature"].device)[4]
     pool.fill_(1.5)  # the pool as earlier steps left it: one whole relaxed acceptance and a half
@@ -643,8 +645,11 @@ def test_requests_reach_their_slots_through_vllms_sampler_and_rejection_sample(m
         sampler_module.Sampler.add_request(object.__new__(sampler_module.Sampler), state, params)
     with vllm_mrv2.verifying_with(server):
         sampled, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
-    expected = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server, {
-        states[0]: {"ears_tolerance": 1.0}, states[1]: {"ears_tolerance": 0.0}}))  # fmt: skip
+    expected = vllm_mrv2.verify_mrv2(
+        **batch,
+        config=server,
+        slots=slots_for(batch, server, {states[0]: {"ears_tolerance": 1.0}, states[1]: {"ears_tolerance": 0.0}}),
+    )
     assert num_sampled.tolist() == expected[1].tolist()
     assert accepted_tokens(sampled, num_sampled) == accepted_tokens(expected[0], expected[1])
 
@@ -680,8 +685,15 @@ def test_mrv2s_keyed_sampling_draws_the_race_winners_of_our_keys(mrv2, drafting)
     temperature = torch.full((n,), 0.8)
     seed = torch.randint(0, 2**62, (n,), generator=generator)
     pos = torch.randint(0, 4000, (n,), generator=generator)
-    sampled = mrv2.gumbel.gumbel_sample(logits.clone(), torch.arange(n, dtype=torch.int32), temperature, seed, pos,
-                                        apply_temperature=True, is_drafting=drafting)  # fmt: skip
+    sampled = mrv2.gumbel.gumbel_sample(
+        logits.clone(),
+        torch.arange(n, dtype=torch.int32),
+        temperature,
+        seed,
+        pos,
+        apply_temperature=True,
+        is_drafting=drafting,
+    )
     expected = race_winners(logits / temperature[:, None], seed, pos + DRAFT_NOISE_SALT * drafting)
     assert sampled.reshape(-1).tolist() == expected.tolist()
 
@@ -693,9 +705,14 @@ def test_ersd_on_mrv2_emits_mrv2s_non_speculative_draws(mrv2, step, monkeypatch)
     to and including its first mismatch (or its bonus row)."""
     batch = mrv2_batch(7, **step)
     non_speculative = mrv2.gumbel.gumbel_sample(
-        batch["target_logits"].clone(), batch["expanded_idx_mapping"], batch["temperature"], batch["seed"],
-        batch["pos"], apply_temperature=False, is_drafting=False,
-    ).reshape(-1)  # fmt: skip
+        batch["target_logits"].clone(),
+        batch["expanded_idx_mapping"],
+        batch["temperature"],
+        batch["seed"],
+        batch["pos"],
+        apply_temperature=False,
+        is_drafting=False,
+    ).reshape(-1)
     drafts = batch["draft_sampled"].clone()
     corrupt = torch.rand(drafts.shape[0], generator=torch.Generator().manual_seed(2)) < 0.3
     vocab = batch["target_logits"].shape[1]

@@ -22,8 +22,9 @@ from tests.vllm_release import V1_ABSENT, VLLM_VERSION, v1_runner_only
 EARS = {"policy": "ears", "tolerance": 0.3}
 LOGGER = get_logger().name
 # A speculative config asking vLLM for one of its own rules (synthetic acceptance: both releases have it on V1).
-VLLM_OWN_RULE = types.SimpleNamespace(rejection_sample_method="synthetic", synthetic_acceptance_rates=[0.5, 0.5],
-                                      num_speculative_tokens=2)  # fmt: skip
+VLLM_OWN_RULE = types.SimpleNamespace(
+    rejection_sample_method="synthetic", synthetic_acceptance_rates=[0.5, 0.5], num_speculative_tokens=2
+)
 
 
 def v1_sampler(ears: dict, spec_config=None):
@@ -92,8 +93,9 @@ def test_each_sampler_has_its_own_plan(fresh_registration, monkeypatch):
 
 @v1_runner_only
 @pytest.mark.parametrize("on_unsupported", ["error", "fallback"])
-def test_a_moved_v1_hook_refuses_at_sampler_construction_or_falls_back(fresh_registration, monkeypatch, caplog,
-                                                                    on_unsupported):  # fmt: skip
+def test_a_moved_v1_hook_refuses_at_sampler_construction_or_falls_back(
+    fresh_registration, monkeypatch, caplog, on_unsupported
+):
     import vllm.v1.sample.rejection_sampler as module
 
     original = module.rejection_sample
@@ -212,10 +214,14 @@ def server_state(monkeypatch):
 
 
 @v1_runner_only
-@pytest.mark.parametrize(("draft_sample_method", "method"), [("greedy", "draft_model"), ("probabilistic", "ngram")],
-                         ids=["greedy-drafts", "ngram-drafter"])  # fmt: skip
-def test_ersd_refuses_a_drafter_that_cannot_race(fresh_registration, server_state, monkeypatch, draft_sample_method,
-                                                 method):  # fmt: skip
+@pytest.mark.parametrize(
+    ("draft_sample_method", "method"),
+    [("greedy", "draft_model"), ("probabilistic", "ngram")],
+    ids=["greedy-drafts", "ngram-drafter"],
+)
+def test_ersd_refuses_a_drafter_that_cannot_race(
+    fresh_registration, server_state, monkeypatch, draft_sample_method, method
+):
     import vllm.v1.sample.rejection_sampler as module
 
     monkeypatch.setattr(module, "rejection_sample", module.rejection_sample)  # restored after the test
@@ -248,8 +254,9 @@ def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, serve
     topk_topp = sampler.sampler.topk_topp_sampler
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
     top_k = torch.tensor([50, 5, 5, 50])
-    keys = vllm_races.RowKeys(torch.tensor([1, 2, 3, 4]), torch.tensor([10, 20, 30, 40]),
-                              torch.tensor([True, True, False, True]))  # fmt: skip
+    keys = vllm_races.RowKeys(
+        torch.tensor([1, 2, 3, 4]), torch.tensor([10, 20, 30, 40]), torch.tensor([True, True, False, True])
+    )
     with bound(vllm_races._sampling, (keys, keys.first_pos + 1)):
         sampled, _ = topk_topp(logits.clone(), {}, top_k, None)
     winners = race_winners(apply_top_k_top_p(logits.clone(), top_k, None), keys.seed, keys.first_pos + 1)
@@ -258,8 +265,9 @@ def test_ersd_keys_the_drafter_and_the_runners_sampler(fresh_registration, serve
 
 
 @pytest.mark.parametrize("draft_sample_method", ["probabilistic", "greedy"])
-def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(server_state, monkeypatch, caplog,
-                                                                         draft_sample_method):  # fmt: skip
+def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(
+    server_state, monkeypatch, caplog, draft_sample_method
+):
     import vllm.config
 
     from ears_vllm.seam import vllm_races
@@ -267,8 +275,11 @@ def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(server_s
     module = types.SimpleNamespace(rejection_sample=lambda *a, **k: None)
     monkeypatch.setattr(vllm_mrv2.state, "hook_problem", None)
     spec = types.SimpleNamespace(**(ERSD_DRAFTER | {"draft_sample_method": draft_sample_method}))
-    config = types.SimpleNamespace(speculative_config=spec, additional_config={"ears": {"policy": "ersd"}},
-                                   scheduler_config=types.SimpleNamespace(max_num_seqs=8))  # fmt: skip
+    config = types.SimpleNamespace(
+        speculative_config=spec,
+        additional_config={"ears": {"policy": "ersd"}},
+        scheduler_config=types.SimpleNamespace(max_num_seqs=8),
+    )
     monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: config)
     if draft_sample_method == "greedy":
         with pytest.raises(UnsupportedPolicyError, match="draft_sample_method is 'greedy'"):

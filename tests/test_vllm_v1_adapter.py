@@ -89,14 +89,17 @@ def random_step(seed: int, *, num_draft_tokens, temperatures, seeded, full_draft
 
 STEPS = {
     "all-random-one-hot": dict(num_draft_tokens=[4, 4, 4], temperatures=[0.8, 1.0, 0.6], seeded=[], full_draft=False),
-    "all-random-full-draft": dict(num_draft_tokens=[4, 2, 4], temperatures=[0.8, 1.0, 0.6], seeded=[1],
-                                  full_draft=True),
-    "mixed-greedy-seeded": dict(num_draft_tokens=[3, 0, 5, 2], temperatures=[0.0, 0.9, 1.2, 0.0], seeded=[1, 2],
-                                full_draft=False),
-    "mixed-full-draft-ragged": dict(num_draft_tokens=[1, 6, 0, 3], temperatures=[1.0, 0.0, 0.7, 0.5],
-                                    seeded=[0, 3], full_draft=True),
+    "all-random-full-draft": dict(
+        num_draft_tokens=[4, 2, 4], temperatures=[0.8, 1.0, 0.6], seeded=[1], full_draft=True
+    ),
+    "mixed-greedy-seeded": dict(
+        num_draft_tokens=[3, 0, 5, 2], temperatures=[0.0, 0.9, 1.2, 0.0], seeded=[1, 2], full_draft=False
+    ),
+    "mixed-full-draft-ragged": dict(
+        num_draft_tokens=[1, 6, 0, 3], temperatures=[1.0, 0.0, 0.7, 0.5], seeded=[0, 3], full_draft=True
+    ),
     "all-greedy": dict(num_draft_tokens=[4, 3], temperatures=[0.0, 0.0], seeded=[], full_draft=False),
-}  # fmt: skip
+}
 
 
 def vllm_keywords(function) -> dict:
@@ -274,9 +277,10 @@ PATHOLOGICAL = {
     "nan-row": dict(num_draft_tokens=[3, 2, 4], temperatures=[0.8, 1.0, 0.7], seeded=[0], full_draft=False),
     "all-masked-row": dict(num_draft_tokens=[3, 2, 4], temperatures=[0.8, 1.0, 0.7], seeded=[], full_draft=True),
     "unnormalised-draft": dict(num_draft_tokens=[4, 4], temperatures=[1.0, 0.6], seeded=[0], full_draft=True),
-    "huge-k-beside-k0": dict(num_draft_tokens=[64, 0, 1], temperatures=[1.0, 0.9, 0.0], seeded=[0, 1],
-                             full_draft=False),
-}  # fmt: skip
+    "huge-k-beside-k0": dict(
+        num_draft_tokens=[64, 0, 1], temperatures=[1.0, 0.9, 0.0], seeded=[0, 1], full_draft=False
+    ),
+}
 
 
 @pytest.mark.parametrize("how", PATHOLOGICAL, ids=PATHOLOGICAL.keys())

@@ -58,8 +58,9 @@ def run_outputs(paths: list[Path], temperature: float) -> list[tuple[str, str]]:
         spec = run["spec"]
         by_temperature = {result["temperature"]: result for result in run["results"]}
         if temperature not in by_temperature:
-            raise ValueError(f"run {str(path)!r} has no outputs at temperature {temperature:g}; "
-                             f"it has {sorted(by_temperature)}")  # fmt: skip
+            raise ValueError(
+                f"run {str(path)!r} has no outputs at temperature {temperature:g}; it has {sorted(by_temperature)}"
+            )
         texts = by_temperature[temperature]["texts"]
         prompts = spec.get("prompt_texts")
         if prompts is None:
@@ -138,8 +139,10 @@ def run_acceptance(
 
     bad = [t for t in temperatures if not t > 0] + [s for s in draft_sampling if s not in DRAFT_SAMPLING]
     if bad:
-        raise ValueError(f"bench acceptance: {bad} not allowed: temperatures > 0 (a greedy request accepts exactly "
-                         f"the target's argmax), draft sampling in {DRAFT_SAMPLING}")  # fmt: skip
+        raise ValueError(
+            f"bench acceptance: {bad} not allowed: temperatures > 0 (a greedy request accepts exactly "
+            f"the target's argmax), draft sampling in {DRAFT_SAMPLING}"
+        )
     configs = {name: EarsConfig.from_dict(settings) for name, settings in policies.items()}
     tokenizer = AutoTokenizer.from_pretrained(target)
     forms = defaultdict(list)  # (T, sampling, policy) -> per text, a PositionForm over its positions
@@ -158,20 +161,32 @@ def run_acceptance(
                     for name, config in configs.items():
                         form = position_acceptance(p, draft_logits, temperature, sampling, config)
                         forms[(temperature, sampling, name)].append(form)
-    return [_row(name, configs[name], temperature, sampling, per_text, k)
-            for (temperature, sampling, name), per_text in forms.items()]  # fmt: skip
+    return [
+        _row(name, configs[name], temperature, sampling, per_text, k)
+        for (temperature, sampling, name), per_text in forms.items()
+    ]
 
 
 def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_text: list[PositionForm], k: int):
     """One table row: the chained expectations over a policy's per-text position forms."""
-    row = {"policy": name, "policy_kind": config.policy, "settings": config.settings, "temperature": temperature,
-           "draft_sampling": sampling, "positions": int(sum(f.accept.numel() for f in per_text))}  # fmt: skip
+    row = {
+        "policy": name,
+        "policy_kind": config.policy,
+        "settings": config.settings,
+        "temperature": temperature,
+        "draft_sampling": sampling,
+        "positions": int(sum(f.accept.numel() for f in per_text)),
+    }
     if get_policy(config.policy).accept_probability is None:  # FLy: chained through its window
         window = fly_window(config.fly_window_size, k)
         chains = torch.tensor([fly_chain(f.accept, f.relaxed, k, window) for f in per_text])  # [texts, 3]
         length, relaxed, verified = chains.nanmean(dim=0).tolist()
-        return row | {"acceptance_rate": float("nan"), "expected_acceptance_length": length,
-                      "relaxed_per_verified_position": relaxed / verified, "added_tv_per_position": None}  # fmt: skip
+        return row | {
+            "acceptance_rate": float("nan"),
+            "expected_acceptance_length": length,
+            "relaxed_per_verified_position": relaxed / verified,
+            "added_tv_per_position": None,
+        }
     lengths = torch.tensor([chained_acceptance_length(f.accept, k) for f in per_text])
     return row | {
         "acceptance_rate": float(torch.cat([f.accept for f in per_text]).mean()),
@@ -182,13 +197,17 @@ def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_t
 
 
 def markdown_table(rows: list[dict], k: int) -> str:
-    header = (f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
-              "relaxed acceptances per position | exact added TV per position |")  # fmt: skip
+    header = (
+        f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
+        "relaxed acceptances per position | exact added TV per position |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         tv = "no closed form" if r["added_tv_per_position"] is None else f"{r['added_tv_per_position']:.4f}"
         rate = "n/a" if r["acceptance_rate"] != r["acceptance_rate"] else f"{r['acceptance_rate']:.3f}"
         length, relaxed = r["expected_acceptance_length"], r["relaxed_per_verified_position"]
-        lines.append(f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {rate} | {length:.3f} | "
-                     f"{relaxed:.4f} | {tv} |")  # fmt: skip
+        lines.append(
+            f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {rate} | {length:.3f} | "
+            f"{relaxed:.4f} | {tv} |"
+        )
     return "\n".join(lines)

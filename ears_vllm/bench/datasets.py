@@ -63,8 +63,9 @@ def as_chat(tokenizer, prompt: str) -> str:
     """``prompt`` as the user turn of the tokenizer's chat template (unchanged for a model without one)."""
     if not getattr(tokenizer, "chat_template", None):
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def gsm8k_correct(output: str, answer: str) -> bool:

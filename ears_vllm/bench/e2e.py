@@ -56,9 +56,11 @@ class E2EConfig:
             raise ValueError(f"draft sampling {self.draft_sampling!r} not allowed; allowed: {DRAFT_SAMPLING}")
         keyed = [name for name, settings in self.policies.items() if get_policy(settings["policy"]).keyed]
         if keyed and self.draft_sampling != "probabilistic":
-            raise ValueError(f"policies {keyed} race their drafts on the requests' keys: they need draft sampling "
-                             f"'probabilistic' (--draft-sampling probabilistic), not "
-                             f"{self.draft_sampling!r}")  # fmt: skip
+            raise ValueError(
+                f"policies {keyed} race their drafts on the requests' keys: they need draft sampling "
+                f"'probabilistic' (--draft-sampling probabilistic), not "
+                f"{self.draft_sampling!r}"
+            )
 
 
 def parse_policies(text: str) -> dict[str, dict]:
@@ -91,8 +93,11 @@ def parse_policies(text: str) -> dict[str, dict]:
                 )
             settings[key] = _number(item, key, raw)
         EarsConfig.from_dict(settings)  # fail here, not an hour into the run
-        label = (f"budget{v:g}" if k == "budget" else v if k == "budget_scope" else f"{v:g}"
-                 for k, v in settings.items() if k != "policy")  # fmt: skip
+        label = (
+            f"budget{v:g}" if k == "budget" else v if k == "budget_scope" else f"{v:g}"
+            for k, v in settings.items()
+            if k != "policy"
+        )
         policies["-".join([name, *label])] = settings
     if not policies:
         raise ValueError(f"--policies {text!r} names no policy")
@@ -157,17 +162,33 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
     summary = markdown_table(rows) + ("\n\n" + paired_quality_table(pairs) if pairs else "")
     (out_dir / "summary.md").write_text(summary + "\n")
     plot_e2e(rows, out_dir)
-    groups = {f"{d}, T={t:g}": [r for r in rows if (r["dataset"], r["temperature"]) == (d, t)]
-              for d, t in sorted({(r["dataset"], r["temperature"]) for r in rows if r["temperature"] > 0})}  # fmt: skip
+    groups = {
+        f"{d}, T={t:g}": [r for r in rows if (r["dataset"], r["temperature"]) == (d, t)]
+        for d, t in sorted({(r["dataset"], r["temperature"]) for r in rows if r["temperature"] > 0})
+    }
     if groups:
-        plot_pareto(groups, "relaxed_per_verified", "mean_acceptance_length",
-                    f"relaxed acceptances per verified position ({relaxed_axis_note(rows)})", "mean acceptance length",
-                    out_dir / "pareto_added_tv.png")  # fmt: skip
+        plot_pareto(
+            groups,
+            "relaxed_per_verified",
+            "mean_acceptance_length",
+            f"relaxed acceptances per verified position ({relaxed_axis_note(rows)})",
+            "mean acceptance length",
+            out_dir / "pareto_added_tv.png",
+        )
         # Quality: GSM8K accuracy where answers are scored, the fraction of distinct word 4-grams on open prompts.
-        quality = {title: "accuracy" if any(r["accuracy"] is not None for r in group) else "distinct_4grams"
-                   for title, group in groups.items()}  # fmt: skip
-        plot_pareto(groups, quality, "mean_acceptance_length", "quality", "mean acceptance length",
-                    out_dir / "pareto_quality.png", x_higher_better=True)  # fmt: skip
+        quality = {
+            title: "accuracy" if any(r["accuracy"] is not None for r in group) else "distinct_4grams"
+            for title, group in groups.items()
+        }
+        plot_pareto(
+            groups,
+            quality,
+            "mean_acceptance_length",
+            "quality",
+            "mean acceptance length",
+            out_dir / "pareto_quality.png",
+            x_higher_better=True,
+        )
     if any(r["budget"] is not None and r["temperature"] > 0 and r["relaxed_per_verified"] is not None for r in rows):
         plot_budget(rows, out_dir / "budget_realised_vs_asked.png")
     return rows
@@ -178,12 +199,20 @@ def run_cell(config: E2EConfig, cell: Cell) -> Path:
     name = cell.name
     output = config.out_dir / f"{name}.json"
     spec = {
-        "target": config.target, "draft": config.draft, "method": config.method, "k": config.k,
-        "ears": config.policies[cell.policy], "policy_name": cell.policy, "dataset": cell.dataset,
-        "temperatures": config.temperatures, "max_tokens": config.max_tokens,
-        "max_model_len": config.max_model_len, "seed": config.seed, "prompts": cell.prompts,
+        "target": config.target,
+        "draft": config.draft,
+        "method": config.method,
+        "k": config.k,
+        "ears": config.policies[cell.policy],
+        "policy_name": cell.policy,
+        "dataset": cell.dataset,
+        "temperatures": config.temperatures,
+        "max_tokens": config.max_tokens,
+        "max_model_len": config.max_model_len,
+        "seed": config.seed,
+        "prompts": cell.prompts,
         "enforce_eager": config.enforce_eager if config.enforce_eager is not None else not _has_cuda(),
-    }  # fmt: skip
+    }
     if cell.shard:
         spec["shard"] = list(cell.shard)
     if config.draft_sampling != "greedy":  # only when set, so runs made before the option keep their keys
@@ -200,11 +229,16 @@ def run_cell(config: E2EConfig, cell: Cell) -> Path:
     (config.out_dir / "stats").mkdir(exist_ok=True)
     log_path = config.out_dir / f"{name}.log"
     with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-m", "ears_vllm.bench.engine_run", str(spec_path)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "ears_vllm.bench.engine_run", str(spec_path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode != 0:
-        raise RuntimeError(f"run {name} failed (exit {done.returncode}); last lines of {log_path}:\n"
-                           + log_path.read_text()[-3000:])  # fmt: skip
+        raise RuntimeError(
+            f"run {name} failed (exit {done.returncode}); last lines of {log_path}:\n" + log_path.read_text()[-3000:]
+        )
     spec_path.unlink()
     return output
 
@@ -420,14 +454,20 @@ def _paired_row(dataset, temperature, policy, baseline, problems, reference, sco
     discordant = baseline_only + policy_only
     tail = sum(math.comb(discordant, i) for i in range(min(baseline_only, policy_only) + 1)) / 2**discordant
     return {
-        "dataset": dataset, "temperature": temperature, "policy": policy, "baseline": baseline, "num_problems": n,
+        "dataset": dataset,
+        "temperature": temperature,
+        "policy": policy,
+        "baseline": baseline,
+        "num_problems": n,
         "baseline_accuracy": sum(reference[i] for i in problems) / n,
         "policy_accuracy": sum(scores[i] for i in problems) / n,
         "both_correct": sum(reference[i] and scores[i] for i in problems),
-        "baseline_only": baseline_only, "policy_only": policy_only,
-        "accuracy_difference": difference, "difference_ci95": [difference - half_width, difference + half_width],
+        "baseline_only": baseline_only,
+        "policy_only": policy_only,
+        "accuracy_difference": difference,
+        "difference_ci95": [difference - half_width, difference + half_width],
         "mcnemar_p": min(1.0, 2 * tail),
-    }  # fmt: skip
+    }
 
 
 def paired_quality_table(pairs: list[dict]) -> str:

@@ -65,33 +65,37 @@ def run(spec: dict) -> dict:
     results = []
     first = spec.get("shard", [0])[0]  # a prompt's seed is its index in the whole prompt set
     for temperature in spec["temperatures"]:
-        params = [SamplingParams(temperature=temperature, max_tokens=spec["max_tokens"], seed=spec["seed"] + first + i)
-                  for i in range(len(prompts))]  # fmt: skip
+        params = [
+            SamplingParams(temperature=temperature, max_tokens=spec["max_tokens"], seed=spec["seed"] + first + i)
+            for i in range(len(prompts))
+        ]
         before, ears_before = _counters(llm), read_stats(stats_prefix)
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - start
         after, ears_after = _counters(llm), read_stats(stats_prefix)
-        results.append({
-            "temperature": temperature,
-            "elapsed_s": elapsed,
-            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-            "drafts": _delta(after, before, "vllm:spec_decode_num_drafts"),
-            "draft_tokens": _delta(after, before, "vllm:spec_decode_num_draft_tokens"),
-            "accepted": _delta(after, before, "vllm:spec_decode_num_accepted_tokens"),
-            "accepted_per_position": _delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos"),
-            # The plugin's counts of the sampled requests' drafts: relaxed acceptances and drafted tokens (their
-            # verified positions below); and the greedy rows' relaxed acceptances (fly, relaxed_topk relax them).
-            "relaxed": _delta(ears_after, ears_before, "relaxed"),
-            "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
-            "greedy_relaxed": _delta(ears_after, ears_before, "greedy_relaxed"),
-            "draft_dist_steps": _delta(ears_after, ears_before, "draft_dist_steps"),  # 0 with one-hot drafts
-            # AdaSD's drafter (0 where the proposer is untouched): proposer calls and their draft forward passes
-            "proposals": _delta(ears_after, ears_before, "proposals"),
-            "draft_forward_passes": _delta(ears_after, ears_before, "draft_forward_passes"),
-            "texts": [o.outputs[0].text for o in outputs],
-            "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
-        })  # fmt: skip
+        results.append(
+            {
+                "temperature": temperature,
+                "elapsed_s": elapsed,
+                "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+                "drafts": _delta(after, before, "vllm:spec_decode_num_drafts"),
+                "draft_tokens": _delta(after, before, "vllm:spec_decode_num_draft_tokens"),
+                "accepted": _delta(after, before, "vllm:spec_decode_num_accepted_tokens"),
+                "accepted_per_position": _delta(after, before, "vllm:spec_decode_num_accepted_tokens_per_pos"),
+                # The plugin's counts of the sampled requests' drafts: relaxed acceptances and drafted tokens (their
+                # verified positions below); and the greedy rows' relaxed acceptances (fly, relaxed_topk relax them).
+                "relaxed": _delta(ears_after, ears_before, "relaxed"),
+                "random_drafts": _delta(ears_after, ears_before, "random_drafts"),
+                "greedy_relaxed": _delta(ears_after, ears_before, "greedy_relaxed"),
+                "draft_dist_steps": _delta(ears_after, ears_before, "draft_dist_steps"),  # 0 with one-hot drafts
+                # AdaSD's drafter (0 where the proposer is untouched): proposer calls and their draft forward passes
+                "proposals": _delta(ears_after, ears_before, "proposals"),
+                "draft_forward_passes": _delta(ears_after, ears_before, "draft_forward_passes"),
+                "texts": [o.outputs[0].text for o in outputs],
+                "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
+            }
+        )
         if ears_after:  # the plugin verified and wrote its counts (not under policy standard: vLLM's own rule)
             # The exact denominator of the relaxed rate (bench e2e falls back on vLLM's counters without it).
             results[-1]["random_verified"] = _delta(ears_after, ears_before, "random_verified")

@@ -160,10 +160,15 @@ def run(bundle: Path, out: Path, device: str) -> dict:
         shapes = [Shape(2, 2, sizes.vocab, "float32")]
     bench_rows = run_kernel_bench(out / "kernel", shapes, device=device, progress=False)
     report = {
-        "device": device, "environment": environment(), "bundle": json.loads((bundle / "MANIFEST.json").read_text()),
-        "passed": all(c["equal"] for c in checks), "checks": checks, "parity_s": parity_s,
-        "total_s": time.perf_counter() - start, "kernel_bench_rows": len(bench_rows),
-    }  # fmt: skip
+        "device": device,
+        "environment": environment(),
+        "bundle": json.loads((bundle / "MANIFEST.json").read_text()),
+        "passed": all(c["equal"] for c in checks),
+        "checks": checks,
+        "parity_s": parity_s,
+        "total_s": time.perf_counter() - start,
+        "kernel_bench_rows": len(bench_rows),
+    }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     (out / "gpu_check.md").write_text(markdown(report) + "\n")
     return report
@@ -192,30 +197,54 @@ def kernel_parity(sizes: Sizes, device: str) -> list[dict]:
     from ears_vllm import EarsConfig, verify
     from ears_vllm.bench.steps import verify_batch
 
-    policies = {"standard": EarsConfig(), "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
-                "typical": EarsConfig(policy="typical"), "fly": EarsConfig(policy="fly"),
-                "sglang-0.5": EarsConfig(policy="sglang", accept_threshold_acc=0.5),
-                "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk"),
-                "ersd": EarsConfig(policy="ersd")}  # fmt: skip
+    policies = {
+        "standard": EarsConfig(),
+        "ears-0.3": EarsConfig(policy="ears", tolerance=0.3),
+        "typical": EarsConfig(policy="typical"),
+        "fly": EarsConfig(policy="fly"),
+        "sglang-0.5": EarsConfig(policy="sglang", accept_threshold_acc=0.5),
+        "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk"),
+        "ersd": EarsConfig(policy="ersd"),
+    }
     checks = []
     for batch, k in sizes.verify_batches:
         for dtype in sizes.dtypes:
             for full_draft in (False, True):
-                step = verify_batch([k] * batch, sizes.vocab, seed=batch * 10 + k, full_draft=full_draft,
-                                    masked_fraction=0.1, device=device)  # fmt: skip
+                step = verify_batch(
+                    [k] * batch,
+                    sizes.vocab,
+                    seed=batch * 10 + k,
+                    full_draft=full_draft,
+                    masked_fraction=0.1,
+                    device=device,
+                )
                 step["target_logits"] = step["target_logits"].to(getattr(torch, dtype))
                 is_greedy = torch.arange(batch, device=device) % 4 == 3  # a quarter greedy
-                step["race_keys"] = torch.stack([torch.arange(batch, device=device) * 7919 + k,
-                                                 torch.arange(batch, device=device) * 31 + 100], dim=1)  # fmt: skip
+                step["race_keys"] = torch.stack(
+                    [torch.arange(batch, device=device) * 7919 + k, torch.arange(batch, device=device) * 31 + 100],
+                    dim=1,
+                )
                 for name, config in policies.items():
                     ours = verify(**step, is_greedy=is_greedy, config=config, backend="triton")
                     reference = verify(**step, is_greedy=is_greedy, config=config, backend="torch")
-                    equal = all(torch.equal(getattr(ours, f), getattr(reference, f))
-                                for f in ("token_ids", "num_accepted", "num_relaxed"))  # fmt: skip
-                    checks.append({"check": "kernel vs reference", "batch": batch, "k": k, "vocab": sizes.vocab,
-                                   "dtype": dtype, "draft": "full" if full_draft else "one-hot", "policy": name,
-                                   "equal": equal, "accepted": int(reference.num_accepted.sum()),
-                                   "relaxed": int(reference.num_relaxed.sum())})  # fmt: skip
+                    equal = all(
+                        torch.equal(getattr(ours, f), getattr(reference, f))
+                        for f in ("token_ids", "num_accepted", "num_relaxed")
+                    )
+                    checks.append(
+                        {
+                            "check": "kernel vs reference",
+                            "batch": batch,
+                            "k": k,
+                            "vocab": sizes.vocab,
+                            "dtype": dtype,
+                            "draft": "full" if full_draft else "one-hot",
+                            "policy": name,
+                            "equal": equal,
+                            "accepted": int(reference.num_accepted.sum()),
+                            "relaxed": int(reference.num_relaxed.sum()),
+                        }
+                    )
     return checks
 
 
@@ -260,11 +289,20 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
                     )
                 else:  # relaxing only adds acceptances: never fewer accepted than vLLM's rule, per request
                     equal = bool((num_sampled >= expected_num).all())
-                checks.append({"check": f"MRV2 ears-{tolerance:g} vs vLLM {vllm.__version__}", "batch": batch, "k": k,
-                               "vocab": sizes.vocab, "dtype": "float32", "draft": draft,
-                               "policy": f"ears-{tolerance:g}", "equal": equal,
-                               "accepted": int(num_sampled.sum()) - batch,
-                               "relaxed": int(num_relaxed.sum())})  # fmt: skip
+                checks.append(
+                    {
+                        "check": f"MRV2 ears-{tolerance:g} vs vLLM {vllm.__version__}",
+                        "batch": batch,
+                        "k": k,
+                        "vocab": sizes.vocab,
+                        "dtype": "float32",
+                        "draft": draft,
+                        "policy": f"ears-{tolerance:g}",
+                        "equal": equal,
+                        "accepted": int(num_sampled.sum()) - batch,
+                        "relaxed": int(num_relaxed.sum()),
+                    }
+                )
             checks.append(_mrv2_races(step, batch, k, sizes.vocab, draft))
     return checks
 
@@ -281,8 +319,15 @@ def _mrv2_races(step: dict, batch: int, k: int, vocab: int, draft: str) -> dict:
     from ears_vllm.seam import vllm_mrv2
 
     gumbel_sample = importlib.import_module(vllm_mrv2.RANDOM_MODULE).gumbel_sample
-    draws = gumbel_sample(step["target_logits"].clone(), step["expanded_idx_mapping"], step["temperature"],
-                          step["seed"], step["pos"], apply_temperature=False, is_drafting=False)  # fmt: skip
+    draws = gumbel_sample(
+        step["target_logits"].clone(),
+        step["expanded_idx_mapping"],
+        step["temperature"],
+        step["seed"],
+        step["pos"],
+        apply_temperature=False,
+        is_drafting=False,
+    )
     draws = draws.reshape(-1)
     drafts = step["draft_sampled"].clone()
     rows = torch.arange(drafts.shape[0] - 1, device=drafts.device)
@@ -290,11 +335,21 @@ def _mrv2_races(step: dict, batch: int, k: int, vocab: int, draft: str) -> dict:
     ersd = EarsConfig(policy="ersd")
     sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**(step | {"draft_sampled": drafts}), config=ersd)
     cu = step["cu_num_logits"].tolist()
-    equal = all(sampled[r, :n].tolist() == draws[cu[r] : cu[r] + n].tolist()
-                for r, n in enumerate(num_sampled.tolist()))  # fmt: skip
-    return {"check": f"MRV2 ersd vs vLLM {vllm.__version__} gumbel_sample", "batch": batch, "k": k, "vocab": vocab,
-            "dtype": "float32", "draft": draft, "policy": "ersd", "equal": equal,
-            "accepted": int(num_sampled.sum()) - batch, "relaxed": 0}  # fmt: skip
+    equal = all(
+        sampled[r, :n].tolist() == draws[cu[r] : cu[r] + n].tolist() for r, n in enumerate(num_sampled.tolist())
+    )
+    return {
+        "check": f"MRV2 ersd vs vLLM {vllm.__version__} gumbel_sample",
+        "batch": batch,
+        "k": k,
+        "vocab": vocab,
+        "dtype": "float32",
+        "draft": draft,
+        "policy": "ersd",
+        "equal": equal,
+        "accepted": int(num_sampled.sum()) - batch,
+        "relaxed": 0,
+    }
 
 
 def markdown(report: dict) -> str:

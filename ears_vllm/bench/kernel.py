@@ -128,8 +128,12 @@ def implementations(
                 **kernel_inputs, config=c, max_spec_len=shape.k
             )
     found["pytorch"] = lambda: verify_reference(**inputs, config=EarsConfig(), max_spec_len=shape.k)
-    others = (("vllm-v1", _vllm_v1), ("vllm-mrv2", _vllm_mrv2), ("ears-vllm mrv2 ears-0.1", _ears_vllm_mrv2),
-              ("flashinfer", _flashinfer))  # fmt: skip
+    others = (
+        ("vllm-v1", _vllm_v1),
+        ("vllm-mrv2", _vllm_mrv2),
+        ("ears-vllm mrv2 ears-0.1", _ears_vllm_mrv2),
+        ("flashinfer", _flashinfer),
+    )
     for name, build in others:
         try:
             call = build(shape, inputs)
@@ -206,14 +210,18 @@ def _mrv2_arguments(shape: Shape, inputs: dict) -> dict:
     draft_sampled = torch.cat([inputs["bonus_token_ids"][:, None], inputs["draft_token_ids"].view(shape.batch, -1)], 1)
     idx = torch.arange(shape.batch, device=device, dtype=torch.int32)
     return dict(
-        target_logits=logits, draft_logits=None, draft_sampled=draft_sampled.reshape(-1),
+        target_logits=logits,
+        draft_logits=None,
+        draft_sampled=draft_sampled.reshape(-1),
         cu_num_logits=torch.arange(shape.batch + 1, device=device, dtype=torch.int32) * rows,
-        pos=torch.arange(shape.batch * rows, device=device), idx_mapping=idx,
+        pos=torch.arange(shape.batch * rows, device=device),
+        idx_mapping=idx,
         expanded_idx_mapping=idx.repeat_interleave(rows),
         expanded_local_pos=torch.arange(rows, device=device, dtype=torch.int32).repeat(shape.batch),
-        temperature=torch.ones(shape.batch, device=device), seed=torch.arange(shape.batch, device=device),
+        temperature=torch.ones(shape.batch, device=device),
+        seed=torch.arange(shape.batch, device=device),
         num_speculative_steps=shape.k,
-    )  # fmt: skip
+    )
 
 
 def _vllm_mrv2(shape: Shape, inputs: dict) -> Callable[[], object]:
@@ -270,12 +278,27 @@ def run_kernel_bench(
         inputs = step_inputs(shape, device)
         logits_bytes = inputs["target_logits"].numel() * inputs["target_logits"].element_size()
         base = dataclasses.asdict(shape)
-        rows.append({**base, "impl": "bandwidth-bound", "median_us": 1e6 * logits_bytes / bandwidth,
-                     "p20_us": None, "p80_us": None})  # fmt: skip
+        rows.append(
+            {
+                **base,
+                "impl": "bandwidth-bound",
+                "median_us": 1e6 * logits_bytes / bandwidth,
+                "p20_us": None,
+                "p80_us": None,
+            }
+        )
         for name, fn in implementations(shape, inputs, cpu_policies).items():
             median, p20, p80 = timer(fn)
-            rows.append({**base, "impl": name, "median_us": median, "p20_us": p20, "p80_us": p80,
-                         "bandwidth_fraction": 1e6 * logits_bytes / bandwidth / median})  # fmt: skip
+            rows.append(
+                {
+                    **base,
+                    "impl": name,
+                    "median_us": median,
+                    "p20_us": p20,
+                    "p80_us": p80,
+                    "bandwidth_fraction": 1e6 * logits_bytes / bandwidth / median,
+                }
+            )
         del inputs
     write_results(out_dir, rows, {**environment(), "copy_bandwidth_GBps": f"{bandwidth / 1e9:.1f}"})
     return rows
@@ -329,8 +352,11 @@ def plot_kernel(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for ax, (vocab, dtype, k) in zip(axes[0], panels, strict=True):
         for impl in dict.fromkeys(r["impl"] for r in rows):
-            points = sorted((r["batch"], r["median_us"]) for r in rows
-                            if (r["vocab"], r["dtype"], r["k"], r["impl"]) == (vocab, dtype, k, impl))  # fmt: skip
+            points = sorted(
+                (r["batch"], r["median_us"])
+                for r in rows
+                if (r["vocab"], r["dtype"], r["k"], r["impl"]) == (vocab, dtype, k, impl)
+            )
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="median us", title=f"V={vocab} {dtype} k={k}")

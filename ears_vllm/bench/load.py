@@ -89,8 +89,17 @@ def request_mix(num_requests: int, seed: int, per_request: bool = False) -> list
     does not change)."""
     rng, xrng, srng = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     num_probes = max(2, min(MAX_PROBES, num_requests // 20 * 2))
-    probes = [{"kind": "probe", "prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0.8, "seed": 1000 + i,
-               "max_tokens": 24, "probe": i} for i in range(num_probes)]  # fmt: skip
+    probes = [
+        {
+            "kind": "probe",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "temperature": 0.8,
+            "seed": 1000 + i,
+            "max_tokens": 24,
+            "probe": i,
+        }
+        for i in range(num_probes)
+    ]
     requests = []
     for i in range(num_requests - 2 * num_probes):
         r: dict[str, Any] = {"kind": "plain", "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(4, 32)}
@@ -184,8 +193,11 @@ async def _one(client, model: str, request: dict) -> dict:
         else:
             response = await client.completions.create(model=model, prompt=request["prompt"], **params)
             choices = response.choices
-            outcome = {"texts": [c.text for c in choices], "finish": [c.finish_reason for c in choices],
-                       "completion_tokens": response.usage.completion_tokens}  # fmt: skip
+            outcome = {
+                "texts": [c.text for c in choices],
+                "finish": [c.finish_reason for c in choices],
+                "completion_tokens": response.usage.completion_tokens,
+            }
         outcome["error"] = None
     except Exception as exc:  # recorded, never raised: the run counts errors
         outcome = {"texts": [], "finish": [], "error": f"{type(exc).__name__}: {exc}"}
@@ -218,8 +230,13 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
     invalid = [r for r in results if r["kind"] == "invalid"]
     refused = [r for r in results if _min_p_refused(r)]
     errors = [r for r in results if r["error"] and r["kind"] != "invalid" and not _min_p_refused(r)]
-    lost = [r for r in results if r["kind"] not in ("cancelled", "invalid") and not r["error"]
-            and (not r["texts"] or any(f not in ("stop", "length") for f in r["finish"]))]  # fmt: skip
+    lost = [
+        r
+        for r in results
+        if r["kind"] not in ("cancelled", "invalid")
+        and not r["error"]
+        and (not r["texts"] or any(f not in ("stop", "length") for f in r["finish"]))
+    ]
     accepted_invalid = [r for r in invalid if not (r["error"] or "").startswith("BadRequestError")]
     if accepted_invalid:
         problems.append(f"{len(accepted_invalid)} invalid request(s) were not answered with 400 Bad Request")
@@ -242,8 +259,10 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
     if policy.get("policy", "standard") != "standard":
         # vLLM leaves out the steps whose output it discards (a request aborted by a stop string or a
         # client while its next step ran), so the plugin, which sees every verified step, counts a little more.
-        for ours, theirs in (("accepted", "vllm:spec_decode_num_accepted_tokens_total"),
-                             ("drafts", "vllm:spec_decode_num_draft_tokens_total")):  # fmt: skip
+        for ours, theirs in (
+            ("accepted", "vllm:spec_decode_num_accepted_tokens_total"),
+            ("drafts", "vllm:spec_decode_num_draft_tokens_total"),
+        ):
             counted, reported = ears_stats.get(ours, 0), metrics[theirs]
             if not reported <= counted <= 1.05 * reported:
                 problems.append(
@@ -278,11 +297,18 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
 
 
 # plugin counter (stats.POLICY_COUNTERS) -> its ears_vllm series on /metrics, summed over policies
-EARS_METRICS = {"drafts": "ears_vllm_draft_tokens_total", "accepted": "ears_vllm_accepted_drafts_total",
-                "relaxed": "ears_vllm_relaxed_acceptances_total",
-                "random_verified": "ears_vllm_verified_positions_total"}  # fmt: skip
-METRICS = ("vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
-           "vllm:spec_decode_num_accepted_tokens_total", *EARS_METRICS.values())  # fmt: skip
+EARS_METRICS = {
+    "drafts": "ears_vllm_draft_tokens_total",
+    "accepted": "ears_vllm_accepted_drafts_total",
+    "relaxed": "ears_vllm_relaxed_acceptances_total",
+    "random_verified": "ears_vllm_verified_positions_total",
+}
+METRICS = (
+    "vllm:generation_tokens_total",
+    "vllm:spec_decode_num_draft_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
+    *EARS_METRICS.values(),
+)
 
 
 def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
@@ -295,8 +321,13 @@ def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
         workdir = config.out_dir / name
         port = free_port()
         speculative = {"method": "draft_model", "model": config.draft, "num_speculative_tokens": config.k}
-        command = serve_command(Path(config.target), port, speculative=speculative, ears=ears,
-                                extra=["--max-num-seqs", str(config.concurrency)])  # fmt: skip
+        command = serve_command(
+            Path(config.target),
+            port,
+            speculative=speculative,
+            ears=ears,
+            extra=["--max-num-seqs", str(config.concurrency)],
+        )
         env = server_env(workdir, {"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"})
         server = VllmServer(command, env, workdir, port).start()
         try:
@@ -325,8 +356,10 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         agree = "n/a (vLLM's own)"
         if r["plugin_accepted"] is not None:
-            agree = (f"{r['plugin_accepted']:.0f} / {r['vllm_accepted_tokens']:.0f} accepted; /metrics "
-                     f"{r['metrics_accepted']:.0f}")  # fmt: skip
+            agree = (
+                f"{r['plugin_accepted']:.0f} / {r['vllm_accepted_tokens']:.0f} accepted; /metrics "
+                f"{r['metrics_accepted']:.0f}"
+            )
         lines.append(
             f"| {r['policy']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['cancelled']} | "
             f"{r['invalid_rejected']} | "

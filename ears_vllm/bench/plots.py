@@ -34,9 +34,11 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for temperature in sorted({r["temperature"] for r in rows if r["dataset"] == dataset}):
-            points = sorted((r["tolerance"], r["mean_acceptance_length"]) for r in rows
-                            if r["dataset"] == dataset and r["temperature"] == temperature
-                            and r["tolerance"] is not None)  # fmt: skip
+            points = sorted(
+                (r["tolerance"], r["mean_acceptance_length"])
+                for r in rows
+                if r["dataset"] == dataset and r["temperature"] == temperature and r["tolerance"] is not None
+            )
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=f"T={temperature:g}")
         ax.set(title=dataset, xlabel="EARS tolerance (0 = standard)", ylabel="mean acceptance length")
@@ -55,12 +57,19 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
                 for r in rows
                 if r["dataset"] == dataset and r["temperature"] == temperature and r["relaxed_per_verified"] is not None
             ]
-            ax.scatter([r["relaxed_per_verified"] for r in group], [r["mean_acceptance_length"] for r in group],
-                       label=f"T={temperature:g}")  # fmt: skip
+            ax.scatter(
+                [r["relaxed_per_verified"] for r in group],
+                [r["mean_acceptance_length"] for r in group],
+                label=f"T={temperature:g}",
+            )
             for r in group:
-                ax.annotate(f"{r['policy']} ({r['relaxed_rate_is']})",
-                            (r["relaxed_per_verified"], r["mean_acceptance_length"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+                ax.annotate(
+                    f"{r['policy']} ({r['relaxed_rate_is']})",
+                    (r["relaxed_per_verified"], r["mean_acceptance_length"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
         ax.set(title=dataset, xlabel="relaxed acceptances per verified position", ylabel="mean acceptance length")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -73,11 +82,22 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
             group = [r for r in scored if r["temperature"] == temperature]
             # 95% binomial interval of each accuracy: with ~100 problems it spans about +-9 points.
             spread = [1.96 * math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["num_prompts"]) for r in group]
-            ax.errorbar([r["mean_acceptance_length"] for r in group], [r["accuracy"] for r in group], yerr=spread,
-                        fmt="o", capsize=3, label=f"T={temperature:g} (95% interval)")  # fmt: skip
+            ax.errorbar(
+                [r["mean_acceptance_length"] for r in group],
+                [r["accuracy"] for r in group],
+                yerr=spread,
+                fmt="o",
+                capsize=3,
+                label=f"T={temperature:g} (95% interval)",
+            )
             for r in group:
-                ax.annotate(r["policy"], (r["mean_acceptance_length"], r["accuracy"]), fontsize=8,
-                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+                ax.annotate(
+                    r["policy"],
+                    (r["mean_acceptance_length"], r["accuracy"]),
+                    fontsize=8,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
         ax.set(xlabel="mean acceptance length", ylabel="GSM8K accuracy", title="quality vs acceptance")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -96,8 +116,16 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return kept
 
 
-def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_key: str, xlabel: str, ylabel: str,
-                path: Path, *, x_higher_better: bool = False) -> Path:  # fmt: skip
+def plot_pareto(
+    groups: dict[str, list[dict]],
+    x_key: str | dict[str, str],
+    y_key: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    *,
+    x_higher_better: bool = False,
+) -> Path:
     """One panel per group (a dataset, a temperature, a drafting mode): every policy and setting a point, labelled,
     and the frontier drawn through the points no other point beats (y higher is better; x lower is better, a
     deviation, unless ``x_higher_better``, a quality). ``x_key`` may differ per group (a dict by group title).
@@ -115,14 +143,18 @@ def plot_pareto(groups: dict[str, list[dict]], x_key: str | dict[str, str], y_ke
             color = f"C{list(POLICIES).index(kind)}" if kind in POLICIES else None  # one colour per policy
             ax.scatter([r[x_key_here] for r in group], [r[y_key] for r in group], label=kind, color=color)
         for r in rows:
-            ax.annotate(r["policy"], (r[x_key_here], r[y_key]), fontsize=7, textcoords="offset points",
-                        xytext=(4, 3))  # fmt: skip
+            ax.annotate(r["policy"], (r[x_key_here], r[y_key]), fontsize=7, textcoords="offset points", xytext=(4, 3))
         sign = -1 if x_higher_better else 1
         edge = [(sign * x, y) for x, y in frontier([(sign * r[x_key_here], r[y_key]) for r in rows])]
         if edge:
             ax.scatter(*zip(*edge, strict=True), s=140, facecolors="none", edgecolors="k", alpha=0.6)
-            ax.step(*zip(*edge, strict=True), where="pre" if x_higher_better else "post", color="k", alpha=0.4,
-                    label="frontier")  # fmt: skip
+            ax.step(
+                *zip(*edge, strict=True),
+                where="pre" if x_higher_better else "post",
+                color="k",
+                alpha=0.4,
+                label="frontier",
+            )
         ax.set(title=title, xlabel=xlabel if isinstance(x_key, str) else f"{xlabel} ({x_name})", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -145,17 +177,21 @@ def plot_budget(rows: list[dict], path: Path) -> Path:
         return row["dataset"], row["temperature"], row.get("budget_scope") or "request"
 
     for n, group in enumerate(sorted({group_of(r) for r in rows})):
-        points = sorted((r["budget"], r["relaxed_per_verified"], r["mean_acceptance_length"]) for r in rows
-                        if group_of(r) == group)  # fmt: skip
+        points = sorted(
+            (r["budget"], r["relaxed_per_verified"], r["mean_acceptance_length"]) for r in rows if group_of(r) == group
+        )
         asked, realised, _ = zip(*points, strict=True)
         ax.plot(asked, realised, marker="o", color=f"C{n}", label=f"{group[0]}, T={group[1]:g}, per {group[2]}")
         for x, y, a in points:
             ax.annotate(f"accept. length {a:.2f}", (x, y), fontsize=7, textcoords="offset points", xytext=(4, -10))
     top = max(r["budget"] for r in rows) * 1.1
     ax.plot([0, top], [0, top], color="k", alpha=0.4, linestyle="--", label="realised = asked")
-    ax.set(xlabel="budget asked (relaxed acceptances per verified position)",
-           ylabel="realised relaxed per verified position",
-           xlim=(0, top), ylim=(0, top))  # fmt: skip
+    ax.set(
+        xlabel="budget asked (relaxed acceptances per verified position)",
+        ylabel="realised relaxed per verified position",
+        xlim=(0, top),
+        ylim=(0, top),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, path)

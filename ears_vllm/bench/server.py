@@ -37,8 +37,21 @@ def server_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, 
 
 
 def serve_command(model: Path, port: int, *, speculative: dict | None, ears: dict | None, extra=()) -> list[str]:
-    command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"]  # fmt: skip
+    command = [
+        VLLM,
+        "serve",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "16",
+    ]
     if speculative is not None:
         command += ["--speculative-config", json.dumps(speculative)]
     if ears is not None:

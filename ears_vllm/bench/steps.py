@@ -34,15 +34,18 @@ def verify_batch(
     draft_logits = logits.nan_to_num(neginf=-30.0) + torch.randn(num_tokens, vocab, generator=g)
     draft_probs = draft_logits.softmax(-1)
     draft_ids = torch.multinomial(draft_probs, 1, generator=g).squeeze(-1)
-    return _to(dict(
-        target_logits=logits,
-        draft_token_ids=draft_ids,
-        num_draft_tokens=num_draft_tokens,
-        bonus_token_ids=torch.randint(0, vocab, (batch,), generator=g),
-        draft_probs=draft_probs if full_draft else None,
-        uniform=torch.rand(num_tokens, dtype=torch.float64, generator=g),
-        recovery_noise=torch.empty(batch, vocab).exponential_(generator=g),
-    ), device)  # fmt: skip
+    return _to(
+        dict(
+            target_logits=logits,
+            draft_token_ids=draft_ids,
+            num_draft_tokens=num_draft_tokens,
+            bonus_token_ids=torch.randint(0, vocab, (batch,), generator=g),
+            draft_probs=draft_probs if full_draft else None,
+            uniform=torch.rand(num_tokens, dtype=torch.float64, generator=g),
+            recovery_noise=torch.empty(batch, vocab).exponential_(generator=g),
+        ),
+        device,
+    )
 
 
 def mrv2_batch(
@@ -93,17 +96,20 @@ def mrv2_batch(
         row_mapping[idx_mapping.long()] = rows_of_batch
         draft_logits = draft_logits[idx_mapping.long()][torch.argsort(rows_of_batch)].contiguous()
     pos = (torch.randint(0, 500, (max_num_reqs,), generator=g)[expanded_idx_mapping.long()] + expanded_local_pos).long()
-    return _to(dict(
-        target_logits=target_logits,
-        draft_logits=draft_logits if full_draft else None,
-        draft_logits_row_mapping=row_mapping if full_draft else None,
-        draft_sampled=draft_sampled,
-        cu_num_logits=cu_num_logits,
-        pos=pos,
-        idx_mapping=idx_mapping,
-        expanded_idx_mapping=expanded_idx_mapping,
-        expanded_local_pos=expanded_local_pos,
-        temperature=temperature,
-        seed=torch.randint(0, 2**31, (max_num_reqs,), generator=g),
-        num_speculative_steps=k,
-    ), device)  # fmt: skip
+    return _to(
+        dict(
+            target_logits=target_logits,
+            draft_logits=draft_logits if full_draft else None,
+            draft_logits_row_mapping=row_mapping if full_draft else None,
+            draft_sampled=draft_sampled,
+            cu_num_logits=cu_num_logits,
+            pos=pos,
+            idx_mapping=idx_mapping,
+            expanded_idx_mapping=expanded_idx_mapping,
+            expanded_local_pos=expanded_local_pos,
+            temperature=temperature,
+            seed=torch.randint(0, 2**31, (max_num_reqs,), generator=g),
+            num_speculative_steps=k,
+        ),
+        device,
+    )

@@ -29,8 +29,23 @@ from typing import Any
 
 from ears_vllm.bench.e2e import E2EConfig, cells, parse_policies, run_cell, write_summary
 
-GRID_KEYS = {"target", "draft", "method", "draft_sampling", "k", "datasets", "temperatures", "policies", "max_tokens",
-             "max_model_len", "seed", "out", "cpus_per_cell", "gpus_per_cell", "shard_size"}  # fmt: skip
+GRID_KEYS = {
+    "target",
+    "draft",
+    "method",
+    "draft_sampling",
+    "k",
+    "datasets",
+    "temperatures",
+    "policies",
+    "max_tokens",
+    "max_model_len",
+    "seed",
+    "out",
+    "cpus_per_cell",
+    "gpus_per_cell",
+    "shard_size",
+}
 
 
 def load_grid(path: str | Path) -> tuple[E2EConfig, dict[str, float]]:
@@ -67,8 +82,14 @@ def load_grid(path: str | Path) -> tuple[E2EConfig, dict[str, float]]:
     return config, resources
 
 
-def run_sweep(config: E2EConfig, resources: dict[str, float], *, ray_address: str | None = None,
-              ray_init: dict[str, Any] | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
+def run_sweep(
+    config: E2EConfig,
+    resources: dict[str, float],
+    *,
+    ray_address: str | None = None,
+    ray_init: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict]:
     import ray
     from tqdm import tqdm
 

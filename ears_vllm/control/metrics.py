@@ -34,12 +34,15 @@ COUNTERS = (
     ("draft_tokens", "drafts", "draft tokens verified by ears-vllm"),
     ("accepted_drafts", "accepted", "draft tokens accepted"),
     ("verified_positions", "random_verified", "verified positions of sampled requests (accepted + first rejected)"),
-    ("relaxed_acceptances", "relaxed",
-     "sampled requests' drafts accepted only because of the relaxation: the added-TV numerator"),
+    (
+        "relaxed_acceptances",
+        "relaxed",
+        "sampled requests' drafts accepted only because of the relaxation: the added-TV numerator",
+    ),
     ("greedy_relaxed_acceptances", "greedy_relaxed", "drafts other than the argmax accepted on greedy requests"),
     ("invalid_drafts", "invalid", "draft ids outside the target vocabulary, rejected"),
     ("fallback_steps", "fallback_steps", "steps verified by vLLM's own rule because ears-vllm's kernel failed"),
-)  # fmt: skip
+)
 
 
 def worker_stats(worker: Any = None) -> dict[str, Any]:
@@ -51,8 +54,9 @@ def worker_stats(worker: Any = None) -> dict[str, Any]:
         flush = getattr(adapter, "flush_counts", None)
         if flush is not None:
             flush()
-        add_counts(counts, {k: v for k, v in adapter.state.stats.as_dict().items()
-                            if k not in ("pid", "relaxed_per_verified")})  # fmt: skip
+        add_counts(
+            counts, {k: v for k, v in adapter.state.stats.as_dict().items() if k not in ("pid", "relaxed_per_verified")}
+        )
     return {"counts": counts, "tp_rank": tensor_parallel_rank()}
 
 
@@ -180,8 +184,11 @@ class EarsMetricsPlugin:
             replies = await plugin._engine.collective_rpc(REQUEST_METHOD, args=(response_id + "-",))
             choices = choices_of(response_id, (r for r in replies if r.get("tp_rank", 0) == 0))
             if not choices:
-                raise HTTPException(status_code=404, detail=f"no verified request of response {response_id!r} among "
-                                    "the last ones this server kept (V1 runner only)")  # fmt: skip
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"no verified request of response {response_id!r} among "
+                    "the last ones this server kept (V1 runner only)",
+                )
             return {"id": response_id, "choices": choices}
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
@@ -210,7 +217,10 @@ class EarsMetricsPlugin:
                 raise
             except Exception as exc:  # an engine that is shutting down, or a worker without the plugin
                 if not warned and not getattr(engine_client, "errored", False):
-                    logger.warning("ears-vllm: cannot read the workers' counters (%s: %s); /metrics keeps the last "
-                                   "ones read", type(exc).__name__, exc)  # fmt: skip
+                    logger.warning(
+                        "ears-vllm: cannot read the workers' counters (%s: %s); /metrics keeps the last ones read",
+                        type(exc).__name__,
+                        exc,
+                    )
                     warned = True
             await asyncio.sleep(interval)

@@ -50,13 +50,17 @@ def request_settings(extra_args: Mapping[str, Any] | None) -> RequestSettings:
     policy = extra_args.get("ears_policy")
     if policy is not None and (not isinstance(policy, str) or policy not in POLICIES):
         raise ValueError(f"vllm_xargs key 'ears_policy' = {policy!r} is not one of {list(POLICIES)}")
-    tolerance = _number("ears_tolerance", extra_args.get("ears_tolerance"), "a number in [0, 1]",
-                        lambda x: 0.0 <= x <= 1.0)  # fmt: skip
-    budget = _number("ears_budget", extra_args.get("ears_budget"), f"a number in (0, 1] ({BUDGET.doc})",
-                     lambda x: 0.0 < x <= 1.0)  # fmt: skip
+    tolerance = _number(
+        "ears_tolerance", extra_args.get("ears_tolerance"), "a number in [0, 1]", lambda x: 0.0 <= x <= 1.0
+    )
+    budget = _number(
+        "ears_budget", extra_args.get("ears_budget"), f"a number in (0, 1] ({BUDGET.doc})", lambda x: 0.0 < x <= 1.0
+    )
     if tolerance is not None and budget is not None:
-        raise ValueError(f"vllm_xargs keys 'ears_tolerance' = {tolerance!r} and 'ears_budget' = {budget!r} are set "
-                         "together; a budget makes the server find the tolerance: give one of them")  # fmt: skip
+        raise ValueError(
+            f"vllm_xargs keys 'ears_tolerance' = {tolerance!r} and 'ears_budget' = {budget!r} are set "
+            "together; a budget makes the server find the tolerance: give one of them"
+        )
     return RequestSettings(policy, tolerance, budget)
 
 
@@ -91,17 +95,21 @@ def request_config(server: EarsConfig, asked: RequestSettings) -> EarsConfig:
     policy = asked.policy or server.policy
     spec = get_policy(policy)
     if asked.tolerance is not None and "tolerance" not in spec.params:
-        raise ValueError(f"vllm_xargs key 'ears_tolerance' = {asked.tolerance!r} applies to policy 'ears'; this "
-                         f"request is verified with policy {policy!r}, which has no tolerance")  # fmt: skip
+        raise ValueError(
+            f"vllm_xargs key 'ears_tolerance' = {asked.tolerance!r} applies to policy 'ears'; this "
+            f"request is verified with policy {policy!r}, which has no tolerance"
+        )
     budget = asked.budget if asked.budget is not None else (server.budget if asked.tolerance is None else None)
     if policy == "standard":  # lossless: nothing to budget
         budget = None
     if budget is not None and not spec.only_adds_acceptances:
         key = "ears_budget" if asked.budget is not None else "ears_policy"
-        raise ValueError(f"vllm_xargs key {key!r}: a deviation budget ({budget!r}, "
-                         f"{'this request' if asked.budget is not None else 'the server'}'s) needs a policy whose "
-                         f"only deviation is added acceptances, one of {list(BUDGET_POLICIES)}; policy {policy!r} "
-                         "is not one")  # fmt: skip
+        raise ValueError(
+            f"vllm_xargs key {key!r}: a deviation budget ({budget!r}, "
+            f"{'this request' if asked.budget is not None else 'the server'}'s) needs a policy whose "
+            f"only deviation is added acceptances, one of {list(BUDGET_POLICIES)}; policy {policy!r} "
+            "is not one"
+        )
     overrides: dict[str, Any] = {"policy": policy, "budget": budget}
     if asked.tolerance is not None:
         overrides["tolerance"] = asked.tolerance

@@ -96,9 +96,15 @@ def _row_stats_kernel(
 
 @triton.jit
 def _merged_row(
-    max_ptr, sumexp_ptr, xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr, row, NUM_SPLITS: tl.constexpr,
+    max_ptr,
+    sumexp_ptr,
+    xsumexp_ptr,
+    argmax_val_ptr,
+    argmax_idx_ptr,
+    row,
+    NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
-):  # fmt: skip
+):
     """A row's statistics merged over its splits: max logit M, sum exp(x - M), sum exp(x - M)(x - M), argmax."""
     split_offs = tl.arange(0, SPLITS_POW2)
     split_mask = split_offs < NUM_SPLITS
@@ -119,10 +125,22 @@ def _merged_row(
 
 @triton.jit
 def _native_decision(
-    logits_ptr, draft_ids_ptr, draft_probs_ptr, uniform_ptr, max_ptr, sumexp_ptr, xsumexp_ptr, argmax_val_ptr,
-    argmax_idx_ptr, row, is_greedy, vocab_size, NO_DRAFT_PROBS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    logits_ptr,
+    draft_ids_ptr,
+    draft_probs_ptr,
+    uniform_ptr,
+    max_ptr,
+    sumexp_ptr,
+    xsumexp_ptr,
+    argmax_val_ptr,
+    argmax_idx_ptr,
+    row,
+    is_greedy,
+    vocab_size,
+    NO_DRAFT_PROBS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
-):  # fmt: skip
+):
     """vLLM's own decision at a draft row (argmax match on greedy rows, the standard test on random rows), with
     what the policies read there."""
     big_m, big_s, big_w, target_argmax = _merged_row(
@@ -200,11 +218,23 @@ def _accept_kernel(
     for pos in range(num_draft):
         if not rejected:
             row = start + pos
-            native, standard, valid, draft_id, x_d, p_d, q_d, u, big_m, big_s, big_w, target_argmax = (
-                _native_decision(logits_ptr, draft_ids_ptr, draft_probs_ptr, uniform_ptr, max_ptr, sumexp_ptr,
-                                 xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr, row, is_greedy, vocab_size,
-                                 NO_DRAFT_PROBS, NUM_SPLITS, SPLITS_POW2)
-            )  # fmt: skip
+            native, standard, valid, draft_id, x_d, p_d, q_d, u, big_m, big_s, big_w, target_argmax = _native_decision(
+                logits_ptr,
+                draft_ids_ptr,
+                draft_probs_ptr,
+                uniform_ptr,
+                max_ptr,
+                sumexp_ptr,
+                xsumexp_ptr,
+                argmax_val_ptr,
+                argmax_idx_ptr,
+                row,
+                is_greedy,
+                vocab_size,
+                NO_DRAFT_PROBS,
+                NUM_SPLITS,
+                SPLITS_POW2,
+            )
             tl.store(row_max_ptr + row, big_m)
             tl.store(row_sumexp_ptr + row, big_s)
             max_p = 1.0 / big_s
@@ -223,15 +253,31 @@ def _accept_kernel(
                 fly_entropy = -tl.sum(top_p * tl.log(tl.where(top_p > 0, top_p, 1.0)), axis=0)
                 unmasked = tl.where(is_greedy, x_d > float("-inf"), (p_d > 0) & (q_d > 0))
                 can_defer = (
-                    ~native & valid & unmasked & (pos + fly_window < num_draft)
+                    ~native
+                    & valid
+                    & unmasked
+                    & (pos + fly_window < num_draft)
                     & (fly_entropy >= tl.load(params_ptr + 6).to(tl.float32))
-                )  # fmt: skip
+                )
                 if can_defer:
                     for offset in range(1, fly_window + 1):
-                        ahead = _native_decision(logits_ptr, draft_ids_ptr, draft_probs_ptr, uniform_ptr, max_ptr,
-                                                 sumexp_ptr, xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr,
-                                                 row + offset, is_greedy, vocab_size, NO_DRAFT_PROBS, NUM_SPLITS,
-                                                 SPLITS_POW2)  # fmt: skip
+                        ahead = _native_decision(
+                            logits_ptr,
+                            draft_ids_ptr,
+                            draft_probs_ptr,
+                            uniform_ptr,
+                            max_ptr,
+                            sumexp_ptr,
+                            xsumexp_ptr,
+                            argmax_val_ptr,
+                            argmax_idx_ptr,
+                            row + offset,
+                            is_greedy,
+                            vocab_size,
+                            NO_DRAFT_PROBS,
+                            NUM_SPLITS,
+                            SPLITS_POW2,
+                        )
                         can_defer = can_defer & ahead[0]
                 policy_accept = native | can_defer
             elif POLICY == 4:  # sglang: u <= p(d) / max(acc, 1e-9), or p(d) >= single; q unread
@@ -400,9 +446,15 @@ def race_winners_triton(
     scores = torch.empty(num_rows, splits, dtype=torch.float64, device=logits.device)
     indices = torch.empty(num_rows, splits, dtype=torch.int32, device=logits.device)
     _race_winner_kernel[(num_rows, splits)](
-        logits.contiguous(), murmur3_prefix(seed, pos), scores, indices, vocab_size, split_size, NUM_SPLITS=splits,
+        logits.contiguous(),
+        murmur3_prefix(seed, pos),
+        scores,
+        indices,
+        vocab_size,
+        split_size,
+        NUM_SPLITS=splits,
         BLOCK_SIZE=block_size,
-    )  # fmt: skip
+    )
     return _best_of_splits(scores, indices).long()
 
 
@@ -469,9 +521,17 @@ def verify_triton(
     rank = torch.zeros(rows, splits if count_rank else 1, dtype=torch.int32, device=device)
     if num_tokens:
         _row_stats_kernel[(num_tokens, splits)](
-            logits, *stats, argmax_idx, draft_token_ids, rank, vocab_size, split_size,
-            NUM_SPLITS=splits, BLOCK_SIZE=block_size, COUNT_RANK=count_rank,
-        )  # fmt: skip
+            logits,
+            *stats,
+            argmax_idx,
+            draft_token_ids,
+            rank,
+            vocab_size,
+            split_size,
+            NUM_SPLITS=splits,
+            BLOCK_SIZE=block_size,
+            COUNT_RANK=count_rank,
+        )
     # FLy's entropy reads the k largest logits of each row: [num_tokens, k], taken here (no probability tensor).
     fly_top_k = triton.next_power_of_2(settings.get("fly_entropy_top_k", 1))
     top_logits = torch.full((rows, fly_top_k), float("-inf"), dtype=torch.float32, device=device)
@@ -494,31 +554,78 @@ def verify_triton(
     row_max = torch.empty(rows, dtype=torch.float32, device=device)
     row_sumexp = torch.empty_like(row_max)
     recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
-    params = torch.tensor([config.min_ratio, config.typical_eps, config.typical_delta, config.accept_threshold_acc,
-                           config.accept_threshold_single, config.relaxed_delta, config.fly_entropy_threshold],
-                          dtype=torch.float64, device=device)  # fmt: skip
+    params = torch.tensor(
+        [
+            config.min_ratio,
+            config.typical_eps,
+            config.typical_delta,
+            config.accept_threshold_acc,
+            config.accept_threshold_single,
+            config.relaxed_delta,
+            config.fly_entropy_threshold,
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
     no_draft_probs = draft_probs is None
     draft_probs_arg = logits if no_draft_probs else draft_probs  # never read when NO_DRAFT_PROBS
     _accept_kernel[(batch_size,)](
-        logits, draft_token_ids, draft_probs_arg, torch.cumsum(num_draft_tokens, 0), bonus_token_ids,
-        is_greedy.to(torch.int8), uniform, tolerance, tolerance if budget is None else budget,
-        tolerance if budget_slack is None else budget_slack, params, *stats, argmax_idx, rank, top_logits, relax,
-        race_winner, row_max, row_sumexp, token_ids, num_accepted, num_relaxed, recover_row, vocab_size, max_spec_len,
-        settings.get("relaxed_topk", 0), settings.get("fly_window_size", 0),
-        POLICY=spec.kernel_id, ARGMAX_RECOVERY=spec.recovery == "argmax", NO_DRAFT_PROBS=no_draft_probs,
-        NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), FLY_TOP_K=fly_top_k,
+        logits,
+        draft_token_ids,
+        draft_probs_arg,
+        torch.cumsum(num_draft_tokens, 0),
+        bonus_token_ids,
+        is_greedy.to(torch.int8),
+        uniform,
+        tolerance,
+        tolerance if budget is None else budget,
+        tolerance if budget_slack is None else budget_slack,
+        params,
+        *stats,
+        argmax_idx,
+        rank,
+        top_logits,
+        relax,
+        race_winner,
+        row_max,
+        row_sumexp,
+        token_ids,
+        num_accepted,
+        num_relaxed,
+        recover_row,
+        vocab_size,
+        max_spec_len,
+        settings.get("relaxed_topk", 0),
+        settings.get("fly_window_size", 0),
+        POLICY=spec.kernel_id,
+        ARGMAX_RECOVERY=spec.recovery == "argmax",
+        NO_DRAFT_PROBS=no_draft_probs,
+        NUM_SPLITS=splits,
+        SPLITS_POW2=triton.next_power_of_2(splits),
+        FLY_TOP_K=fly_top_k,
         HAS_BUDGET=budget is not None,
-    )  # fmt: skip
+    )
 
     needs_recovery = recover_row >= 0
     if bool(needs_recovery.any()):
         scores = torch.full((batch_size, splits), float("-inf"), dtype=inv_recovery_noise.dtype, device=device)
         indices = torch.zeros(batch_size, splits, dtype=torch.int32, device=device)
         _recover_kernel[(batch_size, splits)](
-            logits, draft_token_ids, draft_probs_arg, inv_recovery_noise.contiguous(), row_max, row_sumexp,
-            recover_row, scores, indices, vocab_size, split_size, NUM_SPLITS=splits,
-            NO_DRAFT_PROBS=no_draft_probs or spec.recovery == "one_hot_residual", BLOCK_SIZE=block_size,
-        )  # fmt: skip
+            logits,
+            draft_token_ids,
+            draft_probs_arg,
+            inv_recovery_noise.contiguous(),
+            row_max,
+            row_sumexp,
+            recover_row,
+            scores,
+            indices,
+            vocab_size,
+            split_size,
+            NUM_SPLITS=splits,
+            NO_DRAFT_PROBS=no_draft_probs or spec.recovery == "one_hot_residual",
+            BLOCK_SIZE=block_size,
+        )
         recovered = _best_of_splits(scores, indices)
         rows = needs_recovery.nonzero().squeeze(1)
         token_ids[rows, num_accepted[rows].long()] = recovered[rows]

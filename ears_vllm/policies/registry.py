@@ -88,8 +88,14 @@ PARAMS: dict[str, Param] = {
         Param("min_ratio", 0.01, 0.0, 1.0, doc="EARS rho_min: floor of the relaxed threshold"),
         Param("typical_eps", 0.09, 0.0, 1.0, low_open=True, doc="typical acceptance posterior threshold"),
         Param("typical_delta", 0.3, 0.0, 1.0, low_open=True, doc="typical acceptance entropy-scaled threshold"),
-        Param("fly_window_size", None, 1, integer=True, optional=True,
-              doc="FLy: native acceptances that must follow a deferred rejection; default min(6, k - 1), < k"),
+        Param(
+            "fly_window_size",
+            None,
+            1,
+            integer=True,
+            optional=True,
+            doc="FLy: native acceptances that must follow a deferred rejection; default min(6, k - 1), < k",
+        ),
         Param("fly_entropy_threshold", 0.3, 0.0, doc="FLy: top-k target entropy (nats) at which a rejection defers"),
         Param("fly_entropy_top_k", 3, 1, integer=True, doc="FLy: target probabilities in its entropy"),
         Param("accept_threshold_single", 1.0, 0.0, 1.0, doc="SGLang: accept any draft with p(d) >= this"),
@@ -97,7 +103,7 @@ PARAMS: dict[str, Param] = {
         Param("relaxed_topk", 10, 1, integer=True, doc="TensorRT-LLM: candidates are the target's top-k"),
         Param("relaxed_delta", 0.6, 0.0, 1.0, doc="TensorRT-LLM: a candidate needs p >= max p - delta"),
     )
-}  # fmt: skip
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +302,7 @@ def fly_window(window: int | None, k: int) -> int:
     if window is None:
         return min(6, k - 1)
     if window >= k:
-        raise ValueError(f"ears config key 'fly_window_size' = {window} must be smaller than num_speculative_tokens "
-                         f"({k})")  # fmt: skip
+        raise ValueError(
+            f"ears config key 'fly_window_size' = {window} must be smaller than num_speculative_tokens ({k})"
+        )
     return window

@@ -264,8 +264,9 @@ def rule_ears(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
     rows = may_relax.nonzero().squeeze(-1)
     max_target_prob = torch.ones_like(pos.target_prob)
     max_target_prob[rows] = pos.max_target_prob_at(rows)
-    return ears_accept(pos.target_prob, pos.draft_prob, pos.uniform, max_target_prob, pos.tolerance,
-                       settings["min_ratio"])  # fmt: skip
+    return ears_accept(
+        pos.target_prob, pos.draft_prob, pos.uniform, max_target_prob, pos.tolerance, settings["min_ratio"]
+    )
 
 
 def rule_typical(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
@@ -273,13 +274,15 @@ def rule_typical(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tens
 
 
 def rule_sglang(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
-    return sglang_accept(pos.target_prob, pos.uniform, settings["accept_threshold_single"],
-                         settings["accept_threshold_acc"])  # fmt: skip
+    return sglang_accept(
+        pos.target_prob, pos.uniform, settings["accept_threshold_single"], settings["accept_threshold_acc"]
+    )
 
 
 def rule_relaxed_topk(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
-    candidate = relaxed_topk_candidate(pos.target_prob, pos.max_target_prob, pos.draft_rank,
-                                       settings["relaxed_topk"], settings["relaxed_delta"])  # fmt: skip
+    candidate = relaxed_topk_candidate(
+        pos.target_prob, pos.max_target_prob, pos.draft_rank, settings["relaxed_topk"], settings["relaxed_delta"]
+    )
     return pos.native | (candidate & pos.is_valid)
 
 

@@ -66,8 +66,10 @@ def plan_verification(
         return VerificationPlan(runner, config.policy, False, "policy 'standard' is vLLM's own rule", False)
     # What the user asked of vLLM itself wins, named beside the ears policy (a warning, not a refusal).
     if method != VLLM_STANDARD_METHOD:
-        reason = (f"vLLM was asked for rejection_sample_method={method!r}, its own rule, which does not combine "
-                  f"with ears policy {config.policy!r}")  # fmt: skip
+        reason = (
+            f"vLLM was asked for rejection_sample_method={method!r}, its own rule, which does not combine "
+            f"with ears policy {config.policy!r}"
+        )
         return VerificationPlan(runner, config.policy, False, reason, False)
     if watermarking:
         reason = f"vLLM was asked to watermark the output, which does not combine with ears policy {config.policy!r}"
@@ -82,8 +84,10 @@ def plan_verification(
     elif draft_problem is not None:
         problem = draft_problem
     elif config.budget is not None and runner == "MRV2" and config.policy == "fly":
-        problem = "a deviation budget with policy 'fly' runs on the V1 runner only (MRV2's FLy confirms a deferred " \
-                  "acceptance only after the walk)"  # fmt: skip
+        problem = (
+            "a deviation budget with policy 'fly' runs on the V1 runner only (MRV2's FLy confirms a deferred "
+            "acceptance only after the walk)"
+        )
     else:
         return VerificationPlan(runner, config.policy, True, f"policy {config.policy!r} on vLLM {vllm_version}", False)
     refuses = config.on_unsupported == "error"
@@ -111,10 +115,13 @@ def enforce(plan: VerificationPlan, logger) -> None:
 
 def log_plan(plan: VerificationPlan, config: EarsConfig, logger, extra: str = "") -> None:
     """The startup line of a sampler: its policy's settings and its plan."""
-    settings = "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
-                       for name, value in config.settings.items())  # fmt: skip
-    logger.info("ears-vllm: policy=%s%s runner=%s verification=%s%s", config.policy, settings, plan.runner,
-                plan.summary, extra)  # fmt: skip
+    settings = "".join(
+        f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
+        for name, value in config.settings.items()
+    )
+    logger.info(
+        "ears-vllm: policy=%s%s runner=%s verification=%s%s", config.policy, settings, plan.runner, plan.summary, extra
+    )
 
 
 # (sampler, its constructor's arguments by name) -> the config when ears-vllm verifies for it, else None.

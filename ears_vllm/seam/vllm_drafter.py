@@ -69,36 +69,52 @@ def install(config: EarsConfig, vllm_config: Any) -> str:
         return "untouched"
     scheduler = getattr(vllm_config, "scheduler_config", None)
     if getattr(scheduler, "async_scheduling", False):
-        return _off("vLLM schedules asynchronously, so the drafts reach the scheduler before they could be cut; "
-                    "start vLLM with --no-async-scheduling for the draft-length half")  # fmt: skip
+        return _off(
+            "vLLM schedules asynchronously, so the drafts reach the scheduler before they could be cut; "
+            "start vLLM with --no-async-scheduling for the draft-length half"
+        )
     runner_cls, problem = find_class(RUNNER_MODULE, "GPUModelRunner", "take_draft_token_ids")
-    proposer_cls, problem = (None, problem) if runner_cls is None else find_class(
-        PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_draft_tokens")  # fmt: skip
+    proposer_cls, problem = (
+        (None, problem)
+        if runner_cls is None
+        else find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_draft_tokens")
+    )
     for owner, method in ((runner_cls, "propose_draft_token_ids"), (proposer_cls, "propose")):
         if problem is None and not hasattr(owner, method):
             problem = f"{owner.__qualname__} has no {method}"
     if problem is not None:
         return _off(problem)
-    patches.apply(runner_cls, "propose_draft_token_ids", _wrap_propose_draft_token_ids,
-                  "AdaSD: the drafter learns which rows draft and with what threshold")  # fmt: skip
-    patches.apply(runner_cls, "take_draft_token_ids", _wrap_take_draft_token_ids,
-                  "AdaSD: each request's drafts cut to what it proposed")  # fmt: skip
-    patches.apply(proposer_cls, "_sample_draft_tokens", _wrap_sample_draft_tokens,
-                  "AdaSD: a request stops drafting past its draft-entropy threshold")  # fmt: skip
-    patches.apply(proposer_cls, "propose", _wrap_propose,
-                  "AdaSD: the draft loop ends when every request has stopped")  # fmt: skip
+    patches.apply(
+        runner_cls,
+        "propose_draft_token_ids",
+        _wrap_propose_draft_token_ids,
+        "AdaSD: the drafter learns which rows draft and with what threshold",
+    )
+    patches.apply(
+        runner_cls,
+        "take_draft_token_ids",
+        _wrap_take_draft_token_ids,
+        "AdaSD: each request's drafts cut to what it proposed",
+    )
+    patches.apply(
+        proposer_cls,
+        "_sample_draft_tokens",
+        _wrap_sample_draft_tokens,
+        "AdaSD: a request stops drafting past its draft-entropy threshold",
+    )
+    patches.apply(proposer_cls, "propose", _wrap_propose, "AdaSD: the draft loop ends when every request has stopped")
     return "on (adasd)"
 
 
 def _off(problem: str) -> str:
-    logger.warning("ears-vllm: AdaSD's draft-length half is off on this worker (acceptance still adapts): %s",
-                   problem)  # fmt: skip
+    logger.warning("ears-vllm: AdaSD's draft-length half is off on this worker (acceptance still adapts): %s", problem)
     return f"off ({problem})"
 
 
 def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
-    def propose_draft_token_ids(self: Any, scheduler_output: Any, sampled_token_ids: Any, sampling_metadata: Any,
-                                *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+    def propose_draft_token_ids(
+        self: Any, scheduler_output: Any, sampled_token_ids: Any, sampling_metadata: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         from ears_vllm.seam.vllm_requests import control_of
 
         server = getattr(getattr(self, "rejection_sampler", None), "_ears_config", None)
@@ -109,8 +125,9 @@ def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[...,
         if not any(states):
             self._ears_proposed = {}
             return original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
-        context = Drafting(states, None if sampling_metadata.all_greedy else sampling_metadata.temperature,
-                           [None] * len(states))  # fmt: skip
+        context = Drafting(
+            states, None if sampling_metadata.all_greedy else sampling_metadata.temperature, [None] * len(states)
+        )
         with bound(_drafting, context):
             out = original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
         k = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
@@ -141,8 +158,11 @@ def _wrap_take_draft_token_ids(original: Callable[..., Any]) -> Callable[..., An
 def _wrap_sample_draft_tokens(original: Callable[..., Any]) -> Callable[..., Any]:
     def _sample_draft_tokens(self: Any, hidden_states: torch.Tensor, sampling_metadata: Any) -> Any:
         context = _drafting.get()
-        learning = [] if context is None else [
-            i for i, s in enumerate(context.states) if s is not None and context.proposed[i] is None]  # fmt: skip
+        learning = (
+            []
+            if context is None
+            else [i for i, s in enumerate(context.states) if s is not None and context.proposed[i] is None]
+        )
         if not learning:
             return original(self, hidden_states, sampling_metadata)
         logits = None
@@ -173,8 +193,9 @@ def _wrap_sample_draft_tokens(original: Callable[..., Any]) -> Callable[..., Any
 def _plain_greedy(proposer: Any, sampling_metadata: Any) -> bool:
     """The proposer drafts greedily from the full logits (vLLM's ``_greedy_sample`` without its variants)."""
     greedy = not getattr(proposer, "_enable_probabilistic_draft_probs", False) or sampling_metadata.all_greedy
-    variants = getattr(proposer, "use_local_argmax_reduction", False) or getattr(proposer, "use_heterogeneous_vocab",
-                                                                                 False)  # fmt: skip
+    variants = getattr(proposer, "use_local_argmax_reduction", False) or getattr(
+        proposer, "use_heterogeneous_vocab", False
+    )
     return greedy and not variants
 
 

@@ -170,11 +170,13 @@ class SlotControls:
         float64: the server pool's slack) on ``device``."""
         if self._device is None or self._device[0].device != device:
             size = len(self.tolerance)
-            self._device = (torch.empty(size, dtype=torch.float32, device=device),
-                            torch.empty(size, dtype=torch.float64, device=device),
-                            torch.zeros(size, dtype=torch.float64, device=device),
-                            torch.zeros(size, dtype=torch.bool, device=device),
-                            torch.zeros((), dtype=torch.float64, device=device))  # fmt: skip
+            self._device = (
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.empty(size, dtype=torch.float64, device=device),
+                torch.zeros(size, dtype=torch.float64, device=device),
+                torch.zeros(size, dtype=torch.bool, device=device),
+                torch.zeros((), dtype=torch.float64, device=device),
+            )
         tolerance, budget, slack, pooled, _ = self._device
         if self._dirty:
             tolerance.copy_(torch.tensor(self.tolerance, dtype=torch.float32), non_blocking=True)
@@ -298,8 +300,10 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
 
     vllm_config = get_current_vllm_config_or_none()
     spec_config = getattr(vllm_config, "speculative_config", None)
-    config = config_for_sampler(resolve_config(getattr(vllm_config, "additional_config", None)),
-                                getattr(spec_config, "num_speculative_tokens", None))  # fmt: skip
+    config = config_for_sampler(
+        resolve_config(getattr(vllm_config, "additional_config", None)),
+        getattr(spec_config, "num_speculative_tokens", None),
+    )
     method = getattr(spec_config, "rejection_sample_method", None)
     if getattr(sampler, "use_block_verification", False):
         method = "block"
@@ -323,8 +327,12 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
     enforce(plan, logger)
     per_request = "off"
     if plan.verifies:
-        patches.apply(module, "rejection_sample", lambda original: rejection_sample,
-                      "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
+        patches.apply(
+            module,
+            "rejection_sample",
+            lambda original: rejection_sample,
+            "ears-vllm verifies for samplers planned so; vLLM's function for the others",
+        )
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         size = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 1024
         state.slots = SlotControls(config, int(size))
@@ -440,8 +448,16 @@ def verify_mrv2(
     passes it; ``slots``: each request's tolerance and budget ledger (None: the config's tolerance for every
     request)."""
     if get_policy(config.policy).keyed:
-        return verify_races_mrv2(target_logits, draft_sampled, cu_num_logits, pos, expanded_idx_mapping, temperature,
-                                 seed, num_speculative_steps)  # fmt: skip
+        return verify_races_mrv2(
+            target_logits,
+            draft_sampled,
+            cu_num_logits,
+            pos,
+            expanded_idx_mapping,
+            temperature,
+            seed,
+            num_speculative_steps,
+        )
     import triton
 
     from ears_vllm.kernels.split_stats_accept import split_stats_accept_kernel
@@ -472,17 +488,28 @@ def verify_mrv2(
     }
     # What the launches read, by vLLM's parameter names; each launch takes the names it declares.
     shared = dict(
-        target_logits_ptr=target_logits, target_logits_stride=target_logits.stride(0), draft_logits_ptr=draft_logits,
-        draft_logits_stride_0=draft_strides[0], draft_logits_stride_1=draft_strides[1],
-        expanded_idx_mapping_ptr=expanded_idx_mapping, expanded_local_pos_ptr=expanded_local_pos,
-        temp_ptr=temperature, vocab_size=vocab_size, HAS_DRAFT_LOGITS=has_draft_logits, cu_num_logits_ptr=cu_num_logits,
-        num_speculative_steps=num_speculative_steps, num_logits=num_logits,  # 0.32's bonus-row test, 0.33's
+        target_logits_ptr=target_logits,
+        target_logits_stride=target_logits.stride(0),
+        draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=draft_strides[0],
+        draft_logits_stride_1=draft_strides[1],
+        expanded_idx_mapping_ptr=expanded_idx_mapping,
+        expanded_local_pos_ptr=expanded_local_pos,
+        temp_ptr=temperature,
+        vocab_size=vocab_size,
+        HAS_DRAFT_LOGITS=has_draft_logits,
+        cu_num_logits_ptr=cu_num_logits,
+        num_speculative_steps=num_speculative_steps,
+        num_logits=num_logits,  # 0.32's bonus-row test, 0.33's
         draft_logits_row_mapping_ptr=draft_logits_row_mapping,
-    )  # fmt: skip
+    )
     stats_pointers = {f"{name}_ptr": t for name, t in stats.items()}
     stats_strides = {f"{name}_stride": t.stride(0) for name, t in stats.items()}
-    _launch(utils._compute_local_logits_stats_kernel, (num_logits, num_blocks),
-            shared | stats_pointers | stats_strides | dict(BLOCK_SIZE=VOCAB_BLOCK_SIZE))  # fmt: skip
+    _launch(
+        utils._compute_local_logits_stats_kernel,
+        (num_logits, num_blocks),
+        shared | stats_pointers | stats_strides | dict(BLOCK_SIZE=VOCAB_BLOCK_SIZE),
+    )
 
     sampled = draft_sampled.new_empty(num_reqs, num_speculative_steps + 1, dtype=torch.int64)
     num_sampled = sampled.new_empty(num_reqs, dtype=torch.int32)
@@ -505,21 +532,54 @@ def verify_mrv2(
     candidate = None
     if config.policy == "relaxed_topk":  # the draft verified by row i sits at draft_sampled[i + 1]
         drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
-        candidate = relaxed_topk_candidates(target_logits[:, :vocab_size], drafts, config.relaxed_topk,
-                                            config.relaxed_delta)  # fmt: skip
+        candidate = relaxed_topk_candidates(
+            target_logits[:, :vocab_size], drafts, config.relaxed_topk, config.relaxed_delta
+        )
     split_stats_accept_kernel[(num_reqs,)](
-        sampled, sampled.stride(0), num_sampled, num_relaxed, target_rejected_lse, draft_rejected_lse,
-        target_logits, target_logits.stride(0), stats["target_local_argmax"], stats["target_local_argmax"].stride(0),
-        stats["target_local_max"], stats["target_local_sumexp"], stats["target_local_max"].stride(0),
-        draft_sampled, draft_logits, draft_strides[0], draft_strides[1], draft_logits_row_mapping,
-        stats["draft_local_max"], stats["draft_local_sumexp"], stats["draft_local_max"].stride(0),
-        cu_num_logits, idx_mapping, temperature, seed, pos, entropy, candidate, tolerance, budget, budget_slack,
-        config.min_ratio, config.fly_entropy_threshold, settings.get("fly_window_size", 0),
-        config.accept_threshold_single, config.accept_threshold_acc, num_blocks,
-        PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks), HAS_DRAFT_LOGITS=has_draft_logits,
+        sampled,
+        sampled.stride(0),
+        num_sampled,
+        num_relaxed,
+        target_rejected_lse,
+        draft_rejected_lse,
+        target_logits,
+        target_logits.stride(0),
+        stats["target_local_argmax"],
+        stats["target_local_argmax"].stride(0),
+        stats["target_local_max"],
+        stats["target_local_sumexp"],
+        stats["target_local_max"].stride(0),
+        draft_sampled,
+        draft_logits,
+        draft_strides[0],
+        draft_strides[1],
+        draft_logits_row_mapping,
+        stats["draft_local_max"],
+        stats["draft_local_sumexp"],
+        stats["draft_local_max"].stride(0),
+        cu_num_logits,
+        idx_mapping,
+        temperature,
+        seed,
+        pos,
+        entropy,
+        candidate,
+        tolerance,
+        budget,
+        budget_slack,
+        config.min_ratio,
+        config.fly_entropy_threshold,
+        settings.get("fly_window_size", 0),
+        config.accept_threshold_single,
+        config.accept_threshold_acc,
+        num_blocks,
+        PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
+        HAS_DRAFT_LOGITS=has_draft_logits,
         POLICY=0 if config.is_lossless and (slots is None or not slots.relaxes) else spec.kernel_id,
-        UNIFORM=uniform, HAS_BUDGET=slots is not None and slots.has_budget, num_warps=1,
-    )  # fmt: skip
+        UNIFORM=uniform,
+        HAS_BUDGET=slots is not None and slots.has_budget,
+        num_warps=1,
+    )
     if slots is not None:
         slots.gather_pool(idx_mapping, pooled_rows)
     if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
@@ -530,16 +590,37 @@ def verify_mrv2(
     resampled_max = target_logits.new_empty(
         num_reqs, resample_blocks, dtype=torch.float64 if use_fp64 else torch.float32
     )
-    _launch(utils._resample_kernel, (num_reqs, resample_blocks), shared | dict(
-        resampled_local_argmax_ptr=resampled_argmax, resampled_local_argmax_stride=resampled_argmax.stride(0),
-        resampled_local_max_ptr=resampled_max, resampled_local_max_stride=resampled_max.stride(0),
-        target_rejected_logsumexp_ptr=target_rejected_lse, draft_rejected_logsumexp_ptr=draft_rejected_lse,
-        rejected_step_ptr=num_sampled, draft_sampled_ptr=draft_sampled, seed_ptr=seed, pos_ptr=pos,
-        cumulative_log_p_ptr=None, contexts_ptr=None, contexts_stride=0, watermarking_ptr=None,
-        watermarking_skip_mask_ptr=None, watermark_key_0=0, watermark_key_1=0, BLOCK_SIZE=RESAMPLE_BLOCK_SIZE,
-        USE_FP64=use_fp64, USE_BLOCK_VERIFICATION=False, CONTEXT_WIDTH=1, WATERMARK=False, DEDUPLICATE_CONTEXTS=False,
-        SKIP_MASKED_BLOCKS=skip_masked_vocab_blocks,
-    ))  # fmt: skip
+    _launch(
+        utils._resample_kernel,
+        (num_reqs, resample_blocks),
+        shared
+        | dict(
+            resampled_local_argmax_ptr=resampled_argmax,
+            resampled_local_argmax_stride=resampled_argmax.stride(0),
+            resampled_local_max_ptr=resampled_max,
+            resampled_local_max_stride=resampled_max.stride(0),
+            target_rejected_logsumexp_ptr=target_rejected_lse,
+            draft_rejected_logsumexp_ptr=draft_rejected_lse,
+            rejected_step_ptr=num_sampled,
+            draft_sampled_ptr=draft_sampled,
+            seed_ptr=seed,
+            pos_ptr=pos,
+            cumulative_log_p_ptr=None,
+            contexts_ptr=None,
+            contexts_stride=0,
+            watermarking_ptr=None,
+            watermarking_skip_mask_ptr=None,
+            watermark_key_0=0,
+            watermark_key_1=0,
+            BLOCK_SIZE=RESAMPLE_BLOCK_SIZE,
+            USE_FP64=use_fp64,
+            USE_BLOCK_VERIFICATION=False,
+            CONTEXT_WIDTH=1,
+            WATERMARK=False,
+            DEDUPLICATE_CONTEXTS=False,
+            SKIP_MASKED_BLOCKS=skip_masked_vocab_blocks,
+        ),
+    )
     _launch(
         utils._insert_resampled_kernel,
         (num_reqs,),
@@ -634,7 +715,7 @@ def _record(
             verified * is_random,
             relaxed * (1 - is_random),
         ]
-    )  # fmt: skip  (VerifyStats.record's order)
+    )  # VerifyStats.record's order
     if state.device_counts is None or state.device_counts.device != step.device:
         state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
     state.device_counts += step.sum(dim=1)
@@ -653,7 +734,12 @@ def flush_counts() -> None:
     if state.device_counts is None or not state.pending_steps:
         return
     *counts, greedy_relaxed = state.device_counts.tolist()
-    state.stats.record(*counts, steps=state.pending_steps, draft_dist_steps=state.pending_draft_dist_steps,
-                       greedy_relaxed=greedy_relaxed, policy=state.pending_policy)  # fmt: skip
+    state.stats.record(
+        *counts,
+        steps=state.pending_steps,
+        draft_dist_steps=state.pending_draft_dist_steps,
+        greedy_relaxed=greedy_relaxed,
+        policy=state.pending_policy,
+    )
     state.device_counts.zero_()
     state.pending_steps = state.pending_draft_dist_steps = 0

@@ -39,8 +39,10 @@ from ears_vllm.seam.hooks import bound, find_class
 
 PROPOSER_MODULE = "vllm.v1.spec_decode.llm_base_proposer"
 # Model Runner V2's speculators, which sample their drafts with ``gumbel_sample(..., is_drafting=True)``.
-MRV2_SPECULATOR_MODULES = ("vllm.v1.worker.gpu.spec_decode.speculator",
-                           "vllm.v1.worker.gpu.spec_decode.dspark.speculator")  # fmt: skip
+MRV2_SPECULATOR_MODULES = (
+    "vllm.v1.worker.gpu.spec_decode.speculator",
+    "vllm.v1.worker.gpu.spec_decode.dspark.speculator",
+)
 
 
 @dataclasses.dataclass
@@ -71,8 +73,10 @@ def draft_problem(spec_config: Any, runner: str = "V1") -> str | None:
     method = getattr(spec_config, "method", None)
     sampling = getattr(spec_config, "draft_sample_method", "greedy")
     if sampling != "probabilistic":
-        return (f"policy 'ersd' needs a drafter that samples, and draft_sample_method is {sampling!r}: add "
-                '"draft_sample_method": "probabilistic" to --speculative-config')  # fmt: skip
+        return (
+            f"policy 'ersd' needs a drafter that samples, and draft_sample_method is {sampling!r}: add "
+            '"draft_sample_method": "probabilistic" to --speculative-config'
+        )
     if runner == "MRV2":
         found = [m for m in _importable(MRV2_SPECULATOR_MODULES) if hasattr(m, "gumbel_sample")]
         return None if found else f"the drafter's sampling moved: none of {MRV2_SPECULATOR_MODULES} has gumbel_sample"
@@ -101,8 +105,9 @@ def install(sampler: Any, runner_problem: str | None) -> str:
     if not getattr(topk_topp, "_ears_keyed", False):
         topk_topp.forward = _keyed_topk_topp(topk_topp.forward)
         topk_topp._ears_keyed = True
-    patches.apply(proposer_cls, "_sample_from_logits", _wrap_sample_from_logits,
-                  "ERSD: keyed rows draft the race winner of q")  # fmt: skip
+    patches.apply(
+        proposer_cls, "_sample_from_logits", _wrap_sample_from_logits, "ERSD: keyed rows draft the race winner of q"
+    )
     return "on (drafter, bonus and first tokens race on each request's keys)"
 
 

