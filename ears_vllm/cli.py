@@ -1,4 +1,4 @@
-"""The ``ears-vllm`` command: demo, doctor, models, bench."""
+"""The ``ears-vllm`` command: demo, doctor, models, bench, sweep, gpu-check (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ class EarsConfig:
     """Acceptance policy settings.
 
     Keys (all optional): ``policy``, one of the registry's policies (:data:`ears_vllm.policies.POLICIES`:
-    standard, ears, typical, fly, sglang, relaxed_topk); ``on_unsupported``: ``"error"`` (default: a
+    standard, ears, typical, fly, sglang, relaxed_topk, adasd, ersd); ``on_unsupported``: ``"error"`` (default: a
     non-standard policy the verifying runner cannot run stops the server at startup) or ``"fallback"`` (a
     warning, then vLLM's own rule runs); and every parameter of :data:`ears_vllm.policies.PARAMS`
     (``tolerance``, ``min_ratio``, ``fly_window_size``, ...), each validated there and readable as an
@@ -225,7 +225,7 @@ def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping
 
 @dataclasses.dataclass(frozen=True)
 class ProcessSettings:
-    """The plugin's process-wide switches, all read from the environment here and nowhere else.
+    """The plugin's process-wide switches, read from the environment by :func:`settings`.
 
     Attributes:
         shadow: ``EARS_VLLM_SHADOW=1``: V1 also runs vLLM's own step and counts the steps that differ.

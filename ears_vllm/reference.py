@@ -3,7 +3,7 @@
 Terms follow vLLM's ``RejectionSampler``:
     accepted tokens   draft tokens the acceptance rule keeps, a prefix of each request's drafts;
     recovered token   emitted at the first rejected position, sampled from ``norm(max(0, p - q))``
-                      (the policy's ``recovery`` says otherwise for typical and sglang; the target argmax
+                      (the policy's ``recovery`` says otherwise for typical, sglang and ersd; the target argmax
                       for greedy requests);
     bonus token       emitted after the last draft when every draft is accepted (sampled by the caller; for
                       ERSD, the race winner at the bonus position, :func:`ears_vllm.policies.race_winners`);

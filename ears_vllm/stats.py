@@ -4,7 +4,7 @@
 rejects them). Per *verified* position (a draft the verifier decided on: every accepted one and the first
 rejected one of a request; the drafts after a rejection are never examined) it is an unbiased estimate of the
 total-variation distance added to the output distribution at that position for the policies whose registry entry
-says so (``PolicySpec.relaxed_rate``: ears, relaxed_topk, adasd; sglang with one-hot drafts), a sequence-level
+says so (``PolicySpec.relaxed_rate``: ears, relaxed_topk, adasd, ersd; sglang with one-hot drafts), a sequence-level
 bound for fly, and only a rate for the others; the log line says which. With
 ``EARS_VLLM_STATS_PATH`` set, the counts are also written there as JSON at each report (one file per
 process: the process id is appended; under tensor parallelism by TP rank 0 only).

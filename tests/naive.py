@@ -1,7 +1,7 @@
 """An independent, deliberately plain implementation of speculative verification (test oracle).
 
-One request and one position at a time, in Python scalars, straight from the rules in README.md ("Use it as a
-library"); it shares no code with ``ears_vllm`` so that agreement means something.
+One request and one position at a time, in Python scalars, straight from the rules in README.md ("Policies"); it
+shares no code with ``ears_vllm`` so that agreement means something.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ Sampled requests only. A greedy request has no ledger, so where the policy relax
 relaxed_topk, as their sources do: ``PolicySpec.greedy_rows``) those relaxed acceptances are not capped by any
 budget, on any path (``ears_vllm.verify`` gives greedy rows budget 0, the vLLM adapters make no ledger for greedy
 requests); they are counted apart (``VerifyStats.greedy_relaxed``). Capping them would need a ledger for greedy
-requests in every path, the reference, the kernels and both runners' adapters; it is stated here and in the
-README instead.
+requests in every path, the reference, the kernels and both runners' adapters; it is stated here and in
+docs/serving.md instead.
 
 While the ledger has slack the policy runs at its loosest (``BUDGETED_TOLERANCE``: EARS relaxes as far as
 it goes), so each unit of budget is spent on the first rejection the relaxation can turn into an acceptance:

@@ -1,5 +1,5 @@
-"""Acceptance rules of speculative decoding, as pure functions on tensors (README.md, "Use it as a library", has
-the table of rules).
+"""Acceptance rules of speculative decoding, as pure functions on tensors (README.md, "Policies", has the table of
+rules).
 
 Vocabulary, per verified draft position:
     p      target distribution (after temperature, top-k/top-p, logits processors)

@@ -1,25 +1,30 @@
-"""Adapter for vLLM's Model Runner V2 (``vllm.v1.worker.gpu.spec_decode``), the GPU default.
+"""Adapter for vLLM's Model Runner V2 (``vllm.v1.worker.gpu.spec_decode``): the GPU default in vLLM 0.33, the only
+runner in 0.34.
 
 MRV2 verifies raw logits in four Triton launches (``rejection_sampler_utils.rejection_sample``):
 per-block logit statistics, the acceptance walk, residual resampling, insertion. Its randomness is
 stateless Philox keyed by (request seed, position). Only the walk depends on the policy, so for
-``ears`` this adapter runs MRV2's own statistics, resampling and insertion launches, and the walk of
-:mod:`ears_vllm.kernels.split_stats_accept` with MRV2's own uniform draw (``tl_rand32``): at
-tolerance 0 the result is bit-identical to MRV2's, and at any tolerance the recovered and bonus tokens
-are MRV2's.
+the policies whose ``PolicySpec.runners`` name MRV2 this adapter runs MRV2's own statistics, resampling and
+insertion launches, and the walk of :mod:`ears_vllm.kernels.split_stats_accept` with MRV2's own uniform draw
+(``tl_rand32``): at tolerance 0 the result is bit-identical to MRV2's, and at any tolerance the recovered and
+bonus tokens are MRV2's. ``ersd`` instead takes each row's race winner on MRV2's own keys
+(:func:`verify_races_mrv2`).
 
 Patched (see :mod:`ears_vllm.seam.patches`): ``RejectionSampler.__init__`` (the sampler's plan, from
 :func:`ears_vllm.seam.verification.plan_verification`), ``RejectionSampler.__call__`` (tells
-``rejection_sample`` which sampler calls it) and ``rejection_sample`` where ``rejection_sampler.py`` looks
-it up by name (ours for samplers planned so, vLLM's with every argument as given for the others).
+``rejection_sample`` which sampler calls it), ``rejection_sample`` where ``rejection_sampler.py`` looks
+it up by name (ours for samplers planned so, vLLM's with every argument as given for the others) and
+``Sampler.add_request`` (fills a request's slot with its per-request settings).
 
 vLLM's launches are called by keyword, each given the parameters it declares out of a vocabulary of
 values this adapter knows (``KERNEL_VALUES``): a renamed parameter with a known value (0.33's
 ``num_logits`` for 0.32's ``num_speculative_steps``) is absorbed, and a parameter the adapter cannot fill
 makes the hook check fail, so the server refuses at startup instead of mis-calling the kernel.
 
-Left to vLLM (the plan names them): ``typical`` (it needs the entropy, which MRV2's statistics do not
-carry: use the V1 runner), FLy, block verification, synthetic acceptance rates and watermarking.
+Refused at startup (or, with ``on_unsupported: fallback``, left to vLLM's rule): ``typical`` (it needs the
+entropy, which MRV2's statistics do not carry: use the V1 runner) and ``adasd`` (its thresholds live with the
+request on the host). Left to vLLM (the plan names them): vLLM's own FLy, block verification, synthetic acceptance
+rates and watermarking.
 """
 
 from __future__ import annotations

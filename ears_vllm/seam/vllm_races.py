@@ -1,4 +1,6 @@
-"""ERSD on vLLM V1: every token of a keyed request, drafted or emitted, is a race winner on the request's keys.
+"""ERSD in vLLM: every token of a keyed request, drafted or emitted, is a race winner on the request's keys.
+
+V1 first; Model Runner V2 at the end.
 
 Installed only when the server's policy is ``ersd`` (:attr:`ears_vllm.policies.PolicySpec.keyed`). A request's
 *key seed* is its ``seed``, or a random 63-bit one drawn when it is first seen (kept on vLLM's state of the
@@ -21,6 +23,10 @@ Patched:
 
 The verifier (:func:`ears_vllm.verify` with ``race_keys``) emits the target's winners; so a seeded request's text
 depends on its seed, the target and the sampling settings, not on the drafter or k.
+
+On Model Runner V2 (:func:`install_mrv2`) the sampler and the drafter already draw race winners on these keys; the
+one patch is the MRV2 speculators' ``gumbel_sample``, so that the drafter races on the sampler's keys (its position
+salt removed), and :func:`ears_vllm.seam.vllm_mrv2.verify_races_mrv2` verifies.
 """
 
 from __future__ import annotations
