@@ -10,7 +10,7 @@ Terms follow vLLM's ``RejectionSampler``:
     relaxed tokens    accepted tokens that vLLM's native test (the standard test with the same ``u``; argmax
                       match on greedy rows) would have rejected.
 
-All inputs are assumed validated (see :func:`ears_vllm.verify`); the arithmetic mirrors vLLM V1's
+The step arrives validated (:class:`ears_vllm.step.VerifyStep`); the arithmetic mirrors vLLM V1's
 kernels (float32 probabilities, float64 uniforms, ``argmax(prob * noise.reciprocal())``) so that the
 lossless settings reproduce vLLM bit for bit.
 """
@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from ears_vllm.config import EarsConfig
-from ears_vllm.policies import DraftPositions, get_policy, race_winners, settings_for
+from ears_vllm.policies import DraftPositions, race_winners
+from ears_vllm.step import VerifyStep, budget_fits, request_rows
 
 PLACEHOLDER_TOKEN_ID = -1
 
@@ -41,53 +41,42 @@ class VerifyResult(NamedTuple):
     num_relaxed: torch.Tensor
 
 
-def verify_reference(
-    target_logits: torch.Tensor,  # [num_tokens, V] float; masked entries -inf
-    draft_token_ids: torch.Tensor,  # [num_tokens] int; negative = padding, always rejected
-    num_draft_tokens: torch.Tensor,  # [batch] int64
-    bonus_token_ids: torch.Tensor,  # [batch] int
-    draft_probs: torch.Tensor | None,  # [num_tokens, V] float32 or None (one-hot draft)
-    is_greedy: torch.Tensor,  # [batch] bool
-    uniform: torch.Tensor,  # [num_tokens] float64
-    recovery_noise: torch.Tensor,  # [batch, V] float32/64: Exp(1) noise, one vector per request
-    tolerance: torch.Tensor,  # [batch] float64
-    config: EarsConfig,
-    max_spec_len: int,
-    budget: torch.Tensor | None = None,  # [batch] float64: B per request, 0 = no cap (control.budget)
-    budget_slack: torch.Tensor | None = None,  # [batch] float64: B * verified - relaxed before this step
-    race_keys: torch.Tensor | None = None,  # [batch, 2] int64: key seed, position of the first draft (ersd)
-) -> VerifyResult:
-    batch_size = num_draft_tokens.shape[0]
-    num_tokens = target_logits.shape[0]
-    device = target_logits.device
-    req_of_token = torch.repeat_interleave(torch.arange(batch_size, device=device), num_draft_tokens)
+def verify_reference(step: VerifyStep) -> VerifyResult:
+    """The step verified in PyTorch: the policy's rule (``PolicySpec.rule``) at every draft position, argmax match on
+    greedy rows (unless the policy's source relaxes them), the budget cap, the accepted prefix, then the bonus or the
+    recovered token."""
+    batch_size, num_tokens = step.batch_size, step.num_tokens
+    device = step.target_logits.device
+    num_draft_tokens = step.num_draft_tokens  # [batch] int64
+    req_of_token, position = step.rows  # [num_tokens] int64 each
 
-    target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
-    draft_ids = draft_token_ids.long()
+    target_probs = step.target_logits.softmax(dim=-1, dtype=torch.float32)  # [num_tokens, V]
+    draft_ids = step.draft_token_ids.long()  # [num_tokens]
     safe_ids = draft_ids.clamp_min(0).unsqueeze(-1)
-    if draft_probs is None:
+    if step.draft_probs is None:
         draft_prob = torch.ones(num_tokens, dtype=torch.float32, device=device)
     else:
-        draft_prob = draft_probs.gather(-1, safe_ids).squeeze(-1).to(torch.float32)
-    token_greedy = is_greedy[req_of_token]
-    spec = get_policy(config.policy)
-    race_winner = race_winners(target_logits, *race_key_rows(race_keys, num_draft_tokens)) if spec.keyed else None
+        draft_prob = step.draft_probs.gather(-1, safe_ids).squeeze(-1).to(torch.float32)
+    token_greedy = step.is_greedy[req_of_token]  # [num_tokens] bool
+    spec = step.policy
+    race_winner = (
+        race_winners(step.target_logits, *race_key_rows(step.race_keys, num_draft_tokens)) if spec.keyed else None
+    )
     positions = DraftPositions(
-        target_logits,
+        step.target_logits,
         target_probs,
         draft_ids,
         draft_prob,
-        uniform,
-        tolerance[req_of_token],
+        step.uniform,
+        step.tolerance[req_of_token],
         token_greedy,
         num_draft_tokens,
         req_of_token,
-        draft_probs,
+        step.draft_probs,
         race_winner,
     )
 
-    settings = settings_for(config.policy, dict(config.params), max_spec_len)
-    accept = spec.rule(positions, settings)
+    accept = spec.rule(positions, step.settings)
     # Greedy requests: argmax match on the logits (vLLM does not apply temperature to greedy rows), unless the
     # policy's source applies its rule there too.
     if not spec.greedy_rows:
@@ -95,16 +84,19 @@ def verify_reference(
     accept = accept & positions.is_valid
     # ERSD's acceptances are all exact (it accepts some that the standard test with the same u rejects).
     relaxed = accept & ~positions.native & (not spec.keyed)
-    start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
-    position = torch.arange(num_tokens, device=device) - start[req_of_token]
-    if budget is not None:
+    start = step.offsets[:-1]  # [batch]
+    if step.budget is not None:
         # A relaxed acceptance must fit in the request's slack plus B per position verified so far in the step.
         relaxed_through = torch.cumsum(relaxed.long(), 0)
         relaxed_before_request = torch.cat([relaxed_through.new_zeros(1), relaxed_through])[start][req_of_token]
         relaxed_before = relaxed_through - relaxed.long() - relaxed_before_request
-        rate = budget[req_of_token]
-        fits = (relaxed_before + 1).double() <= budget_slack[req_of_token] + rate * (position + 1).double()
-        accept = accept & (positions.native | fits | (rate == 0))
+        fits = budget_fits(
+            relaxed_before,
+            step.budget.slack[req_of_token],
+            step.budget.rate[req_of_token],
+            position + 1,
+        )
+        accept = accept & (positions.native | fits)
         relaxed = accept & ~positions.native
 
     # The accepted prefix of each request: positions before its first rejection.
@@ -116,15 +108,15 @@ def verify_reference(
     num_relaxed = torch.zeros(batch_size, dtype=torch.long, device=device)
     num_relaxed.index_add_(0, req_of_token, (in_prefix & relaxed).long())
 
-    token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
+    token_ids = torch.full((batch_size, step.max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     token_ids[req_of_token[in_prefix], position[in_prefix]] = draft_ids[in_prefix].to(torch.int32)
     # The last token: the bonus where every draft was accepted, else the token recovered at the first rejected
     # position, computed there only (one row per such request, not every position of the step).
-    last_token = bonus_token_ids.long().clone()
+    last_token = step.bonus_token_ids.long().clone()
     rejected = (num_accepted < num_draft_tokens).nonzero().squeeze(-1)  # [m] requests with a rejection
     rows = start[rejected] + num_accepted[rejected]  # [m] their first rejected position
     last_token[rejected] = _recovered_at(
-        rows, rejected, positions, spec.recovery, target_probs, draft_probs, recovery_noise
+        rows, rejected, positions, spec.recovery, target_probs, step.draft_probs, step.recovery_noise
     )
     token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
     return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
@@ -160,10 +152,8 @@ def race_key_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_tokens], [num_tokens]) int64: each draft row's seed and position
     """The key seed and position of every draft row (a request's drafts sit at consecutive positions)."""
     assert race_keys is not None, "a keyed policy needs race_keys (checked by ears_vllm.verify)"
-    seed = race_keys[:, 0].repeat_interleave(num_draft_tokens)
-    start = torch.cumsum(num_draft_tokens, 0) - num_draft_tokens
-    offset = torch.arange(seed.shape[0], device=seed.device) - start.repeat_interleave(num_draft_tokens)
-    return seed, race_keys[:, 1].repeat_interleave(num_draft_tokens) + offset
+    request, offset = request_rows(num_draft_tokens)
+    return race_keys[request, 0], race_keys[request, 1] + offset
 
 
 def _sample_recovered(

@@ -23,11 +23,13 @@ from typing import Any
 
 from ears_vllm.config import settings
 from ears_vllm.policies.registry import relaxed_rate_label
+from ears_vllm.step import StepCounts
 
 STATS_SUFFIX = "json"
 
 
-# The counters kept per policy (a server verifies each request with its own policy when it asks for one).
+# The counters kept per policy (a server verifies each request with its own policy when it asks for one): StepCounts
+# fields.
 POLICY_COUNTERS = ("drafts", "accepted", "random_verified", "relaxed", "greedy_relaxed")
 
 
@@ -89,35 +91,23 @@ class VerifyStats:
 
     def record(
         self,
-        drafts: int,
-        accepted: int,
-        random_drafts: int,
-        random_accepted: int,
-        relaxed: int,
-        random_verified: int = 0,
+        counts: StepCounts,  # of ints: the step's counts, summed over its requests (of this policy)
         *,
         invalid: int = 0,
         steps: int = 1,
         draft_dist_steps: int = 0,
-        greedy_relaxed: int = 0,
         policy: str | None = None,
     ) -> None:
         """Add a step's counts (``steps`` > 1: several steps summed); ``policy``: which policy verified them
         (several calls per step when requests asked for different policies, ``steps`` 0 after the first)."""
         if policy is not None:
-            values = (drafts, accepted, random_verified, relaxed, greedy_relaxed)
-            counts = dict(zip(POLICY_COUNTERS, values, strict=True))
-            add_counts(self.by_policy.setdefault(policy, dict.fromkeys(POLICY_COUNTERS, 0)), counts)
+            counters = self.by_policy.setdefault(policy, dict.fromkeys(POLICY_COUNTERS, 0))
+            add_counts(counters, {name: getattr(counts, name) for name in POLICY_COUNTERS})
+        for name, value in counts._asdict().items():
+            setattr(self, name, getattr(self, name) + value)
         self.steps += steps
-        self.greedy_relaxed += greedy_relaxed
-        self.random_verified += random_verified
         self.draft_dist_steps += draft_dist_steps
         self.invalid += invalid
-        self.drafts += drafts
-        self.accepted += accepted
-        self.random_drafts += random_drafts
-        self.random_accepted += random_accepted
-        self.relaxed += relaxed
 
     def record_shadow(self, mismatch: bool) -> None:
         self.shadow_steps += 1
@@ -164,25 +154,18 @@ class RecentRequests:
     """Each request's own counts, for the last ``limit`` requests verified (a request can read its relaxed
     acceptances, :mod:`ears_vllm.control.metrics`); keyed by vLLM's internal request id."""
 
-    FIELDS = (
-        "drafts",
-        "accepted",
-        "random_drafts",
-        "random_accepted",
-        "relaxed",
-        "random_verified",
-        "greedy_relaxed",
-    )  # VerifyStats.record's order
+    FIELDS = StepCounts._fields
 
     def __init__(self, limit: int = 10_000) -> None:
         self.limit = limit
         self._counts: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
-    def record(self, req_id: str, policy: str, *values: int) -> None:
-        counts = self._counts.pop(req_id, None) or {"policy": policy, **dict.fromkeys(self.FIELDS, 0)}
-        for field, value in zip(self.FIELDS, values, strict=True):
-            counts[field] += value
-        self._counts[req_id] = counts  # most recent last
+    def record(self, req_id: str, policy: str, counts: StepCounts) -> None:
+        """Add one request's counts of a step (ints)."""
+        mine = self._counts.pop(req_id, None) or {"policy": policy, **dict.fromkeys(self.FIELDS, 0)}
+        for field, value in counts._asdict().items():
+            mine[field] += value
+        self._counts[req_id] = mine  # most recent last
         while len(self._counts) > self.limit:
             self._counts.popitem(last=False)
 

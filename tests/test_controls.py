@@ -369,11 +369,30 @@ def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch,
 
 def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():
     from ears_vllm.stats import RecentRequests
+    from ears_vllm.step import StepCounts
 
     recent = RecentRequests(limit=2)
-    recent.record("cmpl-a-0-x1", "ears", 4, 2, 4, 2, 1, 3, 0)
-    recent.record("cmpl-a-0-x1", "ears", 4, 1, 4, 1, 0, 2, 0)
-    recent.record("cmpl-b-0-x2", "ears", 4, 0, 4, 0, 0, 1, 0)
+    recent.record(
+        "cmpl-a-0-x1",
+        "ears",
+        StepCounts(
+            drafts=4, accepted=2, random_drafts=4, random_accepted=2, relaxed=1, random_verified=3, greedy_relaxed=0
+        ),
+    )
+    recent.record(
+        "cmpl-a-0-x1",
+        "ears",
+        StepCounts(
+            drafts=4, accepted=1, random_drafts=4, random_accepted=1, relaxed=0, random_verified=2, greedy_relaxed=0
+        ),
+    )
+    recent.record(
+        "cmpl-b-0-x2",
+        "ears",
+        StepCounts(
+            drafts=4, accepted=0, random_drafts=4, random_accepted=0, relaxed=0, random_verified=1, greedy_relaxed=0
+        ),
+    )
     assert recent.starting_with("cmpl-a-")["cmpl-a-0-x1"] | {} == {
         "policy": "ears",
         "drafts": 8,
@@ -384,7 +403,13 @@ def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():
         "random_verified": 5,
         "greedy_relaxed": 0,
     }
-    recent.record("cmpl-c-0-x3", "ears", 1, 1, 1, 1, 0, 1, 0)
+    recent.record(
+        "cmpl-c-0-x3",
+        "ears",
+        StepCounts(
+            drafts=1, accepted=1, random_drafts=1, random_accepted=1, relaxed=0, random_verified=1, greedy_relaxed=0
+        ),
+    )
     assert recent.starting_with("cmpl-a-") == {}  # the oldest went
 
 

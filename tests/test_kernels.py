@@ -14,13 +14,44 @@ import torch
 
 from ears_vllm import EarsConfig, verify
 from ears_vllm.bench.steps import verify_batch
+from ears_vllm.step import VerifyStep
 from tests.triton_cpu import triton_interpreter
 
 # A NaN or inf computed anywhere in a kernel (even one later masked away) fails the test.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 with triton_interpreter():
+    import triton
+    import triton.language as tl
+
     verify_kernel = importlib.import_module("ears_vllm.kernels.verify_kernel")
+    split_stats_accept = importlib.import_module("ears_vllm.kernels.split_stats_accept")
+    shared = importlib.import_module("ears_vllm.kernels.shared")
+    budget_fits, request_span, verified_positions = shared.budget_fits, shared.request_span, shared.verified_positions
+
+    @triton.jit
+    def _shared_arithmetic_kernel(
+        offsets_ptr,  # [n + 1] int64
+        relaxed_ptr,  # [n] int32
+        slack_ptr,  # [n] float64
+        budget_ptr,  # [n] float64
+        verified_ptr,  # [n] int32
+        accepted_ptr,  # [n] int64
+        drafts_ptr,  # [n] int64
+        out_ptr,  # [n, 4] int64 out: fits, verified positions, span start, span length
+    ):
+        i = tl.program_id(0)
+        fits = budget_fits(
+            relaxed_before=tl.load(relaxed_ptr + i),
+            slack=tl.load(slack_ptr + i),
+            budget=tl.load(budget_ptr + i),
+            verified_through=tl.load(verified_ptr + i),
+        )
+        start, count = request_span(offsets_ptr, i)
+        tl.store(out_ptr + 4 * i, fits.to(tl.int64))
+        tl.store(out_ptr + 4 * i + 1, verified_positions(tl.load(accepted_ptr + i), tl.load(drafts_ptr + i)))
+        tl.store(out_ptr + 4 * i + 2, start)
+        tl.store(out_ptr + 4 * i + 3, count)
 
 
 @pytest.fixture(autouse=True)
@@ -51,21 +82,21 @@ def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, rac
         **batch, config=config, is_greedy=is_greedy, tolerance=tolerance, race_keys=race_keys, backend="torch"
     )
     n = batch["num_draft_tokens"]
-    kernel = verify_kernel.verify_triton(
+    step = VerifyStep.build(
         batch["target_logits"],
         batch["draft_token_ids"],
         torch.as_tensor(n),
         batch["bonus_token_ids"],
-        batch["draft_probs"],
-        is_greedy,
-        batch["uniform"],
-        batch["recovery_noise"].reciprocal(),
-        tolerance if tolerance is not None else torch.full((len(n),), config.tolerance, dtype=torch.float64),
-        config,
-        max(n),
+        draft_probs=batch["draft_probs"],
+        is_greedy=is_greedy,
+        uniform=batch["uniform"],
+        recovery_noise=batch["recovery_noise"],
+        tolerance=tolerance if tolerance is not None else torch.full((len(n),), config.tolerance, dtype=torch.float64),
         race_keys=race_keys,
-        **kernel_options,
+        config=config,
+        max_spec_len=max(n),
     )
+    kernel = verify_kernel.verify_triton(step, **kernel_options)
     assert torch.equal(kernel.token_ids, reference.token_ids)
     assert torch.equal(kernel.num_accepted, reference.num_accepted)
     assert torch.equal(kernel.num_relaxed, reference.num_relaxed)
@@ -168,3 +199,71 @@ def test_argmax_ties_go_to_the_first_index_across_blocks_and_splits(config):
     is_greedy = torch.tensor([True, config.policy == "standard"])
     result = assert_kernel_equals_reference(batch, config, is_greedy, block_size=64, num_splits=4)
     assert result.token_ids[0, 0] == 0
+
+
+def test_the_kernels_shared_arithmetic_is_the_hosts():
+    """kernels.shared's device twins give what ears_vllm.step's host functions give, at the edges: a relaxed
+    acceptance that exactly fits, one that misses by a hair, budget 0, and the all-accepted request."""
+    from ears_vllm.step import budget_fits as host_budget_fits
+    from ears_vllm.step import request_offsets
+    from ears_vllm.step import verified_positions as host_verified_positions
+
+    relaxed = torch.tensor([0, 1, 1, 2, 0, 3], dtype=torch.int32)
+    slack = torch.tensor([0.0, 0.5, 0.5 - 1e-12, 0.0, -0.5, 1.0], dtype=torch.float64)
+    budget = torch.tensor([0.125, 0.25, 0.25, 0.0, 0.25, 0.5], dtype=torch.float64)
+    verified = torch.tensor([8, 6, 6, 1, 4, 6], dtype=torch.int32)
+    accepted = torch.tensor([0, 3, 4, 2, 0, 5], dtype=torch.int64)
+    drafts = torch.tensor([0, 4, 4, 5, 1, 5], dtype=torch.int64)
+    counts = torch.tensor([2, 0, 5, 1, 3, 4])
+    offsets = request_offsets(counts)
+    out = torch.zeros(6, 4, dtype=torch.int64)
+    _shared_arithmetic_kernel[(6,)](
+        offsets_ptr=offsets,
+        relaxed_ptr=relaxed,
+        slack_ptr=slack,
+        budget_ptr=budget,
+        verified_ptr=verified,
+        accepted_ptr=accepted,
+        drafts_ptr=drafts,
+        out_ptr=out,
+    )
+    fits = host_budget_fits(relaxed.long(), slack, budget, verified.long())
+    assert fits.tolist() == [True, True, False, True, False, True]  # the edges above, worked by hand
+    assert out[:, 0].bool().tolist() == fits.tolist()
+    assert out[:, 1].tolist() == host_verified_positions(accepted, drafts).tolist() == [0, 4, 4, 3, 1, 5]
+    assert out[:, 2].tolist() == offsets[:-1].tolist() == [0, 2, 2, 7, 8, 11]
+    assert out[:, 3].tolist() == counts.tolist()
+
+
+def test_every_registered_policy_has_its_kernel_branches():
+    """Walking the registry: each policy's id has a branch in the fused kernel, and in the MRV2 walk where the policy
+    runs on MRV2 (a keyed one runs its own walk); an id with no branch is refused at launch, never run as the
+    standard rule."""
+    import dataclasses
+
+    from ears_vllm.policies import POLICIES
+
+    for spec in POLICIES.values():
+        assert verify_kernel.accept_flags(spec)["POLICY"] == spec.kernel_id, spec.name
+        if "MRV2" in spec.runners and not spec.keyed:
+            assert split_stats_accept.walk_policy(spec, relaxes=True) == spec.kernel_id, spec.name
+    orphan = dataclasses.replace(POLICIES["ears"], name="toy", kernel_id=max(verify_kernel.BRANCHES) + 1)
+    with pytest.raises(ValueError, match=r"toy.*no branch in the fused kernel"):
+        verify_kernel.accept_flags(orphan)
+    with pytest.raises(ValueError, match=r"toy.*no branch in the MRV2 walk"):
+        split_stats_accept.walk_policy(orphan, relaxes=True)
+    assert split_stats_accept.walk_policy(POLICIES["ears"], relaxes=False) == POLICIES["standard"].kernel_id
+
+
+def test_the_kernel_parameters_are_packed_and_read_by_name():
+    from ears_vllm.config import EarsConfig
+    from ears_vllm.policies import PARAMS
+    from ears_vllm.step import KernelParam, kernel_params
+
+    config = EarsConfig(policy="sglang", accept_threshold_single=0.3, accept_threshold_acc=0.7)
+    packed = kernel_params(config, torch.device("cpu"))
+    assert sorted(KernelParam) == list(range(len(KernelParam))) == list(range(packed.shape[0]))
+    for param in KernelParam:
+        assert param.name.lower() in PARAMS
+        assert packed[param].item() == getattr(config, param.name.lower())
+        assert getattr(shared, param.name).value == param  # the kernels' constexpr of the same name

@@ -380,7 +380,7 @@ def test_a_kernel_that_fails_falls_back_to_pytorch_with_one_warning(monkeypatch,
     monkeypatch.setattr(kernels, "unusable_reason", lambda device_type: None)
     attempts = []
 
-    def kernel_that_does_not_compile(**step):
+    def kernel_that_does_not_compile(step):
         attempts.append(step)
         raise RuntimeError("CompilationError: simulated, at 12:8: unsupported op")
 
@@ -410,3 +410,25 @@ def test_float64_noise_keeps_the_residual_product_in_float64():
         backend="torch",
     )
     assert recovered.token_ids.tolist() == [[1, -1]] and recovered.num_accepted.tolist() == [0]
+
+
+def test_the_step_is_one_frozen_object_built_by_name():
+    """The budget and its slack (both [batch] float64) cannot be swapped by position: the step and its budget are
+    built by name only, a built step cannot be changed, and the reference and the kernel take the whole step."""
+    import dataclasses
+    import inspect
+
+    from ears_vllm.reference import verify_reference
+    from ears_vllm.step import Budget, VerifyStep
+
+    step = VerifyStep.build(**_valid_args(), config=EarsConfig(policy="ears", budget=0.1))
+    assert step.budget is not None and step.budget.slack.tolist() == [0, 0]
+    assert step.budget.rate.tolist() == pytest.approx([0.1, 0.1])
+    with pytest.raises(TypeError):
+        Budget(step.budget.slack, step.budget.rate)
+    with pytest.raises(TypeError):
+        VerifyStep(*(getattr(step, f.name) for f in dataclasses.fields(step)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        step.budget = None
+    assert list(inspect.signature(verify_reference).parameters) == ["step"]
+    assert torch.equal(verify_reference(step).token_ids, verify(**_valid_args(), config=step.config).token_ids)

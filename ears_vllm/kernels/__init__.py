@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ears_vllm.reference import VerifyResult
+    from ears_vllm.step import VerifyStep
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 UNAVAILABLE_REASON = "" if AVAILABLE else "the `triton` package is not installed"
@@ -23,10 +28,12 @@ def unusable_reason(device_type: str) -> str | None:
     return None
 
 
-def verify_triton(*args, **kwargs):
+def verify_triton(step: VerifyStep, **options: Any) -> VerifyResult:
+    """:func:`ears_vllm.kernels.verify_kernel.verify_triton` (imported on first use): the step verified by the fused
+    kernel; ``options``: its ``block_size`` and ``num_splits``."""
     from ears_vllm.kernels.verify_kernel import verify_triton as run
 
-    return run(*args, **kwargs)
+    return run(step, **options)
 
 
 def race_winners_triton(*args, **kwargs):

@@ -37,6 +37,33 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ears_vllm.kernels.shared import (
+    EARS,
+    FLY,
+    RELAXED_TOPK,
+    SGLANG,
+    STANDARD,
+    budget_fits,
+    request_span,
+    verified_positions,
+)
+from ears_vllm.policies import PolicySpec
+
+# The policies the walk has a branch for (PolicySpec.kernel_id); the others are refused at launch (walk_policy).
+# ersd runs its own walk (seam.vllm_mrv2.verify_races_mrv2); typical and adasd are V1-only (PolicySpec.runners).
+BRANCHES = frozenset(c.value for c in (STANDARD, EARS, FLY, SGLANG, RELAXED_TOPK))
+
+
+def walk_policy(spec: PolicySpec, relaxes: bool) -> int:
+    """The walk's ``POLICY`` constexpr for ``spec``: its kernel id, or the standard rule's when no request of the step
+    relaxes (the lossless settings, bit-identical to vLLM's walk); ValueError for an id the walk has no branch for."""
+    if spec.kernel_id not in BRANCHES:
+        raise ValueError(
+            f"policy {spec.name!r} has kernel_id {spec.kernel_id}, which has no branch in the MRV2 walk "
+            f"(branches: {sorted(BRANCHES)})"
+        )
+    return spec.kernel_id if relaxes else STANDARD.value
+
 
 @triton.jit
 def _row_max_and_lse(local_max_ptr, local_sumexp_ptr, stride, row, num_blocks, PADDED_NUM_BLOCKS: tl.constexpr):
@@ -111,15 +138,15 @@ def split_stats_accept_kernel(
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
     HAS_DRAFT_LOGITS: tl.constexpr,
-    POLICY: tl.constexpr,
+    POLICY: tl.constexpr,  # one of BRANCHES (walk_policy)
     UNIFORM: tl.constexpr,
     HAS_BUDGET: tl.constexpr,  # not with fly (its deferred acceptances are decided after the fact)
 ):
-    FLY: tl.constexpr = POLICY == 3
+    IS_FLY: tl.constexpr = POLICY == FLY
     req_idx = tl.program_id(0)
     req_state_idx = tl.load(idx_mapping_ptr + req_idx).to(tl.int64)
-    start_idx = tl.load(cu_num_logits_ptr + req_idx).to(tl.int64)
-    num_drafts = tl.load(cu_num_logits_ptr + req_idx + 1) - start_idx - 1
+    start_idx, num_rows = request_span(cu_num_logits_ptr, req_idx)
+    num_drafts = num_rows - 1  # each request's last row is its bonus row
     seed = tl.load(seed_ptr + req_state_idx)
     temp = tl.load(temp_ptr + req_state_idx).to(tl.float32)
     is_greedy = temp == 0.0
@@ -142,7 +169,7 @@ def split_stats_accept_kernel(
         draft = tl.load(draft_sampled_ptr + row + 1).to(tl.int64)
         is_valid_draft = draft >= 0
         draft = tl.maximum(0, draft)
-        if not is_greedy and not FLY:
+        if not is_greedy and not IS_FLY:
             verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
         if verifying:
             target_argmax = tl.zeros((), tl.int64)
@@ -158,7 +185,7 @@ def split_stats_accept_kernel(
                     PADDED_VOCAB_NUM_BLOCKS,
                 )
                 accepted = (target_argmax == draft) & is_valid_draft
-                if FLY:
+                if IS_FLY:
                     target_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
                     can_defer = is_valid_draft & (target_logit > float("-inf"))
             else:
@@ -189,16 +216,16 @@ def split_stats_accept_kernel(
                         PADDED_VOCAB_NUM_BLOCKS,
                     )
                     draft_logprob = draft_logit / temp - step_draft_lse
-                if not FLY or pending < 0:  # fly keeps the pending row's statistics for its resample
+                if not IS_FLY or pending < 0:  # fly keeps the pending row's statistics for its resample
                     target_lse = step_target_lse
                     draft_lse = step_draft_lse
-                if POLICY == 4:
+                if POLICY == SGLANG:
                     target_prob = tl.exp(target_logprob)
                     accepted = (u <= target_prob / tl.maximum(threshold_acc, 1e-9)) | (target_prob >= threshold_single)
                     num_relaxed += (accepted & ~(target_logprob > tl.log(u) + draft_logprob)).to(tl.int32)
                 else:
                     accepted = target_logprob > tl.log(u) + draft_logprob
-                if POLICY == 1:
+                if POLICY == EARS:
                     relaxation = tolerance * (1.0 - tl.exp(target_max - step_target_lse))
                     relaxed = (
                         (relaxation > 0.0)
@@ -208,19 +235,29 @@ def split_stats_accept_kernel(
                         & ~accepted
                     )
                     if HAS_BUDGET:  # a relaxed acceptance must fit in the slack plus B per position verified so far
-                        relaxed &= ((num_relaxed + 1).to(tl.float64) <= budget_slack + budget * (i + 1)) | (budget == 0)
+                        relaxed &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
-                if FLY:
+                if IS_FLY:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
-            if POLICY == 5:  # relaxed_topk, greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
+            if POLICY == RELAXED_TOPK:  # greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
                 candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0) & ~accepted
                 if HAS_BUDGET:
-                    candidate &= ((num_relaxed + 1).to(tl.float64) <= budget_slack + budget * (i + 1)) | (budget == 0)
+                    candidate &= budget_fits(
+                        relaxed_before=num_relaxed,
+                        slack=budget_slack,
+                        budget=budget,
+                        verified_through=i + 1,
+                    )
                 num_relaxed += candidate.to(tl.int32)
                 accepted |= candidate
-            if FLY:
+            if IS_FLY:
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open
                     if accepted and i - pending == fly_window:
@@ -242,11 +279,11 @@ def split_stats_accept_kernel(
                 tl.store(
                     sampled_ptr + req_idx * sampled_stride + i, target_argmax if is_greedy and not accepted else draft
                 )
-    if FLY and is_greedy and num_accepted < num_drafts:
+    if IS_FLY and is_greedy and num_accepted < num_drafts:
         tl.store(sampled_ptr + req_idx * sampled_stride + num_accepted, rejected_argmax)
 
     if HAS_BUDGET:  # charge the ledger: B per verified position (the accepted ones and the first rejected one)
-        verified = num_accepted + (num_accepted < num_drafts).to(tl.int64)
+        verified = verified_positions(num_accepted, num_drafts)
         if budget > 0:
             tl.store(budget_slack_ptr + req_state_idx, budget_slack + budget * verified.to(tl.float64) - num_relaxed)
     tl.store(num_accepted_ptr + req_idx, num_accepted)

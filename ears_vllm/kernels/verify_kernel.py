@@ -27,10 +27,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ears_vllm.config import EarsConfig
-from ears_vllm.policies import get_policy, settings_for
+from ears_vllm.kernels.shared import (
+    ACCEPT_THRESHOLD_ACC,
+    ACCEPT_THRESHOLD_SINGLE,
+    ADASD,
+    EARS,
+    ERSD,
+    FLY,
+    FLY_ENTROPY_THRESHOLD,
+    MIN_RATIO,
+    RELAXED_DELTA,
+    RELAXED_TOPK,
+    SGLANG,
+    STANDARD,
+    TYPICAL,
+    TYPICAL_DELTA,
+    TYPICAL_EPS,
+    budget_fits,
+    request_span,
+)
+from ears_vllm.policies import PolicySpec
 from ears_vllm.policies.adasd import js_distance
 from ears_vllm.reference import PLACEHOLDER_TOKEN_ID, VerifyResult, race_key_rows
+from ears_vllm.step import VerifyStep, kernel_params
+
+# The policies _accept_kernel has a branch for (PolicySpec.kernel_id): a spec whose id is not here is refused at
+# launch (accept_flags) and fails the kernel's static check, never runs as the standard rule.
+BRANCHES = frozenset(c.value for c in (STANDARD, EARS, TYPICAL, FLY, SGLANG, RELAXED_TOPK, ADASD, ERSD))
 
 
 @triton.jit
@@ -144,7 +167,14 @@ def _native_decision(
     """vLLM's own decision at a draft row (argmax match on greedy rows, the standard test on random rows), with
     what the policies read there."""
     big_m, big_s, big_w, target_argmax = _merged_row(
-        max_ptr, sumexp_ptr, xsumexp_ptr, argmax_val_ptr, argmax_idx_ptr, row, NUM_SPLITS, SPLITS_POW2
+        max_ptr=max_ptr,
+        sumexp_ptr=sumexp_ptr,
+        xsumexp_ptr=xsumexp_ptr,
+        argmax_val_ptr=argmax_val_ptr,
+        argmax_idx_ptr=argmax_idx_ptr,
+        row=row,
+        NUM_SPLITS=NUM_SPLITS,
+        SPLITS_POW2=SPLITS_POW2,
     )
     draft_id = tl.load(draft_ids_ptr + row).to(tl.int64)
     valid = draft_id >= 0
@@ -165,15 +195,14 @@ def _accept_kernel(
     logits_ptr,  # [num_tokens, V]
     draft_ids_ptr,  # [num_tokens]
     draft_probs_ptr,  # [num_tokens, V] or a dummy when NO_DRAFT_PROBS
-    cu_num_draft_ptr,  # [batch] inclusive cumulative draft counts
+    offsets_ptr,  # [batch + 1] int64: request i's drafts are rows offsets[i] .. offsets[i + 1] - 1
     bonus_ptr,  # [batch]
     is_greedy_ptr,  # [batch] int8
     uniform_ptr,  # [num_tokens] float64
     tolerance_ptr,  # [batch] float64
     budget_ptr,  # [batch] float64: deviation budget B, 0 = none (read when HAS_BUDGET)
     budget_slack_ptr,  # [batch] float64: B * verified - relaxed before this step
-    params_ptr,  # [7] float64: min_ratio, typical_eps, typical_delta, accept_threshold_acc, accept_threshold_single,
-    #              relaxed_delta, fly_entropy_threshold (exact, as the reference uses them)
+    params_ptr,  # [len(KernelParam)] float64: the settings, read at their KernelParam offsets (names in kernels.shared)
     max_ptr,  # [num_tokens, num_splits]
     sumexp_ptr,  # [num_tokens, num_splits]
     xsumexp_ptr,  # [num_tokens, num_splits]
@@ -193,9 +222,11 @@ def _accept_kernel(
     max_spec_len,
     relaxed_topk,
     fly_window,
-    POLICY: tl.constexpr,  # PolicySpec.kernel_id: 0 standard, 1 ears, 2 typical, 3 fly, 4 sglang, 5 relaxed_topk,
-    #                        6 adasd, 7 ersd
+    POLICY: tl.constexpr,  # PolicySpec.kernel_id, one of BRANCHES (the flags below: PolicySpec.kernel_flags)
+    GREEDY_ROWS: tl.constexpr,  # greedy rows take the policy's rule, not argmax match (fly, relaxed_topk)
+    EXACT_ACCEPTANCES: tl.constexpr,  # no acceptance counts as relaxed (a keyed race: ersd)
     ARGMAX_RECOVERY: tl.constexpr,  # the policy emits the target argmax on rejection (typical)
+    RACE_RECOVERY: tl.constexpr,  # the policy emits the target's race winner on rejection (ersd)
     NO_DRAFT_PROBS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
@@ -203,9 +234,7 @@ def _accept_kernel(
     HAS_BUDGET: tl.constexpr,
 ):
     req = tl.program_id(0)
-    end = tl.load(cu_num_draft_ptr + req)
-    start = tl.load(cu_num_draft_ptr + req - 1, mask=req > 0, other=0)
-    num_draft = end - start
+    start, num_draft = request_span(offsets_ptr, req)
     is_greedy = tl.load(is_greedy_ptr + req) != 0
     tolerance = tl.load(tolerance_ptr + req)
     out_row = out_tokens_ptr + req * (max_spec_len + 1)
@@ -219,35 +248,35 @@ def _accept_kernel(
         if not rejected:
             row = start + pos
             native, standard, valid, draft_id, x_d, p_d, q_d, u, big_m, big_s, big_w, target_argmax = _native_decision(
-                logits_ptr,
-                draft_ids_ptr,
-                draft_probs_ptr,
-                uniform_ptr,
-                max_ptr,
-                sumexp_ptr,
-                xsumexp_ptr,
-                argmax_val_ptr,
-                argmax_idx_ptr,
-                row,
-                is_greedy,
-                vocab_size,
-                NO_DRAFT_PROBS,
-                NUM_SPLITS,
-                SPLITS_POW2,
+                logits_ptr=logits_ptr,
+                draft_ids_ptr=draft_ids_ptr,
+                draft_probs_ptr=draft_probs_ptr,
+                uniform_ptr=uniform_ptr,
+                max_ptr=max_ptr,
+                sumexp_ptr=sumexp_ptr,
+                xsumexp_ptr=xsumexp_ptr,
+                argmax_val_ptr=argmax_val_ptr,
+                argmax_idx_ptr=argmax_idx_ptr,
+                row=row,
+                is_greedy=is_greedy,
+                vocab_size=vocab_size,
+                NO_DRAFT_PROBS=NO_DRAFT_PROBS,
+                NUM_SPLITS=NUM_SPLITS,
+                SPLITS_POW2=SPLITS_POW2,
             )
             tl.store(row_max_ptr + row, big_m)
             tl.store(row_sumexp_ptr + row, big_s)
             max_p = 1.0 / big_s
-            if POLICY == 1:  # ears
+            if POLICY == EARS:
                 relaxation = tolerance * (1.0 - max_p.to(tl.float64))
-                threshold = tl.maximum(u - relaxation, tl.load(params_ptr))
+                threshold = tl.maximum(u - relaxation, tl.load(params_ptr + MIN_RATIO))
                 policy_accept = standard | (valid & (q_d > 0) & (p_d > 0) & (p_d / q_d >= threshold))
-            elif POLICY == 2:  # typical
+            elif POLICY == TYPICAL:
                 entropy = tl.log(big_s) - big_w / big_s
-                eps = tl.load(params_ptr + 1).to(tl.float32)
-                delta = tl.load(params_ptr + 2).to(tl.float32)
+                eps = tl.load(params_ptr + TYPICAL_EPS).to(tl.float32)
+                delta = tl.load(params_ptr + TYPICAL_DELTA).to(tl.float32)
                 policy_accept = valid & (p_d > tl.minimum(delta * tl.exp(-entropy), eps))
-            elif POLICY == 3:  # fly: defer a gated rejection when the next fly_window drafts pass natively
+            elif POLICY == FLY:  # defer a gated rejection when the next fly_window drafts pass natively
                 top = tl.load(top_logits_ptr + row * FLY_TOP_K + tl.arange(0, FLY_TOP_K))
                 top_p = tl.where(top > float("-inf"), tl.exp(top - big_m) / big_s, 0.0)
                 fly_entropy = -tl.sum(top_p * tl.log(tl.where(top_p > 0, top_p, 1.0)), axis=0)
@@ -257,62 +286,66 @@ def _accept_kernel(
                     & valid
                     & unmasked
                     & (pos + fly_window < num_draft)
-                    & (fly_entropy >= tl.load(params_ptr + 6).to(tl.float32))
+                    & (fly_entropy >= tl.load(params_ptr + FLY_ENTROPY_THRESHOLD).to(tl.float32))
                 )
                 if can_defer:
                     for offset in range(1, fly_window + 1):
                         ahead = _native_decision(
-                            logits_ptr,
-                            draft_ids_ptr,
-                            draft_probs_ptr,
-                            uniform_ptr,
-                            max_ptr,
-                            sumexp_ptr,
-                            xsumexp_ptr,
-                            argmax_val_ptr,
-                            argmax_idx_ptr,
-                            row + offset,
-                            is_greedy,
-                            vocab_size,
-                            NO_DRAFT_PROBS,
-                            NUM_SPLITS,
-                            SPLITS_POW2,
+                            logits_ptr=logits_ptr,
+                            draft_ids_ptr=draft_ids_ptr,
+                            draft_probs_ptr=draft_probs_ptr,
+                            uniform_ptr=uniform_ptr,
+                            max_ptr=max_ptr,
+                            sumexp_ptr=sumexp_ptr,
+                            xsumexp_ptr=xsumexp_ptr,
+                            argmax_val_ptr=argmax_val_ptr,
+                            argmax_idx_ptr=argmax_idx_ptr,
+                            row=row + offset,
+                            is_greedy=is_greedy,
+                            vocab_size=vocab_size,
+                            NO_DRAFT_PROBS=NO_DRAFT_PROBS,
+                            NUM_SPLITS=NUM_SPLITS,
+                            SPLITS_POW2=SPLITS_POW2,
                         )
                         can_defer = can_defer & ahead[0]
                 policy_accept = native | can_defer
-            elif POLICY == 4:  # sglang: u <= p(d) / max(acc, 1e-9), or p(d) >= single; q unread
-                acc = tl.maximum(tl.load(params_ptr + 3), 1e-9)
-                policy_accept = (u <= p_d.to(tl.float64) / acc) | (p_d >= tl.load(params_ptr + 4).to(tl.float32))
-            elif POLICY == 5:  # relaxed_topk: native, or among the top-k with p(d) >= max p - delta, never masked
+            elif POLICY == SGLANG:  # u <= p(d) / max(acc, 1e-9), or p(d) >= single; q unread
+                acc = tl.maximum(tl.load(params_ptr + ACCEPT_THRESHOLD_ACC), 1e-9)
+                single = tl.load(params_ptr + ACCEPT_THRESHOLD_SINGLE).to(tl.float32)
+                policy_accept = (u <= p_d.to(tl.float64) / acc) | (p_d >= single)
+            elif POLICY == RELAXED_TOPK:  # native, or among the top-k with p(d) >= max p - delta, never masked
                 rank = tl.sum(tl.load(rank_ptr + row * NUM_SPLITS + split_offs, mask=split_mask, other=0), axis=0)
-                floor = max_p - tl.load(params_ptr + 5).to(tl.float32)
+                floor = max_p - tl.load(params_ptr + RELAXED_DELTA).to(tl.float32)
                 candidate = (p_d > 0) & (rank < relaxed_topk) & ((p_d >= floor) | (rank == 0))
                 policy_accept = native | (valid & candidate)
-            elif POLICY == 6:  # adasd: native, or close enough in JS distance (the host's test)
+            elif POLICY == ADASD:  # native, or close enough in JS distance (the host's test)
                 relax = tl.load(relax_ptr + row) != 0
                 policy_accept = standard | (valid & relax & (p_d > 0) & (q_d > 0))
-            elif POLICY == 7:  # ersd: the draft is the target's race winner
+            elif POLICY == ERSD:  # the draft is the target's race winner
                 policy_accept = valid & (draft_id == tl.load(race_winner_ptr + row))
             else:
+                tl.static_assert(POLICY == STANDARD, "a PolicySpec.kernel_id with no branch in _accept_kernel")
                 policy_accept = standard
-            if POLICY == 3 or POLICY == 5:  # their sources apply the rule to greedy rows too
-                accept = policy_accept & valid
-            else:
-                accept = tl.where(is_greedy, native, policy_accept & valid)
+            # Greedy rows: argmax match, unless the policy's source applies its rule there too (GREEDY_ROWS).
+            accept = policy_accept & valid if GREEDY_ROWS else tl.where(is_greedy, native, policy_accept & valid)
             if HAS_BUDGET:  # a relaxed acceptance must fit in the slack plus B per position verified so far
-                budget = tl.load(budget_ptr + req)
-                fits = (relaxed_count + 1).to(tl.float64) <= tl.load(budget_slack_ptr + req) + budget * (pos + 1)
-                accept = accept & (native | fits | (budget == 0))
+                fits = budget_fits(
+                    relaxed_before=relaxed_count,
+                    slack=tl.load(budget_slack_ptr + req),
+                    budget=tl.load(budget_ptr + req),
+                    verified_through=pos + 1,
+                )
+                accept = accept & (native | fits)
             if accept:
                 tl.store(out_row + pos, draft_id.to(tl.int32))
                 accepted_count += 1
-                if POLICY != 7:  # ERSD's acceptances are exact, whatever the standard test says
+                if not EXACT_ACCEPTANCES:  # a race's acceptances are exact, whatever the standard test says
                     relaxed_count += (accept & ~native).to(tl.int32)
             else:
                 rejected = True
                 if is_greedy | ARGMAX_RECOVERY:
                     tl.store(out_row + pos, target_argmax.to(tl.int32))
-                elif POLICY == 7:  # the target's winner: the token a non-speculative race emits here
+                elif RACE_RECOVERY:  # the target's winner: the token a non-speculative race emits here
                     tl.store(out_row + pos, tl.load(race_winner_ptr + row).to(tl.int32))
                 else:
                     tl.store(recover_row_ptr + req, row.to(tl.int64))
@@ -446,12 +479,12 @@ def race_winners_triton(
     scores = torch.empty(num_rows, splits, dtype=torch.float64, device=logits.device)
     indices = torch.empty(num_rows, splits, dtype=torch.int32, device=logits.device)
     _race_winner_kernel[(num_rows, splits)](
-        logits.contiguous(),
-        murmur3_prefix(seed, pos),
-        scores,
-        indices,
-        vocab_size,
-        split_size,
+        logits_ptr=logits.contiguous(),
+        key_prefix_ptr=murmur3_prefix(seed, pos),
+        score_ptr=scores,
+        index_ptr=indices,
+        vocab_size=vocab_size,
+        split_size=split_size,
         NUM_SPLITS=splits,
         BLOCK_SIZE=block_size,
     )
@@ -479,149 +512,98 @@ def _best_of_splits(
     return indices.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
+def accept_flags(spec: PolicySpec) -> dict[str, int | bool]:
+    """The policy's constexprs for :func:`_accept_kernel` (``PolicySpec.kernel_flags``); ValueError for a kernel id
+    the kernel has no branch for (a policy registered without its kernel branch), never the standard rule."""
+    if spec.kernel_id not in BRANCHES:
+        raise ValueError(
+            f"policy {spec.name!r} has kernel_id {spec.kernel_id}, which has no branch in the fused kernel "
+            f"(branches: {sorted(BRANCHES)}); add one to ears_vllm.kernels.verify_kernel._accept_kernel"
+        )
+    return spec.kernel_flags
+
+
 def verify_triton(
-    target_logits: torch.Tensor,  # [num_tokens, V] float32/float16/bfloat16
-    draft_token_ids: torch.Tensor,  # [num_tokens]
-    num_draft_tokens: torch.Tensor,  # [batch] int64
-    bonus_token_ids: torch.Tensor,  # [batch]
-    draft_probs: torch.Tensor | None,  # [num_tokens, V] or None
-    is_greedy: torch.Tensor,  # [batch] bool
-    uniform: torch.Tensor,  # [num_tokens] float64
-    inv_recovery_noise: torch.Tensor,  # [batch, V] float32/float64
-    tolerance: torch.Tensor,  # [batch] float64
-    config: EarsConfig,
-    max_spec_len: int,
-    budget: torch.Tensor | None = None,  # [batch] float64, 0 = none
-    budget_slack: torch.Tensor | None = None,  # [batch] float64
-    race_keys: torch.Tensor | None = None,  # [batch, 2] int64: key seed, position of the first draft (ersd)
+    step: VerifyStep,
     *,
     block_size: int = 1024,
     num_splits: int | None = None,
 ) -> VerifyResult:
-    """Host wrapper; same contract as :func:`ears_vllm.reference.verify_reference`."""
-    num_tokens, vocab_size = target_logits.shape
-    batch_size = num_draft_tokens.shape[0]
-    device = target_logits.device
-    logits = target_logits.contiguous()
-    draft_probs = draft_probs.contiguous() if draft_probs is not None else None
+    """The step verified by the fused kernel; same contract as :func:`ears_vllm.reference.verify_reference`.
+    ``block_size``: tokens per block of a vocabulary pass; ``num_splits``: vocabulary splits per row (None: enough
+    programs to fill the device)."""
+    num_tokens, vocab_size = step.target_logits.shape
+    batch_size, device = step.batch_size, step.target_logits.device
+    logits = step.target_logits.contiguous()  # [num_tokens, V]
+    draft_probs = step.draft_probs.contiguous() if step.draft_probs is not None else None  # [num_tokens, V] or None
     splits, split_size = _split_layout(num_tokens, vocab_size, block_size, num_splits)
 
-    token_ids = torch.full((batch_size, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
+    token_ids = torch.full((batch_size, step.max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     num_accepted = torch.zeros(batch_size, dtype=torch.int32, device=device)
     num_relaxed = torch.zeros(batch_size, dtype=torch.int32, device=device)
     if batch_size == 0:
         return VerifyResult(token_ids, num_accepted, num_relaxed)
 
-    spec = get_policy(config.policy)
-    settings = settings_for(config.policy, dict(config.params), max_spec_len)
+    spec = step.policy
+    flags = accept_flags(spec)
     rows = max(num_tokens, 1)
-    stats = [torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(4)]
-    argmax_idx = torch.empty(rows, splits, dtype=torch.int32, device=device)
-    count_rank = config.policy == "relaxed_topk"
-    rank = torch.zeros(rows, splits if count_rank else 1, dtype=torch.int32, device=device)
-    if num_tokens:
-        _row_stats_kernel[(num_tokens, splits)](
-            logits,
-            *stats,
-            argmax_idx,
-            draft_token_ids,
-            rank,
-            vocab_size,
-            split_size,
-            NUM_SPLITS=splits,
-            BLOCK_SIZE=block_size,
-            COUNT_RANK=count_rank,
-        )
-    # FLy's entropy reads the k largest logits of each row: [num_tokens, k], taken here (no probability tensor).
-    fly_top_k = triton.next_power_of_2(settings.get("fly_entropy_top_k", 1))
-    top_logits = torch.full((rows, fly_top_k), float("-inf"), dtype=torch.float32, device=device)
-    if config.policy == "fly" and num_tokens:
-        k = min(settings["fly_entropy_top_k"], vocab_size)
-        top_logits[:num_tokens, :k] = torch.topk(logits.float(), k, dim=-1).values
-
-    relax = torch.zeros(rows, dtype=torch.int8, device=device)
-    if config.policy == "adasd" and num_tokens:  # AdaSD's JS distance, on the host: [num_tokens, V] probabilities
-        req_of_token = torch.repeat_interleave(torch.arange(batch_size, device=device), num_draft_tokens)
-        js = js_distance(logits.softmax(dim=-1, dtype=torch.float32), draft_token_ids.long(), draft_probs)
-        tau = tolerance[req_of_token]
-        relax[:num_tokens] = ((tau > 0) & (js.double() <= tau)).to(torch.int8)
-
-    race_winner = torch.zeros(rows, dtype=torch.int64, device=device)
-    if spec.keyed and num_tokens:
-        seed, pos = race_key_rows(race_keys, num_draft_tokens)
-        race_winner[:num_tokens] = race_winners_triton(logits, seed, pos, block_size=block_size)
-
-    row_max = torch.empty(rows, dtype=torch.float32, device=device)
-    row_sumexp = torch.empty_like(row_max)
-    recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
-    params = torch.tensor(
-        [
-            config.min_ratio,
-            config.typical_eps,
-            config.typical_delta,
-            config.accept_threshold_acc,
-            config.accept_threshold_single,
-            config.relaxed_delta,
-            config.fly_entropy_threshold,
-        ],
-        dtype=torch.float64,
-        device=device,
-    )
+    stats = _row_stats(logits, step.draft_token_ids, spec, splits, split_size, block_size)
+    inputs = _policy_inputs(step, logits, draft_probs, block_size)
+    row_max = torch.empty(rows, dtype=torch.float32, device=device)  # [rows]
+    row_sumexp = torch.empty_like(row_max)  # [rows]
+    recover_row = torch.full((batch_size,), -1, dtype=torch.int64, device=device)  # [batch]
     no_draft_probs = draft_probs is None
     draft_probs_arg = logits if no_draft_probs else draft_probs  # never read when NO_DRAFT_PROBS
+    budget = step.budget
     _accept_kernel[(batch_size,)](
-        logits,
-        draft_token_ids,
-        draft_probs_arg,
-        torch.cumsum(num_draft_tokens, 0),
-        bonus_token_ids,
-        is_greedy.to(torch.int8),
-        uniform,
-        tolerance,
-        tolerance if budget is None else budget,
-        tolerance if budget_slack is None else budget_slack,
-        params,
-        *stats,
-        argmax_idx,
-        rank,
-        top_logits,
-        relax,
-        race_winner,
-        row_max,
-        row_sumexp,
-        token_ids,
-        num_accepted,
-        num_relaxed,
-        recover_row,
-        vocab_size,
-        max_spec_len,
-        settings.get("relaxed_topk", 0),
-        settings.get("fly_window_size", 0),
-        POLICY=spec.kernel_id,
-        ARGMAX_RECOVERY=spec.recovery == "argmax",
+        logits_ptr=logits,
+        draft_ids_ptr=step.draft_token_ids,
+        draft_probs_ptr=draft_probs_arg,
+        offsets_ptr=step.offsets,
+        bonus_ptr=step.bonus_token_ids,
+        is_greedy_ptr=step.is_greedy.to(torch.int8),
+        uniform_ptr=step.uniform,
+        tolerance_ptr=step.tolerance,
+        budget_ptr=step.tolerance if budget is None else budget.rate,  # never read without HAS_BUDGET
+        budget_slack_ptr=step.tolerance if budget is None else budget.slack,
+        params_ptr=kernel_params(step.config, device),
+        **stats,
+        **inputs,
+        row_max_ptr=row_max,
+        row_sumexp_ptr=row_sumexp,
+        out_tokens_ptr=token_ids,
+        num_accepted_ptr=num_accepted,
+        num_relaxed_ptr=num_relaxed,
+        recover_row_ptr=recover_row,
+        vocab_size=vocab_size,
+        max_spec_len=step.max_spec_len,
+        relaxed_topk=step.settings.get("relaxed_topk", 0),
+        fly_window=step.settings.get("fly_window_size", 0),
+        **flags,
         NO_DRAFT_PROBS=no_draft_probs,
         NUM_SPLITS=splits,
         SPLITS_POW2=triton.next_power_of_2(splits),
-        FLY_TOP_K=fly_top_k,
+        FLY_TOP_K=inputs["top_logits_ptr"].shape[1],
         HAS_BUDGET=budget is not None,
     )
 
     needs_recovery = recover_row >= 0
     if bool(needs_recovery.any()):
-        scores = torch.full((batch_size, splits), float("-inf"), dtype=inv_recovery_noise.dtype, device=device)
+        inv_noise = step.inv_recovery_noise  # [batch, V]
+        scores = torch.full((batch_size, splits), float("-inf"), dtype=inv_noise.dtype, device=device)
         indices = torch.zeros(batch_size, splits, dtype=torch.int32, device=device)
         _recover_kernel[(batch_size, splits)](
-            logits,
-            draft_token_ids,
-            draft_probs_arg,
-            inv_recovery_noise.contiguous(),
-            row_max,
-            row_sumexp,
-            recover_row,
-            scores,
-            indices,
-            vocab_size,
-            split_size,
+            logits_ptr=logits,
+            draft_ids_ptr=step.draft_token_ids,
+            draft_probs_ptr=draft_probs_arg,
+            inv_noise_ptr=inv_noise.contiguous(),
+            row_max_ptr=row_max,
+            row_sumexp_ptr=row_sumexp,
+            recover_row_ptr=recover_row,
+            score_ptr=scores,
+            index_ptr=indices,
+            vocab_size=vocab_size,
+            split_size=split_size,
             NUM_SPLITS=splits,
             NO_DRAFT_PROBS=no_draft_probs or spec.recovery == "one_hot_residual",
             BLOCK_SIZE=block_size,
@@ -630,3 +612,69 @@ def verify_triton(
         rows = needs_recovery.nonzero().squeeze(1)
         token_ids[rows, num_accepted[rows].long()] = recovered[rows]
     return VerifyResult(token_ids, num_accepted, num_relaxed)
+
+
+def _row_stats(
+    logits: torch.Tensor,  # [num_tokens, V], contiguous
+    draft_token_ids: torch.Tensor,  # [num_tokens]
+    spec: PolicySpec,
+    splits: int,
+    split_size: int,
+    block_size: int,
+) -> dict[str, torch.Tensor]:  # _accept_kernel's statistics arguments, by name: [rows, splits] each
+    """Each vocabulary split's statistics of each row (:func:`_row_stats_kernel`); the draft's rank among the logits
+    where the policy's branch reads it (``draft_rank``)."""
+    num_tokens, vocab_size = logits.shape
+    rows, device = max(num_tokens, 1), logits.device
+    count_rank = "draft_rank" in spec.kernel_inputs
+    stats = dict(
+        max_ptr=torch.empty(rows, splits, dtype=torch.float32, device=device),
+        sumexp_ptr=torch.empty(rows, splits, dtype=torch.float32, device=device),
+        xsumexp_ptr=torch.empty(rows, splits, dtype=torch.float32, device=device),
+        argmax_val_ptr=torch.empty(rows, splits, dtype=torch.float32, device=device),
+        argmax_idx_ptr=torch.empty(rows, splits, dtype=torch.int32, device=device),
+        rank_ptr=torch.zeros(rows, splits if count_rank else 1, dtype=torch.int32, device=device),
+    )
+    if num_tokens:
+        _row_stats_kernel[(num_tokens, splits)](
+            logits_ptr=logits,
+            **stats,
+            draft_ids_ptr=draft_token_ids,
+            vocab_size=vocab_size,
+            split_size=split_size,
+            NUM_SPLITS=splits,
+            BLOCK_SIZE=block_size,
+            COUNT_RANK=count_rank,
+        )
+    return stats
+
+
+def _policy_inputs(
+    step: VerifyStep,
+    logits: torch.Tensor,  # [num_tokens, V], contiguous
+    draft_probs: torch.Tensor | None,  # [num_tokens, V], contiguous, or None
+    block_size: int,
+) -> dict[str, torch.Tensor]:  # _accept_kernel's per-row policy inputs, by name
+    """What the host computes per row for the policy's branch (``PolicySpec.kernel_inputs``, race winners for a keyed
+    policy); placeholders the kernel never reads for the others."""
+    num_tokens, device, spec = step.num_tokens, logits.device, step.policy
+    rows = max(num_tokens, 1)
+    # FLy's entropy reads the k largest logits of each row: [num_tokens, k], taken here (no probability tensor).
+    fly_top_k = triton.next_power_of_2(step.settings.get("fly_entropy_top_k", 1))
+    top_logits = torch.full((rows, fly_top_k), float("-inf"), dtype=torch.float32, device=device)
+    if "top_logits" in spec.kernel_inputs and num_tokens:
+        k = min(step.settings["fly_entropy_top_k"], logits.shape[1])
+        top_logits[:num_tokens, :k] = torch.topk(logits.float(), k, dim=-1).values
+
+    relax = torch.zeros(rows, dtype=torch.int8, device=device)
+    if "js_relax" in spec.kernel_inputs and num_tokens:  # AdaSD's JS distance: [num_tokens, V] probabilities
+        req_of_token, _ = step.rows
+        js = js_distance(logits.softmax(dim=-1, dtype=torch.float32), step.draft_token_ids.long(), draft_probs)
+        tau = step.tolerance[req_of_token]
+        relax[:num_tokens] = ((tau > 0) & (js.double() <= tau)).to(torch.int8)
+
+    race_winner = torch.zeros(rows, dtype=torch.int64, device=device)
+    if spec.keyed and num_tokens:
+        seed, pos = race_key_rows(step.race_keys, step.num_draft_tokens)
+        race_winner[:num_tokens] = race_winners_triton(logits, seed, pos, block_size=block_size)
+    return dict(top_logits_ptr=top_logits, relax_ptr=relax, race_winner_ptr=race_winner)

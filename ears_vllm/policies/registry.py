@@ -44,6 +44,14 @@ Recovery = Literal["residual", "one_hot_residual", "argmax", "race"]
 #                   relaxed rate neither equals nor bounds its added TV (``bench acceptance`` gives the exact TV)
 RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
 
+# A per-row input the host computes for a policy's kernel branch (``PolicySpec.kernel_inputs``):
+#   top_logits         the k largest logits of each row, [num_tokens, k] (FLy's entropy, fused kernel)
+#   fly_entropy        FLy's top-k entropy of each row, as vLLM's MRV2 computes it (MRV2 walk)
+#   draft_rank         how many logits lie above the draft's, per vocabulary split (relaxed_topk, fused kernel)
+#   relaxed_candidate  the draft is among the top-k with p >= max p - delta (relaxed_topk, MRV2 walk)
+#   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel)
+KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "relaxed_candidate", "js_relax"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Param:
@@ -134,6 +142,7 @@ class PolicySpec:
         relaxed_rate: what its relaxed acceptances per verified position are as a measure of added TV
             (:data:`RelaxedRate`); every benchmark label reads it through :func:`relaxed_rate_label`.
         source: where the rule comes from.
+        kernel_inputs: what the host computes per row for its kernel branch (:data:`KernelInput`).
     """
 
     name: str
@@ -151,6 +160,23 @@ class PolicySpec:
     learnt: bool = False
     keyed: bool = False
     source: str = ""
+
+    # Kernel side (ears_vllm.kernels): the per-row inputs the host computes for the policy's kernel branch, and the
+    # named constexprs the kernels branch on, derived from the fields above.
+    kernel_inputs: tuple[KernelInput, ...] = ()
+
+    @property
+    def kernel_flags(self) -> dict[str, int | bool]:
+        """The constexprs of the policy's branch in the fused kernel (``_accept_kernel``): its id (checked against
+        the kernel's branches at launch), whether greedy rows take the rule, whether every acceptance is exact (none
+        counts as relaxed: a keyed race), and how the token at the first rejection is chosen."""
+        return dict(
+            POLICY=self.kernel_id,
+            GREEDY_ROWS=self.greedy_rows,
+            EXACT_ACCEPTANCES=self.keyed,
+            ARGMAX_RECOVERY=self.recovery == "argmax",
+            RACE_RECOVERY=self.recovery == "race",
+        )
 
 
 _POLICY_LIST = (
@@ -202,6 +228,7 @@ _POLICY_LIST = (
         greedy_rows=True,
         only_adds_acceptances=True,
         relaxed_rate="sequence_bound",
+        kernel_inputs=("top_logits", "fly_entropy"),
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
     ),
     PolicySpec(
@@ -229,6 +256,7 @@ _POLICY_LIST = (
         greedy_rows=True,
         only_adds_acceptances=True,
         relaxed_rate="exact",
+        kernel_inputs=("draft_rank", "relaxed_candidate"),
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
     PolicySpec(
@@ -244,6 +272,7 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         learnt=True,
         relaxed_rate="exact",
+        kernel_inputs=("js_relax",),
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
     ),
     PolicySpec(

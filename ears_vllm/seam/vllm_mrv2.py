@@ -40,12 +40,20 @@ import torch
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
-from ears_vllm.policies import fly_entropy, get_policy, rank_among_logits, relaxed_topk_candidate, settings_for
+from ears_vllm.policies import (
+    PolicySpec,
+    fly_entropy,
+    get_policy,
+    rank_among_logits,
+    relaxed_topk_candidate,
+    settings_for,
+)
 from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import check_module, find_class, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
 from ears_vllm.stats import VerifyStats
+from ears_vllm.step import Budget, StepCounts, request_rows
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
@@ -216,8 +224,8 @@ class _State:
     original_rejection_sample: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     hook_problem: str | None = None  # why the MRV2 hooks do not check out (None: they do)
     stats = VerifyStats()
-    # [drafts, accepted, random drafts, random accepted, relaxed], summed on the device and read at
-    # each report, so a step costs no host synchronisation.
+    # The steps' StepCounts (stacked: [len(StepCounts._fields)] int64), summed on the device and read at each report,
+    # so a step costs no host synchronisation.
     device_counts: torch.Tensor | None = None
     pending_steps: int = 0
     pending_draft_dist_steps: int = 0
@@ -465,7 +473,7 @@ def verify_mrv2(
         )
     import triton
 
-    from ears_vllm.kernels.split_stats_accept import split_stats_accept_kernel
+    from ears_vllm.kernels.split_stats_accept import split_stats_accept_kernel, walk_policy
 
     utils = importlib.import_module(UTILS_MODULE)
     uniform = importlib.import_module(RANDOM_MODULE).tl_rand32
@@ -524,63 +532,54 @@ def verify_mrv2(
     spec = get_policy(config.policy)
     settings = settings_for(config.policy, dict(config.params), num_speculative_steps)
     if slots is not None:
-        tolerance, budget, budget_slack, _, _ = slots.tensors(temperature.device)
+        tolerance, rate, slack, _, _ = slots.tensors(temperature.device)  # [max_num_reqs] each
+        budget = Budget(rate=rate, slack=slack)
         pooled_rows = slots.deal_pool(idx_mapping)
     else:
-        tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)
-        budget = budget_slack = tolerance  # never read without HAS_BUDGET
-    entropy = None
-    if config.policy == "fly":  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
-        values = target_logits[:, :vocab_size].to(torch.float32)
-        top_k = min(settings["fly_entropy_top_k"], vocab_size)
-        entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
-    candidate = None
-    if config.policy == "relaxed_topk":  # the draft verified by row i sits at draft_sampled[i + 1]
-        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
-        candidate = relaxed_topk_candidates(
-            target_logits[:, :vocab_size], drafts, config.relaxed_topk, config.relaxed_delta
-        )
+        tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)  # [max_num_reqs]
+        budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
+    entropy, candidate = _walk_inputs(spec, config, settings, target_logits[:, :vocab_size], draft_sampled)
     split_stats_accept_kernel[(num_reqs,)](
-        sampled,
-        sampled.stride(0),
-        num_sampled,
-        num_relaxed,
-        target_rejected_lse,
-        draft_rejected_lse,
-        target_logits,
-        target_logits.stride(0),
-        stats["target_local_argmax"],
-        stats["target_local_argmax"].stride(0),
-        stats["target_local_max"],
-        stats["target_local_sumexp"],
-        stats["target_local_max"].stride(0),
-        draft_sampled,
-        draft_logits,
-        draft_strides[0],
-        draft_strides[1],
-        draft_logits_row_mapping,
-        stats["draft_local_max"],
-        stats["draft_local_sumexp"],
-        stats["draft_local_max"].stride(0),
-        cu_num_logits,
-        idx_mapping,
-        temperature,
-        seed,
-        pos,
-        entropy,
-        candidate,
-        tolerance,
-        budget,
-        budget_slack,
-        config.min_ratio,
-        config.fly_entropy_threshold,
-        settings.get("fly_window_size", 0),
-        config.accept_threshold_single,
-        config.accept_threshold_acc,
-        num_blocks,
+        sampled_ptr=sampled,
+        sampled_stride=sampled.stride(0),
+        num_accepted_ptr=num_sampled,
+        num_relaxed_ptr=num_relaxed,
+        target_rejected_lse_ptr=target_rejected_lse,
+        draft_rejected_lse_ptr=draft_rejected_lse,
+        target_logits_ptr=target_logits,
+        target_logits_stride=target_logits.stride(0),
+        target_local_argmax_ptr=stats["target_local_argmax"],
+        target_local_argmax_stride=stats["target_local_argmax"].stride(0),
+        target_local_max_ptr=stats["target_local_max"],
+        target_local_sumexp_ptr=stats["target_local_sumexp"],
+        target_local_stride=stats["target_local_max"].stride(0),
+        draft_sampled_ptr=draft_sampled,
+        draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=draft_strides[0],
+        draft_logits_stride_1=draft_strides[1],
+        draft_logits_row_mapping_ptr=draft_logits_row_mapping,
+        draft_local_max_ptr=stats["draft_local_max"],
+        draft_local_sumexp_ptr=stats["draft_local_sumexp"],
+        draft_local_stride=stats["draft_local_max"].stride(0),
+        cu_num_logits_ptr=cu_num_logits,
+        idx_mapping_ptr=idx_mapping,
+        temp_ptr=temperature,
+        seed_ptr=seed,
+        pos_ptr=pos,
+        fly_entropy_ptr=entropy,
+        relaxed_candidate_ptr=candidate,
+        tolerance_ptr=tolerance,
+        budget_ptr=budget.rate,
+        budget_slack_ptr=budget.slack,
+        min_ratio=config.min_ratio,
+        fly_entropy_threshold=config.fly_entropy_threshold,
+        fly_window=settings.get("fly_window_size", 0),
+        threshold_single=config.accept_threshold_single,
+        threshold_acc=config.accept_threshold_acc,
+        vocab_num_blocks=num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
         HAS_DRAFT_LOGITS=has_draft_logits,
-        POLICY=0 if config.is_lossless and (slots is None or not slots.relaxes) else spec.kernel_id,
+        POLICY=walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes)),
         UNIFORM=uniform,
         HAS_BUDGET=slots is not None and slots.has_budget,
         num_warps=1,
@@ -589,7 +588,58 @@ def verify_mrv2(
         slots.gather_pool(idx_mapping, pooled_rows)
     if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
         shared |= dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
+    options = dict(use_fp64=use_fp64, skip_masked_vocab_blocks=skip_masked_vocab_blocks)
 
+    outputs = dict(
+        sampled=sampled,
+        num_sampled=num_sampled,
+        target_rejected_lse=target_rejected_lse,
+        draft_rejected_lse=draft_rejected_lse,
+    )
+    _resample_and_insert(utils, shared, outputs, seed=seed, pos=pos, draft_sampled=draft_sampled, **options)
+    return sampled, num_sampled, num_relaxed
+
+
+def _walk_inputs(
+    spec: PolicySpec,
+    config: EarsConfig,
+    settings: dict[str, Any],  # the policy's settings for this k (settings_for)
+    target_logits: torch.Tensor,  # [num_logits, V] after temperature, cut to the draft's vocabulary
+    draft_sampled: torch.Tensor,  # [num_logits]: the draft row i verifies is draft_sampled[i + 1]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # (fly entropy [num_logits], relaxed candidate [num_logits])
+    """What the host computes per row for the walk's policy branch (``PolicySpec.kernel_inputs``); None where the
+    branch reads nothing."""
+    entropy = candidate = None
+    vocab_size = target_logits.shape[1]
+    if "fly_entropy" in spec.kernel_inputs:  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
+        values = target_logits.to(torch.float32)
+        top_k = min(settings["fly_entropy_top_k"], vocab_size)
+        entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
+    if "relaxed_candidate" in spec.kernel_inputs:
+        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
+        candidate = relaxed_topk_candidates(target_logits, drafts, config.relaxed_topk, config.relaxed_delta)
+    return entropy, candidate
+
+
+def _resample_and_insert(
+    utils: Any,  # vLLM's rejection_sampler_utils module
+    shared: dict[str, Any],  # what every launch reads, by vLLM's parameter names
+    outputs: dict[str, torch.Tensor],  # the walk's: sampled, num_sampled, target/draft_rejected_lse [num_reqs]
+    *,
+    seed: torch.Tensor,  # [max_num_reqs]
+    pos: torch.Tensor,  # [num_logits]
+    draft_sampled: torch.Tensor,  # [num_logits]
+    use_fp64: bool,
+    skip_masked_vocab_blocks: bool,
+) -> None:
+    """MRV2's resampling and insertion launches after the walk: the recovered or bonus token of each request, written
+    into ``sampled`` as vLLM writes it."""
+    import triton
+
+    sampled, num_sampled = outputs["sampled"], outputs["num_sampled"]
+    target_rejected_lse, draft_rejected_lse = outputs["target_rejected_lse"], outputs["draft_rejected_lse"]
+    num_reqs, vocab_size = sampled.shape[0], shared["vocab_size"]
+    target_logits = shared["target_logits_ptr"]
     resample_blocks = triton.cdiv(vocab_size, RESAMPLE_BLOCK_SIZE)
     resampled_argmax = target_logits.new_empty(num_reqs, resample_blocks, dtype=torch.int64)
     resampled_max = target_logits.new_empty(
@@ -643,7 +693,6 @@ def verify_mrv2(
         ),
         num_warps=1,  # as vLLM 0.34 launches it: the kernel updates num_sampled in place; more warps race on it
     )
-    return sampled, num_sampled, num_relaxed
 
 
 def verify_races_mrv2(
@@ -662,9 +711,8 @@ def verify_races_mrv2(
     that position. No host synchronisation."""
     num_reqs, num_logits = cu_num_logits.shape[0] - 1, target_logits.shape[0]
     device = target_logits.device
-    rows = (cu_num_logits[1:] - cu_num_logits[:-1]).long()  # drafts + 1 per request
-    req_of_row = torch.repeat_interleave(torch.arange(num_reqs, device=device), rows, output_size=num_logits)
-    local = torch.arange(num_logits, device=device) - cu_num_logits[:-1].long()[req_of_row]
+    rows = cu_num_logits.diff().long()  # drafts + 1 per request
+    req_of_row, local = request_rows(rows, num_logits)  # [num_logits] each
     slot = expanded_idx_mapping.long()
     chosen = vllm_races.winners(target_logits, seed[slot].long(), pos.long())
     chosen = torch.where(temperature[slot] == 0, target_logits.argmax(dim=-1), chosen)
@@ -705,25 +753,12 @@ def _record(
     policy: str,
 ) -> None:
     """Add this step's counts on the device; move them into the stats at the report interval."""
-    drafts = (cu_num_logits[1:] - cu_num_logits[:-1] - 1).to(torch.int64)
-    accepted = num_sampled.to(torch.int64) - 1
-    is_random = (temperature[idx_mapping.long()] != 0).to(torch.int64)
-    verified = accepted + (accepted < drafts).to(torch.int64)
-    relaxed = num_relaxed.to(torch.int64)
-    step = torch.stack(
-        [
-            drafts,
-            accepted,
-            drafts * is_random,
-            accepted * is_random,
-            relaxed * is_random,
-            verified * is_random,
-            relaxed * (1 - is_random),
-        ]
-    )  # VerifyStats.record's order
+    drafts = cu_num_logits.diff() - 1  # each request's rows are its drafts and its bonus row
+    is_random = temperature[idx_mapping.long()] != 0
+    step = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().sum(dim=1)  # [7]
     if state.device_counts is None or state.device_counts.device != step.device:
         state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
-    state.device_counts += step.sum(dim=1)
+    state.device_counts += step
     state.pending_steps += 1
     state.pending_draft_dist_steps += has_draft_dist
     state.pending_policy = policy
@@ -738,12 +773,10 @@ def flush_counts() -> None:
     """Move the counts summed on the device into the stats (one host synchronisation)."""
     if state.device_counts is None or not state.pending_steps:
         return
-    *counts, greedy_relaxed = state.device_counts.tolist()
     state.stats.record(
-        *counts,
+        StepCounts.of_stacked(state.device_counts.tolist()),
         steps=state.pending_steps,
         draft_dist_steps=state.pending_draft_dist_steps,
-        greedy_relaxed=greedy_relaxed,
         policy=state.pending_policy,
     )
     state.device_counts.zero_()

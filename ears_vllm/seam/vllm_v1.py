@@ -39,6 +39,7 @@ from ears_vllm.seam.hooks import check_module, installed_runners, signature_of, 
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import RequestControl
 from ears_vllm.stats import RecentRequests, VerifyStats
+from ears_vllm.step import StepCounts
 from ears_vllm.verify import verify
 
 MODULE = "vllm.v1.sample.rejection_sampler"
@@ -298,26 +299,12 @@ def _record(
 ) -> None:
     """Count the step (by policy and by request) and charge the budget ledgers, with one host synchronisation."""
     controls = batch.controls if batch is not None else None
-    accepted, relaxed = result.num_accepted.long(), result.num_relaxed.long()
-    drafts = torch.as_tensor(num_draft_tokens, device=accepted.device)
-    sampled, greedy = (~is_greedy).long(), is_greedy.long()
-    verified = accepted + (accepted < drafts).long()
+    drafts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
+    counts = StepCounts.of_requests(drafts, result.num_accepted, result.num_relaxed, is_random=~is_greedy)
     invalid = torch.zeros_like(drafts)
     invalid[:1] = (draft_token_ids >= vocab_size).sum()  # the step's count, on the first row
-    rows = torch.stack(
-        [
-            drafts,
-            accepted,
-            drafts * sampled,
-            accepted * sampled,
-            relaxed * sampled,
-            verified * sampled,
-            relaxed * greedy,
-            invalid,
-        ]
-    )  # VerifyStats.record's order
-    *per_row, invalid_row = rows.tolist()  # one host sync per step
-    invalid = sum(invalid_row)
+    *rows, invalid_row = torch.cat([counts.stacked(), invalid[None]]).tolist()  # one host sync per step
+    per_request, invalid = StepCounts.of_stacked(rows), sum(invalid_row)
     if invalid:
         logger.warning(
             "ears-vllm: %d draft token id(s) outside the target vocabulary [0, %d) were rejected (as a token the "
@@ -327,22 +314,20 @@ def _record(
         )
     policies = [config.policy] * len(num_draft_tokens) if controls is None else [c.config.policy for c in controls]
     for n, policy in enumerate(dict.fromkeys(policies)):
-        mine = [p == policy for p in policies]
-        *counted, greedy_relaxed = (sum(v for v, m in zip(row, mine, strict=True) if m) for row in per_row)
         state.stats.record(
-            *counted,
+            per_request.total([p == policy for p in policies]),
             steps=int(n == 0),
             invalid=invalid if n == 0 else 0,
             draft_dist_steps=int(has_draft_dist and n == 0),
-            greedy_relaxed=greedy_relaxed,
             policy=policy,
         )
     for i, control in enumerate(controls or ()):
         if control.ledger is not None:
-            control.ledger.record(per_row[5][i], per_row[4][i])
+            mine = per_request.of_request(i)
+            control.ledger.record(verified=mine.random_verified, relaxed=mine.relaxed)
     if batch is not None:
         for i, req_id in enumerate(batch.req_ids):
-            state.requests.record(req_id, policies[i], *(row[i] for row in per_row))
+            state.requests.record(req_id, policies[i], per_request.of_request(i))
     state.stats.maybe_report(logger)
 
 
