@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ears_vllm.control.limits import KEY as REQUEST_LIMITS
+from ears_vllm.control.limits import GrantedLimits, RequestLimits
 from ears_vllm.policies.registry import PARAMS, POLICIES, Param, get_policy
 
 # What a server does when the runner that verifies cannot run the configured policy (a hook moved, a
@@ -71,13 +73,16 @@ class EarsConfig:
     (ears, fly, relaxed_topk, adasd); the server then finds the tolerance, so a budget with a
     non-zero ``tolerance`` is an error. ``budget_scope``: ``"request"`` (default: each request holds its own
     ledger; seeded text does not depend on the traffic) or ``"server"`` (the requests share one ledger, so the
-    run's realised rate comes within one acceptance of the budget).
+    run's realised rate comes within one acceptance of the budget). ``request_limits``: what a request's
+    ``vllm_xargs`` may ask (:mod:`ears_vllm.control.limits`, docs/operator-limits.md): ``false`` for nothing, or
+    ``policies`` / ``max_tolerance`` / ``max_budget``; unset, only stricter verification than the server's own.
     """
 
     policy: str
     on_unsupported: str
     budget: float | None
     budget_scope: str
+    request_limits: RequestLimits
     params: tuple[tuple[str, float | int | None], ...]  # every PARAMS key with its value, in PARAMS order
 
     def __init__(
@@ -86,6 +91,7 @@ class EarsConfig:
         on_unsupported: str = "error",
         budget: float | None = None,
         budget_scope: str = "request",
+        request_limits: Any = None,
         **params: Any,
     ) -> None:
         get_policy(policy)
@@ -106,11 +112,13 @@ class EarsConfig:
                 f"ears config has unknown key(s) {unknown} (values {[params[k] for k in unknown]!r}); "
                 f"allowed keys: {sorted(_KEYS)}"
             )
+        limits = RequestLimits.from_value(request_limits)
         values = tuple((name, spec.validate(params.get(name, spec.default))) for name, spec in PARAMS.items())
         object.__setattr__(self, "policy", policy)
         object.__setattr__(self, "on_unsupported", on_unsupported)
         object.__setattr__(self, "budget", budget)
         object.__setattr__(self, "budget_scope", budget_scope)
+        object.__setattr__(self, "request_limits", limits)
         object.__setattr__(self, "params", values)
 
     def __getattr__(self, name: str) -> Any:
@@ -125,6 +133,12 @@ class EarsConfig:
         return {name: values[name] for name in get_policy(self.policy).params}
 
     @property
+    def granted(self) -> GrantedLimits:
+        """What a request's ``vllm_xargs`` may ask of this server (its ``request_limits``, its own settings where
+        unset)."""
+        return self.request_limits.granted(self.policy, self.tolerance, self.budget)
+
+    @property
     def is_lossless(self) -> bool:
         """True when every verification step equals vLLM's standard rejection sampling."""
         return self.budget is None and get_policy(self.policy).lossless(self.settings)
@@ -135,6 +149,7 @@ class EarsConfig:
             "on_unsupported": self.on_unsupported,
             "budget": self.budget,
             "budget_scope": self.budget_scope,
+            REQUEST_LIMITS: self.request_limits.to_value(),
             **dict(self.params),
         }
 
@@ -207,7 +222,7 @@ class EarsConfig:
         return EarsConfig.from_dict({**self.to_dict(), **overrides})
 
 
-_KEYS = frozenset((*_STRING_KEYS, "budget", *PARAMS))
+_KEYS = frozenset((*_STRING_KEYS, "budget", REQUEST_LIMITS, *PARAMS))
 
 
 def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> EarsConfig:

@@ -54,6 +54,8 @@ def diagnose(
         if config.budget is not None:
             shown["budget"] = config.budget
         rows.append(("config", f"{json.dumps(shown)} (from {source})"))
+        if config.policy != "standard":  # a standard server takes no per-request settings at all
+            rows.append(("request limits", f"{config.granted.summary} (docs/operator-limits.md)"))
     except ValueError as exc:
         config = None
         rows.append(("config", f"INVALID: {exc}"))

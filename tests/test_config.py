@@ -122,3 +122,104 @@ BAD_ENV = {
 def test_from_env_rejects_bad_values_naming_them(env, named):
     with pytest.raises(ValueError, match=named):
         EarsConfig.from_env(env)
+
+
+# --- request_limits: what a request's vllm_xargs may ask (docs/operator-limits.md) ---------------------------
+
+POLICY_LIST = "['standard', 'ears', 'typical', 'fly', 'sglang', 'relaxed_topk', 'adasd', 'ersd']"
+LIMITS_KEYS = "['policies', 'max_tolerance', 'max_budget']"
+BAD_LIMITS = {  # request_limits value -> the whole message
+    "true": (
+        True,
+        "ears config key 'request_limits' = True has type bool; allowed: false (no per-request settings), or a "
+        f"mapping with any of the keys {LIMITS_KEYS}",
+    ),
+    "a-string": (
+        "none",
+        "ears config key 'request_limits' = 'none' has type str; allowed: false (no per-request settings), or a "
+        f"mapping with any of the keys {LIMITS_KEYS}",
+    ),
+    "unknown-key": (
+        {"max_tol": 0.5},
+        f"ears config key 'request_limits' has unknown key(s) ['max_tol'] (values [0.5]); allowed keys: {LIMITS_KEYS}",
+    ),
+    "policies-a-string": (
+        {"policies": "fly"},
+        "ears config key 'request_limits.policies' = 'fly' has type str; allowed: a list of policies, each one of "
+        f"{POLICY_LIST}",
+    ),
+    "policies-unknown": (
+        {"policies": ["ears", "bogus", 3]},
+        "ears config key 'request_limits.policies' = ['ears', 'bogus', 3] names unknown policies ['bogus', 3]; "
+        f"allowed: a list of policies, each one of {POLICY_LIST}",
+    ),
+    "max-tolerance-above-1": (
+        {"max_tolerance": 1.5},
+        "ears config key 'request_limits.max_tolerance' = 1.5 is out of range; allowed: a number in [0, 1] or null",
+    ),
+    "max-tolerance-a-string": (
+        {"max_tolerance": "0.5"},
+        "ears config key 'request_limits.max_tolerance' = '0.5' has type str; allowed: a number in [0, 1] or null",
+    ),
+    "max-budget-negative": (
+        {"max_budget": -0.1},
+        "ears config key 'request_limits.max_budget' = -0.1 is out of range; allowed: a number in [0, 1] or null",
+    ),
+    "max-budget-nan": (
+        {"max_budget": float("nan")},
+        "ears config key 'request_limits.max_budget' = nan is not a finite number; allowed: a number in [0, 1] or null",
+    ),
+}
+
+
+@pytest.mark.parametrize(("limits", "message"), BAD_LIMITS.values(), ids=BAD_LIMITS.keys())
+def test_bad_request_limits_are_refused_naming_key_value_and_what_is_allowed(limits, message):
+    with pytest.raises(ValueError) as error:
+        EarsConfig.from_dict({"policy": "ears", "tolerance": 0.2, "request_limits": limits})
+    assert str(error.value) == message
+
+
+GRANTED = {  # (the ears config) -> the startup line's / doctor's summary of what a request may ask
+    "defaults": (
+        {"policy": "ears", "tolerance": 0.2},
+        "policies=standard,ears (default) max_tolerance=0.2 (default) max_budget=none (default)",
+    ),
+    "defaults-budgeted": (
+        {"policy": "fly", "budget": 0.05},
+        "policies=standard,fly (default) max_tolerance=0 (default) max_budget=0.05 (default)",
+    ),
+    "granted": (
+        {
+            "policy": "ears",
+            "tolerance": 0.1,
+            "request_limits": {"policies": ["standard", "ears", "fly"], "max_tolerance": 0.5, "max_budget": 0.05},
+        },
+        "policies=standard,ears,fly (set) max_tolerance=0.5 (set) max_budget=0.05 (set)",
+    ),
+    "no-budget": (
+        {"policy": "ears", "budget": 0.05, "request_limits": {"max_budget": 0}},
+        "policies=standard,ears (default) max_tolerance=0 (default) max_budget=none (set)",
+    ),
+    "none": (
+        {"policy": "ears", "tolerance": 0.2, "request_limits": False},
+        "none (request_limits: false, every ears_* key is refused)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("data", "summary"), GRANTED.values(), ids=GRANTED.keys())
+def test_request_limits_default_to_the_servers_own_settings(data, summary):
+    config = EarsConfig.from_dict(data)
+    assert config.granted.summary == summary
+    assert EarsConfig.from_dict(config.to_dict()) == config  # the limits survive a round trip (merged, presets)
+
+
+def test_request_limits_load_from_yaml(tmp_path):
+    path = tmp_path / "limits.yaml"
+    path.write_text(
+        "ears:\n  policy: ears\n  tolerance: 0.1\n  request_limits:\n    policies: [fly]\n    max_tolerance: 0.3\n"
+    )
+    granted = EarsConfig.from_yaml(path).granted
+    assert (granted.policies, granted.max_tolerance, granted.max_budget) == (("standard", "ears", "fly"), 0.3, None)
+    path.write_text("policy: ears\nrequest_limits: false\n")
+    assert not EarsConfig.from_yaml(path).granted.overrides

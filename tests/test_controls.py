@@ -12,13 +12,13 @@ import ears_vllm
 from ears_vllm.config import EarsConfig
 from ears_vllm.control.budget import BudgetLedger, share_slack
 from ears_vllm.control.metrics import EarsCollector, aggregate
-from ears_vllm.control.requests import RequestSettings, request_config, request_settings
+from ears_vllm.control.requests import RequestSettings, check_limits, request_config, request_settings
 from tests.triton_cpu import triton_interpreter
 
 with triton_interpreter():  # the kernel's functions are jitted for the interpreter (backend="triton" below)
     importlib.import_module("ears_vllm.kernels.verify_kernel")
 
-SERVER = EarsConfig(policy="ears", tolerance=0.2)
+SERVER = EarsConfig(policy="ears", tolerance=0.2, request_limits={"max_tolerance": 0.5})  # the operator grants 0.5
 
 
 @pytest.mark.parametrize(
@@ -113,6 +113,107 @@ def test_settings_the_server_cannot_honour_are_refused(server, asked, named):
     with pytest.raises(ValueError, match="vllm_xargs") as info:
         request_config(server, asked)
     assert named in str(info.value)
+
+
+# Operator limits (docs/operator-limits.md), worked by hand: unset, a request may verify stricter than the server
+# (its policy or standard; tolerance <= the server's; budget <= the server's, none when it has none), never looser;
+# a lossless request is always within them; request_limits: false refuses every ears key.
+EARS_02 = EarsConfig(policy="ears", tolerance=0.2)
+BUDGETED = EarsConfig(policy="ears", budget=0.05)
+GRANTING = EarsConfig(
+    policy="ears", tolerance=0.1, request_limits={"policies": ["fly"], "max_tolerance": 0.5, "max_budget": 0.05}
+)
+NO_OVERRIDES = EarsConfig(policy="ears", tolerance=0.2, request_limits=False)
+NO_BUDGET = EarsConfig(policy="ears", budget=0.05, request_limits={"max_budget": 0})
+_BEYOND = "is beyond this server's limit:"
+LIMIT_CASES = {  # name -> (server, what the request asked, None: within the limits, else the whole message)
+    "nothing-asked-no-overrides": (NO_OVERRIDES, RequestSettings(), None),
+    "stricter-tolerance": (EARS_02, RequestSettings(tolerance=0.1), None),
+    "the-servers-tolerance": (EARS_02, RequestSettings(tolerance=0.2), None),
+    "standard": (EARS_02, RequestSettings(policy="standard"), None),
+    "the-servers-policy": (EARS_02, RequestSettings(policy="ears"), None),
+    "looser-tolerance": (
+        EARS_02,
+        RequestSettings(tolerance=0.5),
+        f"vllm_xargs key 'ears_tolerance' = 0.5 {_BEYOND} at most 0.2 "
+        "(ears config key 'request_limits.max_tolerance', unset: the server's tolerance)",
+    ),
+    "another-policy": (
+        EARS_02,
+        RequestSettings(policy="fly"),
+        f"vllm_xargs key 'ears_policy' = 'fly' {_BEYOND} a request may choose ['standard', 'ears'] "
+        "(ears config key 'request_limits.policies', unset: the server's policy and 'standard')",
+    ),
+    "budget-on-a-server-without": (
+        EARS_02,
+        RequestSettings(budget=0.05),
+        f"vllm_xargs key 'ears_budget' = 0.05 {_BEYOND} no budget "
+        "(ears config key 'request_limits.max_budget', unset: the server's budget, none when it has none)",
+    ),
+    "smaller-budget": (BUDGETED, RequestSettings(budget=0.03), None),
+    "the-servers-budget": (BUDGETED, RequestSettings(budget=0.05), None),
+    "larger-budget": (
+        BUDGETED,
+        RequestSettings(budget=0.1),
+        f"vllm_xargs key 'ears_budget' = 0.1 {_BEYOND} at most 0.05 "
+        "(ears config key 'request_limits.max_budget', unset: the server's budget, none when it has none)",
+    ),
+    "tolerance-0-on-a-budgeted-server": (BUDGETED, RequestSettings(tolerance=0.0), None),  # lossless
+    "tolerance-on-a-budgeted-server": (
+        BUDGETED,
+        RequestSettings(tolerance=0.1),
+        f"vllm_xargs key 'ears_tolerance' = 0.1 {_BEYOND} at most 0 "
+        "(ears config key 'request_limits.max_tolerance', unset: the server's tolerance)",
+    ),
+    "lossless-ears-on-a-fly-server": (EarsConfig(policy="fly"), RequestSettings(policy="ears"), None),
+    "granted-looser-tolerance": (GRANTING, RequestSettings(tolerance=0.5), None),
+    "beyond-the-granted-tolerance": (
+        GRANTING,
+        RequestSettings(tolerance=0.6),
+        f"vllm_xargs key 'ears_tolerance' = 0.6 {_BEYOND} at most 0.5 (ears config key 'request_limits.max_tolerance')",
+    ),
+    "granted-policy": (GRANTING, RequestSettings(policy="fly"), None),
+    "policy-not-granted": (
+        GRANTING,
+        RequestSettings(policy="relaxed_topk"),
+        f"vllm_xargs key 'ears_policy' = 'relaxed_topk' {_BEYOND} a request may choose ['standard', 'ears', 'fly'] "
+        "(ears config key 'request_limits.policies')",
+    ),
+    "granted-budget": (GRANTING, RequestSettings(budget=0.05), None),
+    "beyond-the-granted-budget": (
+        GRANTING,
+        RequestSettings(policy="fly", budget=0.1),
+        f"vllm_xargs key 'ears_budget' = 0.1 {_BEYOND} at most 0.05 (ears config key 'request_limits.max_budget')",
+    ),
+    "budget-refused-by-max-budget-0": (
+        NO_BUDGET,
+        RequestSettings(budget=0.01),
+        f"vllm_xargs key 'ears_budget' = 0.01 {_BEYOND} no budget (ears config key 'request_limits.max_budget')",
+    ),
+    "no-overrides-even-stricter": (
+        NO_OVERRIDES,
+        RequestSettings(tolerance=0.0),
+        "vllm_xargs {'ears_tolerance': 0.0}: this server takes no per-request ears settings "
+        "(ears config key 'request_limits' = false)",
+    ),
+    "no-overrides-standard": (
+        NO_OVERRIDES,
+        RequestSettings(policy="standard"),
+        "vllm_xargs {'ears_policy': 'standard'}: this server takes no per-request ears settings "
+        "(ears config key 'request_limits' = false)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("server", "asked", "message"), LIMIT_CASES.values(), ids=LIMIT_CASES.keys())
+def test_a_request_is_held_to_the_operators_limits(server, asked, message):
+    config = request_config(server, asked)
+    if message is None:
+        check_limits(server, asked, config)
+        return
+    with pytest.raises(ValueError) as info:
+        check_limits(server, asked, config)
+    assert str(info.value) == message
 
 
 def test_a_ledger_has_slack_b_per_verified_position_less_what_it_spent():
@@ -347,8 +448,10 @@ def test_the_collector_serves_counters_by_policy_and_the_running_rate():
         ("V1", EarsConfig(), {"ears_policy": "ears"}, "vLLM's own rule"),
         ("MRV2", SERVER, {"ears_policy": "fly"}, "this server runs vLLM's Model Runner V2"),
         ("MRV2", EarsConfig(policy="fly"), {"ears_budget": 0.1}, "runs on the V1 runner only"),
+        ("V1", EARS_02, {"ears_tolerance": 0.5}, "'ears_tolerance' = 0.5 is beyond this server's limit: at most 0.2"),
+        ("MRV2", EARS_02, {"ears_budget": 0.05}, "'ears_budget' = 0.05 is beyond this server's limit: no budget"),
     ],
-    ids=["bad-value", "standard-server", "mrv2-policy", "mrv2-fly-budget"],
+    ids=["bad-value", "standard-server", "mrv2-policy", "mrv2-fly-budget", "beyond-limit", "mrv2-beyond-limit"],
 )
 def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch, runner, server, xargs, named):
     from vllm.exceptions import VLLMValidationError
@@ -363,7 +466,7 @@ def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch,
         SamplingParams(temperature=1.0, extra_args=xargs)
     assert named in str(info.value)
     SamplingParams(temperature=1.0, extra_args={"session_id": "a"})  # no ears keys: nothing to check
-    if server.policy == "ears":
+    if server is SERVER:  # it grants tolerance 0.5
         SamplingParams(temperature=1.0, extra_args={"ears_tolerance": 0.5, "ears_policy": "ears"})  # any runner
 
 

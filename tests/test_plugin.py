@@ -105,6 +105,27 @@ def test_doctor_says_per_runner_whether_ears_vllm_verifies(capsys):
     picked = "MRV2" if V1_ABSENT else "V1"  # no GPU here: where both runners exist, vLLM picks V1
     assert re.search(rf"\nverification +{picked}: ears-vllm verifies", out)
     assert re.search(r"metrics +not on /metrics: .* VLLM_PLUGINS=ears,ears_metrics", out)
+    default_limits = "policies=standard,ears (default) max_tolerance=0.1 (default) max_budget=none (default)"
+    assert re.search(rf"request limits +{re.escape(default_limits)} \(docs/operator-limits.md\)", out)
+
+
+@pytest.mark.parametrize(
+    ("limits", "shown"),
+    [
+        (
+            {"policies": ["fly"], "max_tolerance": 0.5, "max_budget": 0.05},
+            "policies=standard,ears,fly (set) max_tolerance=0.5 (set) max_budget=0.05 (set)",
+        ),
+        (False, "none (request_limits: false, every ears_* key is refused)"),
+    ],
+    ids=["granted", "none"],
+)
+def test_doctor_prints_the_operators_request_limits(capsys, limits, shown):
+    ears = {"ears": {"policy": "ears", "tolerance": 0.1, "request_limits": limits}}
+    code, out = doctor(capsys, "--additional-config", json.dumps(ears))
+    assert code == 0 and re.search(rf"request limits +{re.escape(shown)}", out)
+    _, out = doctor(capsys, "--additional-config", '{"ears": {"policy": "standard"}}')
+    assert "request limits" not in out  # a standard server takes no per-request settings at all
 
 
 def test_doctor_shows_a_budget_and_whether_the_metrics_plugin_is_named(capsys, monkeypatch):
@@ -141,3 +162,6 @@ def test_doctor_under_a_moved_hook_says_what_the_server_will_do(
 def test_doctor_flags_an_invalid_config(capsys):
     assert cli.main(["doctor", "--additional-config", '{"ears": {"tolerance": 2}}']) == 1
     assert "INVALID" in capsys.readouterr().out
+    limits = '{"ears": {"policy": "ears", "request_limits": {"max_tolerance": 2}}}'
+    assert cli.main(["doctor", "--additional-config", limits]) == 1
+    assert "INVALID: ears config key 'request_limits.max_tolerance' = 2 is out of range" in capsys.readouterr().out

@@ -305,7 +305,8 @@ def test_the_per_request_check_knows_which_runner_verifies(server_state):
 
     from ears_vllm.seam import vllm_requests
 
-    vllm_requests.note_server(types.SimpleNamespace(additional_config={"ears": EARS}))
+    granting = {**EARS, "request_limits": {"policies": ["fly"], "max_tolerance": 0.5}}  # the operator grants them
+    vllm_requests.note_server(types.SimpleNamespace(additional_config={"ears": granting}))
     assert vllm_requests.server_runner == ("MRV2" if V1_ABSENT else "V1")
     vllm_requests.check_request({"ears_tolerance": 0.5})
     if V1_ABSENT:

@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
+from ears_vllm.bench.server import VLLM, VllmServer, free_port, serve_command, server_env
 from ears_vllm.tiny_models import CORPUS
 
 pytestmark = pytest.mark.slow
@@ -322,7 +322,9 @@ def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
 
 # --- Per-request settings, /metrics and the deviation budget (production controls) ---------------------------
 
-CONTROLS_SERVER = {"policy": "ears", "tolerance": 0.2}
+# The operator grants per-request tolerances up to 1 and budgets up to 0.05 (unset, a request may only verify
+# stricter than the server: docs/operator-limits.md); fly, a budget above 0.05 are beyond the limits.
+CONTROLS_SERVER = {"policy": "ears", "tolerance": 0.2, "request_limits": {"max_tolerance": 1.0, "max_budget": 0.05}}
 API_KEY = "ears-test-key"
 BAD_XARGS = {  # vllm_xargs -> what the 400 must name
     "tolerance-above-1": ({"ears_tolerance": 1.5}, "ears_tolerance"),
@@ -335,6 +337,18 @@ BAD_XARGS = {  # vllm_xargs -> what the 400 must name
     "budget-zero": ({"ears_budget": 0}, "ears_budget"),
     "adasd-on-an-ears-server": ({"ears_policy": "adasd"}, "ears_policy"),  # its drafter half is set at startup
     "ersd-on-an-ears-server": ({"ears_policy": "ersd"}, "ears_policy"),  # its keyed drafter too
+    "budget-beyond-the-limit": ({"ears_budget": 0.1}, "ears_budget"),
+    "policy-beyond-the-limit": ({"ears_policy": "fly"}, "ears_policy"),
+}
+BEYOND_LIMITS = {  # the BAD_XARGS the operator's limits refuse -> what the 400 must say: the ask, the limit, its key
+    "budget-beyond-the-limit": (
+        "'ears_budget' = 0.1 is beyond this server's limit: at most 0.05",
+        "request_limits.max_budget",
+    ),
+    "policy-beyond-the-limit": (
+        "'ears_policy' = 'fly' is beyond this server's limit: a request may choose ['standard', 'ears']",
+        "request_limits.policies",
+    ),
 }
 
 
@@ -458,6 +472,16 @@ def controls_run(tmp_path_factory, tiny_pair):
 def test_a_request_at_tolerance_zero_equals_a_standard_server_beside_a_relaxed_one(controls_run, standard_run):
     assert controls_run["pair"][0] == standard_run["xargs_reference"]
     assert "per_request=on" in controls_run["log"]
+    limits = "request_limits=[policies=standard,ears (default) max_tolerance=1 (set) max_budget=0.05 (set)]"
+    assert limits in controls_run["log"]  # the startup line says what a request may ask
+
+
+@pytest.mark.parametrize("name", list(BEYOND_LIMITS))
+def test_a_request_beyond_the_operators_limits_gets_400_naming_the_limit(controls_run, name):
+    status, message = controls_run["bad"][name]
+    asked, config_key = BEYOND_LIMITS[name]
+    assert status == 400 and asked in message and config_key in message, message
+    assert controls_run["after_bad"] == controls_run["pair"][0], "the server keeps serving"
 
 
 def test_a_responses_record_needs_the_api_key_the_aggregate_stats_do_not(controls_run):
@@ -766,6 +790,7 @@ LOOSE_SERVER = {
     "typical_eps": 0.01,
     "fly_window_size": 1,
     "fly_entropy_threshold": 0.0,
+    "request_limits": {"policies": ["relaxed_topk", "sglang", "typical", "fly"]},  # the operator grants them
 }
 LOOSE_POLICIES = (None, "relaxed_topk", "sglang", "typical", "fly")  # None: the server's (ears at tolerance 1)
 SAMPLING_MIX = {  # name -> the request's sampling parameters (a top_k without penalties is checked token by token)
@@ -884,3 +909,122 @@ def test_every_token_served_under_top_k_is_among_the_targets_own_top_k(sampling_
         checked += len(served)
     assert checked >= 100, "too few top_k tokens came back to check"
     assert not outside, outside[:10]
+
+
+# --- vLLM's own benchmark client: `vllm bench serve` (docs/vllm-bench-serve.md) ------------------------------
+
+BENCH_SERVER = {"policy": "ears", "tolerance": 0.3}
+BENCH_RUNS = {  # name -> its --extra-body: the server's setting, and the same server asked for lossless per request
+    "server": None,
+    "tolerance_0": {"vllm_xargs": {"ears_tolerance": 0.0}},
+}
+SPEC_COUNTERS = {  # vllm bench serve's result key -> vLLM's counter on /metrics, and the plugin's where it has one
+    "spec_decode_num_drafts": ("vllm:spec_decode_num_drafts_total", None),
+    "spec_decode_draft_tokens": ("vllm:spec_decode_num_draft_tokens_total", "ears_vllm_draft_tokens_total"),
+    "spec_decode_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens_total", "ears_vllm_accepted_drafts_total"),
+}
+
+
+def bench_serve_command(server: VllmServer, result_dir, name: str, extra_body: dict | None) -> list[str]:
+    """vLLM's benchmark client, as docs/vllm-bench-serve.md runs it: random prompts, T = 1."""
+    command = [
+        VLLM,
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        server.url,
+        "--model",
+        server.command[2],
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "24",
+        "--ignore-eos",
+        "--num-prompts",
+        "32",
+        "--max-concurrency",
+        "8",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "0",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(result_dir),
+        "--result-filename",
+        f"{name}.json",
+    ]
+    return command + (["--extra-body", json.dumps(extra_body)] if extra_body is not None else [])
+
+
+@pytest.fixture(scope="module")
+def bench_serve_runs(tmp_path_factory, tiny_pair):
+    """One ears server (tolerance 0.3, the ears_metrics plugin on); `vllm bench serve` run against it twice, with the
+    /metrics counters read around each run."""
+    target, draft = tiny_pair
+    server = start_server(
+        tmp_path_factory,
+        "bench-serve",
+        target,
+        speculative=draft_model_spec(draft),
+        ears=BENCH_SERVER,
+        env={"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"},
+    )
+    result_dir = tmp_path_factory.mktemp("bench-serve-results")
+    counters = [name for pair in SPEC_COUNTERS.values() for name in pair if name] + [
+        "ears_vllm_relaxed_acceptances_total"
+    ]
+    runs: dict = {}
+    try:
+        for name, extra_body in BENCH_RUNS.items():
+            done: list[subprocess.CompletedProcess] = []
+            command = bench_serve_command(server, result_dir, name, extra_body)
+
+            def bench(command=command, done=done) -> None:
+                done.append(
+                    subprocess.run(command, env=server_env(result_dir), capture_output=True, text=True, timeout=600)
+                )
+
+            deltas = counter_deltas(server, tuple(counters), bench)
+            output = done[0].stdout + done[0].stderr
+            assert done[0].returncode == 0, output[-4000:]
+            runs[name] = {
+                "deltas": deltas,
+                "result": json.loads((result_dir / f"{name}.json").read_text()),
+                "output": output,
+            }
+    finally:
+        server.stop()
+    return runs
+
+
+@pytest.mark.parametrize("name", list(BENCH_RUNS))
+def test_vllm_bench_serve_completes_and_its_spec_decode_figures_are_the_servers(bench_serve_runs, name):
+    """Its speculative-decoding section (deltas of vLLM's /metrics counters over its run) equals vLLM's counters and
+    the plugin's, read around the run; the acceptance rate and length are those counts' ratios."""
+    run = bench_serve_runs[name]
+    result, deltas = run["result"], run["deltas"]
+    assert (result["completed"], result["failed"]) == (32, 0), run["output"][-3000:]
+    assert "Acceptance rate (%):" in run["output"] and "Accepted tokens:" in run["output"]
+    for key, (theirs, ours) in SPEC_COUNTERS.items():
+        assert result[key] == deltas[theirs], (key, result[key], deltas)
+        if ours is not None:
+            assert result[key] == deltas[ours], (key, result[key], deltas)
+    accepted, drafted = deltas["ears_vllm_accepted_drafts_total"], deltas["ears_vllm_draft_tokens_total"]
+    assert result["spec_decode_acceptance_rate"] == pytest.approx(100 * accepted / drafted)
+    drafts = deltas["vllm:spec_decode_num_drafts_total"]  # the plugin counts draft tokens, not drafting steps
+    assert result["spec_decode_acceptance_length"] == pytest.approx(1 + accepted / drafts)
+
+
+def test_vllm_bench_serve_compares_ears_with_lossless_requests_on_one_server(bench_serve_runs):
+    """--extra-body '{"vllm_xargs": {"ears_tolerance": 0}}' makes every benchmark request lossless on the EARS
+    server (within the default limits: stricter than the server): no relaxed acceptance, fewer accepted drafts."""
+    relaxed, lossless = bench_serve_runs["server"], bench_serve_runs["tolerance_0"]
+    assert relaxed["deltas"]["ears_vllm_relaxed_acceptances_total"] > 0
+    assert lossless["deltas"]["ears_vllm_relaxed_acceptances_total"] == 0
+    assert relaxed["result"]["spec_decode_acceptance_rate"] > lossless["result"]["spec_decode_acceptance_rate"]

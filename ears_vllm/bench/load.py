@@ -70,6 +70,8 @@ XARGS_MIX = (  # (share of the sampled requests, vllm_xargs)
     (0.1, {"ears_budget": 0.05}),
     (0.02, {"ears_tolerance": 2.0}),  # invalid: a 400
 )
+# What the mix asks beyond a server's own settings, granted by the operator (docs/operator-limits.md).
+XARGS_GRANT = {"max_tolerance": 0.5, "max_budget": 0.05}
 SAMPLING_MIX = (  # (share of the requests, vLLM sampling parameters)
     (0.15, {"top_k": 2}),
     (0.05, {"top_k": 20}),
@@ -317,6 +319,8 @@ def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
     rows = []
     for name, ears in config.policies.items():
         per_request = ears.get("policy", "standard") != "standard"  # ears-vllm verifies: requests may carry xargs
+        if per_request:
+            ears = {"request_limits": XARGS_GRANT, **ears}
         requests = request_mix(config.num_requests, config.seed, per_request)
         workdir = config.out_dir / name
         port = free_port()

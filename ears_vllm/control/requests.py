@@ -6,7 +6,9 @@ ears), ``ears_budget`` (a deviation budget in (0, 1], :mod:`ears_vllm.control.bu
 only deviation is added acceptances). A request without them follows the server's config. They apply to
 sampled requests only: a greedy request (temperature 0) is verified as the server verifies greedy requests,
 whatever it asks. They are checked when vLLM builds the request's ``SamplingParams`` in the API server, so a
-bad value is answered with HTTP 400 naming the key and what is allowed, before the request is scheduled.
+bad value is answered with HTTP 400 naming the key and what is allowed, before the request is scheduled; so is a
+value beyond the operator's limits (:func:`check_limits`; ears config key ``request_limits``, which unset lets a
+request verify only stricter than the server: docs/operator-limits.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ears_vllm.config import BUDGET, BUDGET_POLICIES, EarsConfig
+from ears_vllm.control.limits import KEY as LIMITS_KEY
 from ears_vllm.policies import POLICIES, get_policy
 
 XARGS = ("ears_policy", "ears_tolerance", "ears_budget")
@@ -33,6 +36,12 @@ class RequestSettings:
     @property
     def empty(self) -> bool:
         return self.policy is None and self.tolerance is None and self.budget is None
+
+    @property
+    def asked(self) -> dict[str, Any]:
+        """The ``vllm_xargs`` keys it set, with their values."""
+        values = {"ears_policy": self.policy, "ears_tolerance": self.tolerance, "ears_budget": self.budget}
+        return {key: value for key, value in values.items() if value is not None}
 
 
 def request_settings(extra_args: Mapping[str, Any] | None) -> RequestSettings:
@@ -116,3 +125,36 @@ def request_config(server: EarsConfig, asked: RequestSettings) -> EarsConfig:
     elif budget is not None:
         overrides["tolerance"] = 0.0
     return server.merged(overrides)
+
+
+def check_limits(server: EarsConfig, asked: RequestSettings, config: EarsConfig) -> None:
+    """ValueError unless what a request ``asked`` (which gives it ``config``, :func:`request_config`) is within the
+    server's ``request_limits``; the message names the key and value asked, the limit and the config key setting it.
+
+    A request made lossless (``config``) is within any limits but ``request_limits: false``: nothing is stricter."""
+    if asked.empty:
+        return
+    granted = server.granted
+    if not granted.overrides:
+        raise ValueError(
+            f"vllm_xargs {asked.asked!r}: this server takes no per-request ears settings "
+            f"(ears config key '{LIMITS_KEY}' = false)"
+        )
+    if config.is_lossless:
+        return
+    beyond = "is beyond this server's limit:"
+    if asked.policy is not None and asked.policy not in granted.policies:
+        raise ValueError(
+            f"vllm_xargs key 'ears_policy' = {asked.policy!r} {beyond} a request may choose "
+            f"{list(granted.policies)} ({granted.source('policies')})"
+        )
+    if asked.tolerance is not None and asked.tolerance > granted.max_tolerance:
+        raise ValueError(
+            f"vllm_xargs key 'ears_tolerance' = {asked.tolerance!r} {beyond} at most {granted.max_tolerance:g} "
+            f"({granted.source('max_tolerance')})"
+        )
+    if asked.budget is not None and (granted.max_budget is None or asked.budget > granted.max_budget):
+        limit = "no budget" if granted.max_budget is None else f"at most {granted.max_budget:g}"
+        raise ValueError(
+            f"vllm_xargs key 'ears_budget' = {asked.budget!r} {beyond} {limit} ({granted.source('max_budget')})"
+        )

@@ -114,13 +114,21 @@ def enforce(plan: VerificationPlan, logger) -> None:
 
 
 def log_plan(plan: VerificationPlan, config: EarsConfig, logger, extra: str = "") -> None:
-    """The startup line of a sampler: its policy's settings and its plan."""
+    """The startup line of a sampler: its policy's settings, its plan, and (where ears-vllm verifies) what a
+    request's ``vllm_xargs`` may ask (docs/operator-limits.md)."""
     settings = "".join(
         f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
         for name, value in config.settings.items()
     )
+    limits = f" request_limits=[{config.granted.summary}]" if plan.verifies else ""
     logger.info(
-        "ears-vllm: policy=%s%s runner=%s verification=%s%s", config.policy, settings, plan.runner, plan.summary, extra
+        "ears-vllm: policy=%s%s runner=%s verification=%s%s%s",
+        config.policy,
+        settings,
+        plan.runner,
+        plan.summary,
+        extra,
+        limits,
     )
 
 

@@ -4,7 +4,7 @@ Patched (see :mod:`ears_vllm.seam.patches`):
 
 * ``SamplingParams._verify_extra_args`` (every process; vLLM calls it while it builds a request's sampling
   params, so in the API server a bad value becomes HTTP 400 before the request is scheduled): the ears keys
-  of :mod:`ears_vllm.control.requests`, checked against the server's config.
+  of :mod:`ears_vllm.control.requests`, checked against the server's config and its operator limits.
 * V1's ``GPUModelRunner._sample`` (the CPU runner inherits it; installed by the V1 adapter for a sampler that
   ears-vllm verifies): the rows of the batch it verifies are the input batch's requests in order, so it
   hands the verifier each row's :class:`RequestControl` (the request's config and budget ledger, kept on
@@ -25,7 +25,7 @@ from typing import Any
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
-from ears_vllm.control.requests import RequestSettings, request_config, request_settings
+from ears_vllm.control.requests import RequestSettings, check_limits, request_config, request_settings
 from ears_vllm.policies import get_policy
 from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches, vllm_races
@@ -116,6 +116,7 @@ def check_request(extra_args: Any) -> None:
                 )
             if server_runner == "MRV2" and config.policy == "fly" and config.budget is not None:
                 raise ValueError("vllm_xargs key 'ears_budget': a budget with policy 'fly' runs on the V1 runner only")
+            check_limits(server_config, asked, config)  # last: what the server cannot serve is said first
     except ValueError as exc:
         from vllm.exceptions import VLLMValidationError
 
