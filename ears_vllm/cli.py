@@ -231,11 +231,20 @@ def _bench_load(args: argparse.Namespace) -> int:
         num_requests=args.num_requests,
         concurrency=args.concurrency,
         seed=args.seed,
+        duration_s=args.duration * 60 if args.duration else None,
+        rss_interval_s=args.rss_interval,
     )
     rows = run_load(config)
     print(markdown_table(rows))
-    print(f"\nper-request results in {out}/<policy>/requests.json")
-    return 1 if any(r["problems"] for r in rows) else 0
+    print(f"\nper-request results in {out}/<policy>/requests.json, server memory in {out}/rss.png")
+    problems = any(r["problems"] for r in rows)
+    if args.faults:
+        from ears_vllm.bench.faults import fault_table, run_faults
+
+        faults = run_faults(config)
+        print(fault_table(faults))
+        problems = problems or any(f["problems"] for f in faults)
+    return 1 if problems else 0
 
 
 def _gpu_check_bundle(args: argparse.Namespace) -> int:
@@ -425,6 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, default=32)
     load.add_argument("--policies", default="standard,ears:0.3", help="comma list; one server each")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument(
+        "--duration",
+        type=float,
+        help="a soak: minutes to keep sending the mix (a new seed each round), server memory sampled throughout",
+    )
+    load.add_argument("--rss-interval", type=float, default=5.0, help="seconds between server memory samples")
+    load.add_argument(
+        "--faults",
+        action="store_true",
+        help="then faults under load, per policy: an unwritable stats path, SIGTERM mid-load (faults.json, faults.md)",
+    )
     load.add_argument("--out", default="results/load")
     load.set_defaults(run=_bench_load)
     return parser

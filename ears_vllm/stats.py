@@ -88,6 +88,7 @@ class VerifyStats:
     by_policy: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     log_interval_s: float = dataclasses.field(default_factory=lambda: settings().log_interval_s)
     _last_report: float = dataclasses.field(default_factory=time.monotonic)
+    _write_failed: bool = False  # a stats file could not be written (warned once)
 
     def record(
         self,
@@ -144,10 +145,25 @@ class VerifyStats:
         )
         path = settings().stats_path
         if path and tensor_parallel_rank() == 0:  # the other ranks of a TP group verify the same steps again
-            target = Path(f"{path}.{os.getpid()}.{STATS_SUFFIX}")
-            tmp = target.with_suffix(".tmp")
-            tmp.write_text(json.dumps(s))
+            self._write(Path(f"{path}.{os.getpid()}.{STATS_SUFFIX}"), s, logger)
+
+    def _write(self, target: Path, counts: dict[str, Any], logger: logging.Logger) -> None:
+        """Write the counts to ``target``; a path that cannot be written is logged once and verification goes
+        on (the counts stay in memory: ``/metrics`` and ``/ears_vllm/stats`` still serve them)."""
+        tmp = target.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(counts))
             tmp.replace(target)
+        except OSError as exc:
+            if not self._write_failed:
+                logger.warning(
+                    "ears-vllm: cannot write the stats file %s (%s: %s); verification and counting go on, "
+                    "/metrics keeps serving the counts",
+                    target,
+                    type(exc).__name__,
+                    exc,
+                )
+            self._write_failed = True
 
 
 class RecentRequests:

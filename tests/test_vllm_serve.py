@@ -291,7 +291,8 @@ def test_offline_llm_loads_the_plugin_in_spawned_workers(tmp_path, tiny_pair):
 
 
 def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
-    """`ears-vllm bench load` through its command line, on a short mix (the full run is 500 requests)."""
+    """`ears-vllm bench load --faults` through its command line, on a short mix (the full run is 10,000 requests):
+    the load run, then each fault on a server of its own."""
     from ears_vllm import cli
 
     target, draft = tiny_pair
@@ -308,16 +309,27 @@ def test_a_load_run_loses_nothing_and_its_counters_agree(tmp_path, tiny_pair):
         "60",
         "--concurrency",
         "16",
+        "--rss-interval",
+        "1",
+        "--faults",
         "--out",
         str(tmp_path),
     ]
-    assert cli.main(argv) == 0  # 1 when the run found a problem
+    assert cli.main(argv) == 0  # 1 when the run or a fault found a problem
     (row,) = json.loads((tmp_path / "load.json").read_text())
     assert row["problems"] == []
     assert (row["requests"], row["errors"], row["lost"]) == (60, 0, 0) and row["cancelled"] > 0
     assert row["plugin_relaxed"] > 0 and row["vllm_accepted_tokens"] > 0
     assert row["min_p_refused"] > 0, "the mix carries vLLM's sampling parameters (min_p: refused, the rest served)"
     assert (tmp_path / "load.md").read_text().count("| ears-0.3 |") == 1
+    assert 0 < row["rss_start_mib"] <= row["rss_peak_mib"] and (tmp_path / "rss.png").stat().st_size > 0
+    faults = {f["fault"]: f for f in json.loads((tmp_path / "faults.json").read_text())}
+    assert sorted(faults) == ["client-disconnects", "sigterm-mid-load", "unwritable-stats"]
+    assert all(f["problems"] == [] for f in faults.values()), faults
+    assert faults["unwritable-stats"]["stats_warnings"] == 1 and faults["unwritable-stats"]["metrics_drafts"] > 0
+    assert faults["client-disconnects"]["dropped_streams"] == 16
+    sigterm = faults["sigterm-mid-load"]
+    assert sigterm["hung"] == 0 and sigterm["exit_code"] is not None and sigterm["finished"] >= 60 // 3
 
 
 # --- Per-request settings, /metrics and the deviation budget (production controls) ---------------------------

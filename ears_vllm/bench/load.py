@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ears_vllm.bench.rss import RssSampler
+from ears_vllm.bench.rss import summary as rss_summary
 from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
 
 PROMPTS = [
@@ -62,6 +66,11 @@ class LoadConfig:
     concurrency: int = 32
     seed: int = 0
     k: int = 4
+    # A soak: the mix is sent again (the next seed each round; the seeded probes are the same every round) until
+    # this many seconds have passed. None: one round.
+    duration_s: float | None = None
+    rss_interval_s: float = 5.0  # how often the server's resident memory is sampled
+    max_growth: float = 0.2  # RSS growth (first quarter to last, medians) beyond which the run reports a problem
 
 
 XARGS_MIX = (  # (share of the sampled requests, vllm_xargs)
@@ -206,18 +215,33 @@ async def _one(client, model: str, request: dict) -> dict:
     return {**request, **outcome, "latency_s": time.perf_counter() - start}
 
 
-async def _send_all(url: str, model: str, requests: list[dict], concurrency: int, progress: bool) -> list[dict]:
+async def send_all(
+    url: str,
+    model: str,
+    requests: list[dict],
+    concurrency: int,
+    progress: bool,
+    *,
+    timeout_s: float = 600,
+    on_done: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Send ``requests`` at ``concurrency``; ``on_done(n)`` is called with the number finished so far."""
     import openai
     from tqdm import tqdm
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s)
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(requests), desc="requests", disable=not progress)
+    finished = 0
 
     async def gated(request: dict) -> dict:
+        nonlocal finished
         async with gate:
             result = await _one(client, model, request)
             bar.update()
+            finished += 1
+            if on_done is not None:
+                on_done(finished)
             return result
 
     results = await asyncio.gather(*(gated(r) for r in requests))
@@ -226,9 +250,9 @@ async def _send_all(url: str, model: str, requests: list[dict], concurrency: int
     return list(results)
 
 
-def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, float], policy: dict) -> dict:
-    """The run's figures and the verdict of every check (``problems`` empty = all good)."""
-    problems = []
+def failures(results: list[dict]) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """The run's invalid requests (sent to be refused), ``min_p`` refusals, errors (any other failure) and lost
+    requests (answered without text or without a finish reason, cancelled streams aside)."""
     invalid = [r for r in results if r["kind"] == "invalid"]
     refused = [r for r in results if _min_p_refused(r)]
     errors = [r for r in results if r["error"] and r["kind"] != "invalid" and not _min_p_refused(r)]
@@ -239,6 +263,13 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
         and not r["error"]
         and (not r["texts"] or any(f not in ("stop", "length") for f in r["finish"]))
     ]
+    return invalid, refused, errors, lost
+
+
+def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, float], policy: dict) -> dict:
+    """The run's figures and the verdict of every check (``problems`` empty = all good)."""
+    problems = []
+    invalid, refused, errors, lost = failures(results)
     accepted_invalid = [r for r in invalid if not (r["error"] or "").startswith("BadRequestError")]
     if accepted_invalid:
         problems.append(f"{len(accepted_invalid)} invalid request(s) were not answered with 400 Bad Request")
@@ -313,49 +344,81 @@ METRICS = (
 )
 
 
+def start_server(
+    config: LoadConfig,
+    ears: dict,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> VllmServer:
+    """A healthy ``vllm serve`` of the config's pair with the plugin and its ``/metrics`` counters (``env``: more
+    environment, e.g. a stats path; ``args``: more ``vllm serve`` arguments)."""
+    if ears.get("policy", "standard") != "standard":  # ears-vllm verifies: the mix's requests carry xargs
+        ears = {"request_limits": XARGS_GRANT, **ears}
+    speculative = {"method": "draft_model", "model": config.draft, "num_speculative_tokens": config.k}
+    port = free_port()
+    command = serve_command(
+        Path(config.target),
+        port,
+        speculative=speculative,
+        ears=ears,
+        extra=["--max-num-seqs", str(config.concurrency), *args],
+    )
+    extra = {"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5", **(env or {})}
+    return VllmServer(command, server_env(workdir, extra), workdir, port).start()
+
+
 def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
-    """One server per policy, the same request mix for each; writes ``load.json`` and ``load.md``."""
+    """One server per policy, the same request mix for each; writes ``load.json``, ``load.md``, each server's
+    resident memory (``<policy>/rss.csv``) and ``rss.png``."""
+    from ears_vllm.bench.plots import plot_rss
+
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, memory = [], {}
     for name, ears in config.policies.items():
-        per_request = ears.get("policy", "standard") != "standard"  # ears-vllm verifies: requests may carry xargs
-        if per_request:
-            ears = {"request_limits": XARGS_GRANT, **ears}
-        requests = request_mix(config.num_requests, config.seed, per_request)
-        workdir = config.out_dir / name
-        port = free_port()
-        speculative = {"method": "draft_model", "model": config.draft, "num_speculative_tokens": config.k}
-        command = serve_command(
-            Path(config.target),
-            port,
-            speculative=speculative,
-            ears=ears,
-            extra=["--max-num-seqs", str(config.concurrency)],
-        )
-        env = server_env(workdir, {"VLLM_PLUGINS": "ears,ears_metrics", "EARS_VLLM_METRICS_INTERVAL": "0.5"})
-        server = VllmServer(command, env, workdir, port).start()
-        try:
-            start = time.perf_counter()
-            results = asyncio.run(_send_all(server.url, command[2], requests, config.concurrency, progress))
-            wall = time.perf_counter() - start
-            time.sleep(2)  # let the last step's counters land (aborted streams finish after their clients)
-            metrics = {m: server.metric(m) for m in METRICS}
-            row = {"policy": name, "wall_s": wall, **check(results, metrics, server.ears_stats(), ears)}
-        finally:
-            server.stop()
-        (workdir / "requests.json").write_text(json.dumps(results, indent=1))
+        row, memory[name] = _run_policy(config, name, ears, progress)
         rows.append(row)
     (config.out_dir / "load.json").write_text(json.dumps(rows, indent=1))
     (config.out_dir / "load.md").write_text(markdown_table(rows) + "\n")
+    plot_rss(memory, config.out_dir / "rss.png")
     return rows
+
+
+def _run_policy(config: LoadConfig, name: str, ears: dict, progress: bool) -> tuple[dict, list[tuple[float, float]]]:
+    per_request = ears.get("policy", "standard") != "standard"  # ears-vllm verifies: requests may carry xargs
+    workdir = config.out_dir / name
+    server = start_server(config, ears, workdir)
+    model = server.command[2]
+    sampler = RssSampler(server.process.pid, config.rss_interval_s).start()
+    try:
+        results: list[dict] = []
+        start = time.perf_counter()
+        for round_seed in itertools.count(config.seed):
+            requests = request_mix(config.num_requests, round_seed, per_request)
+            results += asyncio.run(send_all(server.url, model, requests, config.concurrency, progress))
+            if config.duration_s is None or time.perf_counter() - start >= config.duration_s:
+                break
+        wall = time.perf_counter() - start
+        time.sleep(2)  # let the last step's counters land (aborted streams finish after their clients)
+        metrics = {m: server.metric(m) for m in METRICS}
+        row = {"policy": name, "wall_s": wall, **check(results, metrics, server.ears_stats(), ears)}
+    finally:
+        samples = sampler.stop()
+        server.stop()
+    sampler.write_csv(workdir / "rss.csv")
+    row.update(rss_summary(samples))
+    if row["rss_growth"] is not None and row["rss_growth"] > config.max_growth:
+        row["problems"].append(f"server RSS grew {row['rss_growth']:.0%} from the first quarter of the run to the last")
+    (workdir / "requests.json").write_text(json.dumps(results, indent=1))
+    return row, samples
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| policy | requests | errors | lost | cancelled on purpose | invalid, answered 400 | seeded probes reproduced "
         "| p50 s | p99 s "
-        "| wall s | plugin / vLLM counters (ears_vllm on /metrics) | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wall s | server RSS MiB start / end (growth) | plugin / vLLM counters (ears_vllm on /metrics) | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         agree = "n/a (vLLM's own)"
@@ -368,6 +431,12 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['policy']} | {r['requests']} | {r['errors']} | {r['lost']} | {r['cancelled']} | "
             f"{r['invalid_rejected']} | "
             f"{r['probes_reproduced']} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['wall_s']:.0f} | "
-            f"{agree} | {'; '.join(r['problems']) or 'none'} |"
+            f"{_rss_cell(r)} | {agree} | {'; '.join(r['problems']) or 'none'} |"
         )
     return "\n".join(lines)
+
+
+def _rss_cell(row: dict) -> str:
+    if row.get("rss_start_mib") is None:
+        return "n/a"
+    return f"{row['rss_start_mib']:.0f} / {row['rss_end_mib']:.0f} ({row['rss_growth']:+.1%})"

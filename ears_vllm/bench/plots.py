@@ -195,3 +195,19 @@ def plot_budget(rows: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def plot_rss(memory: dict[str, list[tuple[float, float]]], path: Path) -> Path:
+    """Each server's resident memory (MiB, its process tree) against time under load, one line per policy."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, samples in memory.items():
+        if samples:
+            ax.plot([t / 60 for t, _ in samples], [mib for _, mib in samples], label=name)
+    ax.set_xlabel("minutes under load")
+    ax.set_ylabel("server RSS, MiB (process tree)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("vllm serve memory under bench load")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save(fig, path)
