@@ -8,6 +8,18 @@ import logging
 import pytest
 
 from ears_vllm.stats import VerifyStats
+from ears_vllm.step import StepCounts
+
+
+STEP = StepCounts(
+    drafts=4,
+    accepted=2,
+    random_drafts=4,
+    random_accepted=2,
+    relaxed=1,
+    random_verified=3,
+    greedy_relaxed=0,
+)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +38,7 @@ def test_a_stats_file_that_cannot_be_written_is_warned_once_and_counting_goes_on
     logger = logging.getLogger("ears-vllm-test-stats")
     with caplog.at_level(logging.WARNING, logger=logger.name):
         for _ in range(3):
-            stats.record(drafts=4, accepted=2, random_drafts=4, random_accepted=2, relaxed=1, random_verified=3)
+            stats.record(STEP)
             stats.report(logger)
     assert (stats.steps, stats.accepted, stats.relaxed) == (3, 6, 3)
     warnings = [r.getMessage() for r in caplog.records if "cannot write the stats file" in r.getMessage()]
