@@ -58,7 +58,7 @@ V1_SAMPLER = "vllm.v1.sample.rejection_sampler"
 MRV2_SAMPLER = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 V1_PROPOSER = "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer"
-SAMPLER_PLAN = "the runner is present (even where its other hooks moved, so that the refusal happens)"
+SAMPLER_PLAN = "the runner is present (even where its other hooks do not check out, so that the refusal happens)"
 V1_VERIFIES = "a V1 sampler's plan verifies"
 MRV2_VERIFIES = "an MRV2 sampler's plan verifies"
 ADASD = "policy adasd verifies on V1, scheduling synchronously"
@@ -234,7 +234,7 @@ MANIFEST: tuple[PatchSpec, ...] = (
         "wrap",
         "ears_vllm.seam.vllm_races:unsalted",
         ERSD_MRV2,
-        "ERSD: MRV2's drafter races on its sampler's keys (the drafter's position salt removed)",
+        "ERSD: MRV2's drafter races on its sampler's keys (the drafter's position salt dropped)",
         where_present=True,
     ),
     PatchSpec(
@@ -243,7 +243,7 @@ MANIFEST: tuple[PatchSpec, ...] = (
         "wrap",
         "ears_vllm.seam.vllm_races:unsalted",
         ERSD_MRV2,
-        "ERSD: MRV2's drafter races on its sampler's keys (the drafter's position salt removed)",
+        "ERSD: MRV2's drafter races on its sampler's keys (the drafter's position salt dropped)",
         where_present=True,
     ),
 )
