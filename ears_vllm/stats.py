@@ -23,6 +23,7 @@ from typing import Any
 
 from ears_vllm.config import settings
 from ears_vllm.policies.registry import relaxed_rate_label
+from ears_vllm.stats_registry import tensor_parallel_rank
 from ears_vllm.step import StepCounts
 
 STATS_SUFFIX = "json"
@@ -31,17 +32,6 @@ STATS_SUFFIX = "json"
 # The counters kept per policy (a server verifies each request with its own policy when it asks for one): StepCounts
 # fields.
 POLICY_COUNTERS = ("drafts", "accepted", "random_verified", "relaxed", "greedy_relaxed")
-
-
-def tensor_parallel_rank() -> int:
-    """This worker's rank in its tensor-parallel group (0 outside vLLM's workers): under tensor parallelism every
-    rank runs the same rejection sampling, so only rank 0's counts are reported, and each step counts once."""
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
-
-        return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
-    except Exception:
-        return 0
 
 
 def read_stats(prefix: str | os.PathLike[str]) -> dict[str, Any]:

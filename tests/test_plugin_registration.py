@@ -110,14 +110,13 @@ def test_without_the_config_hook_a_v1_sampler_refuses_where_vllm_builds_it(unwra
 def test_a_failed_request_check_or_metrics_method_is_a_warning_and_the_runners_are_still_patched(
     fresh_registration, monkeypatch, caplog
 ):
-    from ears_vllm.control import metrics
     from ears_vllm.seam import vllm_requests
 
     def moved():
         raise AttributeError("SamplingParams has no attribute '_verify_extra_args'")
 
     monkeypatch.setattr(vllm_requests, "install_request_check", moved)
-    monkeypatch.setattr(metrics, "install_worker_method", moved)
+    monkeypatch.setattr(plugin, "install_worker_methods", moved)
     monkeypatch.setattr(plugin, "config_hook_problem", plugin.config_hook_problem)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         plugin.register()

@@ -10,7 +10,6 @@ import pytest
 from ears_vllm.stats import VerifyStats
 from ears_vllm.step import StepCounts
 
-
 STEP = StepCounts(
     drafts=4,
     accepted=2,

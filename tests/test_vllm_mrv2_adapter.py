@@ -739,6 +739,6 @@ def test_ersd_removes_the_salt_of_mrv2s_drafter():
     from ears_vllm.seam import vllm_races
 
     seen = []
-    unsalted = vllm_races._unsalted(lambda *args, **kwargs: seen.append(kwargs["is_drafting"]))
+    unsalted = vllm_races.unsalted(lambda *args, **kwargs: seen.append(kwargs["is_drafting"]))
     unsalted("logits", is_drafting=True, use_fp64=False)
     assert seen == [False]

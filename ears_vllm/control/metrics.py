@@ -1,7 +1,8 @@
 """ears-vllm's counters on vLLM's own ``/metrics``, through vLLM's two plugin contracts.
 
-Engine side (``vllm.general_plugins``, :func:`install_worker_method`): every worker gets a method
-``ears_vllm_stats`` that returns its verifier's counters (V1 and MRV2). API-server side
+Engine side (``vllm.general_plugins``: the manifest's ``metrics`` entries, :mod:`ears_vllm.seam.patches`): every
+worker gets a method ``ears_vllm_stats`` that returns its verifier's counters (V1 and MRV2, read from
+:mod:`ears_vllm.stats_registry`). API-server side
 (``vllm.endpoint_plugins`` entry ``ears_metrics``, :class:`EarsMetricsPlugin`): a task polls that method
 through ``engine_client.collective_rpc`` (every ``EARS_VLLM_METRICS_INTERVAL`` seconds, default 1) and a
 Prometheus collector registered where vLLM's ``/metrics`` reads serves the latest totals. vLLM loads endpoint
@@ -21,8 +22,10 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ears_vllm import stats_registry
 from ears_vllm._log import get_logger
-from ears_vllm.stats import POLICY_COUNTERS, add_counts, tensor_parallel_rank
+from ears_vllm.stats import POLICY_COUNTERS, add_counts
+from ears_vllm.stats_registry import tensor_parallel_rank
 
 logger = get_logger()
 WORKER_METHOD = "ears_vllm_stats"
@@ -46,16 +49,14 @@ COUNTERS = (
 
 
 def worker_stats(worker: Any = None) -> dict[str, Any]:
-    """This worker's counters, and whether they count (TP rank 0); the method vLLM's RPC calls."""
-    from ears_vllm.seam import vllm_mrv2, vllm_v1
-
+    """This worker's counters (every runner registered in :mod:`ears_vllm.stats_registry`), and whether they count
+    (TP rank 0); the method vLLM's RPC calls."""
     counts: dict[str, Any] = {}
-    for adapter in (vllm_v1, vllm_mrv2):
-        flush = getattr(adapter, "flush_counts", None)
-        if flush is not None:
-            flush()
+    for source in stats_registry.sources().values():
+        if source.flush is not None:
+            source.flush()
         add_counts(
-            counts, {k: v for k, v in adapter.state.stats.as_dict().items() if k not in ("pid", "relaxed_per_verified")}
+            counts, {k: v for k, v in source.stats().as_dict().items() if k not in ("pid", "relaxed_per_verified")}
         )
     return {"counts": counts, "tp_rank": tensor_parallel_rank()}
 
@@ -63,9 +64,8 @@ def worker_stats(worker: Any = None) -> dict[str, Any]:
 def worker_request_stats(worker: Any = None, prefix: str = "") -> dict[str, Any]:
     """The counts of the requests whose vLLM request id starts with ``prefix`` (V1 runner), and whether they count
     (TP rank 0; the caller keeps those)."""
-    from ears_vllm.seam import vllm_v1
-
-    return {"counts": vllm_v1.state.requests.starting_with(prefix), "tp_rank": tensor_parallel_rank()}
+    requests = stats_registry.requests_of("V1")
+    return {"counts": {} if requests is None else requests.starting_with(prefix), "tp_rank": tensor_parallel_rank()}
 
 
 def choices_of(response_id: str, per_worker: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -87,15 +87,6 @@ def aggregate(per_worker: Iterable[dict[str, Any]]) -> dict[str, Any]:
         if reply.get("tp_rank", 0) == 0:
             add_counts(total, reply["counts"])
     return total
-
-
-def install_worker_method() -> None:
-    """Give vLLM's workers the ``ears_vllm_stats`` method (idempotent; every process, cheap)."""
-    from vllm.v1.worker.worker_base import WorkerBase
-
-    for name, method in ((WORKER_METHOD, worker_stats), (REQUEST_METHOD, worker_request_stats)):
-        if getattr(WorkerBase, name, None) is not method:
-            setattr(WorkerBase, name, method)
 
 
 class EarsCollector:

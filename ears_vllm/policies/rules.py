@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ears_vllm.policies.divergence import js_distance
+
 
 def standard_accept(
     target_prob: torch.Tensor,  # [n] float32, p(d)
@@ -234,8 +236,6 @@ class DraftPositions:
     @functools.cached_property
     def js(self) -> torch.Tensor:
         """The Jensen-Shannon distance between p and q (AdaSD's statistic)."""
-        from ears_vllm.policies.adasd import js_distance
-
         return js_distance(self.target_probs, self.draft_ids, self.draft_probs)
 
     @functools.cached_property

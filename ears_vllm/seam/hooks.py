@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, TypeVar
 
+from ears_vllm import stats_registry
+
 T = TypeVar("T")
 
 
@@ -40,6 +42,15 @@ def find_class(module_name: str, class_name: str, method: str) -> tuple[type | N
     if not hasattr(cls, method):
         return None, f"{module_name}.{class_name} has no {method}"
     return cls, None
+
+
+def vllm_import_problem() -> str | None:
+    """None when vLLM imports in this process, else why not."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # an import error of any kind means: leave vLLM alone
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def vllm_version() -> str:
@@ -106,3 +117,16 @@ def bound(var: contextvars.ContextVar[T], value: T) -> Iterator[None]:
         yield
     finally:
         var.reset(token)
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group, as vLLM says (0 outside vLLM's workers)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+
+        return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
+    except Exception:
+        return 0
+
+
+stats_registry.register_rank(tensor_parallel_rank)

@@ -17,7 +17,6 @@ from typing import Any
 
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies import fly_window, get_policy
-from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, signature_of
 
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
@@ -155,24 +154,23 @@ class ActiveSampler:
         """Calls inside are made for ``sampler``: ears-vllm's rule if its plan verifies, else vLLM's."""
         return self.verifying_with(getattr(sampler, "_ears_config", None))
 
-    def guard(self, sampler_cls: type, call: str, configure: Configure) -> None:
-        """Wrap ``sampler_cls``: its constructor plans the sampler (``configure(sampler, constructor arguments)``
-        returns the config when ears-vllm verifies), and its ``call`` method runs inside :meth:`of`."""
+    def wrap_init(self, original_init: Callable[..., None], configure: Configure) -> Callable[..., None]:
+        """A sampler's constructor that plans the sampler: ``configure(sampler, constructor arguments)`` returns
+        the config when ears-vllm verifies (the adapters' ``*.sampler`` entries of
+        :data:`ears_vllm.seam.patches.MANIFEST`)."""
 
-        def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                original_init(self, *args, **kwargs)
-                arguments = signature_of(original_init).bind(self, *args, **kwargs).arguments
-                self._ears_config = configure(self, arguments)
+        def __init__(sampler: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(sampler, *args, **kwargs)
+            arguments = signature_of(original_init).bind(sampler, *args, **kwargs).arguments
+            sampler._ears_config = configure(sampler, arguments)
 
-            return __init__
+        return __init__
 
-        def wrap_call(original_call: Callable[..., Any]) -> Callable[..., Any]:
-            def call_for_this_sampler(sampler: Any, *args: Any, **kwargs: Any) -> Any:
-                with self.of(sampler):
-                    return original_call(sampler, *args, **kwargs)
+    def wrap_call(self, original_call: Callable[..., Any]) -> Callable[..., Any]:
+        """A sampler's verifying method, run inside :meth:`of`."""
 
-            return call_for_this_sampler
+        def call_for_this_sampler(sampler: Any, *args: Any, **kwargs: Any) -> Any:
+            with self.of(sampler):
+                return original_call(sampler, *args, **kwargs)
 
-        patches.apply(sampler_cls, "__init__", wrap_init, "each sampler plans whether ears-vllm verifies")
-        patches.apply(sampler_cls, call, wrap_call, "rejection_sample learns which sampler calls it")
+        return call_for_this_sampler

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ears_vllm import stats_registry
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies.adasd import AdasdState, draft_entropy
@@ -84,25 +85,7 @@ def install(config: EarsConfig, vllm_config: Any) -> str:
             problem = f"{owner.__qualname__} has no {method}"
     if problem is not None:
         return _off(problem)
-    patches.apply(
-        runner_cls,
-        "propose_draft_token_ids",
-        _wrap_propose_draft_token_ids,
-        "AdaSD: the drafter learns which rows draft and with what threshold",
-    )
-    patches.apply(
-        runner_cls,
-        "take_draft_token_ids",
-        _wrap_take_draft_token_ids,
-        "AdaSD: each request's drafts cut to what it proposed",
-    )
-    patches.apply(
-        proposer_cls,
-        "_sample_draft_tokens",
-        _wrap_sample_draft_tokens,
-        "AdaSD: a request stops drafting past its draft-entropy threshold",
-    )
-    patches.apply(proposer_cls, "propose", _wrap_propose, "AdaSD: the draft loop ends when every request has stopped")
+    patches.install("adasd")
     return "on (adasd)"
 
 
@@ -111,7 +94,7 @@ def _off(problem: str) -> str:
     return f"off ({problem})"
 
 
-def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
+def wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
     def propose_draft_token_ids(
         self: Any, scheduler_output: Any, sampled_token_ids: Any, sampling_metadata: Any, *args: Any, **kwargs: Any
     ) -> Any:
@@ -133,17 +116,16 @@ def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[...,
         k = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
         self._ears_proposed = {} if k is None else dict(zip(req_ids, context.proposed_counts(k), strict=True))
         if context.forward_passes:  # counted with the verifier's (this worker's stats)
-            from ears_vllm.seam.vllm_v1 import state
-
-            state.stats.proposals += 1
-            state.stats.draft_forward_passes += context.forward_passes
-            state.stats.proposals_ended_early += int(k is not None and context.forward_passes < k)
+            stats = stats_registry.stats_of("V1")
+            stats.proposals += 1
+            stats.draft_forward_passes += context.forward_passes
+            stats.proposals_ended_early += int(k is not None and context.forward_passes < k)
         return out
 
     return propose_draft_token_ids
 
 
-def _wrap_take_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
+def wrap_take_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
     def take_draft_token_ids(self: Any) -> Any:
         out = original(self)
         proposed = getattr(self, "_ears_proposed", None)
@@ -155,7 +137,7 @@ def _wrap_take_draft_token_ids(original: Callable[..., Any]) -> Callable[..., An
     return take_draft_token_ids
 
 
-def _wrap_sample_draft_tokens(original: Callable[..., Any]) -> Callable[..., Any]:
+def wrap_sample_draft_tokens(original: Callable[..., Any]) -> Callable[..., Any]:
     def _sample_draft_tokens(self: Any, hidden_states: torch.Tensor, sampling_metadata: Any) -> Any:
         context = _drafting.get()
         learning = (
@@ -218,7 +200,7 @@ def _entropy(
     return draft_entropy(logits)
 
 
-def _wrap_propose(original: Callable[..., Any]) -> Callable[..., Any]:
+def wrap_propose(original: Callable[..., Any]) -> Callable[..., Any]:
     def propose(self: Any, num_speculative_tokens: int, *args: Any, **kwargs: Any) -> Any:
         context = _drafting.get()
         if context is None:

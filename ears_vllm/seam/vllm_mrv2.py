@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ears_vllm import stats_registry
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
@@ -53,6 +54,7 @@ from ears_vllm.seam.hooks import check_module, find_class, installed_runners, si
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
 from ears_vllm.stats import VerifyStats
+from ears_vllm.stats_registry import StatsSource
 from ears_vllm.step import Budget, StepCounts, request_rows
 
 MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
@@ -236,6 +238,7 @@ class _State:
 
 
 state = _State()
+stats_registry.register("MRV2", StatsSource(stats=lambda: state.stats, flush=lambda: flush_counts()))
 
 
 def _parameters(kernel: Any) -> tuple[str, ...]:
@@ -302,9 +305,20 @@ def vllm_arguments(step: dict[str, Any], function: Callable[..., Any]) -> dict[s
 
 def install(hook_problem: str | None) -> None:
     """Wrap MRV2's ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
-    module = importlib.import_module(MODULE)
     state.hook_problem = hook_problem
-    active.guard(module.RejectionSampler, "__call__", lambda sampler, arguments: _configure(module, sampler))
+    patches.install("mrv2.sampler")
+
+
+def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
+    """``RejectionSampler.__init__`` that plans the sampler (:func:`_configure`)."""
+    return active.wrap_init(
+        original_init, lambda sampler, arguments: _configure(importlib.import_module(MODULE), sampler)
+    )
+
+
+def wrap_call(original_call: Callable[..., Any]) -> Callable[..., Any]:
+    """``RejectionSampler.__call__`` that tells ``rejection_sample`` which sampler calls it."""
+    return active.wrap_call(original_call)
 
 
 def _configure(module: Any, sampler: Any) -> EarsConfig | None:
@@ -340,12 +354,7 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
     enforce(plan, logger)
     per_request = "off"
     if plan.verifies:
-        patches.apply(
-            module,
-            "rejection_sample",
-            lambda original: rejection_sample,
-            "ears-vllm verifies for samplers planned so; vLLM's function for the others",
-        )
+        patches.install("mrv2.verifies", owner=module)
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         size = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 1024
         state.slots = SlotControls(config, int(size))
@@ -360,18 +369,20 @@ def _install_add_request_hook() -> str | None:
     sampler_cls, problem = find_class(SAMPLER_MODULE, "Sampler", "add_request")
     if sampler_cls is None:
         return problem
-
-    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def add_request(self: Any, req_idx: int, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
-            result = original(self, req_idx, sampling_params, *args, **kwargs)
-            if state.slots is not None and 0 <= req_idx < len(state.slots.tolerance):
-                state.slots.add_request(req_idx, sampling_params)
-            return result
-
-        return add_request
-
-    patches.apply(sampler_cls, "add_request", wrap, "each request's slot learns its per-request ears settings")
+    patches.install("mrv2.slots")
     return None
+
+
+def wrap_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    """MRV2's ``Sampler.add_request``, then the request's slot filled with its ears settings."""
+
+    def add_request(self: Any, req_idx: int, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, req_idx, sampling_params, *args, **kwargs)
+        if state.slots is not None and 0 <= req_idx < len(state.slots.tolerance):
+            state.slots.add_request(req_idx, sampling_params)
+        return result
+
+    return add_request
 
 
 def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,7 +99,7 @@ def install(sampler: Any, runner_problem: str | None) -> str:
     ``keys=`` value. Called only after the plan checked :func:`draft_problem`; ``runner_problem``: why the runner's
     ``_sample`` hook, which computes the keys, could not be installed (then the server must not start: races on
     missing keys would repeat across positions)."""
-    proposer_cls, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
+    _, problem = find_class(PROPOSER_MODULE, "SpecDecodeBaseProposer", "_sample_from_logits")
     topk_topp = getattr(sampler, "topk_topp_sampler", None)
     if problem is None and not hasattr(topk_topp, "forward"):
         problem = "vLLM's sampler has no topk_topp_sampler"
@@ -108,12 +108,8 @@ def install(sampler: Any, runner_problem: str | None) -> str:
         raise RuntimeError(f"ears-vllm: policy 'ersd' cannot key vLLM's sampling here: {problem}")
     if not torch.cuda.is_available():  # compile the CPU race now, not in the first request's step
         compiled_race_winners()
-    if not getattr(topk_topp, "_ears_keyed", False):
-        topk_topp.forward = _keyed_topk_topp(topk_topp.forward)
-        topk_topp._ears_keyed = True
-    patches.apply(
-        proposer_cls, "_sample_from_logits", _wrap_sample_from_logits, "ERSD: keyed rows draft the race winner of q"
-    )
+    patches.install("ersd.v1.sampler", owner=topk_topp)
+    patches.install("ersd.v1.drafter")
     return "on (drafter, bonus and first tokens race on each request's keys)"
 
 
@@ -121,9 +117,7 @@ def install_mrv2() -> str:
     """Model Runner V2: its sampler and its drafter already draw race winners on these keys, but its drafter adds
     ``1 << 30`` to the position; draw the drafts on the sampler's own keys instead, so that the drafts race the
     target on the same keys and the text is MRV2's non-speculative text. The startup line's ``keys=`` value."""
-    for module in _importable(MRV2_SPECULATOR_MODULES):
-        if hasattr(module, "gumbel_sample"):
-            patches.apply(module, "gumbel_sample", _unsalted, "ERSD: MRV2's drafter races on its sampler's keys")
+    patches.install("ersd.mrv2")  # each of MRV2_SPECULATOR_MODULES the release has
     return "on (MRV2's own keys; the drafter's salt removed)"
 
 
@@ -139,7 +133,7 @@ def _importable(names: tuple[str, ...]) -> list[Any]:
     return modules
 
 
-def _unsalted(original: Callable[..., Any]) -> Callable[..., Any]:
+def unsalted(original: Callable[..., Any]) -> Callable[..., Any]:
     def gumbel_sample(*args: Any, is_drafting: bool = False, **kwargs: Any) -> Any:
         return original(*args, is_drafting=False, **kwargs)
 
@@ -189,7 +183,7 @@ def winners(
     return race_winners(logits, seed, pos)
 
 
-def _keyed_topk_topp(original: Callable[..., Any]) -> Callable[..., Any]:
+def keyed_topk_topp(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(logits: torch.Tensor, generators: Any, k: Any, p: Any) -> Any:
         bound_keys = _sampling.get()
         if bound_keys is None or logits.shape[0] != bound_keys[0].seed.shape[0]:
@@ -204,7 +198,7 @@ def _keyed_topk_topp(original: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
-def _wrap_sample_from_logits(original: Callable[..., Any]) -> Callable[..., Any]:
+def wrap_sample_from_logits(original: Callable[..., Any]) -> Callable[..., Any]:
     def _sample_from_logits(self: Any, logits: torch.Tensor, sampling_metadata: Any) -> Any:
         draft_ids, draft_probs = original(self, logits, sampling_metadata)
         keys = _drafting.get()

@@ -85,16 +85,27 @@ def verifying_batch(batch: BatchRequests | None) -> contextlib.AbstractContextMa
 
 def install_request_check() -> None:
     """Check the ears keys of every request's ``extra_args`` where vLLM checks its own (idempotent)."""
-    from vllm.sampling_params import SamplingParams
+    patches.install("requests")
 
-    def wrap(original: Callable[[Any], None]) -> Callable[[Any], None]:
-        def _verify_extra_args(self: Any) -> None:
-            original(self)
-            check_request(self.extra_args)
 
-        return _verify_extra_args
+def wrap_verify_extra_args(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``SamplingParams._verify_extra_args``, then the ears keys checked (:data:`ears_vllm.seam.patches.MANIFEST`)."""
 
-    patches.apply(SamplingParams, "_verify_extra_args", wrap, "bad per-request ears settings are a 400, not a crash")
+    def _verify_extra_args(self: Any) -> None:
+        original(self)
+        check_request(self.extra_args)
+
+    return _verify_extra_args
+
+
+def wrap_post_init(original_post_init: Callable[..., None]) -> Callable[..., None]:
+    """``VllmConfig.__post_init__``, then the ears config checked and kept (:func:`note_server`)."""
+
+    def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_post_init(self, *args, **kwargs)
+        note_server(self)  # raises ValueError naming a bad key
+
+    return __post_init__
 
 
 def check_request(extra_args: Any) -> None:
@@ -190,27 +201,29 @@ def install_runner_hook() -> str | None:
     runner_cls, problem = find_class(RUNNER_MODULE, "GPUModelRunner", "_sample")
     if runner_cls is None:
         return problem
-
-    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
-            server = getattr(getattr(self, "rejection_sampler", None), "_ears_config", None)
-            keyed = server is not None and get_policy(server.policy).keyed  # ERSD: every sampling is keyed
-            if server is None or (spec_decode_metadata is None and not keyed):
-                return original(self, logits, spec_decode_metadata, *args, **kwargs)
-            batch, controls = _rows(self, server)
-            with verifying_batch(batch):
-                if not keyed:
-                    return original(self, logits, spec_decode_metadata, *args, **kwargs)
-                drafts = [0] * len(controls) if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
-                keys, sample_pos = vllm_races.row_keys(self, [c.race_seed for c in controls], drafts)
-                return vllm_races.sample_keyed(
-                    lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, sample_pos
-                )
-
-        return _sample
-
-    patches.apply(runner_cls, "_sample", wrap, "the verifier learns each row's per-request settings")
+    patches.install("v1.runner")
     return None
+
+
+def wrap_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+    """V1's ``GPUModelRunner._sample`` with each row's control bound (and, for a keyed policy, its race keys)."""
+
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+        server = getattr(getattr(self, "rejection_sampler", None), "_ears_config", None)
+        keyed = server is not None and get_policy(server.policy).keyed  # ERSD: every sampling is keyed
+        if server is None or (spec_decode_metadata is None and not keyed):
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        batch, controls = _rows(self, server)
+        with verifying_batch(batch):
+            if not keyed:
+                return original(self, logits, spec_decode_metadata, *args, **kwargs)
+            drafts = [0] * len(controls) if spec_decode_metadata is None else spec_decode_metadata.num_draft_tokens
+            keys, sample_pos = vllm_races.row_keys(self, [c.race_seed for c in controls], drafts)
+            return vllm_races.sample_keyed(
+                lambda: original(self, logits, spec_decode_metadata, *args, **kwargs), keys, sample_pos
+            )
+
+    return _sample
 
 
 def _rows(runner: Any, server: EarsConfig) -> tuple[BatchRequests, list[RequestControl]]:

