@@ -15,5 +15,6 @@ It is the only code that imports vLLM (only inside functions), but for four modu
 * :mod:`~ears_vllm.seam.vllm_drafter` and :mod:`~ears_vllm.seam.vllm_races`: AdaSD's draft length and ERSD's
   keyed sampling, on vLLM's drafter and sampler.
 
-The layers and what each may import: docs/architecture.md. docs/vllm-seam.md says which vLLM releases it supports, what is patched, and how it absorbs the next one.
+The layers and what each may import: docs/architecture.md. Which vLLM releases it supports, what is patched,
+and how it absorbs the next one: docs/vllm-seam.md.
 """
