@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
+from ears_vllm.policies import get_policy
 
 PROMPTS = [
     "The quick brown fox",
@@ -256,7 +257,7 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
     generated = metrics["vllm:generation_tokens_total"]
     if returned_tokens > generated:
         problems.append(f"{returned_tokens} tokens returned but vLLM counted {generated} generated")
-    if policy.get("policy", "standard") != "standard":
+    if not get_policy(policy.get("policy", "standard")).vllms_rule:
         # vLLM leaves out the steps whose output it discards (a request aborted by a stop string or a
         # client while its next step ran), so the plugin, which sees every verified step, counts a little more.
         for ours, theirs in (
@@ -316,7 +317,9 @@ def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, ears in config.policies.items():
-        per_request = ears.get("policy", "standard") != "standard"  # ears-vllm verifies: requests may carry xargs
+        per_request = not get_policy(
+            ears.get("policy", "standard")
+        ).vllms_rule  # ears-vllm verifies: requests may carry xargs
         requests = request_mix(config.num_requests, config.seed, per_request)
         workdir = config.out_dir / name
         port = free_port()

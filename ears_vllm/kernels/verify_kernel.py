@@ -517,7 +517,7 @@ def verify_triton(
     rows = max(num_tokens, 1)
     stats = [torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(4)]
     argmax_idx = torch.empty(rows, splits, dtype=torch.int32, device=device)
-    count_rank = config.policy == "relaxed_topk"
+    count_rank = spec.needs_relaxed_candidates
     rank = torch.zeros(rows, splits if count_rank else 1, dtype=torch.int32, device=device)
     if num_tokens:
         _row_stats_kernel[(num_tokens, splits)](
@@ -535,12 +535,12 @@ def verify_triton(
     # FLy's entropy reads the k largest logits of each row: [num_tokens, k], taken here (no probability tensor).
     fly_top_k = triton.next_power_of_2(settings.get("fly_entropy_top_k", 1))
     top_logits = torch.full((rows, fly_top_k), float("-inf"), dtype=torch.float32, device=device)
-    if config.policy == "fly" and num_tokens:
+    if spec.needs_fly_entropy and num_tokens:
         k = min(settings["fly_entropy_top_k"], vocab_size)
         top_logits[:num_tokens, :k] = torch.topk(logits.float(), k, dim=-1).values
 
     relax = torch.zeros(rows, dtype=torch.int8, device=device)
-    if config.policy == "adasd" and num_tokens:  # AdaSD's JS distance, on the host: [num_tokens, V] probabilities
+    if spec.needs_js_distance and num_tokens:  # AdaSD's JS distance, on the host: [num_tokens, V] probabilities
         req_of_token = torch.repeat_interleave(torch.arange(batch_size, device=device), num_draft_tokens)
         js = js_distance(logits.softmax(dim=-1, dtype=torch.float32), draft_token_ids.long(), draft_probs)
         tau = tolerance[req_of_token]

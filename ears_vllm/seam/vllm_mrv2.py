@@ -525,12 +525,12 @@ def verify_mrv2(
         tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)
         budget = budget_slack = tolerance  # never read without HAS_BUDGET
     entropy = None
-    if config.policy == "fly":  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
+    if spec.needs_fly_entropy:  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
         values = target_logits[:, :vocab_size].to(torch.float32)
         top_k = min(settings["fly_entropy_top_k"], vocab_size)
         entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
     candidate = None
-    if config.policy == "relaxed_topk":  # the draft verified by row i sits at draft_sampled[i + 1]
+    if spec.needs_relaxed_candidates:  # the draft verified by row i sits at draft_sampled[i + 1]
         drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
         candidate = relaxed_topk_candidates(
             target_logits[:, :vocab_size], drafts, config.relaxed_topk, config.relaxed_delta
