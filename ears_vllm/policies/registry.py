@@ -2,10 +2,18 @@
 
 A :class:`PolicySpec` names a policy's parameters (validated by their :class:`Param`), its PyTorch rule
 (:mod:`ears_vllm.policies.rules`), how the emitted token is chosen on rejection, its closed-form acceptance
-where one exists (:mod:`ears_vllm.policies.closed_form`), its branch id in the fused kernel, and the vLLM
-runners whose verifier can run it. Config parsing, the reference, the kernels, the adapters, the
-benchmarks and every error message read this table; adding a policy means one entry here, its rule, and its
-kernel branch.
+where one exists (:mod:`ears_vllm.policies.closed_form`), its branch id in the fused kernel, the vLLM
+runners whose verifier can run it, and its behaviour: the host inputs its kernel branch needs, what it needs
+at startup (the drafter patched, a number of speculative tokens, the runners where a budget runs). Config
+parsing, the reference, the kernels, the adapters, the benchmarks and every error message read this table; no
+code outside ``ears_vllm.policies`` compares a policy's name. A policy's settings are resolved by
+:func:`settings_for` alone.
+
+Adding a policy means: its entry here; its rule in ``rules.py`` (and its closed form, or why there is none);
+its kernel branch in ``ears_vllm/kernels/verify_kernel.py`` (and in the MRV2 walk,
+``ears_vllm/kernels/split_stats_accept.py``, if it runs on MRV2); its row in the README's policy table; a
+loose setting in ``tests/test_masked_drafts.py``'s ``LOOSE``. ``tests/test_registry_complete.py`` walks the
+registry and fails for a policy added without one of them.
 """
 
 from __future__ import annotations
