@@ -12,8 +12,9 @@ code outside ``ears_vllm.policies`` compares a policy's name. A policy's setting
 Adding a policy means: its entry here; its rule in ``rules.py`` (and its closed form, or why there is none);
 its kernel branch in ``ears_vllm/kernels/verify_kernel.py`` (and in the MRV2 walk,
 ``ears_vllm/kernels/split_stats_accept.py``, if it runs on MRV2); its row in the README's policy table; a
-loose setting in ``tests/test_masked_drafts.py``'s ``LOOSE``. ``tests/test_registry_complete.py`` walks the
-registry and fails for a policy added without one of them.
+loose setting in ``tests/test_masked_drafts.py``'s ``LOOSE``; its name in the pinned list of
+``tests/test_policies.py``. ``tests/test_registry_complete.py`` walks the registry and fails for a policy added
+without one of them.
 """
 
 from __future__ import annotations
