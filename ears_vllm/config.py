@@ -17,7 +17,7 @@ from typing import Any
 
 from ears_vllm.control.limits import KEY as REQUEST_LIMITS
 from ears_vllm.control.limits import GrantedLimits, RequestLimits
-from ears_vllm.policies.registry import PARAMS, POLICIES, Param, get_policy
+from ears_vllm.policies.registry import PARAMS, POLICIES, Param, get_policy, settings_for
 
 # What a server does when the runner that verifies cannot run the configured policy (a hook moved, a
 # method vLLM keeps for itself): stop at startup ("error"), or log a warning and run vLLM's own rule.
@@ -29,6 +29,7 @@ BUDGET_SCOPES: tuple[str, ...] = ("request", "server")
 # The deviation budget: relaxed acceptances allowed per verified position (the added TV per position for ears,
 # relaxed_topk and adasd; for fly a bound on the deviation of whole texts only: control/budget.py).
 BUDGET = Param("budget", None, 0.0, 1.0, low_open=True, optional=True, doc="deviation budget per verified position")
+CONFIG_SECTION = "ears"  # the key of vLLM's additional_config (and of a preset file) that holds the ears config
 BUDGET_POLICIES = tuple(name for name, spec in POLICIES.items() if spec.only_adds_acceptances)
 
 
@@ -128,9 +129,9 @@ class EarsConfig:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The parameters the configured policy reads."""
-        values = dict(self.params)
-        return {name: values[name] for name in get_policy(self.policy).params}
+        """The parameters the configured policy reads, as configured (:func:`ears_vllm.policies.settings_for`
+        without k: FLy's window None until a sampler resolves it)."""
+        return settings_for(self.policy, dict(self.params))
 
     @property
     def granted(self) -> GrantedLimits:
@@ -189,8 +190,8 @@ class EarsConfig:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"ears config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if isinstance(data, Mapping) and set(data) == {"ears"}:
-            data = data["ears"]
+        if isinstance(data, Mapping) and set(data) == {CONFIG_SECTION}:
+            data = data[CONFIG_SECTION]
         try:
             return cls.from_dict(data)
         except ValueError as exc:
@@ -230,7 +231,7 @@ def resolve_config(additional_config: Mapping[str, Any] | None, environ: Mapping
 
     ``additional_config["ears"]`` is a mapping of settings or a path to a YAML preset.
     """
-    section = (additional_config or {}).get("ears") if isinstance(additional_config, Mapping) else None
+    section = (additional_config or {}).get(CONFIG_SECTION) if isinstance(additional_config, Mapping) else None
     if section is None:
         return EarsConfig.from_env(environ)
     if isinstance(section, (str, os.PathLike)):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ears_vllm.config import resolve_config
+from ears_vllm.config import CONFIG_SECTION, resolve_config
 
 
 def _distribution_version(*names: str) -> str | None:
@@ -49,7 +49,8 @@ def diagnose(
     rows: list[tuple[str, str]] = [("ears-vllm", f"{ears_vllm.__version__}, installed at {location}")]
     try:
         config = resolve_config(additional_config)
-        source = "additional_config" if additional_config and "ears" in additional_config else "environment/defaults"
+        given = additional_config and CONFIG_SECTION in additional_config
+        source = "additional_config" if given else "environment/defaults"
         shown = {"policy": config.policy, **config.settings, "on_unsupported": config.on_unsupported}
         if config.budget is not None:
             shown["budget"] = config.budget

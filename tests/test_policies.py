@@ -114,6 +114,41 @@ def test_fly_window_rule(setting, uniforms, expected):
     assert (num_accepted, num_relaxed) == expected
 
 
+# FLy's default window, vLLM's min(6, k - 1), resolved in one place (``policies.settings_for``): k = 1 leaves no
+# window (vLLM refuses FLy at startup then, and so does a sampler: ``settings_at_startup``), while a step whose
+# longest draft is 1 defers nothing whatever the window, so its window resolves to 1 there.
+FLY_DEFAULTS = {"k1": (1, 1), "k2": (2, 1), "k4": (4, 3), "k7": (7, 6), "k10": (10, 6)}
+
+
+@pytest.mark.parametrize(("k", "window"), FLY_DEFAULTS.values(), ids=FLY_DEFAULTS.keys())
+def test_fly_default_window(k, window):
+    from ears_vllm.policies import settings_at_startup, settings_for
+
+    values = dict(EarsConfig(policy="fly").params)
+    assert settings_for("fly", values, k)["fly_window_size"] == window
+    assert settings_for("fly", values)["fly_window_size"] is None, "without k: as configured"
+    if k < 2:
+        with pytest.raises(ValueError, match="needs at least 2 speculative tokens"):
+            settings_at_startup("fly", values, k)
+    else:
+        assert settings_at_startup("fly", values, k) == settings_for("fly", values, k)
+
+
+def test_fly_at_k1_is_refused_at_startup_and_defers_nothing_in_a_step():
+    from ears_vllm.policies import settings_at_startup
+    from ears_vllm.seam.verification import config_for_sampler
+
+    config = EarsConfig(policy="fly", fly_entropy_threshold=0.0)  # the default window, the gate open
+    with pytest.raises(ValueError, match="needs at least 2 speculative tokens"):
+        config_for_sampler(config, 1)
+    with pytest.raises(ValueError, match="'fly_window_size' = 2 must be smaller than num_speculative_tokens"):
+        settings_at_startup("fly", dict(EarsConfig(policy="fly", fly_window_size=2).params), 2)
+    # One draft, natively rejected (u = 0.99 > p / q = 0.3), high entropy: the standard rule's answer.
+    assert run([FLAT], [1], [0.99], config)[1:] == run([FLAT], [1], [0.99], EarsConfig())[1:] == (0, 0)
+    assert config_for_sampler(config, 4).fly_window_size == 3
+    assert config_for_sampler(EarsConfig(policy="ears"), 1) == EarsConfig(policy="ears"), "other policies: as given"
+
+
 def test_fly_never_defers_a_masked_draft():
     config = EarsConfig(policy="fly", fly_window_size=1, fly_entropy_threshold=0.0)
     masked = [[0.5, 0.0, 0.5], FLAT]

@@ -27,10 +27,10 @@ from ears_vllm.policies import (
     PositionForm,
     fly_chain,
     fly_position_probabilities,
-    fly_window,
     get_policy,
     position_form,
     position_form_one_hot,
+    settings_at_startup,
 )
 
 
@@ -178,7 +178,7 @@ def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_t
         "positions": int(sum(f.accept.numel() for f in per_text)),
     }
     if get_policy(config.policy).accept_probability is None:  # FLy: chained through its window
-        window = fly_window(config.fly_window_size, k)
+        window = settings_at_startup(config.policy, dict(config.params), k)["fly_window_size"]
         chains = torch.tensor([fly_chain(f.accept, f.relaxed, k, window) for f in per_text])  # [texts, 3]
         length, relaxed, verified = chains.nanmean(dim=0).tolist()
         return row | {

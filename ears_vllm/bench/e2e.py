@@ -23,6 +23,8 @@ from ears_vllm.config import BUDGET, EarsConfig
 from ears_vllm.policies import PARAMS, get_policy
 from ears_vllm.policies.registry import RELAXED_RATE_LABELS, relaxed_rate_label
 
+BASELINE = "standard"  # the name of a grid's baseline cell (vLLM's own rule), listed first and paired against
+
 # vLLM's draft_sample_method values: "greedy" (its default) proposes the draft model's argmax and passes no
 # probabilities, so the verifier sees a one-hot q; "probabilistic" samples at the request's temperature and
 # passes the draft's distribution.
@@ -345,7 +347,9 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
     row = {
         "dataset": dataset,
         "policy": policy,
-        "tolerance": ears.get("tolerance", 0.0) if ears["policy"] == "ears" and "budget" not in ears else None,
+        "tolerance": ears.get("tolerance", 0.0)
+        if "tolerance" in get_policy(ears["policy"]).params and "budget" not in ears
+        else None,
         "budget": ears.get("budget"),  # a deviation budget (control.budget): the tolerance is found online
         "budget_scope": ears.get("budget_scope", "request") if ears.get("budget") is not None else None,
         "temperature": temperature,
@@ -412,10 +416,10 @@ def relaxed_cell(row: dict) -> str:
 
 def _row_order(row: dict) -> tuple:
     """The baseline first, then the other policies by name (so ears-0.1 before ears-0.3)."""
-    return row["dataset"], row["temperature"], row["policy"] != "standard", row["policy"]
+    return row["dataset"], row["temperature"], row["policy"] != BASELINE, row["policy"]
 
 
-def paired_quality(out_dir: Path, policies: list[str] | None = None, baseline: str = "standard") -> list[dict]:
+def paired_quality(out_dir: Path, policies: list[str] | None = None, baseline: str = BASELINE) -> list[dict]:
     """Each policy against ``baseline`` on the scored (GSM8K) problems both have finished, problem by problem.
 
     ``baseline_only`` / ``policy_only`` count the discordant problems (solved by one side only); the accuracy

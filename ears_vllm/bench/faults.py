@@ -25,7 +25,7 @@ import subprocess
 import time
 from typing import Any
 
-from ears_vllm.bench.load import LoadConfig, failures, request_mix, send_all, start_server
+from ears_vllm.bench.load import LoadConfig, failures, plugin_verifies, request_mix, send_all, start_server
 
 FAULT_REQUESTS = 200  # requests of the mix per fault (at most the load run's own number)
 DROPPED_STREAMS = 16  # connections the client-disconnects fault drops mid-stream
@@ -47,7 +47,7 @@ def run_faults(config: LoadConfig, *, progress: bool = True) -> list[dict]:
 
 
 def _mix(config: LoadConfig, ears: dict) -> list[dict]:
-    per_request = ears.get("policy", "standard") != "standard"
+    per_request = plugin_verifies(ears)
     return request_mix(min(config.num_requests, FAULT_REQUESTS), config.seed, per_request)
 
 
@@ -68,7 +68,7 @@ def _unwritable_stats(config: LoadConfig, ears: dict, workdir, progress: bool) -
         server.stop()
     warnings = server.log().count("cannot write the stats file")
     row = {"fault": "unwritable-stats", **_outcome(results), "metrics_drafts": counted, "stats_warnings": warnings}
-    verifies = ears.get("policy", "standard") != "standard"
+    verifies = plugin_verifies(ears)
     row["problems"] = _problems(row) + [
         problem
         for problem, bad in (

@@ -42,6 +42,7 @@ from typing import Any
 from ears_vllm.bench.rss import RssSampler
 from ears_vllm.bench.rss import summary as rss_summary
 from ears_vllm.bench.server import VllmServer, free_port, serve_command, server_env
+from ears_vllm.policies import get_policy
 
 PROMPTS = [
     "The quick brown fox",
@@ -289,7 +290,7 @@ def check(results: list[dict], metrics: dict[str, float], ears_stats: dict[str, 
     generated = metrics["vllm:generation_tokens_total"]
     if returned_tokens > generated:
         problems.append(f"{returned_tokens} tokens returned but vLLM counted {generated} generated")
-    if policy.get("policy", "standard") != "standard":
+    if plugin_verifies(policy):
         # vLLM leaves out the steps whose output it discards (a request aborted by a stop string or a
         # client while its next step ran), so the plugin, which sees every verified step, counts a little more.
         for ours, theirs in (
@@ -344,6 +345,11 @@ METRICS = (
 )
 
 
+def plugin_verifies(ears: dict) -> bool:
+    """ears-vllm verifies on a server started with this ears config (vLLM's own rule: the plugin stays out)."""
+    return not get_policy(ears.get("policy", "standard")).vllms_rule
+
+
 def start_server(
     config: LoadConfig,
     ears: dict,
@@ -353,7 +359,7 @@ def start_server(
 ) -> VllmServer:
     """A healthy ``vllm serve`` of the config's pair with the plugin and its ``/metrics`` counters (``env``: more
     environment, e.g. a stats path; ``args``: more ``vllm serve`` arguments)."""
-    if ears.get("policy", "standard") != "standard":  # ears-vllm verifies: the mix's requests carry xargs
+    if plugin_verifies(ears):  # the mix's requests carry xargs
         ears = {"request_limits": XARGS_GRANT, **ears}
     speculative = {"method": "draft_model", "model": config.draft, "num_speculative_tokens": config.k}
     port = free_port()
@@ -385,7 +391,7 @@ def run_load(config: LoadConfig, *, progress: bool = True) -> list[dict]:
 
 
 def _run_policy(config: LoadConfig, name: str, ears: dict, progress: bool) -> tuple[dict, list[tuple[float, float]]]:
-    per_request = ears.get("policy", "standard") != "standard"  # ears-vllm verifies: requests may carry xargs
+    per_request = plugin_verifies(ears)  # requests may carry xargs
     workdir = config.out_dir / name
     server = start_server(config, ears, workdir)
     model = server.command[2]

@@ -95,7 +95,7 @@ def request_config(server: EarsConfig, asked: RequestSettings) -> EarsConfig:
     policy that can deviate otherwise than by added acceptances."""
     if asked.empty:
         return server
-    if server.policy == "standard":
+    if get_policy(server.policy).vllms_rule:
         raise ValueError(
             "vllm_xargs ears_*: this server verifies with vLLM's own rule (ears policy 'standard'), so it takes no "
             'per-request ears settings; start it with an ears policy, e.g. {"policy": "ears", "tolerance": 0} in '
@@ -109,7 +109,7 @@ def request_config(server: EarsConfig, asked: RequestSettings) -> EarsConfig:
             f"request is verified with policy {policy!r}, which has no tolerance"
         )
     budget = asked.budget if asked.budget is not None else (server.budget if asked.tolerance is None else None)
-    if policy == "standard":  # lossless: nothing to budget
+    if spec.vllms_rule:  # lossless: nothing to budget
         budget = None
     if budget is not None and not spec.only_adds_acceptances:
         key = "ears_budget" if asked.budget is not None else "ears_policy"

@@ -10,7 +10,16 @@ from ears_vllm.policies.closed_form import (
     position_form_one_hot,
 )
 from ears_vllm.policies.races import race_agreement, race_token_agreement, race_winners
-from ears_vllm.policies.registry import PARAMS, POLICIES, Param, PolicySpec, fly_window, get_policy, settings_for
+from ears_vllm.policies.registry import (
+    PARAMS,
+    POLICIES,
+    Param,
+    PolicySpec,
+    budget_refusal,
+    get_policy,
+    settings_at_startup,
+    settings_for,
+)
 from ears_vllm.policies.rules import (
     DraftPositions,
     ears_accept,
@@ -31,6 +40,7 @@ __all__ = [
     "Param",
     "PolicySpec",
     "PositionForm",
+    "budget_refusal",
     "ears_accept",
     "ears_relaxed_threshold",
     "entropy",
@@ -39,7 +49,6 @@ __all__ = [
     "fly_chain",
     "fly_entropy",
     "fly_position_probabilities",
-    "fly_window",
     "get_policy",
     "position_form",
     "position_form_one_hot",
@@ -48,6 +57,7 @@ __all__ = [
     "race_winners",
     "rank_among_logits",
     "relaxed_topk_candidate",
+    "settings_at_startup",
     "settings_for",
     "sglang_accept",
     "standard_accept",

@@ -2,10 +2,19 @@
 
 A :class:`PolicySpec` names a policy's parameters (validated by their :class:`Param`), its PyTorch rule
 (:mod:`ears_vllm.policies.rules`), how the emitted token is chosen on rejection, its closed-form acceptance
-where one exists (:mod:`ears_vllm.policies.closed_form`), its branch id in the fused kernel, and the vLLM
-runners whose verifier can run it. Config parsing, the reference, the kernels, the adapters, the
-benchmarks and every error message read this table; adding a policy means one entry here, its rule, and its
-kernel branch.
+where one exists (:mod:`ears_vllm.policies.closed_form`), its branch id in the fused kernel, the vLLM
+runners whose verifier can run it, and its behaviour: the host inputs its kernel branch needs, what it needs
+at startup (the drafter patched, a number of speculative tokens, the runners where a budget runs). Config
+parsing, the reference, the kernels, the adapters, the benchmarks and every error message read this table; no
+code outside ``ears_vllm.policies`` compares a policy's name. A policy's settings are resolved by
+:func:`settings_for` alone.
+
+Adding a policy means: its entry here; its rule in ``rules.py`` (and its closed form, or why there is none);
+its kernel branch in ``ears_vllm/kernels/verify_kernel.py`` (and in the MRV2 walk,
+``ears_vllm/kernels/split_stats_accept.py``, if it runs on MRV2); its row in the README's policy table; a
+loose setting in ``tests/test_masked_drafts.py``'s ``LOOSE``; its name in the pinned list of
+``tests/test_policies.py``. ``tests/test_registry_complete.py`` walks the registry and fails for a policy added
+without one of them.
 """
 
 from __future__ import annotations
@@ -141,8 +150,23 @@ class PolicySpec:
             budget (``EarsConfig.budget``) can then cap them.
         relaxed_rate: what its relaxed acceptances per verified position are as a measure of added TV
             (:data:`RelaxedRate`); every benchmark label reads it through :func:`relaxed_rate_label`.
+
+        The behaviour the rest of the package reads (no code outside ``ears_vllm.policies`` compares a policy's
+        name; ``tests/test_registry_complete.py`` checks):
+
+        kernel_inputs: what the host computes per row for its kernel branch (:data:`KernelInput`): FLy's top
+            target logits and entropy gate, TensorRT-LLM's draft rank and top-``relaxed_topk`` candidate test,
+            AdaSD's relaxation flag from the Jensen-Shannon distance against the request's learnt threshold.
+        vllms_rule: the rule is vLLM's own (standard): lossless at every setting, so a server on it is left to
+            vLLM (the plugin does not verify, takes no per-request settings) and a budget has nothing to cap.
+        cuts_drafts: the drafter is patched (``ears_vllm.seam.vllm_drafter``) so that each request stops
+            drafting at a threshold it learns (AdaSD's draft length).
+        budget_runners: the runners on which a deviation budget can cap it (empty: no budget; a budget needs
+            ``only_adds_acceptances``). FLy's is V1 only: MRV2's FLy confirms a deferred acceptance only after
+            its walk, too late for the budget's per-position cap.
+        min_speculative_tokens: vLLM refuses the policy at startup with fewer speculative tokens (its FLy: 2).
+        no_closed_form: why ``accept_probability`` is None (required then; empty otherwise).
         source: where the rule comes from.
-        kernel_inputs: what the host computes per row for its kernel branch (:data:`KernelInput`).
     """
 
     name: str
@@ -159,12 +183,16 @@ class PolicySpec:
     relaxed_rate: RelaxedRate = "rate_only"
     learnt: bool = False
     keyed: bool = False
+    # Behaviour read outside the registry (see the docstring); one block, kept together.
+    vllms_rule: bool = False
+    cuts_drafts: bool = False
+    budget_runners: tuple[str, ...] = ()
+    min_speculative_tokens: int = 1
+    no_closed_form: str = ""
+    kernel_inputs: tuple[KernelInput, ...] = ()
     source: str = ""
 
-    # Kernel side (ears_vllm.kernels): the per-row inputs the host computes for the policy's kernel branch, and the
-    # named constexprs the kernels branch on, derived from the fields above.
-    kernel_inputs: tuple[KernelInput, ...] = ()
-
+    # The named constexprs the kernels branch on, derived from the fields above.
     @property
     def kernel_flags(self) -> dict[str, int | bool]:
         """The constexprs of the policy's branch in the fused kernel (``_accept_kernel``): its id (checked against
@@ -178,6 +206,12 @@ class PolicySpec:
             RACE_RECOVERY=self.recovery == "race",
         )
 
+    @property
+    def patches_drafter(self) -> bool:
+        """The drafter is patched when the server starts (AdaSD's draft length, ERSD's keyed drafts), so a request
+        may ask for the policy only on a server started with it."""
+        return self.cuts_drafts or self.keyed
+
 
 _POLICY_LIST = (
     PolicySpec(
@@ -190,6 +224,7 @@ _POLICY_LIST = (
         runners=("V1", "MRV2"),
         lossless=lambda settings: True,
         relaxed_rate="exact",
+        vllms_rule=True,
         source="vLLM vllm/v1/sample/rejection_sampler.py",
     ),
     PolicySpec(
@@ -203,6 +238,7 @@ _POLICY_LIST = (
         lossless=lambda settings: settings["tolerance"] == 0.0,
         only_adds_acceptances=True,
         relaxed_rate="exact",
+        budget_runners=("V1", "MRV2"),
         source="Sun et al. 2025, Efficient Adaptive Rejection Sampling",
     ),
     PolicySpec(
@@ -229,6 +265,9 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         relaxed_rate="sequence_bound",
         kernel_inputs=("top_logits", "fly_entropy"),
+        budget_runners=("V1",),  # MRV2's FLy confirms a deferred acceptance only after the walk
+        min_speculative_tokens=2,
+        no_closed_form="the decision reads the next fly_window_size positions; closed_form.fly_chain chains it",
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
     ),
     PolicySpec(
@@ -257,6 +296,7 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         relaxed_rate="exact",
         kernel_inputs=("draft_rank", "relaxed_candidate"),
+        budget_runners=("V1", "MRV2"),
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
     PolicySpec(
@@ -273,6 +313,9 @@ _POLICY_LIST = (
         learnt=True,
         relaxed_rate="exact",
         kernel_inputs=("js_relax",),
+        cuts_drafts=True,
+        budget_runners=("V1",),
+        no_closed_form="its JS threshold is learnt by each request during the run",
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
     ),
     PolicySpec(
@@ -315,23 +358,44 @@ def get_policy(name: str) -> PolicySpec:
     return spec
 
 
-def settings_for(policy: str, values: Mapping[str, Any], k: int) -> dict[str, Any]:
-    """The parameters ``policy`` reads out of a config's ``values``, with defaults that depend on the number of
-    speculative tokens ``k`` resolved (FLy's window)."""
+def settings_for(policy: str, values: Mapping[str, Any], k: int | None = None) -> dict[str, Any]:
+    """The parameters ``policy`` reads out of a config's ``values`` (``EarsConfig.params``): the one place a
+    policy's settings are resolved. With ``k`` (the number of speculative tokens, or a step's longest draft), the
+    defaults that depend on it are filled in: FLy's window, when not configured, is vLLM's min(6, k - 1), and 1
+    for k < 2 (a step of at most one draft defers nothing, whatever the window). Without ``k`` they stay as
+    configured (None), as logs and ``doctor`` show them. A server checks ``k`` first
+    (:func:`settings_at_startup`): vLLM refuses FLy with fewer than 2 speculative tokens, and so does ears-vllm."""
     settings = {name: values[name] for name in get_policy(policy).params}
-    if settings.get("fly_window_size", 0) is None:  # a step too short for a window defers nothing (i + W < n)
+    if k is not None and settings.get("fly_window_size", 0) is None:
         settings["fly_window_size"] = max(1, min(6, k - 1))
     return settings
 
 
-def fly_window(window: int | None, k: int) -> int:
-    """FLy's window for ``k`` drafts: the configured size (which must be < k), or vLLM's default min(6, k - 1)."""
-    if k < 2:
-        raise ValueError(f"policy 'fly' needs at least 2 speculative tokens (num_speculative_tokens = {k})")
-    if window is None:
-        return min(6, k - 1)
-    if window >= k:
+def settings_at_startup(policy: str, values: Mapping[str, Any], num_speculative_tokens: int) -> dict[str, Any]:
+    """:func:`settings_for` ``num_speculative_tokens``, after the checks vLLM makes when it starts: ValueError for
+    fewer speculative tokens than the policy needs (FLy: 2) or a FLy window that is not smaller than them."""
+    spec, k = get_policy(policy), num_speculative_tokens
+    if k < spec.min_speculative_tokens:
+        raise ValueError(
+            f"policy {policy!r} needs at least {spec.min_speculative_tokens} speculative tokens "
+            f"(num_speculative_tokens = {k})"
+        )
+    window = values.get("fly_window_size") if "fly_window_size" in spec.params else None
+    if window is not None and window >= k:
         raise ValueError(
             f"ears config key 'fly_window_size' = {window} must be smaller than num_speculative_tokens ({k})"
         )
-    return window
+    return settings_for(policy, values, k)
+
+
+def budget_refusal(policy: str, runner: str) -> str | None:
+    """Why a deviation budget with ``policy`` cannot run on ``runner`` (None: it can, or the runner does not run
+    the policy at all, which the plan says first); the one place "FLy + budget is V1-only" is decided (read by the
+    sampler's plan, ``seam.verification``, and the per-request check, ``seam.vllm_requests``)."""
+    spec = get_policy(policy)
+    if runner not in spec.runners or runner in spec.budget_runners or not spec.only_adds_acceptances:
+        return None
+    return (
+        f"a deviation budget with policy {policy!r} runs on the {' and '.join(spec.budget_runners)} runner only "
+        f"(not on {runner})"
+    )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ears_vllm.config import EarsConfig
-from ears_vllm.policies import fly_window, get_policy
+from ears_vllm.policies import budget_refusal, get_policy, settings_at_startup
 from ears_vllm.seam.hooks import bound, signature_of
 
 # The only rejection_sample_method ears-vllm replaces; the others (fly, block, synthetic, and whatever a
@@ -61,8 +61,9 @@ def plan_verification(
     ``draft_problem``: why the drafter cannot serve the policy (ERSD's keyed drafts), None when it can;
     ``installed_runners``: the runners this vLLM has (``seam.hooks.installed_runners``), for the refusal's words."""
     method = method or VLLM_STANDARD_METHOD
-    if config.policy == "standard":
-        return VerificationPlan(runner, config.policy, False, "policy 'standard' is vLLM's own rule", False)
+    spec = get_policy(config.policy)
+    if spec.vllms_rule:
+        return VerificationPlan(runner, config.policy, False, f"policy {config.policy!r} is vLLM's own rule", False)
     # What the user asked of vLLM itself wins, named beside the ears policy (a warning, not a refusal).
     if method != VLLM_STANDARD_METHOD:
         reason = (
@@ -75,18 +76,15 @@ def plan_verification(
         return VerificationPlan(runner, config.policy, False, reason, False)
     if hook_problem is not None:
         problem = f"vLLM {vllm_version} moved the {runner} hook: {hook_problem}"
-    elif runner not in get_policy(config.policy).runners:
-        other = list(get_policy(config.policy).runners)
+    elif runner not in spec.runners:
+        other = list(spec.runners)
         problem = f"policy {config.policy!r} is not available on the {runner} runner (it is on {other})"
         if not set(other) & set(installed_runners):
             problem += f", which vLLM {vllm_version} does not have"
     elif draft_problem is not None:
         problem = draft_problem
-    elif config.budget is not None and runner == "MRV2" and config.policy == "fly":
-        problem = (
-            "a deviation budget with policy 'fly' runs on the V1 runner only (MRV2's FLy confirms a deferred "
-            "acceptance only after the walk)"
-        )
+    elif config.budget is not None and budget_refusal(config.policy, runner) is not None:
+        problem = budget_refusal(config.policy, runner)
     else:
         return VerificationPlan(runner, config.policy, True, f"policy {config.policy!r} on vLLM {vllm_version}", False)
     refuses = config.on_unsupported == "error"
@@ -94,11 +92,14 @@ def plan_verification(
 
 
 def config_for_sampler(config: EarsConfig, num_speculative_tokens: int | None) -> EarsConfig:
-    """``config`` with the settings that depend on the number of speculative tokens resolved (FLy's window,
-    vLLM's default min(6, k - 1)); ValueError at startup for a window vLLM itself would refuse."""
-    if config.policy == "fly" and num_speculative_tokens is not None:
-        return config.merged({"fly_window_size": fly_window(config.fly_window_size, int(num_speculative_tokens))})
-    return config
+    """``config`` with the settings that depend on the number of speculative tokens resolved
+    (:func:`ears_vllm.policies.settings_at_startup`: FLy's window, vLLM's default min(6, k - 1)); ValueError at
+    startup for what vLLM itself would refuse (FLy with fewer than 2 speculative tokens, a window not below k)."""
+    if num_speculative_tokens is None:
+        return config
+    settings = settings_at_startup(config.policy, dict(config.params), int(num_speculative_tokens))
+    resolved = {name: value for name, value in settings.items() if value != getattr(config, name)}
+    return config.merged(resolved) if resolved else config
 
 
 def enforce(plan: VerificationPlan, logger) -> None:
@@ -108,7 +109,7 @@ def enforce(plan: VerificationPlan, logger) -> None:
             f"ears-vllm: {plan.reason}; runner {plan.runner}. Refusing to start rather than silently verify with "
             'vLLM\'s own rule; set "on_unsupported": "fallback" in the ears config to run vLLM\'s rule instead.'
         )
-    if not plan.verifies and plan.policy != "standard":
+    if not plan.verifies and not get_policy(plan.policy).vllms_rule:
         logger.warning("ears-vllm: %s; runner %s runs vLLM's own rule", plan.reason, plan.runner)
 
 

@@ -32,6 +32,7 @@ import torch
 from ears_vllm import stats_registry
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig
+from ears_vllm.policies import get_policy
 from ears_vllm.policies.adasd import AdasdState, draft_entropy
 from ears_vllm.seam import patches
 from ears_vllm.seam.hooks import bound, find_class
@@ -66,7 +67,7 @@ _drafting: contextvars.ContextVar[Drafting | None] = contextvars.ContextVar("ear
 
 def install(config: EarsConfig, vllm_config: Any) -> str:
     """Patch the proposer for AdaSD's draft length; the startup line's ``draft_length=`` value."""
-    if config.policy != "adasd":
+    if not get_policy(config.policy).cuts_drafts:
         return "untouched"
     scheduler = getattr(vllm_config, "scheduler_config", None)
     if getattr(scheduler, "async_scheduling", False):

@@ -26,7 +26,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.requests import RequestSettings, check_limits, request_config, request_settings
-from ears_vllm.policies import get_policy
+from ears_vllm.policies import budget_refusal, get_policy
 from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import bound, find_class, serving_runner
@@ -120,13 +120,14 @@ def check_request(extra_args: Any) -> None:
                     f"verifies every request with the server's policy ({server_config.policy!r}); a request may set "
                     "ears_tolerance and ears_budget"
                 )
-            if config.policy in ("adasd", "ersd") and server_config.policy != config.policy:
+            if get_policy(config.policy).patches_drafter and server_config.policy != config.policy:
                 raise ValueError(
                     f"vllm_xargs key 'ears_policy' = {config.policy!r}: its drafter is patched when the server "
                     f'starts; start it with {{"policy": "{config.policy}"}} to serve {config.policy} requests'
                 )
-            if server_runner == "MRV2" and config.policy == "fly" and config.budget is not None:
-                raise ValueError("vllm_xargs key 'ears_budget': a budget with policy 'fly' runs on the V1 runner only")
+            refusal = budget_refusal(config.policy, server_runner) if config.budget is not None else None
+            if refusal is not None:
+                raise ValueError(f"vllm_xargs key 'ears_budget': {refusal}")
             check_limits(server_config, asked, config)  # last: what the server cannot serve is said first
     except ValueError as exc:
         from vllm.exceptions import VLLMValidationError
@@ -164,7 +165,7 @@ def new_control(server: EarsConfig, params: Any, who: str) -> RequestControl:
         except ValueError as exc:
             logger.warning("ears-vllm: %s: %s; it is verified with the server's config", who, exc)
             config, asked = server, RequestSettings()
-    adasd = AdasdState() if sampled and config.policy == "adasd" else None
+    adasd = AdasdState() if sampled and get_policy(config.policy).learnt else None
     race_seed = vllm_races.key_seed(params) if sampled and get_policy(config.policy).keyed else None
     ledger = None
     if sampled and config.budget:  # the server's budget: its pool, or the request's own ledger

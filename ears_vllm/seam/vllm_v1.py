@@ -148,7 +148,7 @@ def _configure(module: Any, spec_config: Any, sampler: Any) -> EarsConfig | None
         logger,
         f" backend={'triton' if torch.cuda.is_available() else 'torch'}{fixes}"
         f" per_request={per_request}"
-        + (f" draft_length={draft_length}" if config.policy == "adasd" else "")
+        + (f" draft_length={draft_length}" if get_policy(config.policy).cuts_drafts else "")
         + (f" keys={keys}" if keyed else "")
         + (" shadow=on" if state.shadow else ""),
     )
@@ -462,7 +462,7 @@ def verify_rows(
             config=config,
             max_spec_len=max_spec_len,
         )
-        if policy == "adasd":  # its requests learn from what was just verified
+        if get_policy(policy).learnt:  # its requests learn from what was just verified
             mine = [i for i, p in enumerate(policies) if p == policy]
             learn_from_step(
                 [controls[i].adasd for i in mine],
