@@ -349,8 +349,8 @@ def test_the_pool_is_dealt_in_whole_units_by_turn(slack, pooled, start, shares):
 
 def _pooled_and_per_request_run(budget: float, requests: int, steps: int) -> tuple[BudgetLedger, list[BudgetLedger]]:
     """The same chains verified under one pool and under per-request ledgers (V1's verify_rows, T=1 drafts)."""
-    from ears_vllm.seam.vllm_requests import RequestControl
-    from ears_vllm.seam.vllm_v1 import verify_rows
+    from ears_vllm.control.requests import RequestControl
+    from ears_vllm.control.rows import verify_rows
 
     config = EarsConfig(policy="ears", budget=budget)
     pool, own = BudgetLedger(budget, shared=True), [BudgetLedger(budget) for _ in range(requests)]

@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ears_vllm.config import BUDGET, BUDGET_POLICIES, EarsConfig
+from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
 from ears_vllm.control.limits import KEY as LIMITS_KEY
 from ears_vllm.policies import POLICIES, get_policy
+from ears_vllm.policies.adasd import AdasdState
 
 XARGS = ("ears_policy", "ears_tolerance", "ears_budget")
 
@@ -158,3 +160,26 @@ def check_limits(server: EarsConfig, asked: RequestSettings, config: EarsConfig)
         raise ValueError(
             f"vllm_xargs key 'ears_budget' = {asked.budget!r} {beyond} {limit} ({granted.source('max_budget')})"
         )
+
+
+@dataclasses.dataclass
+class RequestControl:
+    """How one request is verified: its config, and its budget ledger when it runs under a budget."""
+
+    config: EarsConfig
+    ledger: BudgetLedger | None
+    adasd: AdasdState | None = None  # AdaSD's learnt thresholds (policy adasd, sampled requests)
+    race_seed: int | None = None  # ERSD's key seed (a keyed policy, sampled requests; seam.vllm_races)
+
+    @property
+    def tolerance(self) -> float:
+        """The per-request relaxation it is verified with: AdaSD's learnt JS threshold; under a budget the
+        budgeted tolerance (the cap bounds it); else its config's."""
+        if self.adasd is not None:
+            return self.adasd.tau_acc
+        return BUDGETED_TOLERANCE if self.ledger is not None else self.config.tolerance
+
+    @property
+    def budget(self) -> float:
+        """Its budget B, 0 without one."""
+        return self.ledger.budget if self.ledger is not None else 0.0

@@ -24,8 +24,14 @@ from typing import Any
 
 from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
-from ears_vllm.control.budget import BUDGETED_TOLERANCE, BudgetLedger
-from ears_vllm.control.requests import RequestSettings, check_limits, request_config, request_settings
+from ears_vllm.control.budget import BudgetLedger
+from ears_vllm.control.requests import (
+    RequestControl,
+    RequestSettings,
+    check_limits,
+    request_config,
+    request_settings,
+)
 from ears_vllm.policies import budget_refusal, get_policy
 from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches, vllm_races
@@ -38,29 +44,6 @@ _ATTRIBUTE = "_ears_control"  # on vLLM's CachedRequestState
 # The server's config and runner as this process's vLLM config says (set while vLLM builds it), for the check.
 server_config: EarsConfig | None = None
 server_runner: str = "V1"
-
-
-@dataclasses.dataclass
-class RequestControl:
-    """How one request is verified: its config, and its budget ledger when it runs under a budget."""
-
-    config: EarsConfig
-    ledger: BudgetLedger | None
-    adasd: AdasdState | None = None  # AdaSD's learnt thresholds (policy adasd, sampled requests)
-    race_seed: int | None = None  # ERSD's key seed (a keyed policy, sampled requests; seam.vllm_races)
-
-    @property
-    def tolerance(self) -> float:
-        """The per-request relaxation it is verified with: AdaSD's learnt JS threshold; under a budget the
-        budgeted tolerance (the cap bounds it); else its config's."""
-        if self.adasd is not None:
-            return self.adasd.tau_acc
-        return BUDGETED_TOLERANCE if self.ledger is not None else self.config.tolerance
-
-    @property
-    def budget(self) -> float:
-        """Its budget B, 0 without one."""
-        return self.ledger.budget if self.ledger is not None else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
