@@ -12,8 +12,8 @@ Three faults, each on its own real ``vllm serve`` (the load run's pair, settings
   those in flight finish. Every request must finish or fail cleanly (a connection error or an HTTP error), none
   may hang until the client's timeout, and the server must exit within :data:`EXIT_WITHIN_S`. (vLLM's default,
   ``--shutdown-timeout 0``, aborts: requests in flight get a 500, and streams stay open until their clients
-  give up; that is vLLM's choice, with or without the plugin, and not what an operator who wants a clean
-  restart configures: docs/results.md.)
+  give up: vLLM's shutdown code kills the engine before it stops the HTTP server. Not what an operator who wants
+  a clean restart configures: docs/results.md.)
 """
 
 from __future__ import annotations
