@@ -10,7 +10,9 @@ Terms, per request (one program each): drafts sit at ``draft_sampled[start + i +
 arrive after temperature, draft logits before it (divided here). The uniform of position ``pos`` is
 ``UNIFORM(seed, pos, False)``: a counter-based draw in (0, 1), so it does not depend on the batch.
 
-Policies (``POLICY`` = ``PolicySpec.kernel_id``; the rules are the registry's, ``ears_vllm.policies.rules``):
+Policies (``POLICY`` = ``PolicySpec.kernel_id``; the rules are the registry's, ``ears_vllm.policies.rules``). With
+``PER_ROW_POLICY`` each request takes the branch of its own id (``policy_ptr``, by request state index), so one
+batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk holds its branch only:
 
 * standard (0): ``log p(d) > log u + log q(d)``, written exactly as the split-statistics verifier writes it,
   so the result is bit-identical to it.
@@ -127,6 +129,7 @@ def split_stats_accept_kernel(
     pos_ptr,  # [num_logits]
     fly_entropy_ptr,  # [num_logits] float32 (fly only)
     relaxed_candidate_ptr,  # [num_logits] bool: the row's draft is a relaxed top-k candidate (relaxed_topk only)
+    policy_ptr,  # [max_num_reqs] int32: each request's PolicySpec.kernel_id (read with PER_ROW_POLICY)
     tolerance_ptr,  # [max_num_reqs] float32: each request's ears tolerance
     budget_ptr,  # [max_num_reqs] float64: each request's deviation budget B, 0 = none (read when HAS_BUDGET)
     budget_slack_ptr,  # [max_num_reqs] float64: B * verified - relaxed so far; updated here after the walk
@@ -138,13 +141,16 @@ def split_stats_accept_kernel(
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
     HAS_DRAFT_LOGITS: tl.constexpr,
-    POLICY: tl.constexpr,  # one of BRANCHES (walk_policy)
+    POLICY: tl.constexpr,  # one of BRANCHES (walk_policy); unread with PER_ROW_POLICY
     UNIFORM: tl.constexpr,
     HAS_BUDGET: tl.constexpr,  # not with fly (its deferred acceptances are decided after the fact)
+    PER_ROW_POLICY: tl.constexpr,  # each request's branch from policy_ptr (a batch that mixes policies)
 ):
-    IS_FLY: tl.constexpr = POLICY == FLY
     req_idx = tl.program_id(0)
     req_state_idx = tl.load(idx_mapping_ptr + req_idx).to(tl.int64)
+    # PER_ROW_POLICY: a runtime branch id, every test below made per request; else a constexpr, one branch compiled
+    policy = tl.load(policy_ptr + req_state_idx) if PER_ROW_POLICY else POLICY
+    is_fly = policy == FLY
     start_idx, num_rows = request_span(cu_num_logits_ptr, req_idx)
     num_drafts = num_rows - 1  # each request's last row is its bonus row
     seed = tl.load(seed_ptr + req_state_idx)
@@ -169,7 +175,7 @@ def split_stats_accept_kernel(
         draft = tl.load(draft_sampled_ptr + row + 1).to(tl.int64)
         is_valid_draft = draft >= 0
         draft = tl.maximum(0, draft)
-        if not is_greedy and not IS_FLY:
+        if not is_greedy and not is_fly:
             verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
         if verifying:
             target_argmax = tl.zeros((), tl.int64)
@@ -185,7 +191,7 @@ def split_stats_accept_kernel(
                     PADDED_VOCAB_NUM_BLOCKS,
                 )
                 accepted = (target_argmax == draft) & is_valid_draft
-                if IS_FLY:
+                if is_fly:
                     target_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
                     can_defer = is_valid_draft & (target_logit > float("-inf"))
             else:
@@ -216,16 +222,16 @@ def split_stats_accept_kernel(
                         PADDED_VOCAB_NUM_BLOCKS,
                     )
                     draft_logprob = draft_logit / temp - step_draft_lse
-                if not IS_FLY or pending < 0:  # fly keeps the pending row's statistics for its resample
+                if not is_fly or pending < 0:  # fly keeps the pending row's statistics for its resample
                     target_lse = step_target_lse
                     draft_lse = step_draft_lse
-                if POLICY == SGLANG:
+                if policy == SGLANG:
                     target_prob = tl.exp(target_logprob)
                     accepted = (u <= target_prob / tl.maximum(threshold_acc, 1e-9)) | (target_prob >= threshold_single)
                     num_relaxed += (accepted & ~(target_logprob > tl.log(u) + draft_logprob)).to(tl.int32)
                 else:
                     accepted = target_logprob > tl.log(u) + draft_logprob
-                if POLICY == EARS:
+                if policy == EARS:
                     relaxation = tolerance * (1.0 - tl.exp(target_max - step_target_lse))
                     relaxed = (
                         (relaxation > 0.0)
@@ -243,10 +249,10 @@ def split_stats_accept_kernel(
                         )
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
-                if IS_FLY:
+                if is_fly:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
-            if POLICY == RELAXED_TOPK:  # greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
+            if policy == RELAXED_TOPK:  # greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
                 candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0) & ~accepted
                 if HAS_BUDGET:
                     candidate &= budget_fits(
@@ -257,7 +263,7 @@ def split_stats_accept_kernel(
                     )
                 num_relaxed += candidate.to(tl.int32)
                 accepted |= candidate
-            if IS_FLY:
+            if is_fly:
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open
                     if accepted and i - pending == fly_window:
@@ -279,7 +285,7 @@ def split_stats_accept_kernel(
                 tl.store(
                     sampled_ptr + req_idx * sampled_stride + i, target_argmax if is_greedy and not accepted else draft
                 )
-    if IS_FLY and is_greedy and num_accepted < num_drafts:
+    if is_fly and is_greedy and num_accepted < num_drafts:
         tl.store(sampled_ptr + req_idx * sampled_stride + num_accepted, rejected_argmax)
 
     if HAS_BUDGET:  # charge the ledger: B per verified position (the accepted ones and the first rejected one)

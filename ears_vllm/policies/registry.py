@@ -399,3 +399,19 @@ def budget_refusal(policy: str, runner: str) -> str | None:
         f"a deviation budget with policy {policy!r} runs on the {' and '.join(spec.budget_runners)} runner only "
         f"(not on {runner})"
     )
+
+
+def request_policy_refusal(server_policy: str, policy: str, runner: str) -> str | None:
+    """Why a request on a server of ``server_policy`` verifying on ``runner`` cannot be verified with ``policy``
+    (None: it can); the one place that decides which policies a request may switch to on a runner (read by the
+    per-request check, ``seam.vllm_requests``, and MRV2's slots, ``seam.vllm_mrv2``). MRV2 verifies a batch
+    in one walk that reads each row's policy, so a request may take any policy whose ``runners`` name MRV2; but a
+    keyed server (ERSD) races its whole batch on the request keys, so its requests keep its policy there."""
+    if policy == server_policy:
+        return None
+    spec = get_policy(policy)
+    if runner not in spec.runners:
+        return f"policy {policy!r} is not available on the {runner} runner (it is on {list(spec.runners)})"
+    if runner == "MRV2" and get_policy(server_policy).keyed:
+        return f"a server of policy {server_policy!r} races every request of a batch on its keys on {runner}"
+    return None

@@ -42,11 +42,11 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
 from ears_vllm.policies import (
-    PolicySpec,
     fly_entropy,
     get_policy,
     rank_among_logits,
     relaxed_topk_candidate,
+    request_policy_refusal,
     settings_for,
 )
 from ears_vllm.seam import patches, vllm_races
@@ -152,17 +152,21 @@ as_sampler, verifying_with = active.of, active.verifying_with
 
 
 class SlotControls:
-    """Per-request settings on MRV2, by request state index (MRV2's slot): each request's tolerance, and its
+    """Per-request settings on MRV2, by request state index (MRV2's slot): each request's policy (its
+    ``PolicySpec.kernel_id``, read per row by the walk once the batch mixes policies), its tolerance, and its
     budget ledger, whose slack lives on the device and is charged by the acceptance walk (no host sync).
 
     Filled when vLLM adds a request to its sampler (``Sampler.add_request``, patched), from the request's
-    ``vllm_xargs`` (:mod:`ears_vllm.control.requests`); MRV2 applies the server's policy to every request, so
-    a request may set its tolerance and budget, not its policy (the API server refuses ``ears_policy`` there)."""
+    ``vllm_xargs`` (:mod:`ears_vllm.control.requests`; the API server has checked them,
+    :func:`ears_vllm.seam.vllm_requests.check_request`). A policy the walk has no branch for (an offline caller's)
+    is logged and replaced by the server's."""
 
     def __init__(self, server: EarsConfig, size: int) -> None:
         self.server = server
+        self.policy = [server.policy] * size
         self.tolerance = [server.tolerance] * size
         self.budget = [0.0] * size
+        self.policies = {server.policy}  # every policy a request has asked for (the walk's inputs and branches)
         self.relaxes = not server.is_lossless  # some request may relax: the walk runs the policy's branch
         self.has_budget = False
         self.pooled = [False] * size  # slots that share the server's pool (budget_scope "server")
@@ -171,18 +175,36 @@ class SlotControls:
         self._device: tuple[torch.Tensor, ...] | None = None
         self._dirty = True
 
+    @property
+    def mixed(self) -> bool:
+        """Requests have asked for another policy than the server's: the walk reads each row's policy."""
+        return len(self.policies) > 1
+
     def add_request(self, slot: int, sampling_params: Any) -> None:
         control = new_control(self.server, sampling_params, f"request in slot {slot}")
+        policy = control.config.policy
+        refusal = request_policy_refusal(self.server.policy, policy, "MRV2")
+        if refusal is not None:
+            logger.warning(
+                "ears-vllm: request in slot %d asks for policy %r, but %s; it is verified with the server's policy",
+                slot,
+                policy,
+                refusal,
+            )
+            policy = self.server.policy
+        self.policy[slot] = policy
+        self.policies.add(policy)
         self.tolerance[slot], self.budget[slot] = control.tolerance, control.budget
         self.pooled[slot] = control.ledger is not None and control.ledger.shared
-        self.relaxes |= control.tolerance > 0
+        self.relaxes |= control.tolerance > 0 or not control.config.is_lossless
         self.has_budget |= control.budget > 0
         self._new.append(slot)
         self._dirty = True
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(tolerance [size] float32, budget [size] float64, slack [size] float64, pooled [size] bool, pool []
-        float64: the server pool's slack) on ``device``."""
+        float64: the server pool's slack, policy [size] int32: each slot's ``PolicySpec.kernel_id``, one_hot [size]
+        bool: its policy recovers from p without the draft) on ``device``."""
         if self._device is None or self._device[0].device != device:
             size = len(self.tolerance)
             self._device = (
@@ -191,12 +213,17 @@ class SlotControls:
                 torch.zeros(size, dtype=torch.float64, device=device),
                 torch.zeros(size, dtype=torch.bool, device=device),
                 torch.zeros((), dtype=torch.float64, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size, dtype=torch.bool, device=device),
             )
-        tolerance, budget, slack, pooled, _ = self._device
+        tolerance, budget, slack, pooled, _, policy, one_hot = self._device
         if self._dirty:
             tolerance.copy_(torch.tensor(self.tolerance, dtype=torch.float32), non_blocking=True)
             budget.copy_(torch.tensor(self.budget, dtype=torch.float64), non_blocking=True)
             pooled.copy_(torch.tensor(self.pooled), non_blocking=True)
+            specs = [get_policy(name) for name in self.policy]
+            policy.copy_(torch.tensor([spec.kernel_id for spec in specs], dtype=torch.int32), non_blocking=True)
+            one_hot.copy_(torch.tensor([spec.recovery == "one_hot_residual" for spec in specs]), non_blocking=True)
             if self._new:
                 slack.index_fill_(0, torch.tensor(self._new, device=device), 0.0)
             self._new, self._dirty = [], False
@@ -207,7 +234,7 @@ class SlotControls:
         the device; returns the rows' pooled mask [num_reqs] for :meth:`gather_pool` (None without a pool)."""
         if not any(self.pooled):
             return None
-        _, _, slack, pooled, pool = self._device
+        _, _, slack, pooled, pool, _, _ = self._device
         rows = pooled[idx_mapping]
         slack[idx_mapping] = torch.where(rows, share_slack(pool, rows, self.pool_steps), slack[idx_mapping])
         self.pool_steps += 1
@@ -216,7 +243,7 @@ class SlotControls:
     def gather_pool(self, idx_mapping: torch.Tensor, rows: torch.Tensor | None) -> None:
         """After the walk: the pool's slack is what its rows left (a finished request's share is not lost)."""
         if rows is not None:
-            _, _, slack, _, pool = self._device
+            _, _, slack, _, pool, _, _ = self._device
             pool.copy_(torch.where(rows, slack[idx_mapping], 0.0).sum())
 
 
@@ -541,15 +568,31 @@ def verify_mrv2(
     target_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     spec = get_policy(config.policy)
-    settings = settings_for(config.policy, dict(config.params), num_speculative_steps)
+    mixed = slots is not None and slots.mixed  # the walk reads each row's policy
+    specs = [get_policy(name) for name in sorted(slots.policies)] if mixed else [spec]
+    settings: dict[str, Any] = {}
+    for each in specs:
+        settings |= settings_for(each.name, dict(config.params), num_speculative_steps)
+    one_hot_rows = None  # [num_reqs] bool: rows whose policy recovers from p without the draft (mixed batches)
     if slots is not None:
-        tolerance, rate, slack, _, _ = slots.tensors(temperature.device)  # [max_num_reqs] each
+        tolerance, rate, slack, _, _, row_policy, one_hot = slots.tensors(temperature.device)  # [max_num_reqs] each
         budget = Budget(rate=rate, slack=slack)
         pooled_rows = slots.deal_pool(idx_mapping)
+        one_hot_rows = one_hot[idx_mapping.long()] if mixed else None
     else:
         tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)  # [max_num_reqs]
         budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
-    entropy, candidate = _walk_inputs(spec, config, settings, target_logits[:, :vocab_size], draft_sampled)
+        row_policy = None
+    kernel_inputs = {name for each in specs for name in each.kernel_inputs}
+    entropy, candidate = _walk_inputs(kernel_inputs, config, settings, target_logits[:, :vocab_size], draft_sampled)
+    if mixed:  # a runtime branch reads every input: the unused ones are placeholders
+        policy_constexpr = walk_policy(spec, relaxes=False)  # unread with PER_ROW_POLICY
+        for each in specs:
+            walk_policy(each, relaxes=True)  # refuses a policy the walk has no branch for
+        entropy = entropy if entropy is not None else target_logits.new_zeros(num_logits, dtype=torch.float32)
+        candidate = candidate if candidate is not None else target_logits.new_zeros(num_logits, dtype=torch.bool)
+    else:
+        policy_constexpr = walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes))
     split_stats_accept_kernel[(num_reqs,)](
         sampled_ptr=sampled,
         sampled_stride=sampled.stride(0),
@@ -579,6 +622,7 @@ def verify_mrv2(
         pos_ptr=pos,
         fly_entropy_ptr=entropy,
         relaxed_candidate_ptr=candidate,
+        policy_ptr=row_policy,
         tolerance_ptr=tolerance,
         budget_ptr=budget.rate,
         budget_slack_ptr=budget.slack,
@@ -590,15 +634,19 @@ def verify_mrv2(
         vocab_num_blocks=num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
         HAS_DRAFT_LOGITS=has_draft_logits,
-        POLICY=walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes)),
+        POLICY=policy_constexpr,
         UNIFORM=uniform,
         HAS_BUDGET=slots is not None and slots.has_budget,
+        PER_ROW_POLICY=mixed,
         num_warps=1,
     )
     if slots is not None:
         slots.gather_pool(idx_mapping, pooled_rows)
-    if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
+    recoveries = {each.recovery == "one_hot_residual" for each in specs}
+    if recoveries == {True}:  # the rejected draft leaves p; q is not read
         shared |= dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
+    if recoveries != {True, False} or not has_draft_logits:  # with one-hot drafts both residuals are the same
+        one_hot_rows = None
     options = dict(use_fp64=use_fp64, skip_masked_vocab_blocks=skip_masked_vocab_blocks)
 
     outputs = dict(
@@ -607,26 +655,28 @@ def verify_mrv2(
         target_rejected_lse=target_rejected_lse,
         draft_rejected_lse=draft_rejected_lse,
     )
-    _resample_and_insert(utils, shared, outputs, seed=seed, pos=pos, draft_sampled=draft_sampled, **options)
+    _resample_and_insert(
+        utils, shared, outputs, seed=seed, pos=pos, draft_sampled=draft_sampled, one_hot_rows=one_hot_rows, **options
+    )
     return sampled, num_sampled, num_relaxed
 
 
 def _walk_inputs(
-    spec: PolicySpec,
+    kernel_inputs: set[str],  # the PolicySpec.kernel_inputs of the step's policies
     config: EarsConfig,
     settings: dict[str, Any],  # the policy's settings for this k (settings_for)
     target_logits: torch.Tensor,  # [num_logits, V] after temperature, cut to the draft's vocabulary
     draft_sampled: torch.Tensor,  # [num_logits]: the draft row i verifies is draft_sampled[i + 1]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # (fly entropy [num_logits], relaxed candidate [num_logits])
-    """What the host computes per row for the walk's policy branch (``PolicySpec.kernel_inputs``); None where the
-    branch reads nothing."""
+    """What the host computes per row for the walk's policy branches (``PolicySpec.kernel_inputs``); None where no
+    branch reads it."""
     entropy = candidate = None
     vocab_size = target_logits.shape[1]
-    if "fly_entropy" in spec.kernel_inputs:  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
+    if "fly_entropy" in kernel_inputs:  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
         values = target_logits.to(torch.float32)
         top_k = min(settings["fly_entropy_top_k"], vocab_size)
         entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
-    if "relaxed_candidate" in spec.kernel_inputs:
+    if "relaxed_candidate" in kernel_inputs:
         drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
         candidate = relaxed_topk_candidates(target_logits, drafts, config.relaxed_topk, config.relaxed_delta)
     return entropy, candidate
@@ -640,16 +690,61 @@ def _resample_and_insert(
     seed: torch.Tensor,  # [max_num_reqs]
     pos: torch.Tensor,  # [num_logits]
     draft_sampled: torch.Tensor,  # [num_logits]
+    one_hot_rows: torch.Tensor | None = None,  # [num_reqs] bool: rows resampled from p without the draft
     use_fp64: bool,
     skip_masked_vocab_blocks: bool,
 ) -> None:
     """MRV2's resampling and insertion launches after the walk: the recovered or bonus token of each request, written
-    into ``sampled`` as vLLM writes it."""
+    into ``sampled`` as vLLM writes it. With ``one_hot_rows`` (a batch that mixes a one-hot recovery with draft
+    distributions) the resampling runs twice, with and without the draft logits, and each row takes its own."""
     import triton
 
+    options = dict(seed=seed, pos=pos, draft_sampled=draft_sampled, use_fp64=use_fp64)
+    options |= dict(skip_masked_vocab_blocks=skip_masked_vocab_blocks)
+    resampled_argmax, resampled_max = _resample(utils, shared, outputs, **options)
+    if one_hot_rows is not None:
+        no_draft = shared | dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
+        one_hot_argmax, one_hot_max = _resample(utils, no_draft, outputs, **options)
+        resampled_argmax = torch.where(one_hot_rows[:, None], one_hot_argmax, resampled_argmax)
+        resampled_max = torch.where(one_hot_rows[:, None], one_hot_max, resampled_max)
     sampled, num_sampled = outputs["sampled"], outputs["num_sampled"]
+    num_reqs, resample_blocks = resampled_argmax.shape
+    _launch(
+        utils._insert_resampled_kernel,
+        (num_reqs,),
+        shared
+        | dict(
+            sampled_ptr=sampled,
+            sampled_stride=sampled.stride(0),
+            num_sampled_ptr=num_sampled,
+            resampled_local_argmax_ptr=resampled_argmax,
+            resampled_local_argmax_stride=resampled_argmax.stride(0),
+            resampled_local_max_ptr=resampled_max,
+            resampled_local_max_stride=resampled_max.stride(0),
+            resample_num_blocks=resample_blocks,
+            PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
+        ),
+        num_warps=1,  # as vLLM 0.34 launches it: the kernel updates num_sampled in place; more warps race on it
+    )
+
+
+def _resample(
+    utils: Any,  # vLLM's rejection_sampler_utils module
+    shared: dict[str, Any],  # what every launch reads, by vLLM's parameter names
+    outputs: dict[str, torch.Tensor],  # the walk's: sampled, num_sampled, target/draft_rejected_lse [num_reqs]
+    *,
+    seed: torch.Tensor,  # [max_num_reqs]
+    pos: torch.Tensor,  # [num_logits]
+    draft_sampled: torch.Tensor,  # [num_logits]
+    use_fp64: bool,
+    skip_masked_vocab_blocks: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (argmax [num_reqs, blocks] int64, max [num_reqs, blocks]) per block
+    """MRV2's resampling launch: each request's per-block winners of its recovered or bonus token."""
+    import triton
+
+    num_sampled = outputs["num_sampled"]
     target_rejected_lse, draft_rejected_lse = outputs["target_rejected_lse"], outputs["draft_rejected_lse"]
-    num_reqs, vocab_size = sampled.shape[0], shared["vocab_size"]
+    num_reqs, vocab_size = num_sampled.shape[0], shared["vocab_size"]
     target_logits = shared["target_logits_ptr"]
     resample_blocks = triton.cdiv(vocab_size, RESAMPLE_BLOCK_SIZE)
     resampled_argmax = target_logits.new_empty(num_reqs, resample_blocks, dtype=torch.int64)
@@ -687,23 +782,7 @@ def _resample_and_insert(
             SKIP_MASKED_BLOCKS=skip_masked_vocab_blocks,
         ),
     )
-    _launch(
-        utils._insert_resampled_kernel,
-        (num_reqs,),
-        shared
-        | dict(
-            sampled_ptr=sampled,
-            sampled_stride=sampled.stride(0),
-            num_sampled_ptr=num_sampled,
-            resampled_local_argmax_ptr=resampled_argmax,
-            resampled_local_argmax_stride=resampled_argmax.stride(0),
-            resampled_local_max_ptr=resampled_max,
-            resampled_local_max_stride=resampled_max.stride(0),
-            resample_num_blocks=resample_blocks,
-            PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
-        ),
-        num_warps=1,  # as vLLM 0.34 launches it: the kernel updates num_sampled in place; more warps race on it
-    )
+    return resampled_argmax, resampled_max
 
 
 def verify_races_mrv2(
