@@ -895,3 +895,54 @@ def test_an_mrv2_step_reads_nothing_back_to_the_host(mrv2, monkeypatch, server):
     assert reached == []
     vllm_mrv2.flush_counts()  # the report: its one read is counted (the hook sees what it must)
     assert len(reached) == 1 and reached[0].startswith("tolist in ears_vllm.seam.vllm_mrv2")
+
+
+def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, monkeypatch):
+    """Per-request counts on MRV2: summed in each request's slot on the device by every step, copied out when vLLM
+    frees the slot (``RequestState.remove_request``, patched), read into the history when asked (the
+    ``GET /v1/ears_vllm/requests/{id}`` RPC): each request's counts are its rows' of the steps, and together they
+    are the server counters' deltas over those steps. A request that takes a freed slot starts from zero."""
+    from ears_vllm.control.metrics import worker_request_stats
+    from ears_vllm.step import StepCounts
+
+    batch, asked = mixed_step(0, MIXED_STEPS["plain-full-draft"])
+    states = batch["idx_mapping"].tolist()
+    slots = slots_for(batch, MIXED_SERVER, asked)
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    monkeypatch.setattr(vllm_mrv2.state, "last_read", time.monotonic())
+    monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    monkeypatch.setattr(vllm_mrv2.state, "slots", slots)
+    monkeypatch.setattr(vllm_mrv2.state, "requests", vllm_mrv2.RecentRequests())
+    before = vllm_mrv2.state.stats.as_dict()
+    expected = {state: [0] * len(StepCounts._fields) for state in states}
+    for _ in range(2):  # the same step twice: each request's counts add up in its slot
+        with vllm_mrv2.verifying_with(MIXED_SERVER):
+            _, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
+        drafts = batch["cu_num_logits"].diff() - 1
+        is_random = batch["temperature"][batch["idx_mapping"].long()] != 0
+        _, _, num_relaxed = vllm_mrv2.verify_mrv2(
+            **batch, config=MIXED_SERVER, slots=slots_for(batch, MIXED_SERVER, asked)
+        )
+        rows = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().T.tolist()
+        for state, row in zip(states, rows, strict=True):
+            expected[state] = [a + b for a, b in zip(expected[state], row, strict=True)]
+    remove = vllm_mrv2.wrap_remove_request(lambda self, req_id: int(req_id.split("-")[2]))  # vLLM's: the slot freed
+    assert vllm_mrv2.recent_requests().starting_with("cmpl-") == {}  # nothing finished yet
+    for state in states:
+        remove(None, f"cmpl-a-{state}-0")
+    vllm_mrv2.flush_counts()
+    after = vllm_mrv2.state.stats.as_dict()
+    recent = worker_request_stats(prefix="cmpl-a-")["counts"]  # what the endpoint's RPC answers
+    assert sorted(recent) == sorted(f"cmpl-a-{state}-0" for state in states)
+    for r, state in enumerate(states):
+        mine = recent[f"cmpl-a-{state}-0"]
+        assert [mine[field] for field in StepCounts._fields] == expected[state], state
+        assert mine["policy"] == (MIXED_POLICIES[r] or "ears" if is_random[r] else "ears")
+    for field in StepCounts._fields:
+        assert sum(c[field] for c in recent.values()) == after[field] - before[field], field
+    assert sum(c["relaxed"] for c in recent.values()) > 0
+    slots.add_request(states[0], None)  # a new (greedy) request in a freed slot starts from zero
+    slots.tensors(batch["temperature"].device)
+    assert slots.counts[states[0]].tolist() == [0] * len(StepCounts._fields)

@@ -53,7 +53,7 @@ from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import check_module, find_class, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
-from ears_vllm.stats import VerifyStats
+from ears_vllm.stats import RecentRequests, VerifyStats
 from ears_vllm.stats_registry import StatsSource
 from ears_vllm.step import Budget, StepCounts, request_rows
 
@@ -61,6 +61,7 @@ MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
 RANDOM_MODULE = "vllm.v1.worker.gpu.sample.gumbel"
 SAMPLER_MODULE = "vllm.v1.worker.gpu.sample.sampler"
+STATES_MODULE = "vllm.v1.worker.gpu.states"  # RequestState: a request's slot, freed when it finishes
 DRAFT_CACHE_MODULE = "vllm.v1.worker.gpu.spec_decode.draft_logits"  # vLLM 0.34's DraftLogitsCache
 # The leading parameters of MRV2's ``rejection_sample``, by the names verify_mrv2 takes them.
 EXPECTED_PARAMETERS = (
@@ -174,6 +175,11 @@ class SlotControls:
         self._new: list[int] = []  # slots whose ledger starts afresh at the next step
         self._device: tuple[torch.Tensor, ...] | None = None
         self._dirty = True
+        # Each slot's request's StepCounts so far ([size, len(StepCounts._fields)] int64, on the device; added by
+        # each step, zeroed when a request takes the slot), and the finished requests' rows copied out of it, on
+        # the device until the per-request history is read (:meth:`read_finished`).
+        self.counts: torch.Tensor | None = None
+        self.finished: list[tuple[str, str, torch.Tensor]] = []  # (vLLM request id, policy, counts [fields])
 
     @property
     def mixed(self) -> bool:
@@ -224,10 +230,37 @@ class SlotControls:
             specs = [get_policy(name) for name in self.policy]
             policy.copy_(torch.tensor([spec.kernel_id for spec in specs], dtype=torch.int32), non_blocking=True)
             one_hot.copy_(torch.tensor([spec.recovery == "one_hot_residual" for spec in specs]), non_blocking=True)
+            if self.counts is None or self.counts.device != device:
+                self.counts = torch.zeros(len(self.policy), len(StepCounts._fields), dtype=torch.int64, device=device)
             if self._new:
-                slack.index_fill_(0, torch.tensor(self._new, device=device), 0.0)
+                new = torch.tensor(self._new, device=device)
+                slack.index_fill_(0, new, 0.0)
+                self.counts.index_fill_(0, new, 0)
             self._new, self._dirty = [], False
         return self._device
+
+    def add_counts(
+        self,
+        idx_mapping: torch.Tensor,  # [num_reqs]: the slots of the batch rows
+        per_request: torch.Tensor,  # [len(StepCounts._fields), num_reqs] int64: the step's counts by request
+    ) -> None:
+        """Add a step's counts to its requests' slots (on the device)."""
+        if self.counts is not None:
+            self.counts.index_add_(0, idx_mapping.long(), per_request.T)
+
+    def finish(self, slot: int, req_id: str) -> None:
+        """The request in ``slot`` finished: its counts are copied out of the slot on the device (no host read)."""
+        if self.counts is not None and 0 <= slot < len(self.policy):
+            self.finished.append((req_id, self.policy[slot], self.counts[slot].clone()))
+
+    def read_finished(self, history: RecentRequests) -> None:
+        """The finished requests' counts into ``history`` (one host read for all of them)."""
+        if not self.finished:
+            return
+        finished, self.finished = self.finished, []
+        rows = torch.stack([counts for _, _, counts in finished]).tolist()
+        for (req_id, policy, _), row in zip(finished, rows, strict=True):
+            history.record(req_id, policy, StepCounts.of_stacked(row))
 
     def deal_pool(self, idx_mapping: torch.Tensor) -> torch.Tensor | None:  # [num_reqs] slots of the batch rows
         """Before the walk: deal the server pool's slack to the batch's pooled slots (:func:`share_slack`), on
@@ -262,10 +295,22 @@ class _State:
     last_read: float = 0.0
     kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
     slots: SlotControls | None = None  # per-request settings by request state index (made when a sampler verifies)
+    requests = RecentRequests()  # each finished request's own counts (read from its slot, SlotControls.finish)
 
 
 state = _State()
-stats_registry.register("MRV2", StatsSource(stats=lambda: state.stats, flush=lambda: flush_counts()))
+
+
+def recent_requests() -> RecentRequests:
+    """The per-request history, with the requests that finished since the last read in it."""
+    if state.slots is not None:
+        state.slots.read_finished(state.requests)
+    return state.requests
+
+
+stats_registry.register(
+    "MRV2", StatsSource(stats=lambda: state.stats, flush=lambda: flush_counts(), requests=recent_requests)
+)
 
 
 def _parameters(kernel: Any) -> tuple[str, ...]:
@@ -393,9 +438,13 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
 
 def _install_add_request_hook() -> str | None:
     """Wrap MRV2's ``Sampler.add_request`` so each request's slot gets its settings; None, or why it cannot."""
-    sampler_cls, problem = find_class(SAMPLER_MODULE, "Sampler", "add_request")
-    if sampler_cls is None:
-        return problem
+    for module, name, method in (
+        (SAMPLER_MODULE, "Sampler", "add_request"),
+        (STATES_MODULE, "RequestState", "remove_request"),
+    ):
+        cls, problem = find_class(module, name, method)
+        if cls is None:
+            return problem
     patches.install("mrv2.slots")
     return None
 
@@ -410,6 +459,18 @@ def wrap_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return add_request
+
+
+def wrap_remove_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    """MRV2's ``RequestState.remove_request`` (a request finished or was preempted), its slot's counts kept first."""
+
+    def remove_request(self: Any, req_id: str, *args: Any, **kwargs: Any) -> Any:
+        slot = original(self, req_id, *args, **kwargs)
+        if state.slots is not None and slot is not None:
+            state.slots.finish(slot, req_id)
+        return slot
+
+    return remove_request
 
 
 def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,6 +497,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     bound.apply_defaults()
     given = bound.arguments
     draft_logits, draft_logits_row_mapping = draft_logits_of(given)
+    slots = state.slots if state.slots is not None and state.slots.server is config else None
     try:
         sampled, num_sampled, num_relaxed = verify_mrv2(
             **{name: given[name] for name in EXPECTED_PARAMETERS if name != "draft_logits"},
@@ -444,7 +506,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
             draft_logits_row_mapping=draft_logits_row_mapping,
             skip_masked_vocab_blocks=bool(given.get("skip_masked_vocab_blocks", False)),
             use_fp64=bool(given.get("use_fp64", False)),
-            slots=state.slots if state.slots is not None and state.slots.server is config else None,
+            slots=slots,
         )
     except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
         state.kernel_failure = f"{type(exc).__name__}: {exc}"
@@ -463,6 +525,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
         given["temperature"],
         has_draft_dist=draft_logits is not None,
         policy=config.policy,
+        slots=slots,
     )
     return sampled, num_sampled
 
@@ -841,11 +904,16 @@ def _record(
     temperature: torch.Tensor,  # [max_num_reqs]
     has_draft_dist: bool,
     policy: str,
+    slots: SlotControls | None = None,
 ) -> None:
-    """Add this step's counts on the device; move them into the stats at the report interval."""
+    """Add this step's counts on the device (and to each request's slot); move them into the stats at the report
+    interval."""
     drafts = cu_num_logits.diff() - 1  # each request's rows are its drafts and its bonus row
     is_random = temperature[idx_mapping.long()] != 0
-    step = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().sum(dim=1)  # [7]
+    per_request = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked()  # [7, num_reqs]
+    if slots is not None:
+        slots.add_counts(idx_mapping, per_request)
+    step = per_request.sum(dim=1)  # [7]
     if state.device_counts is None or state.device_counts.device != step.device:
         state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
     state.device_counts += step
@@ -860,7 +928,10 @@ def _record(
 
 
 def flush_counts() -> None:
-    """Move the counts summed on the device into the stats (one host synchronisation)."""
+    """Move the counts summed on the device into the stats, and the finished requests' into the per-request history
+    (a host synchronisation each)."""
+    if state.slots is not None:
+        state.slots.read_finished(state.requests)
     if state.device_counts is None or not state.pending_steps:
         return
     state.stats.record(
