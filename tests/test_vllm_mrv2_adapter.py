@@ -942,6 +942,10 @@ def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, mon
         assert mine["policy"] == (MIXED_POLICIES[r] or "ears" if is_random[r] else "ears")
     for field in StepCounts._fields:
         assert sum(c[field] for c in recent.values()) == after[field] - before[field], field
+    for policy, counters in after["by_policy"].items():  # the server's counters by policy: its requests' sums
+        for field, value in counters.items():
+            assert sum(c[field] for c in recent.values() if c["policy"] == policy) == value, (policy, field)
+    assert sorted(after["by_policy"]) == sorted({c["policy"] for c in recent.values()})
     assert sum(c["relaxed"] for c in recent.values()) > 0
     slots.add_request(states[0], None)  # a new (greedy) request in a freed slot starts from zero
     slots.tensors(batch["temperature"].device)

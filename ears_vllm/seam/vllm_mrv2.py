@@ -42,6 +42,7 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
 from ears_vllm.policies import (
+    POLICIES,
     fly_entropy,
     get_policy,
     rank_among_logits,
@@ -150,6 +151,10 @@ logger = get_logger()
 # The sampler whose __call__ is running: ears-vllm's rule when its plan says so, else vLLM's.
 active = ActiveSampler("ears_vllm_mrv2")
 as_sampler, verifying_with = active.of, active.verifying_with
+
+
+# Each PolicySpec.kernel_id's policy, by id (the rows of the counts kept by policy on the device).
+POLICY_OF_KERNEL_ID = {spec.kernel_id: name for name, spec in sorted(POLICIES.items(), key=lambda p: p[1].kernel_id)}
 
 
 class SlotControls:
@@ -286,12 +291,12 @@ class _State:
     original_rejection_sample: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     hook_problem: str | None = None  # why the MRV2 hooks do not check out (None: they do)
     stats = VerifyStats()
-    # The steps' StepCounts (stacked: [len(StepCounts._fields)] int64), summed on the device and read at each report,
-    # so a step costs no host synchronisation.
+    # The steps' StepCounts by the policy that verified them ([kernel ids, len(StepCounts._fields)] int64, a row per
+    # PolicySpec.kernel_id), summed on the device and read at each report, so a step costs no host synchronisation.
     device_counts: torch.Tensor | None = None
     pending_steps: int = 0
     pending_draft_dist_steps: int = 0
-    pending_policy: str = "standard"  # the policy of the pending counts (one per sampler: no per-request on MRV2)
+    pending_policy: str = "standard"  # the server's policy (its row is recorded with the steps)
     last_read: float = 0.0
     kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
     slots: SlotControls | None = None  # per-request settings by request state index (made when a sampler verifies)
@@ -913,10 +918,13 @@ def _record(
     per_request = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked()  # [7, num_reqs]
     if slots is not None:
         slots.add_counts(idx_mapping, per_request)
-    step = per_request.sum(dim=1)  # [7]
-    if state.device_counts is None or state.device_counts.device != step.device:
-        state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
-    state.device_counts += step
+    fields, device = per_request.shape[0], per_request.device
+    if state.device_counts is None or state.device_counts.device != device:
+        state.device_counts = torch.zeros(max(POLICY_OF_KERNEL_ID) + 1, fields, dtype=torch.int64, device=device)
+    if slots is not None and slots.mixed:  # each request's counts under its own policy
+        state.device_counts.index_add_(0, slots.tensors(device)[5][idx_mapping.long()].long(), per_request.T)
+    else:
+        state.device_counts[get_policy(policy).kernel_id] += per_request.sum(dim=1)
     state.pending_steps += 1
     state.pending_draft_dist_steps += has_draft_dist
     state.pending_policy = policy
@@ -934,11 +942,14 @@ def flush_counts() -> None:
         state.slots.read_finished(state.requests)
     if state.device_counts is None or not state.pending_steps:
         return
-    state.stats.record(
-        StepCounts.of_stacked(state.device_counts.tolist()),
-        steps=state.pending_steps,
-        draft_dist_steps=state.pending_draft_dist_steps,
-        policy=state.pending_policy,
-    )
+    by_policy = {i: row for i, row in enumerate(state.device_counts.tolist()) if i in POLICY_OF_KERNEL_ID}
+    first = get_policy(state.pending_policy).kernel_id  # the server's: the steps are counted with it
+    for n, kernel_id in enumerate([first] + [i for i, row in by_policy.items() if i != first and any(row)]):
+        state.stats.record(
+            StepCounts.of_stacked(by_policy[kernel_id]),
+            steps=state.pending_steps if n == 0 else 0,
+            draft_dist_steps=state.pending_draft_dist_steps if n == 0 else 0,
+            policy=POLICY_OF_KERNEL_ID[kernel_id],
+        )
     state.device_counts.zero_()
     state.pending_steps = state.pending_draft_dist_steps = 0
