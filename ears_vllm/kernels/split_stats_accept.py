@@ -25,8 +25,8 @@ batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk hol
 * sglang (4): ``u <= p(d) / max(acc, 1e-9)`` or ``p(d) >= single``, q unread (the caller resamples from p
   without the draft).
 * relaxed_topk (5): the native decision, or the draft a relaxed candidate (among the target's top-k with
-  ``p(d) >= max p - delta``), tested by the caller on the logits, since MRV2's statistics carry no sum-exp for
-  greedy rows; greedy rows too.
+  ``p(d) >= max p - delta``), tested here in one pass over the row's logits where the native test rejects (MRV2's
+  statistics carry no sum-exp for greedy rows, nor any rank); greedy rows too.
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
 (ears, relaxed_topk), each request's relaxed acceptances are capped by its deviation budget as
@@ -89,6 +89,32 @@ def _row_argmax(
 
 
 @triton.jit
+def _relaxed_candidate(target_logits_ptr, stride, row, draft, vocab_size, topk, delta, VOCAB_BLOCK_SIZE: tl.constexpr):
+    """:func:`ears_vllm.policies.relaxed_topk_candidate` for one row, in one pass over its target logits (online max
+    and sum-exp beside the count of logits above the draft's): ``p(d) > 0``, fewer than ``topk`` logits above the
+    draft's and ``p(d) >= max p - delta`` (the top-1 always). Greedy rows too (MRV2's statistics give them no
+    sum-exp)."""
+    draft_logit = tl.load(target_logits_ptr + row * stride + draft).to(tl.float32)
+    above = tl.zeros((), tl.int64)
+    row_max = tl.full((), float("-inf"), tl.float32)
+    sumexp = tl.zeros((), tl.float32)
+    for start in range(0, vocab_size, VOCAB_BLOCK_SIZE):
+        block = start + tl.arange(0, VOCAB_BLOCK_SIZE)
+        logits = tl.load(target_logits_ptr + row * stride + block, mask=block < vocab_size, other=float("-inf")).to(
+            tl.float32
+        )
+        above += tl.sum((logits > draft_logit).to(tl.int64))
+        new_max = tl.maximum(row_max, tl.max(logits))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # an all-masked prefix adds nothing
+        sumexp = sumexp * tl.exp(row_max - safe_max) + tl.sum(tl.exp(logits - safe_max))
+        row_max = new_max
+    lse = row_max + tl.log(sumexp)
+    target_prob = tl.exp(draft_logit - lse)
+    threshold = tl.exp(row_max - lse) - delta
+    return (target_prob > 0.0) & (above < topk) & ((target_prob >= threshold) | (above == 0))
+
+
+@triton.jit
 def _draft_logits_row(req_state_idx, row_mapping_ptr):
     """The row of a request's draft logits: its request state index, or under a sharded cache (``row_mapping_ptr``
     not None) the row the mapping gives it; a request this rank does not hold (-1) reads row 0, whose draws its
@@ -128,7 +154,6 @@ def split_stats_accept_kernel(
     seed_ptr,  # [max_num_reqs]
     pos_ptr,  # [num_logits]
     fly_entropy_ptr,  # [num_logits] float32 (fly only)
-    relaxed_candidate_ptr,  # [num_logits] bool: the row's draft is a relaxed top-k candidate (relaxed_topk only)
     policy_ptr,  # [max_num_reqs] int32: each request's PolicySpec.kernel_id (read with PER_ROW_POLICY)
     tolerance_ptr,  # [max_num_reqs] float32: each request's ears tolerance
     budget_ptr,  # [max_num_reqs] float64: each request's deviation budget B, 0 = none (read when HAS_BUDGET)
@@ -138,8 +163,12 @@ def split_stats_accept_kernel(
     fly_window,
     threshold_single,
     threshold_acc,
+    relaxed_topk,
+    relaxed_delta,
+    vocab_size,
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
+    CANDIDATE_BLOCK_SIZE: tl.constexpr,  # relaxed_topk's pass over a row's logits, a block at a time
     HAS_DRAFT_LOGITS: tl.constexpr,
     POLICY: tl.constexpr,  # one of BRANCHES (walk_policy); unread with PER_ROW_POLICY
     UNIFORM: tl.constexpr,
@@ -252,17 +281,28 @@ def split_stats_accept_kernel(
                 if is_fly:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
-            if policy == RELAXED_TOPK:  # greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
-                candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0) & ~accepted
-                if HAS_BUDGET:
-                    candidate &= budget_fits(
-                        relaxed_before=num_relaxed,
-                        slack=budget_slack,
-                        budget=budget,
-                        verified_through=i + 1,
+            if policy == RELAXED_TOPK:  # greedy rows too
+                may_rescue = is_valid_draft & ~accepted  # the pass over the row's logits is made only then
+                if may_rescue:
+                    candidate = _relaxed_candidate(
+                        target_logits_ptr,
+                        target_logits_stride,
+                        row,
+                        draft,
+                        vocab_size,
+                        relaxed_topk,
+                        relaxed_delta,
+                        CANDIDATE_BLOCK_SIZE,
                     )
-                num_relaxed += candidate.to(tl.int32)
-                accepted |= candidate
+                    if HAS_BUDGET:
+                        candidate &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
+                    num_relaxed += candidate.to(tl.int32)
+                    accepted |= candidate
             if is_fly:
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open

@@ -57,9 +57,8 @@ RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
 #   top_logits         the k largest logits of each row, [num_tokens, k] (FLy's entropy, fused kernel)
 #   fly_entropy        FLy's top-k entropy of each row, as vLLM's MRV2 computes it (MRV2 walk)
 #   draft_rank         how many logits lie above the draft's, per vocabulary split (relaxed_topk, fused kernel)
-#   relaxed_candidate  the draft is among the top-k with p >= max p - delta (relaxed_topk, MRV2 walk)
 #   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel)
-KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "relaxed_candidate", "js_relax"]
+KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "js_relax"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +154,9 @@ class PolicySpec:
         name; ``tests/test_registry_complete.py`` checks):
 
         kernel_inputs: what the host computes per row for its kernel branch (:data:`KernelInput`): FLy's top
-            target logits and entropy gate, TensorRT-LLM's draft rank and top-``relaxed_topk`` candidate test,
-            AdaSD's relaxation flag from the Jensen-Shannon distance against the request's learnt threshold.
+            target logits and entropy gate, TensorRT-LLM's draft rank (fused kernel; the MRV2 walk tests the
+            candidate itself), AdaSD's relaxation flag from the Jensen-Shannon distance against the request's learnt
+            threshold.
         vllms_rule: the rule is vLLM's own (standard): lossless at every setting, so a server on it is left to
             vLLM (the plugin does not verify, takes no per-request settings) and a budget has nothing to cap.
         cuts_drafts: the drafter is patched (``ears_vllm.seam.vllm_drafter``) so that each request stops
@@ -291,11 +291,11 @@ _POLICY_LIST = (
         rule=rules.rule_relaxed_topk,
         accept_probability=rules.probability_relaxed_topk,
         kernel_id=5,
-        runners=("V1", "MRV2"),  # MRV2: the candidate test made on the host, as vLLM takes FLy's top-k there
+        runners=("V1", "MRV2"),  # MRV2: the candidate test made in the walk, one pass over a rejected row
         greedy_rows=True,
         only_adds_acceptances=True,
         relaxed_rate="exact",
-        kernel_inputs=("draft_rank", "relaxed_candidate"),
+        kernel_inputs=("draft_rank",),
         budget_runners=("V1", "MRV2"),
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),

@@ -45,8 +45,6 @@ from ears_vllm.policies import (
     POLICIES,
     fly_entropy,
     get_policy,
-    rank_among_logits,
-    relaxed_topk_candidate,
     request_policy_refusal,
     settings_for,
 )
@@ -144,6 +142,7 @@ KERNEL_VALUES = frozenset(
 )
 VOCAB_BLOCK_SIZE = 8192  # MRV2's statistics block; the walk merges these blocks
 RESAMPLE_BLOCK_SIZE = 1024
+CANDIDATE_BLOCK_SIZE = 1024  # relaxed_topk's pass over a rejected row's logits in the walk
 
 logger = get_logger()
 
@@ -652,13 +651,12 @@ def verify_mrv2(
         budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
         row_policy = None
     kernel_inputs = {name for each in specs for name in each.kernel_inputs}
-    entropy, candidate = _walk_inputs(kernel_inputs, config, settings, target_logits[:, :vocab_size], draft_sampled)
+    entropy = _walk_inputs(kernel_inputs, settings, target_logits[:, :vocab_size])
     if mixed:  # a runtime branch reads every input: the unused ones are placeholders
         policy_constexpr = walk_policy(spec, relaxes=False)  # unread with PER_ROW_POLICY
         for each in specs:
             walk_policy(each, relaxes=True)  # refuses a policy the walk has no branch for
         entropy = entropy if entropy is not None else target_logits.new_zeros(num_logits, dtype=torch.float32)
-        candidate = candidate if candidate is not None else target_logits.new_zeros(num_logits, dtype=torch.bool)
     else:
         policy_constexpr = walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes))
     split_stats_accept_kernel[(num_reqs,)](
@@ -689,7 +687,6 @@ def verify_mrv2(
         seed_ptr=seed,
         pos_ptr=pos,
         fly_entropy_ptr=entropy,
-        relaxed_candidate_ptr=candidate,
         policy_ptr=row_policy,
         tolerance_ptr=tolerance,
         budget_ptr=budget.rate,
@@ -699,8 +696,12 @@ def verify_mrv2(
         fly_window=settings.get("fly_window_size", 0),
         threshold_single=config.accept_threshold_single,
         threshold_acc=config.accept_threshold_acc,
+        relaxed_topk=config.relaxed_topk,
+        relaxed_delta=config.relaxed_delta,
+        vocab_size=vocab_size,
         vocab_num_blocks=num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
+        CANDIDATE_BLOCK_SIZE=CANDIDATE_BLOCK_SIZE,
         HAS_DRAFT_LOGITS=has_draft_logits,
         POLICY=policy_constexpr,
         UNIFORM=uniform,
@@ -731,23 +732,17 @@ def verify_mrv2(
 
 def _walk_inputs(
     kernel_inputs: set[str],  # the PolicySpec.kernel_inputs of the step's policies
-    config: EarsConfig,
-    settings: dict[str, Any],  # the policy's settings for this k (settings_for)
+    settings: dict[str, Any],  # the policies' settings for this k (settings_for)
     target_logits: torch.Tensor,  # [num_logits, V] after temperature, cut to the draft's vocabulary
-    draft_sampled: torch.Tensor,  # [num_logits]: the draft row i verifies is draft_sampled[i + 1]
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # (fly entropy [num_logits], relaxed candidate [num_logits])
-    """What the host computes per row for the walk's policy branches (``PolicySpec.kernel_inputs``); None where no
-    branch reads it."""
-    entropy = candidate = None
-    vocab_size = target_logits.shape[1]
-    if "fly_entropy" in kernel_inputs:  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
-        values = target_logits.to(torch.float32)
-        top_k = min(settings["fly_entropy_top_k"], vocab_size)
-        entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
-    if "relaxed_candidate" in kernel_inputs:
-        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
-        candidate = relaxed_topk_candidates(target_logits, drafts, config.relaxed_topk, config.relaxed_delta)
-    return entropy, candidate
+) -> torch.Tensor | None:  # fly entropy [num_logits] float32
+    """What is computed per row beside the walk for its policy branches (``PolicySpec.kernel_inputs``): FLy's top-k
+    entropy, as vLLM's MRV2 computes it (``compute_fly_entropy(..., from_logits=True)``); None where no branch reads
+    it. (relaxed_topk's candidate test is made in the walk, ``split_stats_accept._relaxed_candidate``.)"""
+    if "fly_entropy" not in kernel_inputs:
+        return None
+    values = target_logits.to(torch.float32)
+    top_k = min(settings["fly_entropy_top_k"], target_logits.shape[1])
+    return fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
 
 
 def _resample_and_insert(
@@ -883,22 +878,6 @@ def verify_races_mrv2(
     sampled[req_of_row[kept], local[kept]] = chosen[kept]
     num_sampled = (first_stop + 1).to(torch.int32)
     return sampled, num_sampled, torch.zeros_like(num_sampled)
-
-
-def relaxed_topk_candidates(
-    logits: torch.Tensor,  # [num_logits, V] after temperature (greedy rows: as given)
-    drafts: torch.Tensor,  # [num_logits] int: the draft each row verifies
-    topk: int,
-    delta: float,
-) -> torch.Tensor:  # [num_logits] bool
-    """TensorRT-LLM's relaxed candidate test per row (:func:`ears_vllm.policies.relaxed_topk_candidate`), on the
-    host: the draft ranks among the top-k logits and ``p(d) >= max p - delta`` (the top-1 always)."""
-    values = logits.to(torch.float32)
-    lse = values.logsumexp(dim=-1)
-    draft_logit = values.gather(1, drafts.long().unsqueeze(1)).squeeze(1)
-    max_prob = (values.max(dim=-1).values - lse).exp()
-    rank = rank_among_logits(values, draft_logit)
-    return relaxed_topk_candidate((draft_logit - lse).exp(), max_prob, rank, topk, delta)
 
 
 def _record(
