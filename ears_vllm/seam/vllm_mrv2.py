@@ -903,7 +903,7 @@ def _record(
     if slots is not None and slots.mixed:  # each request's counts under its own policy
         state.device_counts.index_add_(0, slots.tensors(device)[5][idx_mapping.long()].long(), per_request.T)
     else:
-        state.device_counts[get_policy(policy).kernel_id] += per_request.sum(dim=1)
+        state.device_counts[get_policy(policy).kernel_id].add_(per_request.sum(dim=1))  # in place: no copy back
     state.pending_steps += 1
     state.pending_draft_dist_steps += has_draft_dist
     state.pending_policy = policy
