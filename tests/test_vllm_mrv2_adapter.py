@@ -554,6 +554,9 @@ def test_relaxed_topk_relaxes_in_these_batches(mrv2):
     assert relaxed >= 3
 
 
+FLY_LOOSE = dict(fly_window_size=1, fly_entropy_threshold=0.05, fly_entropy_top_k=5)
+
+
 def slots_for(batch: dict, config: EarsConfig, asked: dict[int, dict]) -> vllm_mrv2.SlotControls:
     """MRV2's per-request state as vLLM's add_request would fill it: request state -> its vllm_xargs."""
     from vllm.sampling_params import SamplingParams
@@ -579,13 +582,22 @@ def test_each_request_is_verified_with_its_own_tolerance(mrv2):
     assert num_relaxed[0] == 0
 
 
-@pytest.mark.parametrize(("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4)], ids=["ears", "trt"])
+@pytest.mark.parametrize(
+    ("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4), ("fly", 3, 1)], ids=["ears", "trt", "fly"]
+)
 def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(mrv2, policy, seed, flatten):
     """Batches (seed, flattened target) in which the first request relaxes at its first position uncapped."""
     batch = mrv2_batch(seed, **STEPS["random-full-draft"])
     batch["target_logits"] /= flatten
     tolerance = 1.0 if policy == "ears" else 0.0  # the budgeted tolerance: the third request runs uncapped at it
-    server = EarsConfig(policy=policy, tolerance=tolerance, min_ratio=0.05, relaxed_topk=3, relaxed_delta=0.5)
+    server = EarsConfig(
+        policy=policy,
+        tolerance=tolerance,
+        min_ratio=0.05,
+        relaxed_topk=3,
+        relaxed_delta=0.5,
+        **FLY_LOOSE,  # fly: a capped deferral is a rejection, and the walk ends there
+    )
     states = batch["idx_mapping"].tolist()
     asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 1.0}}  # the third: no budget
     slots = slots_for(batch, server, asked)

@@ -29,7 +29,8 @@ batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk hol
   statistics carry no sum-exp for greedy rows, nor any rank); greedy rows too.
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
-(ears, relaxed_topk), each request's relaxed acceptances are capped by its deviation budget as
+(ears, relaxed_topk, fly: at its deferral, the relaxed acceptance it becomes if confirmed; as the fused kernel caps
+it where it decides it), each request's relaxed acceptances are capped by its deviation budget as
 :mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the device: the
 ledger costs no host synchronisation).
 """
@@ -172,7 +173,7 @@ def split_stats_accept_kernel(
     HAS_DRAFT_LOGITS: tl.constexpr,
     POLICY: tl.constexpr,  # one of BRANCHES (walk_policy); unread with PER_ROW_POLICY
     UNIFORM: tl.constexpr,
-    HAS_BUDGET: tl.constexpr,  # not with fly (its deferred acceptances are decided after the fact)
+    HAS_BUDGET: tl.constexpr,  # fly: a rejection defers only if its relaxed acceptance would fit
     PER_ROW_POLICY: tl.constexpr,  # each request's branch from policy_ptr (a batch that mixes policies)
 ):
     req_idx = tl.program_id(0)
@@ -316,6 +317,13 @@ def split_stats_accept_kernel(
                     rejected_argmax = target_argmax
                     entropy = tl.load(fly_entropy_ptr + row)
                     verifying = can_defer & (i + fly_window < num_drafts) & (entropy >= fly_entropy_threshold)
+                    if HAS_BUDGET:  # the deferral, if confirmed, is the row's next relaxed acceptance: capped here
+                        verifying &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
                     if verifying:
                         pending = i
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)

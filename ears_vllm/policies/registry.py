@@ -162,8 +162,7 @@ class PolicySpec:
         cuts_drafts: the drafter is patched (``ears_vllm.seam.vllm_drafter``) so that each request stops
             drafting at a threshold it learns (AdaSD's draft length).
         budget_runners: the runners on which a deviation budget can cap it (empty: no budget; a budget needs
-            ``only_adds_acceptances``). FLy's is V1 only: MRV2's FLy confirms a deferred acceptance only after
-            its walk, too late for the budget's per-position cap.
+            ``only_adds_acceptances``).
         min_speculative_tokens: vLLM refuses the policy at startup with fewer speculative tokens (its FLy: 2).
         no_closed_form: why ``accept_probability`` is None (required then; empty otherwise).
         source: where the rule comes from.
@@ -265,7 +264,7 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         relaxed_rate="sequence_bound",
         kernel_inputs=("top_logits", "fly_entropy"),
-        budget_runners=("V1",),  # MRV2's FLy confirms a deferred acceptance only after the walk
+        budget_runners=("V1", "MRV2"),  # MRV2: capped where the walk defers (it confirms the deferral later)
         min_speculative_tokens=2,
         no_closed_form="the decision reads the next fly_window_size positions; closed_form.fly_chain chains it",
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
