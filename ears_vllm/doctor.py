@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ears_vllm.config import CONFIG_SECTION, resolve_config
+from ears_vllm.policies import get_policy
 
 
 def _distribution_version(*names: str) -> str | None:
@@ -55,7 +56,7 @@ def diagnose(
         if config.budget is not None:
             shown["budget"] = config.budget
         rows.append(("config", f"{json.dumps(shown)} (from {source})"))
-        if config.policy != "standard":  # a standard server takes no per-request settings at all
+        if not get_policy(config.policy).vllms_rule:  # vLLM's own rule: no per-request settings at all
             rows.append(("request limits", f"{config.granted.summary} (docs/operator-limits.md)"))
     except ValueError as exc:
         config = None
@@ -68,7 +69,6 @@ def diagnose(
     if vllm_version is None:
         return rows + patch_rows()
 
-    from ears_vllm.policies import get_policy
     from ears_vllm.seam import patches, vllm_mrv2, vllm_races, vllm_v1
     from ears_vllm.seam.hooks import installed_runners, runner_absence, serving_runner
     from ears_vllm.seam.hooks import vllm_version as reported_version

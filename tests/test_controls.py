@@ -446,12 +446,19 @@ def test_the_collector_serves_counters_by_policy_and_the_running_rate():
     [
         ("V1", SERVER, {"ears_tolerance": 2}, "'ears_tolerance' = 2"),
         ("V1", EarsConfig(), {"ears_policy": "ears"}, "vLLM's own rule"),
-        ("MRV2", SERVER, {"ears_policy": "fly"}, "this server runs vLLM's Model Runner V2"),
-        ("MRV2", EarsConfig(policy="fly"), {"ears_budget": 0.1}, "runs on the V1 runner only"),
+        ("MRV2", SERVER, {"ears_policy": "typical"}, "this server runs vLLM's Model Runner V2: policy 'typical' is"),
+        ("MRV2", EarsConfig(policy="ersd"), {"ears_policy": "ears"}, "races every request of a batch on its keys"),
         ("V1", EARS_02, {"ears_tolerance": 0.5}, "'ears_tolerance' = 0.5 is beyond this server's limit: at most 0.2"),
         ("MRV2", EARS_02, {"ears_budget": 0.05}, "'ears_budget' = 0.05 is beyond this server's limit: no budget"),
     ],
-    ids=["bad-value", "standard-server", "mrv2-policy", "mrv2-fly-budget", "beyond-limit", "mrv2-beyond-limit"],
+    ids=[
+        "bad-value",
+        "standard-server",
+        "mrv2-policy",
+        "mrv2-keyed-server",
+        "beyond-limit",
+        "mrv2-beyond-limit",
+    ],
 )
 def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch, runner, server, xargs, named):
     from vllm.exceptions import VLLMValidationError
@@ -468,6 +475,20 @@ def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch,
     SamplingParams(temperature=1.0, extra_args={"session_id": "a"})  # no ears keys: nothing to check
     if server is SERVER:  # it grants tolerance 0.5
         SamplingParams(temperature=1.0, extra_args={"ears_tolerance": 0.5, "ears_policy": "ears"})  # any runner
+        SamplingParams(temperature=1.0, extra_args={"ears_policy": "standard"})  # another policy, MRV2 too
+
+
+def test_a_fly_request_may_run_under_a_budget_on_either_runner(monkeypatch):
+    """FLy's deferral is capped where the MRV2 walk defers (as the fused kernel caps it where it decides it)."""
+    from vllm.sampling_params import SamplingParams
+
+    from ears_vllm.seam import vllm_requests
+
+    vllm_requests.install_request_check()
+    monkeypatch.setattr(vllm_requests, "server_config", EarsConfig(policy="fly", request_limits={"max_budget": 0.1}))
+    for runner in ("V1", "MRV2"):
+        monkeypatch.setattr(vllm_requests, "server_runner", runner)
+        SamplingParams(temperature=1.0, extra_args={"ears_budget": 0.1})
 
 
 def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():

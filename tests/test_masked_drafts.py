@@ -17,6 +17,8 @@ import importlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from ears_vllm import EarsConfig, verify
 from ears_vllm.policies import POLICIES, get_policy, race_winners
@@ -29,6 +31,41 @@ pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 with triton_interpreter():  # the kernel module's jitted functions must be created under the interpreter
     importlib.import_module("ears_vllm.kernels.verify_kernel")
+    split_stats_accept = importlib.import_module("ears_vllm.kernels.split_stats_accept")
+
+    @triton.jit
+    def relaxed_candidates_kernel(
+        out_ptr, logits_ptr, stride, drafts_ptr, vocab_size, topk, delta, BLOCK: tl.constexpr
+    ):
+        """The MRV2 walk's relaxed_topk candidate test (``_relaxed_candidate``), one row per program."""
+        row = tl.program_id(0)
+        draft = tl.load(drafts_ptr + row).to(tl.int64)
+        candidate = split_stats_accept._relaxed_candidate(
+            logits_ptr, stride, row, draft, vocab_size, topk, delta, BLOCK
+        )
+        tl.store(out_ptr + row, candidate.to(tl.int8))
+
+
+def walk_relaxed_candidates(
+    logits: torch.Tensor,  # [n, V] float32
+    drafts: torch.Tensor,  # [n] int
+    topk: int,
+    delta: float,
+    block: int = 16,  # several blocks per row: the online max and sum-exp merge them
+) -> torch.Tensor:  # [n] bool
+    out = torch.empty(logits.shape[0], dtype=torch.int8)
+    relaxed_candidates_kernel[(logits.shape[0],)](
+        out_ptr=out,
+        logits_ptr=logits,
+        stride=logits.stride(0),
+        drafts_ptr=drafts,
+        vocab_size=logits.shape[1],
+        topk=topk,
+        delta=delta,
+        BLOCK=block,
+    )
+    return out.bool()
+
 
 VOCAB, K = 48, 4
 MASKED_UNIFORMS = (1e-9, 0.3, 0.999, 0.6, 1e-3, 0.9)  # at each request's masked draft, one per request
@@ -155,14 +192,34 @@ def test_closed_form_agrees_with_the_rule(config, draft, masked):
 
 @pytest.mark.parametrize("mask", MASKS)
 def test_mrv2_takes_no_masked_draft_as_a_relaxed_candidate(mask):
-    """Model Runner V2 makes relaxed_topk's candidate test on the host through the same rule (its kernel accepts a
-    candidate as it is): a masked draft is never one, whatever relaxed_topk and relaxed_delta."""
-    from ears_vllm.seam.vllm_mrv2 import relaxed_topk_candidates
-
+    """Model Runner V2's walk makes relaxed_topk's candidate test itself, in one pass over a row's logits: a masked
+    draft is never one, whatever relaxed_topk and relaxed_delta."""
     g = torch.Generator().manual_seed(1)
     raw = torch.randn(64, VOCAB, generator=g)
     kept = kept_tokens(mask, raw, g)
     logits = raw.masked_fill(~kept, float("-inf"))
     drafts = torch.randint(0, VOCAB, (64,), generator=g)
-    candidate = relaxed_topk_candidates(logits, drafts, VOCAB, 1.0)  # every unmasked draft is one at these settings
+    candidate = walk_relaxed_candidates(logits, drafts, VOCAB, 1.0)  # every unmasked draft is one at these settings
     assert torch.equal(candidate, kept.gather(1, drafts[:, None]).squeeze(1))
+
+
+@pytest.mark.parametrize(("topk", "delta"), [(10, 0.6), (3, 0.3), (2, 0.0), (1, 1.0)])
+def test_mrv2s_relaxed_candidate_test_is_the_rule(topk, delta):
+    """The walk's candidate test equals the registry's rule (``relaxed_topk_candidate`` on the row's softmax and the
+    draft's rank), row by row, with drafts among the top tokens and the target flattened so several are close."""
+    from ears_vllm.policies import rank_among_logits, relaxed_topk_candidate
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(256, VOCAB, generator=g) * 1.5
+    drafts = logits.topk(6, dim=-1).indices.gather(1, torch.randint(0, 6, (256, 1), generator=g)).squeeze(1)
+    log_p = logits.log_softmax(-1)
+    draft_logit = logits.gather(1, drafts[:, None]).squeeze(1)
+    expected = relaxed_topk_candidate(
+        log_p.gather(1, drafts[:, None]).squeeze(1).exp(),
+        log_p.max(-1).values.exp(),
+        rank_among_logits(logits, draft_logit),
+        topk,
+        delta,
+    )
+    assert 0 < int(expected.sum()) < 256  # both outcomes occur
+    assert torch.equal(walk_relaxed_candidates(logits, drafts, topk, delta), expected)

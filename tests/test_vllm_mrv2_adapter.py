@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import sys
+import time
 import types
 
 import numpy as np
@@ -552,6 +554,9 @@ def test_relaxed_topk_relaxes_in_these_batches(mrv2):
     assert relaxed >= 3
 
 
+FLY_LOOSE = dict(fly_window_size=1, fly_entropy_threshold=0.05, fly_entropy_top_k=5)
+
+
 def slots_for(batch: dict, config: EarsConfig, asked: dict[int, dict]) -> vllm_mrv2.SlotControls:
     """MRV2's per-request state as vLLM's add_request would fill it: request state -> its vllm_xargs."""
     from vllm.sampling_params import SamplingParams
@@ -577,13 +582,22 @@ def test_each_request_is_verified_with_its_own_tolerance(mrv2):
     assert num_relaxed[0] == 0
 
 
-@pytest.mark.parametrize(("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4)], ids=["ears", "trt"])
+@pytest.mark.parametrize(
+    ("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4), ("fly", 3, 1)], ids=["ears", "trt", "fly"]
+)
 def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(mrv2, policy, seed, flatten):
     """Batches (seed, flattened target) in which the first request relaxes at its first position uncapped."""
     batch = mrv2_batch(seed, **STEPS["random-full-draft"])
     batch["target_logits"] /= flatten
     tolerance = 1.0 if policy == "ears" else 0.0  # the budgeted tolerance: the third request runs uncapped at it
-    server = EarsConfig(policy=policy, tolerance=tolerance, min_ratio=0.05, relaxed_topk=3, relaxed_delta=0.5)
+    server = EarsConfig(
+        policy=policy,
+        tolerance=tolerance,
+        min_ratio=0.05,
+        relaxed_topk=3,
+        relaxed_delta=0.5,
+        **FLY_LOOSE,  # fly: a capped deferral is a rejection, and the walk ends there
+    )
     states = batch["idx_mapping"].tolist()
     asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 1.0}}  # the third: no budget
     slots = slots_for(batch, server, asked)
@@ -742,3 +756,209 @@ def test_ersd_removes_the_salt_of_mrv2s_drafter():
     unsalted = vllm_races.unsalted(lambda *args, **kwargs: seen.append(kwargs["is_drafting"]))
     unsalted("logits", is_drafting=True, use_fp64=False)
     assert seen == [False]
+
+
+# ------------------------------------------------------------------ per-request policies on MRV2
+
+# One server's settings for every policy a request may take on MRV2 (loose: each relaxes in these batches).
+MIXED_SERVER = EarsConfig(
+    policy="ears",
+    tolerance=0.5,
+    min_ratio=0.05,
+    fly_window_size=1,
+    fly_entropy_threshold=0.05,
+    fly_entropy_top_k=5,
+    accept_threshold_single=0.3,
+    accept_threshold_acc=0.1,
+    relaxed_topk=3,
+    relaxed_delta=0.3,
+)
+# Request r of the step asks for MIXED_POLICIES[r] (None: the server's); the fourth is greedy, so the server's.
+MIXED_POLICIES = ("standard", "fly", "sglang", None, "relaxed_topk", None, "fly")
+MIXED_STEPS = {
+    f"{name}-{draft}": dict(
+        num_drafts=[4, 4, 4, 3, 4, 4, 2],
+        greedy=[False, False, False, True, False, False, False],
+        k=4,
+        vocab=1000,
+        full_draft=draft == "full-draft",
+        placeholder=name == "placeholder",
+    )
+    for name in ("plain", "placeholder")
+    for draft in ("one-hot", "full-draft")
+}
+
+
+def mixed_step(seed: int, step: dict) -> tuple[dict, dict[int, dict]]:
+    """A step whose requests ask for the policies of MIXED_POLICIES (their vllm_xargs, by request state)."""
+    batch = mrv2_batch(seed, **step)
+    batch["target_logits"] /= 2  # flatter targets: every policy has something to relax
+    states = batch["idx_mapping"].tolist()
+    r = MIXED_POLICIES.index("sglang")
+    if batch["draft_logits"] is not None:  # sglang's q spikes on its recovered token: the residual max(p - q, 0)
+        sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER.merged({"policy": "sglang"}))
+        rejected = int(num_sampled[r]) - 1  # would recover another token than p without the draft does
+        assert rejected < step["num_drafts"][r], "the sglang request must reject in these steps"
+        batch["draft_logits"][states[r], rejected, int(sampled[r, rejected])] = 1e4
+    return batch, {s: {"ears_policy": p} for s, p in zip(states, MIXED_POLICIES, strict=True) if p is not None}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("step", cases(MIXED_STEPS))
+def test_a_batch_that_mixes_policies_verifies_each_row_by_its_own(mrv2, step, seed):
+    """standard, ears, fly, sglang and relaxed_topk in one batch (the walk's per-row branch, sglang's resampling
+    from p without the draft beside the others' residual): each row is what a server of its policy gives it (those
+    single-policy walks are held to vLLM's own MRV2 and to the policies' PyTorch rules above), and the ears rows
+    follow EARS's rule directly."""
+    batch, asked = mixed_step(seed, step)
+    slots = slots_for(batch, MIXED_SERVER, asked)
+    assert slots.mixed
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER, slots=slots)
+    tokens = accepted_tokens(sampled, num_sampled)
+    for r, policy in enumerate(MIXED_POLICIES):
+        policy = policy if policy is not None and batch["temperature"][batch["idx_mapping"][r]] != 0 else "ears"
+        alone = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER.merged({"policy": policy}))
+        assert (int(num_sampled[r]), int(num_relaxed[r])) == (int(alone[1][r]), int(alone[2][r])), (r, policy)
+        assert tokens[r] == accepted_tokens(alone[0], alone[1])[r], (r, policy)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    num_accepted, relaxed = expected_acceptance(batch, u, MIXED_SERVER)
+    for r in (3, 5):  # the server's policy: ears
+        assert (int(num_sampled[r]) - 1, int(num_relaxed[r])) == (num_accepted[r], relaxed[r])
+
+
+def test_every_policy_relaxes_in_the_mixed_batches(mrv2):
+    """Guards the test above against batches in which a policy's branch is never taken."""
+    relaxed: dict[str, int] = {}
+    for seed in range(2):
+        for step in runnable(MIXED_STEPS):
+            batch, asked = mixed_step(seed, step)
+            slots = slots_for(batch, MIXED_SERVER, asked)
+            num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER, slots=slots)[2]
+            for r, policy in enumerate(MIXED_POLICIES):
+                relaxed[policy or "ears"] = relaxed.get(policy or "ears", 0) + int(num_relaxed[r])
+    assert relaxed["standard"] == 0
+    assert all(relaxed[policy] > 0 for policy in ("ears", "fly", "sglang", "relaxed_topk")), relaxed
+
+
+def test_a_request_may_not_take_a_policy_mrv2_cannot_run(mrv2, caplog):
+    """An offline caller's request for typical (the API server answers it 400): its slot keeps the server's."""
+    batch, _ = mixed_step(0, MIXED_STEPS["plain-full-draft"])
+    state = batch["idx_mapping"].tolist()[0]
+    slots = slots_for(batch, MIXED_SERVER, {state: {"ears_policy": "typical"}})
+    assert slots.policy[state] == "ears" and not slots.mixed
+    assert "asks for policy 'typical'" in caplog.text
+
+
+# What reads a tensor's value on the host (a device-to-host copy and a stream synchronisation on a GPU).
+HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """From now on, every host read of a tensor (``HOST_READS``) made by ears-vllm's own code, as "what in
+    module:line"; Triton's interpreter and vLLM's code are not counted (on a GPU they run no such read)."""
+    reached: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith("ears_vllm"):
+                reached.append(f"{_name} in {module}:{caller.f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reached
+
+
+HOST_READ_SERVERS = {
+    "ears": MIXED_SERVER,
+    "fly": MIXED_SERVER.merged({"policy": "fly"}),
+    "sglang": MIXED_SERVER.merged({"policy": "sglang"}),
+    "relaxed_topk": MIXED_SERVER.merged({"policy": "relaxed_topk"}),
+    "mixed-with-budgets": MIXED_SERVER,
+}
+
+
+@pytest.mark.parametrize("server", HOST_READ_SERVERS, ids=HOST_READ_SERVERS.keys())
+def test_an_mrv2_step_reads_nothing_back_to_the_host(mrv2, monkeypatch, server):
+    """One verification step through the patched ``rejection_sample`` (the walk, MRV2's launches, the slots, the
+    counts summed on the device) reaches no ``.item()``, ``.cpu()``, ``.tolist()``, ``bool(tensor)``: the hot
+    path adds no host synchronisation (the counts are read at the report interval only)."""
+    config = HOST_READ_SERVERS[server]
+    batch, asked = mixed_step(0, MIXED_STEPS["plain-full-draft"])
+    if server == "mixed-with-budgets":
+        states = batch["idx_mapping"].tolist()
+        asked |= {states[0]: {"ears_budget": 0.5}, states[4]: {"ears_budget": 0.5, "ears_policy": "relaxed_topk"}}
+    slots = slots_for(batch, config, asked if server == "mixed-with-budgets" else {})
+    assert slots.mixed == (server == "mixed-with-budgets")
+    slots.tensors(batch["temperature"].device)  # filled when a request arrives, not at each step
+    arguments = mrv2.arguments(batch)
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    monkeypatch.setattr(vllm_mrv2.state, "last_read", time.monotonic())
+    monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    monkeypatch.setattr(vllm_mrv2.state, "slots", slots)
+    reached = count_host_reads(monkeypatch)
+    with vllm_mrv2.verifying_with(config):
+        vllm_mrv2.rejection_sample(**arguments)
+    assert vllm_mrv2.state.pending_steps == 1  # ears-vllm verified it
+    assert reached == []
+    vllm_mrv2.flush_counts()  # the report: its one read is counted (the hook sees what it must)
+    assert len(reached) == 1 and reached[0].startswith("tolist in ears_vllm.seam.vllm_mrv2")
+
+
+def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, monkeypatch):
+    """Per-request counts on MRV2: summed in each request's slot on the device by every step, copied out when vLLM
+    frees the slot (``RequestState.remove_request``, patched), read into the history when asked (the
+    ``GET /v1/ears_vllm/requests/{id}`` RPC): each request's counts are its rows' of the steps, and together they
+    are the server counters' deltas over those steps. A request that takes a freed slot starts from zero."""
+    from ears_vllm.control.metrics import worker_request_stats
+    from ears_vllm.step import StepCounts
+
+    batch, asked = mixed_step(0, MIXED_STEPS["plain-full-draft"])
+    states = batch["idx_mapping"].tolist()
+    slots = slots_for(batch, MIXED_SERVER, asked)
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    monkeypatch.setattr(vllm_mrv2.state, "last_read", time.monotonic())
+    monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    monkeypatch.setattr(vllm_mrv2.state, "slots", slots)
+    monkeypatch.setattr(vllm_mrv2.state, "requests", vllm_mrv2.RecentRequests())
+    before = vllm_mrv2.state.stats.as_dict()
+    expected = {state: [0] * len(StepCounts._fields) for state in states}
+    for _ in range(2):  # the same step twice: each request's counts add up in its slot
+        with vllm_mrv2.verifying_with(MIXED_SERVER):
+            _, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
+        drafts = batch["cu_num_logits"].diff() - 1
+        is_random = batch["temperature"][batch["idx_mapping"].long()] != 0
+        _, _, num_relaxed = vllm_mrv2.verify_mrv2(
+            **batch, config=MIXED_SERVER, slots=slots_for(batch, MIXED_SERVER, asked)
+        )
+        rows = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().T.tolist()
+        for state, row in zip(states, rows, strict=True):
+            expected[state] = [a + b for a, b in zip(expected[state], row, strict=True)]
+    remove = vllm_mrv2.wrap_remove_request(lambda self, req_id: int(req_id.split("-")[2]))  # vLLM's: the slot freed
+    assert vllm_mrv2.recent_requests().starting_with("cmpl-") == {}  # nothing finished yet
+    for state in states:
+        remove(None, f"cmpl-a-{state}-0")
+    vllm_mrv2.flush_counts()
+    after = vllm_mrv2.state.stats.as_dict()
+    recent = worker_request_stats(prefix="cmpl-a-")["counts"]  # what the endpoint's RPC answers
+    assert sorted(recent) == sorted(f"cmpl-a-{state}-0" for state in states)
+    for r, state in enumerate(states):
+        mine = recent[f"cmpl-a-{state}-0"]
+        assert [mine[field] for field in StepCounts._fields] == expected[state], state
+        assert mine["policy"] == (MIXED_POLICIES[r] or "ears" if is_random[r] else "ears")
+    for field in StepCounts._fields:
+        assert sum(c[field] for c in recent.values()) == after[field] - before[field], field
+    for policy, counters in after["by_policy"].items():  # the server's counters by policy: its requests' sums
+        for field, value in counters.items():
+            assert sum(c[field] for c in recent.values() if c["policy"] == policy) == value, (policy, field)
+    assert sorted(after["by_policy"]) == sorted({c["policy"] for c in recent.values()})
+    assert sum(c["relaxed"] for c in recent.values()) > 0
+    slots.add_request(states[0], None)  # a new (greedy) request in a freed slot starts from zero
+    slots.tensors(batch["temperature"].device)
+    assert slots.counts[states[0]].tolist() == [0] * len(StepCounts._fields)

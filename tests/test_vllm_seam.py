@@ -300,17 +300,20 @@ def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(
 
 def test_the_per_request_check_knows_which_runner_verifies(server_state):
     """vLLM 0.34's config has no ``use_v2_model_runner``: every 0.34 server verifies on MRV2, where a request may
-    set its tolerance but not another policy than the server's."""
+    take another policy than the server's if MRV2 runs it (fly), not one it does not (typical)."""
     from vllm.exceptions import VLLMValidationError
 
     from ears_vllm.seam import vllm_requests
 
-    granting = {**EARS, "request_limits": {"policies": ["fly"], "max_tolerance": 0.5}}  # the operator grants them
+    granting = {**EARS, "request_limits": {"policies": ["fly", "typical"], "max_tolerance": 0.5}}  # the operator's
     vllm_requests.note_server(types.SimpleNamespace(additional_config={"ears": granting}))
     assert vllm_requests.server_runner == ("MRV2" if V1_ABSENT else "V1")
     vllm_requests.check_request({"ears_tolerance": 0.5})
+    vllm_requests.check_request({"ears_policy": "fly"})
     if V1_ABSENT:
-        with pytest.raises(VLLMValidationError, match="'ears_policy' = 'fly': this server runs vLLM's Model Runner V2"):
-            vllm_requests.check_request({"ears_policy": "fly"})
+        with pytest.raises(
+            VLLMValidationError, match="'ears_policy' = 'typical': this server runs vLLM's Model Runner V2"
+        ):
+            vllm_requests.check_request({"ears_policy": "typical"})
     else:
-        vllm_requests.check_request({"ears_policy": "fly"})
+        vllm_requests.check_request({"ears_policy": "typical"})

@@ -62,10 +62,14 @@ def worker_stats(worker: Any = None) -> dict[str, Any]:
 
 
 def worker_request_stats(worker: Any = None, prefix: str = "") -> dict[str, Any]:
-    """The counts of the requests whose vLLM request id starts with ``prefix`` (V1 runner), and whether they count
-    (TP rank 0; the caller keeps those)."""
-    requests = stats_registry.requests_of("V1")
-    return {"counts": {} if requests is None else requests.starting_with(prefix), "tp_rank": tensor_parallel_rank()}
+    """The counts of the requests whose vLLM request id starts with ``prefix`` (V1: as verified so far; MRV2: once
+    finished), and whether they count (TP rank 0; the caller keeps those)."""
+    counts: dict[str, Any] = {}
+    for runner in stats_registry.sources():
+        requests = stats_registry.requests_of(runner)
+        if requests is not None:
+            counts |= requests.starting_with(prefix)
+    return {"counts": counts, "tp_rank": tensor_parallel_rank()}
 
 
 def choices_of(response_id: str, per_worker: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -139,7 +143,7 @@ class EarsMetricsPlugin:
     """vLLM endpoint plugin (``vllm.endpoint_plugins``: ``ears_metrics``): ears counters on ``/metrics``, the same
     totals as JSON at ``GET /ears_vllm/stats``, and one response's own counts (its relaxed acceptances, by
     choice) at ``GET /v1/ears_vllm/requests/{response id}`` (the ``id`` of an OpenAI response, e.g. ``cmpl-...``;
-    the V1 runner keeps the last 10000 requests).
+    each runner keeps the last 10000 requests; Model Runner V2 reads a request's counts when it finishes).
 
     A response's record lives under ``/v1`` so that vLLM's own authentication (``--api-key``, ``VLLM_API_KEY``)
     guards it exactly as it guards ``/v1/completions``: vLLM's middleware checks every ``/v1`` path, and the
@@ -178,7 +182,7 @@ class EarsMetricsPlugin:
                 raise HTTPException(
                     status_code=404,
                     detail=f"no verified request of response {response_id!r} among "
-                    "the last ones this server kept (V1 runner only)",
+                    "the last ones this server kept (on Model Runner V2: once it has finished)",
                 )
             return {"id": response_id, "choices": choices}
 

@@ -10,7 +10,9 @@ Terms, per request (one program each): drafts sit at ``draft_sampled[start + i +
 arrive after temperature, draft logits before it (divided here). The uniform of position ``pos`` is
 ``UNIFORM(seed, pos, False)``: a counter-based draw in (0, 1), so it does not depend on the batch.
 
-Policies (``POLICY`` = ``PolicySpec.kernel_id``; the rules are the registry's, ``ears_vllm.policies.rules``):
+Policies (``POLICY`` = ``PolicySpec.kernel_id``; the rules are the registry's, ``ears_vllm.policies.rules``). With
+``PER_ROW_POLICY`` each request takes the branch of its own id (``policy_ptr``, by request state index), so one
+batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk holds its branch only:
 
 * standard (0): ``log p(d) > log u + log q(d)``, written exactly as the split-statistics verifier writes it,
   so the result is bit-identical to it.
@@ -23,11 +25,12 @@ Policies (``POLICY`` = ``PolicySpec.kernel_id``; the rules are the registry's, `
 * sglang (4): ``u <= p(d) / max(acc, 1e-9)`` or ``p(d) >= single``, q unread (the caller resamples from p
   without the draft).
 * relaxed_topk (5): the native decision, or the draft a relaxed candidate (among the target's top-k with
-  ``p(d) >= max p - delta``), tested by the caller on the logits, since MRV2's statistics carry no sum-exp for
-  greedy rows; greedy rows too.
+  ``p(d) >= max p - delta``), tested here in one pass over the row's logits where the native test rejects (MRV2's
+  statistics carry no sum-exp for greedy rows, nor any rank); greedy rows too.
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
-(ears, relaxed_topk), each request's relaxed acceptances are capped by its deviation budget as
+(ears, relaxed_topk, fly: at its deferral, the relaxed acceptance it becomes if confirmed; as the fused kernel caps
+it where it decides it), each request's relaxed acceptances are capped by its deviation budget as
 :mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the device: the
 ledger costs no host synchronisation).
 """
@@ -87,6 +90,32 @@ def _row_argmax(
 
 
 @triton.jit
+def _relaxed_candidate(target_logits_ptr, stride, row, draft, vocab_size, topk, delta, VOCAB_BLOCK_SIZE: tl.constexpr):
+    """:func:`ears_vllm.policies.relaxed_topk_candidate` for one row, in one pass over its target logits (online max
+    and sum-exp beside the count of logits above the draft's): ``p(d) > 0``, fewer than ``topk`` logits above the
+    draft's and ``p(d) >= max p - delta`` (the top-1 always). Greedy rows too (MRV2's statistics give them no
+    sum-exp)."""
+    draft_logit = tl.load(target_logits_ptr + row * stride + draft).to(tl.float32)
+    above = tl.zeros((), tl.int64)
+    row_max = tl.full((), float("-inf"), tl.float32)
+    sumexp = tl.zeros((), tl.float32)
+    for start in range(0, vocab_size, VOCAB_BLOCK_SIZE):
+        block = start + tl.arange(0, VOCAB_BLOCK_SIZE)
+        logits = tl.load(target_logits_ptr + row * stride + block, mask=block < vocab_size, other=float("-inf")).to(
+            tl.float32
+        )
+        above += tl.sum((logits > draft_logit).to(tl.int64))
+        new_max = tl.maximum(row_max, tl.max(logits))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # an all-masked prefix adds nothing
+        sumexp = sumexp * tl.exp(row_max - safe_max) + tl.sum(tl.exp(logits - safe_max))
+        row_max = new_max
+    lse = row_max + tl.log(sumexp)
+    target_prob = tl.exp(draft_logit - lse)
+    threshold = tl.exp(row_max - lse) - delta
+    return (target_prob > 0.0) & (above < topk) & ((target_prob >= threshold) | (above == 0))
+
+
+@triton.jit
 def _draft_logits_row(req_state_idx, row_mapping_ptr):
     """The row of a request's draft logits: its request state index, or under a sharded cache (``row_mapping_ptr``
     not None) the row the mapping gives it; a request this rank does not hold (-1) reads row 0, whose draws its
@@ -126,7 +155,7 @@ def split_stats_accept_kernel(
     seed_ptr,  # [max_num_reqs]
     pos_ptr,  # [num_logits]
     fly_entropy_ptr,  # [num_logits] float32 (fly only)
-    relaxed_candidate_ptr,  # [num_logits] bool: the row's draft is a relaxed top-k candidate (relaxed_topk only)
+    policy_ptr,  # [max_num_reqs] int32: each request's PolicySpec.kernel_id (read with PER_ROW_POLICY)
     tolerance_ptr,  # [max_num_reqs] float32: each request's ears tolerance
     budget_ptr,  # [max_num_reqs] float64: each request's deviation budget B, 0 = none (read when HAS_BUDGET)
     budget_slack_ptr,  # [max_num_reqs] float64: B * verified - relaxed so far; updated here after the walk
@@ -135,16 +164,23 @@ def split_stats_accept_kernel(
     fly_window,
     threshold_single,
     threshold_acc,
+    relaxed_topk,
+    relaxed_delta,
+    vocab_size,
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
+    CANDIDATE_BLOCK_SIZE: tl.constexpr,  # relaxed_topk's pass over a row's logits, a block at a time
     HAS_DRAFT_LOGITS: tl.constexpr,
-    POLICY: tl.constexpr,  # one of BRANCHES (walk_policy)
+    POLICY: tl.constexpr,  # one of BRANCHES (walk_policy); unread with PER_ROW_POLICY
     UNIFORM: tl.constexpr,
-    HAS_BUDGET: tl.constexpr,  # not with fly (its deferred acceptances are decided after the fact)
+    HAS_BUDGET: tl.constexpr,  # fly: a rejection defers only if its relaxed acceptance would fit
+    PER_ROW_POLICY: tl.constexpr,  # each request's branch from policy_ptr (a batch that mixes policies)
 ):
-    IS_FLY: tl.constexpr = POLICY == FLY
     req_idx = tl.program_id(0)
     req_state_idx = tl.load(idx_mapping_ptr + req_idx).to(tl.int64)
+    # PER_ROW_POLICY: a runtime branch id, every test below made per request; else a constexpr, one branch compiled
+    policy = tl.load(policy_ptr + req_state_idx) if PER_ROW_POLICY else POLICY
+    is_fly = policy == FLY
     start_idx, num_rows = request_span(cu_num_logits_ptr, req_idx)
     num_drafts = num_rows - 1  # each request's last row is its bonus row
     seed = tl.load(seed_ptr + req_state_idx)
@@ -169,7 +205,7 @@ def split_stats_accept_kernel(
         draft = tl.load(draft_sampled_ptr + row + 1).to(tl.int64)
         is_valid_draft = draft >= 0
         draft = tl.maximum(0, draft)
-        if not is_greedy and not IS_FLY:
+        if not is_greedy and not is_fly:
             verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
         if verifying:
             target_argmax = tl.zeros((), tl.int64)
@@ -185,7 +221,7 @@ def split_stats_accept_kernel(
                     PADDED_VOCAB_NUM_BLOCKS,
                 )
                 accepted = (target_argmax == draft) & is_valid_draft
-                if IS_FLY:
+                if is_fly:
                     target_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
                     can_defer = is_valid_draft & (target_logit > float("-inf"))
             else:
@@ -216,16 +252,16 @@ def split_stats_accept_kernel(
                         PADDED_VOCAB_NUM_BLOCKS,
                     )
                     draft_logprob = draft_logit / temp - step_draft_lse
-                if not IS_FLY or pending < 0:  # fly keeps the pending row's statistics for its resample
+                if not is_fly or pending < 0:  # fly keeps the pending row's statistics for its resample
                     target_lse = step_target_lse
                     draft_lse = step_draft_lse
-                if POLICY == SGLANG:
+                if policy == SGLANG:
                     target_prob = tl.exp(target_logprob)
                     accepted = (u <= target_prob / tl.maximum(threshold_acc, 1e-9)) | (target_prob >= threshold_single)
                     num_relaxed += (accepted & ~(target_logprob > tl.log(u) + draft_logprob)).to(tl.int32)
                 else:
                     accepted = target_logprob > tl.log(u) + draft_logprob
-                if POLICY == EARS:
+                if policy == EARS:
                     relaxation = tolerance * (1.0 - tl.exp(target_max - step_target_lse))
                     relaxed = (
                         (relaxation > 0.0)
@@ -243,21 +279,32 @@ def split_stats_accept_kernel(
                         )
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
-                if IS_FLY:
+                if is_fly:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
-            if POLICY == RELAXED_TOPK:  # greedy rows too: the caller's candidate test (top-k, p >= max p - delta)
-                candidate = is_valid_draft & (tl.load(relaxed_candidate_ptr + row) != 0) & ~accepted
-                if HAS_BUDGET:
-                    candidate &= budget_fits(
-                        relaxed_before=num_relaxed,
-                        slack=budget_slack,
-                        budget=budget,
-                        verified_through=i + 1,
+            if policy == RELAXED_TOPK:  # greedy rows too
+                may_rescue = is_valid_draft & ~accepted  # the pass over the row's logits is made only then
+                if may_rescue:
+                    candidate = _relaxed_candidate(
+                        target_logits_ptr,
+                        target_logits_stride,
+                        row,
+                        draft,
+                        vocab_size,
+                        relaxed_topk,
+                        relaxed_delta,
+                        CANDIDATE_BLOCK_SIZE,
                     )
-                num_relaxed += candidate.to(tl.int32)
-                accepted |= candidate
-            if IS_FLY:
+                    if HAS_BUDGET:
+                        candidate &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
+                    num_relaxed += candidate.to(tl.int32)
+                    accepted |= candidate
+            if is_fly:
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open
                     if accepted and i - pending == fly_window:
@@ -270,6 +317,13 @@ def split_stats_accept_kernel(
                     rejected_argmax = target_argmax
                     entropy = tl.load(fly_entropy_ptr + row)
                     verifying = can_defer & (i + fly_window < num_drafts) & (entropy >= fly_entropy_threshold)
+                    if HAS_BUDGET:  # the deferral, if confirmed, is the row's next relaxed acceptance: capped here
+                        verifying &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
                     if verifying:
                         pending = i
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
@@ -279,7 +333,7 @@ def split_stats_accept_kernel(
                 tl.store(
                     sampled_ptr + req_idx * sampled_stride + i, target_argmax if is_greedy and not accepted else draft
                 )
-    if IS_FLY and is_greedy and num_accepted < num_drafts:
+    if is_fly and is_greedy and num_accepted < num_drafts:
         tl.store(sampled_ptr + req_idx * sampled_stride + num_accepted, rejected_argmax)
 
     if HAS_BUDGET:  # charge the ledger: B per verified position (the accepted ones and the first rejected one)

@@ -17,6 +17,7 @@ from ears_vllm.policies.registry import (
     PolicySpec,
     budget_refusal,
     get_policy,
+    request_policy_refusal,
     settings_at_startup,
     settings_for,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "race_winners",
     "rank_among_logits",
     "relaxed_topk_candidate",
+    "request_policy_refusal",
     "settings_at_startup",
     "settings_for",
     "sglang_accept",

@@ -57,9 +57,8 @@ RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
 #   top_logits         the k largest logits of each row, [num_tokens, k] (FLy's entropy, fused kernel)
 #   fly_entropy        FLy's top-k entropy of each row, as vLLM's MRV2 computes it (MRV2 walk)
 #   draft_rank         how many logits lie above the draft's, per vocabulary split (relaxed_topk, fused kernel)
-#   relaxed_candidate  the draft is among the top-k with p >= max p - delta (relaxed_topk, MRV2 walk)
 #   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel)
-KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "relaxed_candidate", "js_relax"]
+KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "js_relax"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,15 +154,15 @@ class PolicySpec:
         name; ``tests/test_registry_complete.py`` checks):
 
         kernel_inputs: what the host computes per row for its kernel branch (:data:`KernelInput`): FLy's top
-            target logits and entropy gate, TensorRT-LLM's draft rank and top-``relaxed_topk`` candidate test,
-            AdaSD's relaxation flag from the Jensen-Shannon distance against the request's learnt threshold.
+            target logits and entropy gate, TensorRT-LLM's draft rank (fused kernel; the MRV2 walk tests the
+            candidate itself), AdaSD's relaxation flag from the Jensen-Shannon distance against the request's learnt
+            threshold.
         vllms_rule: the rule is vLLM's own (standard): lossless at every setting, so a server on it is left to
             vLLM (the plugin does not verify, takes no per-request settings) and a budget has nothing to cap.
         cuts_drafts: the drafter is patched (``ears_vllm.seam.vllm_drafter``) so that each request stops
             drafting at a threshold it learns (AdaSD's draft length).
         budget_runners: the runners on which a deviation budget can cap it (empty: no budget; a budget needs
-            ``only_adds_acceptances``). FLy's is V1 only: MRV2's FLy confirms a deferred acceptance only after
-            its walk, too late for the budget's per-position cap.
+            ``only_adds_acceptances``).
         min_speculative_tokens: vLLM refuses the policy at startup with fewer speculative tokens (its FLy: 2).
         no_closed_form: why ``accept_probability`` is None (required then; empty otherwise).
         source: where the rule comes from.
@@ -265,7 +264,7 @@ _POLICY_LIST = (
         only_adds_acceptances=True,
         relaxed_rate="sequence_bound",
         kernel_inputs=("top_logits", "fly_entropy"),
-        budget_runners=("V1",),  # MRV2's FLy confirms a deferred acceptance only after the walk
+        budget_runners=("V1", "MRV2"),  # MRV2: capped where the walk defers (it confirms the deferral later)
         min_speculative_tokens=2,
         no_closed_form="the decision reads the next fly_window_size positions; closed_form.fly_chain chains it",
         source="vLLM 0.33 vllm/v1/spec_decode/fly.py; MRV2 rejection_sampler_utils._rejection_kernel",
@@ -291,11 +290,11 @@ _POLICY_LIST = (
         rule=rules.rule_relaxed_topk,
         accept_probability=rules.probability_relaxed_topk,
         kernel_id=5,
-        runners=("V1", "MRV2"),  # MRV2: the candidate test made on the host, as vLLM takes FLy's top-k there
+        runners=("V1", "MRV2"),  # MRV2: the candidate test made in the walk, one pass over a rejected row
         greedy_rows=True,
         only_adds_acceptances=True,
         relaxed_rate="exact",
-        kernel_inputs=("draft_rank", "relaxed_candidate"),
+        kernel_inputs=("draft_rank",),
         budget_runners=("V1", "MRV2"),
         source="TensorRT-LLM cpp/tensorrt_llm/kernels/speculativeDecoding/mtpKernels.cu mtpRelaxedAcceptanceKernel",
     ),
@@ -399,3 +398,19 @@ def budget_refusal(policy: str, runner: str) -> str | None:
         f"a deviation budget with policy {policy!r} runs on the {' and '.join(spec.budget_runners)} runner only "
         f"(not on {runner})"
     )
+
+
+def request_policy_refusal(server_policy: str, policy: str, runner: str) -> str | None:
+    """Why a request on a server of ``server_policy`` verifying on ``runner`` cannot be verified with ``policy``
+    (None: it can); the one place that decides which policies a request may switch to on a runner (read by the
+    per-request check, ``seam.vllm_requests``, and MRV2's slots, ``seam.vllm_mrv2``). MRV2 verifies a batch
+    in one walk that reads each row's policy, so a request may take any policy whose ``runners`` name MRV2; but a
+    keyed server (ERSD) races its whole batch on the request keys, so its requests keep its policy there."""
+    if policy == server_policy:
+        return None
+    spec = get_policy(policy)
+    if runner not in spec.runners:
+        return f"policy {policy!r} is not available on the {runner} runner (it is on {list(spec.runners)})"
+    if runner == "MRV2" and get_policy(server_policy).keyed:
+        return f"a server of policy {server_policy!r} races every request of a batch on its keys on {runner}"
+    return None

@@ -226,7 +226,15 @@ MANIFEST: tuple[PatchSpec, ...] = (
         "wrap",
         "ears_vllm.seam.vllm_mrv2:wrap_add_request",
         MRV2_VERIFIES,
-        "each request's slot learns its per-request ears settings (tolerance, budget, a fresh ledger)",
+        "each request's slot learns its per-request ears settings (policy, tolerance, budget, a fresh ledger)",
+    ),
+    PatchSpec(
+        "mrv2.slots",
+        "vllm.v1.worker.gpu.states:RequestState.remove_request",
+        "wrap",
+        "ears_vllm.seam.vllm_mrv2:wrap_remove_request",
+        MRV2_VERIFIES,
+        "a finished request's counts, kept on the device in its slot, join the per-request history (read later)",
     ),
     PatchSpec(
         "ersd.mrv2",

@@ -42,18 +42,17 @@ from ears_vllm._log import get_logger
 from ears_vllm.config import EarsConfig, resolve_config
 from ears_vllm.control.budget import share_slack
 from ears_vllm.policies import (
-    PolicySpec,
+    POLICIES,
     fly_entropy,
     get_policy,
-    rank_among_logits,
-    relaxed_topk_candidate,
+    request_policy_refusal,
     settings_for,
 )
 from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import check_module, find_class, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
-from ears_vllm.stats import VerifyStats
+from ears_vllm.stats import RecentRequests, VerifyStats
 from ears_vllm.stats_registry import StatsSource
 from ears_vllm.step import Budget, StepCounts, request_rows
 
@@ -61,6 +60,7 @@ MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 UTILS_MODULE = "vllm.v1.worker.gpu.spec_decode.rejection_sampler_utils"
 RANDOM_MODULE = "vllm.v1.worker.gpu.sample.gumbel"
 SAMPLER_MODULE = "vllm.v1.worker.gpu.sample.sampler"
+STATES_MODULE = "vllm.v1.worker.gpu.states"  # RequestState: a request's slot, freed when it finishes
 DRAFT_CACHE_MODULE = "vllm.v1.worker.gpu.spec_decode.draft_logits"  # vLLM 0.34's DraftLogitsCache
 # The leading parameters of MRV2's ``rejection_sample``, by the names verify_mrv2 takes them.
 EXPECTED_PARAMETERS = (
@@ -142,6 +142,7 @@ KERNEL_VALUES = frozenset(
 )
 VOCAB_BLOCK_SIZE = 8192  # MRV2's statistics block; the walk merges these blocks
 RESAMPLE_BLOCK_SIZE = 1024
+CANDIDATE_BLOCK_SIZE = 1024  # relaxed_topk's pass over a rejected row's logits in the walk
 
 logger = get_logger()
 
@@ -151,18 +152,26 @@ active = ActiveSampler("ears_vllm_mrv2")
 as_sampler, verifying_with = active.of, active.verifying_with
 
 
+# Each PolicySpec.kernel_id's policy, by id (the rows of the counts kept by policy on the device).
+POLICY_OF_KERNEL_ID = {spec.kernel_id: name for name, spec in sorted(POLICIES.items(), key=lambda p: p[1].kernel_id)}
+
+
 class SlotControls:
-    """Per-request settings on MRV2, by request state index (MRV2's slot): each request's tolerance, and its
+    """Per-request settings on MRV2, by request state index (MRV2's slot): each request's policy (its
+    ``PolicySpec.kernel_id``, read per row by the walk once the batch mixes policies), its tolerance, and its
     budget ledger, whose slack lives on the device and is charged by the acceptance walk (no host sync).
 
     Filled when vLLM adds a request to its sampler (``Sampler.add_request``, patched), from the request's
-    ``vllm_xargs`` (:mod:`ears_vllm.control.requests`); MRV2 applies the server's policy to every request, so
-    a request may set its tolerance and budget, not its policy (the API server refuses ``ears_policy`` there)."""
+    ``vllm_xargs`` (:mod:`ears_vllm.control.requests`; the API server has checked them,
+    :func:`ears_vllm.seam.vllm_requests.check_request`). A policy the walk has no branch for (an offline caller's)
+    is logged and replaced by the server's."""
 
     def __init__(self, server: EarsConfig, size: int) -> None:
         self.server = server
+        self.policy = [server.policy] * size
         self.tolerance = [server.tolerance] * size
         self.budget = [0.0] * size
+        self.policies = {server.policy}  # every policy a request has asked for (the walk's inputs and branches)
         self.relaxes = not server.is_lossless  # some request may relax: the walk runs the policy's branch
         self.has_budget = False
         self.pooled = [False] * size  # slots that share the server's pool (budget_scope "server")
@@ -170,19 +179,42 @@ class SlotControls:
         self._new: list[int] = []  # slots whose ledger starts afresh at the next step
         self._device: tuple[torch.Tensor, ...] | None = None
         self._dirty = True
+        # Each slot's request's StepCounts so far ([size, len(StepCounts._fields)] int64, on the device; added by
+        # each step, zeroed when a request takes the slot), and the finished requests' rows copied out of it, on
+        # the device until the per-request history is read (:meth:`read_finished`).
+        self.counts: torch.Tensor | None = None
+        self.finished: list[tuple[str, str, torch.Tensor]] = []  # (vLLM request id, policy, counts [fields])
+
+    @property
+    def mixed(self) -> bool:
+        """Requests have asked for another policy than the server's: the walk reads each row's policy."""
+        return len(self.policies) > 1
 
     def add_request(self, slot: int, sampling_params: Any) -> None:
         control = new_control(self.server, sampling_params, f"request in slot {slot}")
+        policy = control.config.policy
+        refusal = request_policy_refusal(self.server.policy, policy, "MRV2")
+        if refusal is not None:
+            logger.warning(
+                "ears-vllm: request in slot %d asks for policy %r, but %s; it is verified with the server's policy",
+                slot,
+                policy,
+                refusal,
+            )
+            policy = self.server.policy
+        self.policy[slot] = policy
+        self.policies.add(policy)
         self.tolerance[slot], self.budget[slot] = control.tolerance, control.budget
         self.pooled[slot] = control.ledger is not None and control.ledger.shared
-        self.relaxes |= control.tolerance > 0
+        self.relaxes |= control.tolerance > 0 or not control.config.is_lossless
         self.has_budget |= control.budget > 0
         self._new.append(slot)
         self._dirty = True
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(tolerance [size] float32, budget [size] float64, slack [size] float64, pooled [size] bool, pool []
-        float64: the server pool's slack) on ``device``."""
+        float64: the server pool's slack, policy [size] int32: each slot's ``PolicySpec.kernel_id``, one_hot [size]
+        bool: its policy recovers from p without the draft) on ``device``."""
         if self._device is None or self._device[0].device != device:
             size = len(self.tolerance)
             self._device = (
@@ -191,23 +223,55 @@ class SlotControls:
                 torch.zeros(size, dtype=torch.float64, device=device),
                 torch.zeros(size, dtype=torch.bool, device=device),
                 torch.zeros((), dtype=torch.float64, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size, dtype=torch.bool, device=device),
             )
-        tolerance, budget, slack, pooled, _ = self._device
+        tolerance, budget, slack, pooled, _, policy, one_hot = self._device
         if self._dirty:
             tolerance.copy_(torch.tensor(self.tolerance, dtype=torch.float32), non_blocking=True)
             budget.copy_(torch.tensor(self.budget, dtype=torch.float64), non_blocking=True)
             pooled.copy_(torch.tensor(self.pooled), non_blocking=True)
+            specs = [get_policy(name) for name in self.policy]
+            policy.copy_(torch.tensor([spec.kernel_id for spec in specs], dtype=torch.int32), non_blocking=True)
+            one_hot.copy_(torch.tensor([spec.recovery == "one_hot_residual" for spec in specs]), non_blocking=True)
+            if self.counts is None or self.counts.device != device:
+                self.counts = torch.zeros(len(self.policy), len(StepCounts._fields), dtype=torch.int64, device=device)
             if self._new:
-                slack.index_fill_(0, torch.tensor(self._new, device=device), 0.0)
+                new = torch.tensor(self._new, device=device)
+                slack.index_fill_(0, new, 0.0)
+                self.counts.index_fill_(0, new, 0)
             self._new, self._dirty = [], False
         return self._device
+
+    def add_counts(
+        self,
+        idx_mapping: torch.Tensor,  # [num_reqs]: the slots of the batch rows
+        per_request: torch.Tensor,  # [len(StepCounts._fields), num_reqs] int64: the step's counts by request
+    ) -> None:
+        """Add a step's counts to its requests' slots (on the device)."""
+        if self.counts is not None:
+            self.counts.index_add_(0, idx_mapping.long(), per_request.T)
+
+    def finish(self, slot: int, req_id: str) -> None:
+        """The request in ``slot`` finished: its counts are copied out of the slot on the device (no host read)."""
+        if self.counts is not None and 0 <= slot < len(self.policy):
+            self.finished.append((req_id, self.policy[slot], self.counts[slot].clone()))
+
+    def read_finished(self, history: RecentRequests) -> None:
+        """The finished requests' counts into ``history`` (one host read for all of them)."""
+        if not self.finished:
+            return
+        finished, self.finished = self.finished, []
+        rows = torch.stack([counts for _, _, counts in finished]).tolist()
+        for (req_id, policy, _), row in zip(finished, rows, strict=True):
+            history.record(req_id, policy, StepCounts.of_stacked(row))
 
     def deal_pool(self, idx_mapping: torch.Tensor) -> torch.Tensor | None:  # [num_reqs] slots of the batch rows
         """Before the walk: deal the server pool's slack to the batch's pooled slots (:func:`share_slack`), on
         the device; returns the rows' pooled mask [num_reqs] for :meth:`gather_pool` (None without a pool)."""
         if not any(self.pooled):
             return None
-        _, _, slack, pooled, pool = self._device
+        _, _, slack, pooled, pool, _, _ = self._device
         rows = pooled[idx_mapping]
         slack[idx_mapping] = torch.where(rows, share_slack(pool, rows, self.pool_steps), slack[idx_mapping])
         self.pool_steps += 1
@@ -216,7 +280,7 @@ class SlotControls:
     def gather_pool(self, idx_mapping: torch.Tensor, rows: torch.Tensor | None) -> None:
         """After the walk: the pool's slack is what its rows left (a finished request's share is not lost)."""
         if rows is not None:
-            _, _, slack, _, pool = self._device
+            _, _, slack, _, pool, _, _ = self._device
             pool.copy_(torch.where(rows, slack[idx_mapping], 0.0).sum())
 
 
@@ -226,19 +290,31 @@ class _State:
     original_rejection_sample: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     hook_problem: str | None = None  # why the MRV2 hooks do not check out (None: they do)
     stats = VerifyStats()
-    # The steps' StepCounts (stacked: [len(StepCounts._fields)] int64), summed on the device and read at each report,
-    # so a step costs no host synchronisation.
+    # The steps' StepCounts by the policy that verified them ([kernel ids, len(StepCounts._fields)] int64, a row per
+    # PolicySpec.kernel_id), summed on the device and read at each report, so a step costs no host synchronisation.
     device_counts: torch.Tensor | None = None
     pending_steps: int = 0
     pending_draft_dist_steps: int = 0
-    pending_policy: str = "standard"  # the policy of the pending counts (one per sampler: no per-request on MRV2)
+    pending_policy: str = "standard"  # the server's policy (its row is recorded with the steps)
     last_read: float = 0.0
     kernel_failure: str | None = None  # why the acceptance kernel failed; vLLM's own sampler runs since
     slots: SlotControls | None = None  # per-request settings by request state index (made when a sampler verifies)
+    requests = RecentRequests()  # each finished request's own counts (read from its slot, SlotControls.finish)
 
 
 state = _State()
-stats_registry.register("MRV2", StatsSource(stats=lambda: state.stats, flush=lambda: flush_counts()))
+
+
+def recent_requests() -> RecentRequests:
+    """The per-request history, with the requests that finished since the last read in it."""
+    if state.slots is not None:
+        state.slots.read_finished(state.requests)
+    return state.requests
+
+
+stats_registry.register(
+    "MRV2", StatsSource(stats=lambda: state.stats, flush=lambda: flush_counts(), requests=recent_requests)
+)
 
 
 def _parameters(kernel: Any) -> tuple[str, ...]:
@@ -366,9 +442,13 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
 
 def _install_add_request_hook() -> str | None:
     """Wrap MRV2's ``Sampler.add_request`` so each request's slot gets its settings; None, or why it cannot."""
-    sampler_cls, problem = find_class(SAMPLER_MODULE, "Sampler", "add_request")
-    if sampler_cls is None:
-        return problem
+    for module, name, method in (
+        (SAMPLER_MODULE, "Sampler", "add_request"),
+        (STATES_MODULE, "RequestState", "remove_request"),
+    ):
+        cls, problem = find_class(module, name, method)
+        if cls is None:
+            return problem
     patches.install("mrv2.slots")
     return None
 
@@ -383,6 +463,18 @@ def wrap_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return add_request
+
+
+def wrap_remove_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    """MRV2's ``RequestState.remove_request`` (a request finished or was preempted), its slot's counts kept first."""
+
+    def remove_request(self: Any, req_id: str, *args: Any, **kwargs: Any) -> Any:
+        slot = original(self, req_id, *args, **kwargs)
+        if state.slots is not None and slot is not None:
+            state.slots.finish(slot, req_id)
+        return slot
+
+    return remove_request
 
 
 def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,6 +501,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     bound.apply_defaults()
     given = bound.arguments
     draft_logits, draft_logits_row_mapping = draft_logits_of(given)
+    slots = state.slots if state.slots is not None and state.slots.server is config else None
     try:
         sampled, num_sampled, num_relaxed = verify_mrv2(
             **{name: given[name] for name in EXPECTED_PARAMETERS if name != "draft_logits"},
@@ -417,7 +510,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
             draft_logits_row_mapping=draft_logits_row_mapping,
             skip_masked_vocab_blocks=bool(given.get("skip_masked_vocab_blocks", False)),
             use_fp64=bool(given.get("use_fp64", False)),
-            slots=state.slots if state.slots is not None and state.slots.server is config else None,
+            slots=slots,
         )
     except Exception as exc:  # a kernel that fails to compile or launch must not fail the requests
         state.kernel_failure = f"{type(exc).__name__}: {exc}"
@@ -436,6 +529,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
         given["temperature"],
         has_draft_dist=draft_logits is not None,
         policy=config.policy,
+        slots=slots,
     )
     return sampled, num_sampled
 
@@ -541,15 +635,30 @@ def verify_mrv2(
     target_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     spec = get_policy(config.policy)
-    settings = settings_for(config.policy, dict(config.params), num_speculative_steps)
+    mixed = slots is not None and slots.mixed  # the walk reads each row's policy
+    specs = [get_policy(name) for name in sorted(slots.policies)] if mixed else [spec]
+    settings: dict[str, Any] = {}
+    for each in specs:
+        settings |= settings_for(each.name, dict(config.params), num_speculative_steps)
+    one_hot_rows = None  # [num_reqs] bool: rows whose policy recovers from p without the draft (mixed batches)
     if slots is not None:
-        tolerance, rate, slack, _, _ = slots.tensors(temperature.device)  # [max_num_reqs] each
+        tolerance, rate, slack, _, _, row_policy, one_hot = slots.tensors(temperature.device)  # [max_num_reqs] each
         budget = Budget(rate=rate, slack=slack)
         pooled_rows = slots.deal_pool(idx_mapping)
+        one_hot_rows = one_hot[idx_mapping.long()] if mixed else None
     else:
         tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)  # [max_num_reqs]
         budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
-    entropy, candidate = _walk_inputs(spec, config, settings, target_logits[:, :vocab_size], draft_sampled)
+        row_policy = None
+    kernel_inputs = {name for each in specs for name in each.kernel_inputs}
+    entropy = _walk_inputs(kernel_inputs, settings, target_logits[:, :vocab_size])
+    if mixed:  # a runtime branch reads every input: the unused ones are placeholders
+        policy_constexpr = walk_policy(spec, relaxes=False)  # unread with PER_ROW_POLICY
+        for each in specs:
+            walk_policy(each, relaxes=True)  # refuses a policy the walk has no branch for
+        entropy = entropy if entropy is not None else target_logits.new_zeros(num_logits, dtype=torch.float32)
+    else:
+        policy_constexpr = walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes))
     split_stats_accept_kernel[(num_reqs,)](
         sampled_ptr=sampled,
         sampled_stride=sampled.stride(0),
@@ -578,7 +687,7 @@ def verify_mrv2(
         seed_ptr=seed,
         pos_ptr=pos,
         fly_entropy_ptr=entropy,
-        relaxed_candidate_ptr=candidate,
+        policy_ptr=row_policy,
         tolerance_ptr=tolerance,
         budget_ptr=budget.rate,
         budget_slack_ptr=budget.slack,
@@ -587,18 +696,26 @@ def verify_mrv2(
         fly_window=settings.get("fly_window_size", 0),
         threshold_single=config.accept_threshold_single,
         threshold_acc=config.accept_threshold_acc,
+        relaxed_topk=config.relaxed_topk,
+        relaxed_delta=config.relaxed_delta,
+        vocab_size=vocab_size,
         vocab_num_blocks=num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
+        CANDIDATE_BLOCK_SIZE=CANDIDATE_BLOCK_SIZE,
         HAS_DRAFT_LOGITS=has_draft_logits,
-        POLICY=walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes)),
+        POLICY=policy_constexpr,
         UNIFORM=uniform,
         HAS_BUDGET=slots is not None and slots.has_budget,
+        PER_ROW_POLICY=mixed,
         num_warps=1,
     )
     if slots is not None:
         slots.gather_pool(idx_mapping, pooled_rows)
-    if spec.recovery == "one_hot_residual":  # the rejected draft leaves p; q is not read
+    recoveries = {each.recovery == "one_hot_residual" for each in specs}
+    if recoveries == {True}:  # the rejected draft leaves p; q is not read
         shared |= dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
+    if recoveries != {True, False} or not has_draft_logits:  # with one-hot drafts both residuals are the same
+        one_hot_rows = None
     options = dict(use_fp64=use_fp64, skip_masked_vocab_blocks=skip_masked_vocab_blocks)
 
     outputs = dict(
@@ -607,29 +724,25 @@ def verify_mrv2(
         target_rejected_lse=target_rejected_lse,
         draft_rejected_lse=draft_rejected_lse,
     )
-    _resample_and_insert(utils, shared, outputs, seed=seed, pos=pos, draft_sampled=draft_sampled, **options)
+    _resample_and_insert(
+        utils, shared, outputs, seed=seed, pos=pos, draft_sampled=draft_sampled, one_hot_rows=one_hot_rows, **options
+    )
     return sampled, num_sampled, num_relaxed
 
 
 def _walk_inputs(
-    spec: PolicySpec,
-    config: EarsConfig,
-    settings: dict[str, Any],  # the policy's settings for this k (settings_for)
+    kernel_inputs: set[str],  # the PolicySpec.kernel_inputs of the step's policies
+    settings: dict[str, Any],  # the policies' settings for this k (settings_for)
     target_logits: torch.Tensor,  # [num_logits, V] after temperature, cut to the draft's vocabulary
-    draft_sampled: torch.Tensor,  # [num_logits]: the draft row i verifies is draft_sampled[i + 1]
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # (fly entropy [num_logits], relaxed candidate [num_logits])
-    """What the host computes per row for the walk's policy branch (``PolicySpec.kernel_inputs``); None where the
-    branch reads nothing."""
-    entropy = candidate = None
-    vocab_size = target_logits.shape[1]
-    if "fly_entropy" in spec.kernel_inputs:  # as vLLM's MRV2 computes it (compute_fly_entropy(..., from_logits=True))
-        values = target_logits.to(torch.float32)
-        top_k = min(settings["fly_entropy_top_k"], vocab_size)
-        entropy = fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
-    if "relaxed_candidate" in spec.kernel_inputs:
-        drafts = torch.cat([draft_sampled[1:], draft_sampled.new_zeros(1)]).clamp_min(0)
-        candidate = relaxed_topk_candidates(target_logits, drafts, config.relaxed_topk, config.relaxed_delta)
-    return entropy, candidate
+) -> torch.Tensor | None:  # fly entropy [num_logits] float32
+    """What is computed per row beside the walk for its policy branches (``PolicySpec.kernel_inputs``): FLy's top-k
+    entropy, as vLLM's MRV2 computes it (``compute_fly_entropy(..., from_logits=True)``); None where no branch reads
+    it. (relaxed_topk's candidate test is made in the walk, ``split_stats_accept._relaxed_candidate``.)"""
+    if "fly_entropy" not in kernel_inputs:
+        return None
+    values = target_logits.to(torch.float32)
+    top_k = min(settings["fly_entropy_top_k"], target_logits.shape[1])
+    return fly_entropy(torch.topk(values, top_k, dim=-1).values, values.logsumexp(dim=-1, keepdim=True))
 
 
 def _resample_and_insert(
@@ -640,16 +753,61 @@ def _resample_and_insert(
     seed: torch.Tensor,  # [max_num_reqs]
     pos: torch.Tensor,  # [num_logits]
     draft_sampled: torch.Tensor,  # [num_logits]
+    one_hot_rows: torch.Tensor | None = None,  # [num_reqs] bool: rows resampled from p without the draft
     use_fp64: bool,
     skip_masked_vocab_blocks: bool,
 ) -> None:
     """MRV2's resampling and insertion launches after the walk: the recovered or bonus token of each request, written
-    into ``sampled`` as vLLM writes it."""
+    into ``sampled`` as vLLM writes it. With ``one_hot_rows`` (a batch that mixes a one-hot recovery with draft
+    distributions) the resampling runs twice, with and without the draft logits, and each row takes its own."""
     import triton
 
+    options = dict(seed=seed, pos=pos, draft_sampled=draft_sampled, use_fp64=use_fp64)
+    options |= dict(skip_masked_vocab_blocks=skip_masked_vocab_blocks)
+    resampled_argmax, resampled_max = _resample(utils, shared, outputs, **options)
+    if one_hot_rows is not None:
+        no_draft = shared | dict(draft_logits_ptr=None, HAS_DRAFT_LOGITS=False)
+        one_hot_argmax, one_hot_max = _resample(utils, no_draft, outputs, **options)
+        resampled_argmax = torch.where(one_hot_rows[:, None], one_hot_argmax, resampled_argmax)
+        resampled_max = torch.where(one_hot_rows[:, None], one_hot_max, resampled_max)
     sampled, num_sampled = outputs["sampled"], outputs["num_sampled"]
+    num_reqs, resample_blocks = resampled_argmax.shape
+    _launch(
+        utils._insert_resampled_kernel,
+        (num_reqs,),
+        shared
+        | dict(
+            sampled_ptr=sampled,
+            sampled_stride=sampled.stride(0),
+            num_sampled_ptr=num_sampled,
+            resampled_local_argmax_ptr=resampled_argmax,
+            resampled_local_argmax_stride=resampled_argmax.stride(0),
+            resampled_local_max_ptr=resampled_max,
+            resampled_local_max_stride=resampled_max.stride(0),
+            resample_num_blocks=resample_blocks,
+            PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
+        ),
+        num_warps=1,  # as vLLM 0.34 launches it: the kernel updates num_sampled in place; more warps race on it
+    )
+
+
+def _resample(
+    utils: Any,  # vLLM's rejection_sampler_utils module
+    shared: dict[str, Any],  # what every launch reads, by vLLM's parameter names
+    outputs: dict[str, torch.Tensor],  # the walk's: sampled, num_sampled, target/draft_rejected_lse [num_reqs]
+    *,
+    seed: torch.Tensor,  # [max_num_reqs]
+    pos: torch.Tensor,  # [num_logits]
+    draft_sampled: torch.Tensor,  # [num_logits]
+    use_fp64: bool,
+    skip_masked_vocab_blocks: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (argmax [num_reqs, blocks] int64, max [num_reqs, blocks]) per block
+    """MRV2's resampling launch: each request's per-block winners of its recovered or bonus token."""
+    import triton
+
+    num_sampled = outputs["num_sampled"]
     target_rejected_lse, draft_rejected_lse = outputs["target_rejected_lse"], outputs["draft_rejected_lse"]
-    num_reqs, vocab_size = sampled.shape[0], shared["vocab_size"]
+    num_reqs, vocab_size = num_sampled.shape[0], shared["vocab_size"]
     target_logits = shared["target_logits_ptr"]
     resample_blocks = triton.cdiv(vocab_size, RESAMPLE_BLOCK_SIZE)
     resampled_argmax = target_logits.new_empty(num_reqs, resample_blocks, dtype=torch.int64)
@@ -687,23 +845,7 @@ def _resample_and_insert(
             SKIP_MASKED_BLOCKS=skip_masked_vocab_blocks,
         ),
     )
-    _launch(
-        utils._insert_resampled_kernel,
-        (num_reqs,),
-        shared
-        | dict(
-            sampled_ptr=sampled,
-            sampled_stride=sampled.stride(0),
-            num_sampled_ptr=num_sampled,
-            resampled_local_argmax_ptr=resampled_argmax,
-            resampled_local_argmax_stride=resampled_argmax.stride(0),
-            resampled_local_max_ptr=resampled_max,
-            resampled_local_max_stride=resampled_max.stride(0),
-            resample_num_blocks=resample_blocks,
-            PADDED_RESAMPLE_NUM_BLOCKS=triton.next_power_of_2(resample_blocks),
-        ),
-        num_warps=1,  # as vLLM 0.34 launches it: the kernel updates num_sampled in place; more warps race on it
-    )
+    return resampled_argmax, resampled_max
 
 
 def verify_races_mrv2(
@@ -738,22 +880,6 @@ def verify_races_mrv2(
     return sampled, num_sampled, torch.zeros_like(num_sampled)
 
 
-def relaxed_topk_candidates(
-    logits: torch.Tensor,  # [num_logits, V] after temperature (greedy rows: as given)
-    drafts: torch.Tensor,  # [num_logits] int: the draft each row verifies
-    topk: int,
-    delta: float,
-) -> torch.Tensor:  # [num_logits] bool
-    """TensorRT-LLM's relaxed candidate test per row (:func:`ears_vllm.policies.relaxed_topk_candidate`), on the
-    host: the draft ranks among the top-k logits and ``p(d) >= max p - delta`` (the top-1 always)."""
-    values = logits.to(torch.float32)
-    lse = values.logsumexp(dim=-1)
-    draft_logit = values.gather(1, drafts.long().unsqueeze(1)).squeeze(1)
-    max_prob = (values.max(dim=-1).values - lse).exp()
-    rank = rank_among_logits(values, draft_logit)
-    return relaxed_topk_candidate((draft_logit - lse).exp(), max_prob, rank, topk, delta)
-
-
 def _record(
     num_sampled: torch.Tensor,  # [num_reqs] int32: accepted + 1
     num_relaxed: torch.Tensor,  # [num_reqs] int32
@@ -762,14 +888,22 @@ def _record(
     temperature: torch.Tensor,  # [max_num_reqs]
     has_draft_dist: bool,
     policy: str,
+    slots: SlotControls | None = None,
 ) -> None:
-    """Add this step's counts on the device; move them into the stats at the report interval."""
+    """Add this step's counts on the device (and to each request's slot); move them into the stats at the report
+    interval."""
     drafts = cu_num_logits.diff() - 1  # each request's rows are its drafts and its bonus row
     is_random = temperature[idx_mapping.long()] != 0
-    step = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().sum(dim=1)  # [7]
-    if state.device_counts is None or state.device_counts.device != step.device:
-        state.device_counts = torch.zeros(step.shape[0], dtype=torch.int64, device=step.device)
-    state.device_counts += step
+    per_request = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked()  # [7, num_reqs]
+    if slots is not None:
+        slots.add_counts(idx_mapping, per_request)
+    fields, device = per_request.shape[0], per_request.device
+    if state.device_counts is None or state.device_counts.device != device:
+        state.device_counts = torch.zeros(max(POLICY_OF_KERNEL_ID) + 1, fields, dtype=torch.int64, device=device)
+    if slots is not None and slots.mixed:  # each request's counts under its own policy
+        state.device_counts.index_add_(0, slots.tensors(device)[5][idx_mapping.long()].long(), per_request.T)
+    else:
+        state.device_counts[get_policy(policy).kernel_id].add_(per_request.sum(dim=1))  # in place: no copy back
     state.pending_steps += 1
     state.pending_draft_dist_steps += has_draft_dist
     state.pending_policy = policy
@@ -781,14 +915,20 @@ def _record(
 
 
 def flush_counts() -> None:
-    """Move the counts summed on the device into the stats (one host synchronisation)."""
+    """Move the counts summed on the device into the stats, and the finished requests' into the per-request history
+    (a host synchronisation each)."""
+    if state.slots is not None:
+        state.slots.read_finished(state.requests)
     if state.device_counts is None or not state.pending_steps:
         return
-    state.stats.record(
-        StepCounts.of_stacked(state.device_counts.tolist()),
-        steps=state.pending_steps,
-        draft_dist_steps=state.pending_draft_dist_steps,
-        policy=state.pending_policy,
-    )
+    by_policy = {i: row for i, row in enumerate(state.device_counts.tolist()) if i in POLICY_OF_KERNEL_ID}
+    first = get_policy(state.pending_policy).kernel_id  # the server's: the steps are counted with it
+    for n, kernel_id in enumerate([first] + [i for i, row in by_policy.items() if i != first and any(row)]):
+        state.stats.record(
+            StepCounts.of_stacked(by_policy[kernel_id]),
+            steps=state.pending_steps if n == 0 else 0,
+            draft_dist_steps=state.pending_draft_dist_steps if n == 0 else 0,
+            policy=POLICY_OF_KERNEL_ID[kernel_id],
+        )
     state.device_counts.zero_()
     state.pending_steps = state.pending_draft_dist_steps = 0

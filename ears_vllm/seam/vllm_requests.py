@@ -32,7 +32,7 @@ from ears_vllm.control.requests import (
     request_config,
     request_settings,
 )
-from ears_vllm.policies import budget_refusal, get_policy
+from ears_vllm.policies import budget_refusal, get_policy, request_policy_refusal
 from ears_vllm.policies.adasd import AdasdState
 from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import bound, find_class, serving_runner
@@ -44,6 +44,7 @@ _ATTRIBUTE = "_ears_control"  # on vLLM's CachedRequestState
 # The server's config and runner as this process's vLLM config says (set while vLLM builds it), for the check.
 server_config: EarsConfig | None = None
 server_runner: str = "V1"
+_RUNNER_NAMES = {"V1": "V1 runner", "MRV2": "Model Runner V2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +98,11 @@ def check_request(extra_args: Any) -> None:
         asked = request_settings(extra_args)
         if not asked.empty and server_config is not None:
             config = request_config(server_config, asked)
-            if server_runner == "MRV2" and config.policy != server_config.policy:
+            refusal = request_policy_refusal(server_config.policy, config.policy, server_runner)
+            if refusal is not None:
+                runner = _RUNNER_NAMES[server_runner]
                 raise ValueError(
-                    f"vllm_xargs key 'ears_policy' = {asked.policy!r}: this server runs vLLM's Model Runner V2, which "
-                    f"verifies every request with the server's policy ({server_config.policy!r}); a request may set "
-                    "ears_tolerance and ears_budget"
+                    f"vllm_xargs key 'ears_policy' = {asked.policy!r}: this server runs vLLM's {runner}: {refusal}"
                 )
             if get_policy(config.policy).patches_drafter and server_config.policy != config.policy:
                 raise ValueError(
