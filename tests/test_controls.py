@@ -399,7 +399,11 @@ def test_requests_on_the_servers_budget_share_its_pool_when_it_is_server_scoped(
     from ears_vllm.seam import vllm_requests
 
     monkeypatch.setattr(vllm_requests, "_pools", {})
-    server = EarsConfig(policy="ears", budget=0.02, budget_scope=scope)
+    # The operator grants the larger budget one case asks; the server is the one the request check reads (not one
+    # an earlier test of this process noted).
+    server = EarsConfig(policy="ears", budget=0.02, budget_scope=scope, request_limits={"max_budget": 0.05})
+    monkeypatch.setattr(vllm_requests, "server_config", server)
+    monkeypatch.setattr(vllm_requests, "server_runner", "V1")
     first, second = (
         vllm_requests.new_control(server, SamplingParams(temperature=1.0, extra_args=asked), "r") for _ in range(2)
     )
