@@ -98,6 +98,11 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
     for key, label, name in (
         ("added_tv_per_position", "exact added TV per position", "pareto_added_tv.png"),
         ("relaxed_per_verified_position", "relaxed acceptances per verified position", "pareto_relaxed.png"),
+        (  # the second deviation axis: sees where the moved mass goes (issue 29)
+            "relaxed_surprisal_per_verified_position",
+            "relaxed drafts' -log p (nats) per verified position",
+            "pareto_relaxed_surprisal.png",
+        ),
     ):
         plot_pareto(
             groups,
