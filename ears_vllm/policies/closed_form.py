@@ -244,8 +244,8 @@ def fly_position_form(
 # The chained forms of the policies whose decision reads the next positions (``accept_probability`` None, not learnt):
 # per position, (native acceptance, the relaxable rejection), then the expected step through the window.
 CHAINED = {
-    "fly": (fly_position_probabilities, "fly_window_size"),
-    "frontier": (frontier_position_probabilities, "frontier_window"),
+    "fly": (fly_position_form, "fly_window_size"),
+    "frontier": (frontier_position_form, "frontier_window"),
 }
 
 

@@ -442,13 +442,16 @@ def probability_relaxed_topk(
 def probability_mars(
     p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
 ) -> torch.Tensor:  # [n, m]
-    """1 for a candidate among the row's top-2 at a low-margin position; needs the row's two largest logits
-    (``settings["top2_logits"]``, [n, 2]): a ratio of logits is not a function of the probabilities."""
-    if settings.get("top2_logits") is None:
-        raise ValueError("policy 'mars' needs the target's two largest logits (top2_logits) for its closed form")
-    low_margin = mars_low_margin(settings["top2_logits"], settings["mars_threshold"]).unsqueeze(-1)
-    second = torch.topk(row, min(2, row.shape[-1]), dim=-1).values[:, -1:]
-    candidate = low_margin & (p >= second) & (p > 0)
+    """1 for a candidate among the row's top-2 at a low-margin position, else the standard ``min(1, p/q)``. The margin
+    is a ratio of logits, not a function of the probabilities: it reads the row's two largest logits from
+    ``settings["top2_logits"]`` ([n, 2], as ``bench acceptance`` passes them); without them, the logits are taken to
+    be the normalised ones, ``log p`` (exact where the sampler's logits are log-probabilities)."""
+    top2 = torch.topk(row, min(2, row.shape[-1]), dim=-1).values.expand(-1, 2)  # [n, 2]
+    top2_logits = settings.get("top2_logits")
+    if top2_logits is None:
+        top2_logits = top2.clamp_min(1e-300).log()
+    low_margin = mars_low_margin(top2_logits, settings["mars_threshold"]).unsqueeze(-1)
+    candidate = low_margin & (p >= top2[:, 1:]) & (p > 0)
     return torch.where(candidate, torch.ones_like(p), standard)
 
 
