@@ -394,3 +394,32 @@ def test_the_one_hot_js_distance_by_hand_and_as_the_dense_one(p_d, distance):
     dense = js_distance(p, torch.tensor([0]), torch.tensor([[1.0, 0.0, 0.0]]))
     assert float(one_hot) == pytest.approx(distance, abs=1e-4)
     assert float(one_hot) == pytest.approx(float(dense), abs=1e-6)
+
+
+def test_frontier_chain_at_window_0_is_the_ears_chain():
+    """The frontier rule with no window is EARS: its chained form (FLy's recursion with EARS's relaxed probability)
+    gives EARS's chained mean acceptance length and relaxed acceptances."""
+    from ears_vllm.bench.acceptance import chained_acceptance_length
+    from ears_vllm.policies.closed_form import frontier_chain, frontier_position_form, position_form_one_hot
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(40, 16, generator=g, dtype=torch.float64) * 2.0, -1)
+    drafts = torch.multinomial(p, 1, generator=g).squeeze(-1)
+    ears = position_form_one_hot(p, drafts, "ears", tolerance=0.3)
+    form = frontier_position_form(p, None, drafts, tolerance=0.3)
+    length, relaxed, verified = frontier_chain(form.accept, form.relaxed, 4, 0)
+    assert length == pytest.approx(chained_acceptance_length(ears.accept, 4), abs=1e-12)
+    assert float(form.relaxed.sum()) > 0
+    assert frontier_chain(form.accept, form.relaxed, 4, 2)[0] < length  # a window relaxes less
+
+
+def test_relaxed_surprisal_by_hand():
+    """The second axis: E[-log p(d) on a relaxed acceptance]. P = (0.5, 0.25, 0.15, 0.1), draft 3, EARS at tolerance
+    1, min_ratio 0: a = 0.1 + 1 * (1 - 0.5) = 0.6, relaxed 0.5, surprisal 0.5 * -log 0.1 = 1.1513 nats."""
+    from ears_vllm.policies.closed_form import position_form_one_hot
+
+    form = position_form_one_hot(
+        torch.tensor([P], dtype=torch.float64), torch.tensor([3]), "ears", tolerance=1.0, min_ratio=0.0
+    )
+    assert float(form.relaxed[0]) == pytest.approx(0.5)
+    assert float(form.relaxed_surprisal[0]) == pytest.approx(0.5 * math.log(10.0))
