@@ -89,6 +89,7 @@ class KernelParam(enum.IntEnum):
     ACCEPT_THRESHOLD_SINGLE = 4
     RELAXED_DELTA = 5
     FLY_ENTROPY_THRESHOLD = 6
+    MARS_THRESHOLD = 7
 
 
 def kernel_params(config: EarsConfig, device: torch.device) -> torch.Tensor:  # [len(KernelParam)] float64

@@ -114,6 +114,74 @@ def test_fly_window_rule(setting, uniforms, expected):
     assert (num_accepted, num_relaxed) == expected
 
 
+# MARS (arXiv 2601.15498; the authors' code, 5SSjw/MARS mars/model/utils.py evaluate_posterior): where the
+# target's two largest logits have z2 / z1 > theta (default 0.9), a draft among the top-2 is accepted; elsewhere the
+# native test. docs/frontier-rule.md ("MARS") gives the source of each detail. Logits given directly (the ratio is
+# of logits, not of probabilities); u = 0.999 makes the standard test reject every draft but the argmax here.
+MARS_LOGITS = [10.0, 9.5, 5.0, 1.0]  # ratio 0.95: low margin at theta 0.9
+DECISIVE_LOGITS = [10.0, 8.5, 5.0, 1.0]  # ratio 0.85: decisive at theta 0.9, low margin at 0.8
+NEGATIVE_LOGITS = [-1.0, -1.05, -5.0, -6.0]  # z2 / z1 = 1.05, but z1 <= 0: no margin read (our guard)
+TIED_LOGITS = [10.0, 10.0, 5.0, 1.0]  # ratio 1: not > 1
+MARS = {
+    # logits, theta, draft, greedy -> (accepted, relaxed, emitted token when rejected)
+    "runner-up-low-margin": (MARS_LOGITS, 0.9, 1, False, (1, 1, None)),
+    "third-low-margin-rejected": (MARS_LOGITS, 0.9, 2, False, (0, 0, None)),
+    "runner-up-decisive-rejected": (DECISIVE_LOGITS, 0.9, 1, False, (0, 0, None)),
+    "runner-up-theta-0.8": (DECISIVE_LOGITS, 0.8, 1, False, (1, 1, None)),
+    "negative-top-logit-not-relaxed": (NEGATIVE_LOGITS, 0.9, 1, False, (0, 0, None)),
+    "greedy-runner-up-low-margin": (MARS_LOGITS, 0.9, 1, True, (1, 1, None)),
+    "greedy-third-rejected-to-argmax": (MARS_LOGITS, 0.9, 2, True, (0, 0, 0)),
+    "greedy-argmax-native": (DECISIVE_LOGITS, 0.9, 0, True, (1, 0, None)),
+    "theta-1-tie-not-relaxed": (TIED_LOGITS, 1.0, 1, True, (0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize(("logits", "theta", "draft", "greedy", "expected"), MARS.values(), ids=MARS.keys())
+def test_mars_rule(logits, theta, draft, greedy, expected):
+    config = EarsConfig(policy="mars", mars_threshold=theta)
+    out = verify(
+        torch.tensor([logits]),
+        torch.tensor([draft]),
+        [1],
+        torch.tensor([3]),
+        uniform=torch.tensor([0.999], dtype=torch.float64),
+        is_greedy=torch.tensor([greedy]),
+        config=config,
+        generator=torch.Generator().manual_seed(0),
+        backend="torch",
+    )
+    accepted, relaxed, emitted = expected
+    assert (int(out.num_accepted[0]), int(out.num_relaxed[0])) == (accepted, relaxed)
+    if emitted is not None:
+        assert int(out.token_ids[0, 0]) == emitted
+
+
+# The frontier rule (ours, docs/frontier-rule.md): a native rejection at i is relaxed when EARS's relaxed test
+# passes (p/q >= max(u - tolerance * (1 - max p), min_ratio)), i + W < n, and drafts i+1..i+W pass natively. On FLAT
+# rows with draft 1: p(d) = 0.3, max p = 0.4, so at tolerance 0.5 the relaxed threshold is u - 0.3: u = 0.55 relaxes
+# (0.25 <= 0.3), u = 0.99 does not (0.69); the native test passes at u = 0.01.
+FRONTIER = {
+    # (window, tolerance), uniforms, greedy -> (accepted, relaxed)
+    "relaxed-then-window-passes": ((1, 0.5), [0.55, 0.01, 0.99], False, (2, 1)),
+    "window-fails": ((1, 0.5), [0.55, 0.99, 0.01], False, (0, 0)),
+    "ears-test-fails-where-fly-defers": ((1, 0.5), [0.99, 0.01, 0.01], False, (0, 0)),
+    "last-position-has-no-window": ((1, 0.5), [0.01, 0.01, 0.55], False, (2, 0)),
+    "window-0-is-ears": ((0, 0.5), [0.01, 0.01, 0.55], False, (3, 1)),
+    "window-2-passes": ((2, 0.5), [0.55, 0.01, 0.01], False, (3, 1)),
+    "window-2-too-long-at-1": ((2, 0.5), [0.01, 0.55, 0.01], False, (1, 0)),
+    "tolerance-0-lossless": ((1, 0.0), [0.55, 0.01, 0.99], False, (0, 0)),
+    "greedy-row-argmax-match": ((1, 0.5), [0.55, 0.01, 0.99], True, (0, 0)),
+}
+
+
+@pytest.mark.parametrize(("setting", "uniforms", "greedy", "expected"), FRONTIER.values(), ids=FRONTIER.keys())
+def test_frontier_rule(setting, uniforms, greedy, expected):
+    window, tolerance = setting
+    config = EarsConfig(policy="frontier", tolerance=tolerance, frontier_window=window)
+    _, num_accepted, num_relaxed = run([FLAT] * 3, [1, 1, 1], uniforms, config, greedy=greedy)
+    assert (num_accepted, num_relaxed) == expected
+
+
 # FLy's default window, vLLM's min(6, k - 1), resolved in one place (``policies.settings_for``): k = 1 leaves no
 # window (vLLM refuses FLy at startup then, and so does a sampler: ``settings_at_startup``), while a step whose
 # longest draft is 1 defers nothing whatever the window, so its window resolves to 1 there.
@@ -224,9 +292,20 @@ def test_fly_relaxed_rate_is_labelled_a_bound_only():
 
 
 def test_every_policy_is_registered_with_its_runners():
-    assert set(POLICIES) == {"standard", "ears", "typical", "fly", "sglang", "relaxed_topk", "adasd", "ersd"}
+    assert set(POLICIES) == {
+        "standard",
+        "ears",
+        "typical",
+        "fly",
+        "sglang",
+        "relaxed_topk",
+        "adasd",
+        "ersd",
+        "mars",
+        "frontier",
+    }
     mrv2 = {name for name, spec in POLICIES.items() if "MRV2" in spec.runners}
-    assert mrv2 == {"standard", "ears", "fly", "sglang", "relaxed_topk", "ersd"}
+    assert mrv2 == {"standard", "ears", "fly", "sglang", "relaxed_topk", "ersd"}  # mars, frontier: V1 only
 
 
 def race_agreement_by_definition(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -315,3 +394,32 @@ def test_the_one_hot_js_distance_by_hand_and_as_the_dense_one(p_d, distance):
     dense = js_distance(p, torch.tensor([0]), torch.tensor([[1.0, 0.0, 0.0]]))
     assert float(one_hot) == pytest.approx(distance, abs=1e-4)
     assert float(one_hot) == pytest.approx(float(dense), abs=1e-6)
+
+
+def test_frontier_chain_at_window_0_is_the_ears_chain():
+    """The frontier rule with no window is EARS: its chained form (FLy's recursion with EARS's relaxed probability)
+    gives EARS's chained mean acceptance length and relaxed acceptances."""
+    from ears_vllm.bench.acceptance import chained_acceptance_length
+    from ears_vllm.policies.closed_form import frontier_chain, frontier_position_form, position_form_one_hot
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(40, 16, generator=g, dtype=torch.float64) * 2.0, -1)
+    drafts = torch.multinomial(p, 1, generator=g).squeeze(-1)
+    ears = position_form_one_hot(p, drafts, "ears", tolerance=0.3)
+    form = frontier_position_form(p, None, drafts, tolerance=0.3)
+    length, relaxed, verified = frontier_chain(form.accept, form.relaxed, 4, 0)
+    assert length == pytest.approx(chained_acceptance_length(ears.accept, 4), abs=1e-12)
+    assert relaxed > 0 and 1 <= verified <= 4
+    assert frontier_chain(form.accept, form.relaxed, 4, 2)[0] < length  # a window relaxes less
+
+
+def test_relaxed_surprisal_by_hand():
+    """The second axis: E[-log p(d) on a relaxed acceptance]. P = (0.5, 0.25, 0.15, 0.1), draft 3, EARS at tolerance
+    1, min_ratio 0: a = 0.1 + 1 * (1 - 0.5) = 0.6, relaxed 0.5, surprisal 0.5 * -log 0.1 = 1.1513 nats."""
+    from ears_vllm.policies.closed_form import position_form_one_hot
+
+    form = position_form_one_hot(
+        torch.tensor([P], dtype=torch.float64), torch.tensor([3]), "ears", tolerance=1.0, min_ratio=0.0
+    )
+    assert float(form.relaxed[0]) == pytest.approx(0.5)
+    assert float(form.relaxed_surprisal[0]) == pytest.approx(0.5 * math.log(10.0))

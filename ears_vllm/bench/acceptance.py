@@ -25,8 +25,8 @@ from ears_vllm.bench.e2e import DRAFT_SAMPLING
 from ears_vllm.config import EarsConfig
 from ears_vllm.policies import (
     PositionForm,
-    fly_chain,
-    fly_position_probabilities,
+    chained_position_form,
+    chained_step,
     get_policy,
     position_form,
     position_form_one_hot,
@@ -97,19 +97,20 @@ def position_acceptance(
     temperature: float,
     sampling: str,
     config: EarsConfig,
+    top2_logits: torch.Tensor | None = None,  # [n, 2] the target's two largest logits (MARS's margin)
 ) -> PositionForm:  # [n] each: P(accept), P(relaxed acceptance), added TV; FLy: see fly_position_probabilities
     """Per position, with ``q`` as the verifier sees it: vLLM's default ``draft_sample_method`` "greedy"
     proposes the draft's argmax and passes no probabilities (``q`` one-hot); "probabilistic" samples from
-    the draft at the request's temperature and passes that distribution. For FLy (no per-position form) the
-    fields are its native acceptance, its deferrable-rejection probability, and NaN."""
+    the draft at the request's temperature and passes that distribution. For a chained policy (FLy, the frontier
+    rule: no per-position form) the fields are its native acceptance, its relaxable-rejection probability, and
+    NaN."""
     if sampling not in DRAFT_SAMPLING:
         raise ValueError(f"draft sampling {sampling!r} not in {DRAFT_SAMPLING}")
     draft_ids = draft_logits.argmax(-1) if sampling == "greedy" else None
     draft_probs = (draft_logits / temperature).softmax(-1) if sampling == "probabilistic" else None
-    settings = dict(config.params)
+    settings = dict(config.params) | ({} if top2_logits is None else {"top2_logits": top2_logits})
     if get_policy(config.policy).accept_probability is None:
-        accept, defer = fly_position_probabilities(target_probs, draft_probs, draft_ids, **settings)
-        return PositionForm(accept, defer, torch.full_like(accept, float("nan")))
+        return chained_position_form(config.policy, target_probs, draft_probs, draft_ids, **settings)
     if sampling == "greedy":
         return position_form_one_hot(target_probs, draft_ids, config.policy, **settings)
     return position_form(target_probs, draft_probs, config.policy, **settings)
@@ -155,11 +156,12 @@ def run_acceptance(
         for i, (prompt, continuation) in enumerate(tqdm(pairs, desc="draft forward", disable=not progress)):
             draft_logits = teacher_forced_logits(model, tokenizer, prompt, continuation, chat)
             target_logits = torch.load(f"{spill}/{i}.pt")
+            top2_logits = torch.topk(target_logits, 2, dim=-1).values  # MARS's margin: a ratio, temperature-free
             for temperature in temperatures:
                 p = (target_logits.double() / temperature).softmax(-1)
                 for sampling in draft_sampling:
                     for name, config in configs.items():
-                        form = position_acceptance(p, draft_logits, temperature, sampling, config)
+                        form = position_acceptance(p, draft_logits, temperature, sampling, config, top2_logits)
                         forms[(temperature, sampling, name)].append(form)
     return [
         _row(name, configs[name], temperature, sampling, per_text, k)
@@ -177,37 +179,46 @@ def _row(name: str, config: EarsConfig, temperature: float, sampling: str, per_t
         "draft_sampling": sampling,
         "positions": int(sum(f.accept.numel() for f in per_text)),
     }
-    if get_policy(config.policy).accept_probability is None:  # FLy: chained through its window
-        window = settings_at_startup(config.policy, dict(config.params), k)["fly_window_size"]
-        chains = torch.tensor([fly_chain(f.accept, f.relaxed, k, window) for f in per_text])  # [texts, 3]
-        length, relaxed, verified = chains.nanmean(dim=0).tolist()
+    if get_policy(config.policy).accept_probability is None:  # FLy, the frontier rule: chained through the window
+        settings = settings_at_startup(config.policy, dict(config.params), k)
+        chains = torch.tensor([chained_step(config.policy, f, k, settings) for f in per_text])  # [texts, 4]
+        length, relaxed, verified, surprisal = chains.nanmean(dim=0).tolist()
         return row | {
             "acceptance_rate": float("nan"),
             "expected_acceptance_length": length,
             "relaxed_per_verified_position": relaxed / verified,
             "added_tv_per_position": None,
+            "relaxed_surprisal_per_verified_position": surprisal / verified,
+            "relaxed_mean_surprisal": surprisal / relaxed if relaxed > 0 else None,
         }
     lengths = torch.tensor([chained_acceptance_length(f.accept, k) for f in per_text])
+    relaxed = torch.cat([f.relaxed for f in per_text])
+    surprisal = torch.cat([f.relaxed_surprisal for f in per_text])
     return row | {
         "acceptance_rate": float(torch.cat([f.accept for f in per_text]).mean()),
         "expected_acceptance_length": float(lengths.nanmean()),
-        "relaxed_per_verified_position": float(torch.cat([f.relaxed for f in per_text]).mean()),
+        "relaxed_per_verified_position": float(relaxed.mean()),
         "added_tv_per_position": float(torch.cat([f.added_tv for f in per_text]).mean()),
+        "relaxed_surprisal_per_verified_position": float(surprisal.mean()),
+        "relaxed_mean_surprisal": float(surprisal.sum() / relaxed.sum()) if float(relaxed.sum()) > 0 else None,
     }
 
 
 def markdown_table(rows: list[dict], k: int) -> str:
     header = (
         f"| T | drafts | policy | expected accept / draft | expected mean acceptance length (k={k}) | "
-        "relaxed acceptances per position | exact added TV per position |"
+        "relaxed acceptances per position | exact added TV per position | mean -log p of a relaxed draft (nats) | "
+        "relaxed -log p per position |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tv = "no closed form" if r["added_tv_per_position"] is None else f"{r['added_tv_per_position']:.4f}"
         rate = "n/a" if r["acceptance_rate"] != r["acceptance_rate"] else f"{r['acceptance_rate']:.3f}"
         length, relaxed = r["expected_acceptance_length"], r["relaxed_per_verified_position"]
+        mean_surprisal = r.get("relaxed_mean_surprisal")
+        mean_text = "none relaxed" if mean_surprisal is None else f"{mean_surprisal:.2f}"
         lines.append(
             f"| {r['temperature']:g} | {r['draft_sampling']} | {r['policy']} | {rate} | {length:.3f} | "
-            f"{relaxed:.4f} | {tv} |"
+            f"{relaxed:.4f} | {tv} | {mean_text} | {r.get('relaxed_surprisal_per_verified_position', 0.0):.4f} |"
         )
     return "\n".join(lines)

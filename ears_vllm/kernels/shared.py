@@ -26,6 +26,8 @@ SGLANG: tl.constexpr = tl.constexpr(POLICIES["sglang"].kernel_id)
 RELAXED_TOPK: tl.constexpr = tl.constexpr(POLICIES["relaxed_topk"].kernel_id)
 ADASD: tl.constexpr = tl.constexpr(POLICIES["adasd"].kernel_id)
 ERSD: tl.constexpr = tl.constexpr(POLICIES["ersd"].kernel_id)
+MARS: tl.constexpr = tl.constexpr(POLICIES["mars"].kernel_id)
+FRONTIER: tl.constexpr = tl.constexpr(POLICIES["frontier"].kernel_id)
 
 # The fused kernel's parameter vector: offsets, read by name (Triton reads module constants only as constexprs).
 MIN_RATIO: tl.constexpr = tl.constexpr(int(KernelParam.MIN_RATIO))
@@ -35,6 +37,7 @@ ACCEPT_THRESHOLD_ACC: tl.constexpr = tl.constexpr(int(KernelParam.ACCEPT_THRESHO
 ACCEPT_THRESHOLD_SINGLE: tl.constexpr = tl.constexpr(int(KernelParam.ACCEPT_THRESHOLD_SINGLE))
 RELAXED_DELTA: tl.constexpr = tl.constexpr(int(KernelParam.RELAXED_DELTA))
 FLY_ENTROPY_THRESHOLD: tl.constexpr = tl.constexpr(int(KernelParam.FLY_ENTROPY_THRESHOLD))
+MARS_THRESHOLD: tl.constexpr = tl.constexpr(int(KernelParam.MARS_THRESHOLD))
 
 
 @triton.jit

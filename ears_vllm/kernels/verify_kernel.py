@@ -35,6 +35,9 @@ from ears_vllm.kernels.shared import (
     ERSD,
     FLY,
     FLY_ENTROPY_THRESHOLD,
+    FRONTIER,
+    MARS,
+    MARS_THRESHOLD,
     MIN_RATIO,
     RELAXED_DELTA,
     RELAXED_TOPK,
@@ -53,7 +56,7 @@ from ears_vllm.step import VerifyStep, kernel_params
 
 # The policies _accept_kernel has a branch for (PolicySpec.kernel_id): a spec whose id is not here is refused at
 # launch (accept_flags) and fails the kernel's static check, never runs as the standard rule.
-BRANCHES = frozenset(c.value for c in (STANDARD, EARS, TYPICAL, FLY, SGLANG, RELAXED_TOPK, ADASD, ERSD))
+BRANCHES = frozenset(c.value for c in (STANDARD, EARS, TYPICAL, FLY, SGLANG, RELAXED_TOPK, ADASD, ERSD, MARS, FRONTIER))
 
 
 @triton.jit
@@ -212,6 +215,7 @@ def _accept_kernel(
     top_logits_ptr,  # [num_tokens, FLY_TOP_K] the largest logits of each row (fly)
     relax_ptr,  # [num_tokens] int8: JS(p, q) <= the request's learnt threshold (adasd), taken on the host
     race_winner_ptr,  # [num_tokens] int64: the target's race winner (ersd), from _race_winner_kernel
+    margin_ptr,  # [num_tokens, 2] float32: the two largest logits of each row (mars), taken on the host
     row_max_ptr,  # [num_tokens] out: merged max logit M
     row_sumexp_ptr,  # [num_tokens] out: merged sum exp(x - M)
     out_tokens_ptr,  # [batch, max_spec_len + 1] int32, prefilled with -1
@@ -222,6 +226,7 @@ def _accept_kernel(
     max_spec_len,
     relaxed_topk,
     fly_window,
+    frontier_window,
     POLICY: tl.constexpr,  # PolicySpec.kernel_id, one of BRANCHES (the flags below: PolicySpec.kernel_flags)
     GREEDY_ROWS: tl.constexpr,  # greedy rows take the policy's rule, not argmax match (fly, relaxed_topk)
     EXACT_ACCEPTANCES: tl.constexpr,  # no acceptance counts as relaxed (a keyed race: ersd)
@@ -321,6 +326,45 @@ def _accept_kernel(
             elif POLICY == ADASD:  # native, or close enough in JS distance (the host's test)
                 relax = tl.load(relax_ptr + row) != 0
                 policy_accept = standard | (valid & relax & (p_d > 0) & (q_d > 0))
+            elif POLICY == MARS:  # native, or the target's top-2 where z2 / z1 > theta (z1 > 0), never masked
+                rank = tl.sum(tl.load(rank_ptr + row * NUM_SPLITS + split_offs, mask=split_mask, other=0), axis=0)
+                z1 = tl.load(margin_ptr + row * 2)
+                z2 = tl.load(margin_ptr + row * 2 + 1)
+                theta = tl.load(params_ptr + MARS_THRESHOLD).to(tl.float32)
+                low_margin = (z1 > 0) & (z2 > theta * z1)
+                policy_accept = native | (valid & low_margin & (rank < 2) & (p_d > 0))
+            elif POLICY == FRONTIER:  # EARS's relaxed test, taken when the next frontier_window drafts pass natively
+                relaxation = tolerance * (1.0 - max_p.to(tl.float64))
+                threshold = tl.maximum(u - relaxation, tl.load(params_ptr + MIN_RATIO))
+                relaxable = (
+                    ~standard
+                    & valid
+                    & (q_d > 0)
+                    & (p_d > 0)
+                    & (p_d / q_d >= threshold)
+                    & (pos + frontier_window < num_draft)
+                )
+                if relaxable:
+                    for offset in range(1, frontier_window + 1):
+                        ahead = _native_decision(
+                            logits_ptr=logits_ptr,
+                            draft_ids_ptr=draft_ids_ptr,
+                            draft_probs_ptr=draft_probs_ptr,
+                            uniform_ptr=uniform_ptr,
+                            max_ptr=max_ptr,
+                            sumexp_ptr=sumexp_ptr,
+                            xsumexp_ptr=xsumexp_ptr,
+                            argmax_val_ptr=argmax_val_ptr,
+                            argmax_idx_ptr=argmax_idx_ptr,
+                            row=row + offset,
+                            is_greedy=is_greedy,
+                            vocab_size=vocab_size,
+                            NO_DRAFT_PROBS=NO_DRAFT_PROBS,
+                            NUM_SPLITS=NUM_SPLITS,
+                            SPLITS_POW2=SPLITS_POW2,
+                        )
+                        relaxable = relaxable & ahead[0]
+                policy_accept = standard | relaxable
             elif POLICY == ERSD:  # the draft is the target's race winner
                 policy_accept = valid & (draft_id == tl.load(race_winner_ptr + row))
             else:
@@ -579,6 +623,7 @@ def verify_triton(
         max_spec_len=step.max_spec_len,
         relaxed_topk=step.settings.get("relaxed_topk", 0),
         fly_window=step.settings.get("fly_window_size", 0),
+        frontier_window=step.settings.get("frontier_window", 0),
         **flags,
         NO_DRAFT_PROBS=no_draft_probs,
         NUM_SPLITS=splits,
@@ -673,8 +718,12 @@ def _policy_inputs(
         tau = step.tolerance[req_of_token]
         relax[:num_tokens] = ((tau > 0) & (js.double() <= tau)).to(torch.int8)
 
+    margin = torch.zeros(rows, 2, dtype=torch.float32, device=device)
+    if "margin_logits" in spec.kernel_inputs and num_tokens:  # MARS's z1, z2: [num_tokens, 2]
+        margin[:num_tokens] = torch.topk(logits.float(), min(2, logits.shape[1]), dim=-1).values.expand(-1, 2)
+
     race_winner = torch.zeros(rows, dtype=torch.int64, device=device)
     if spec.keyed and num_tokens:
         seed, pos = race_key_rows(step.race_keys, step.num_draft_tokens)
         race_winner[:num_tokens] = race_winners_triton(logits, seed, pos, block_size=block_size)
-    return dict(top_logits_ptr=top_logits, relax_ptr=relax, race_winner_ptr=race_winner)
+    return dict(top_logits_ptr=top_logits, relax_ptr=relax, race_winner_ptr=race_winner, margin_ptr=margin)

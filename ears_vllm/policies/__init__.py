@@ -2,6 +2,8 @@
 
 from ears_vllm.policies.closed_form import (
     PositionForm,
+    chained_position_form,
+    chained_step,
     expected_acceptance,
     expected_acceptance_one_hot,
     fly_chain,
@@ -42,6 +44,8 @@ __all__ = [
     "PolicySpec",
     "PositionForm",
     "budget_refusal",
+    "chained_position_form",
+    "chained_step",
     "ears_accept",
     "ears_relaxed_threshold",
     "entropy",

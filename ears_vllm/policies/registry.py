@@ -58,7 +58,8 @@ RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
 #   fly_entropy        FLy's top-k entropy of each row, as vLLM's MRV2 computes it (MRV2 walk)
 #   draft_rank         how many logits lie above the draft's, per vocabulary split (relaxed_topk, fused kernel)
 #   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel)
-KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "js_relax"]
+#   margin_logits      the two largest logits of each row, [num_tokens, 2] (MARS's ratio z2 / z1, fused kernel)
+KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "js_relax", "margin_logits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,20 @@ PARAMS: dict[str, Param] = {
         Param("accept_threshold_acc", 1.0, 0.0, 1.0, doc="SGLang: accept a draft when u <= p(d) / this"),
         Param("relaxed_topk", 10, 1, integer=True, doc="TensorRT-LLM: candidates are the target's top-k"),
         Param("relaxed_delta", 0.6, 0.0, 1.0, doc="TensorRT-LLM: a candidate needs p >= max p - delta"),
+        Param(
+            "mars_threshold",
+            0.9,
+            0.0,
+            1.0,
+            doc="MARS theta: the target's runner-up is accepted where its logit ratio z2 / z1 > theta",
+        ),
+        Param(
+            "frontier_window",
+            2,
+            0,
+            integer=True,
+            doc="frontier rule: native acceptances that must follow a relaxed one (docs/frontier-rule.md)",
+        ),
     )
 }
 
@@ -316,6 +331,39 @@ _POLICY_LIST = (
         budget_runners=("V1",),
         no_closed_form="its JS threshold is learnt by each request during the run",
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
+    ),
+    PolicySpec(
+        name="mars",
+        summary="MARS: the native test, or d is the target's top-2 where its logits' ratio z2 / z1 > mars_threshold "
+        "(a low-margin position)",
+        params=("mars_threshold",),
+        rule=rules.rule_mars,
+        accept_probability=rules.probability_mars,
+        kernel_id=8,
+        runners=("V1",),  # the MRV2 walk has no branch for it (left to the MRV2 change of issue 29)
+        greedy_rows=True,  # the paper's rule is a greedy verifier's (docs/frontier-rule.md, "MARS")
+        lossless=lambda settings: settings["mars_threshold"] >= 1.0,
+        only_adds_acceptances=True,
+        relaxed_rate="exact",
+        kernel_inputs=("draft_rank", "margin_logits"),
+        budget_runners=("V1",),
+        source="Song et al. 2026, arXiv 2601.15498 (MARS); authors' code 5SSjw/MARS mars/model/utils.py",
+    ),
+    PolicySpec(
+        name="frontier",
+        summary="frontier rule (ours, docs/frontier-rule.md): EARS's relaxed test at a natively rejected draft, "
+        "taken only when the next frontier_window drafts pass the native test",
+        params=("tolerance", "min_ratio", "frontier_window"),
+        rule=rules.rule_frontier,
+        accept_probability=None,
+        kernel_id=9,
+        runners=("V1",),  # the MRV2 walk has no branch for it (left to the MRV2 change of issue 29)
+        lossless=lambda settings: settings["tolerance"] == 0.0,
+        only_adds_acceptances=True,
+        relaxed_rate="sequence_bound",
+        budget_runners=("V1",),
+        no_closed_form="the decision reads the next frontier_window positions; closed_form.frontier_chain chains it",
+        source="ours (docs/frontier-rule.md): EARS's test (Sun et al. 2025) gated by FLy's window (vLLM 0.33)",
     ),
     PolicySpec(
         name="ersd",

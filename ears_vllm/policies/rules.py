@@ -156,6 +156,61 @@ def fly_defer(
     return deferrable & fits & window_passes
 
 
+def mars_low_margin(
+    top2_logits: torch.Tensor,  # [n, 2] the two largest target logits of each row, z1 >= z2
+    threshold: float,
+) -> torch.Tensor:  # [n] bool
+    """MARS's low-margin test: the logit ratio ``z2 / z1 > theta`` (arXiv 2601.15498; its authors' code computes it on
+    the processed logits, a ratio that a temperature does not change). Only where ``z1 > 0``: the ratio is no margin
+    for a negative top logit (``z2 / z1 >= 1`` there however far apart), a case the paper does not address
+    (docs/frontier-rule.md, "MARS")."""
+    z1, z2 = top2_logits[:, 0].to(torch.float32), top2_logits[:, 1].to(torch.float32)
+    return (z1 > 0) & (z2 > torch.tensor(threshold, dtype=torch.float32) * z1)
+
+
+def mars_candidate(
+    target_prob: torch.Tensor,  # [n] float32, p(d)
+    draft_rank: torch.Tensor,  # [n] int: target logits strictly above the draft's
+    low_margin: torch.Tensor,  # [n] bool, :func:`mars_low_margin`
+) -> torch.Tensor:  # [n] bool
+    """MARS's relaxed acceptance: at a low-margin position, the draft is the target's top-1 or top-2 (ties at the
+    second place count for d), never a masked draft."""
+    return low_margin & (draft_rank < 2) & (target_prob > 0)
+
+
+def native_run_after(
+    native: torch.Tensor,  # [n] bool: the native decision at each draft position
+    position: torch.Tensor,  # [n] int: index of the position within its request
+    num_drafts: torch.Tensor,  # [n] int: drafts of the position's request
+    longest: int,  # the longest run worth counting (the frontier rule's window)
+) -> torch.Tensor:  # [n] int64: natively accepted drafts right after each position, up to ``longest``
+    """How many of the drafts after position i pass the native test before the first that fails (or the request's
+    last draft), counted up to ``longest``."""
+    n = native.shape[0]
+    run = torch.zeros(n, dtype=torch.long, device=native.device)
+    alive = torch.ones(n, dtype=torch.bool, device=native.device)
+    index = torch.arange(n, device=native.device)
+    for offset in range(1, longest + 1):
+        ahead = native[(index + offset).clamp(max=max(n - 1, 0))] if n else native
+        alive &= (position + offset < num_drafts) & ahead
+        run += alive.long()
+    return run
+
+
+def frontier_accept(
+    native: torch.Tensor,  # [n] bool
+    relaxable: torch.Tensor,  # [n] bool: EARS's relaxed test passes (p(d) > 0, q(d) > 0)
+    position: torch.Tensor,  # [n] int
+    num_drafts: torch.Tensor,  # [n] int
+    window: int,
+) -> torch.Tensor:  # [n] bool
+    """The frontier rule (docs/frontier-rule.md): the native decision, or EARS's relaxed acceptance where the next
+    ``window`` drafts of the request exist and all pass the native test (each then buys ``window + 1`` tokens or
+    more)."""
+    fits = position + window < num_drafts
+    return native | (relaxable & fits & (native_run_after(native, position, num_drafts, window) == window))
+
+
 class DraftPositions:
     """What the rules read at each verified draft position of a flattened batch, computed on first use.
 
@@ -234,6 +289,10 @@ class DraftPositions:
         return rank_among_logits(self.target_logits, self.draft_logit)
 
     @functools.cached_property
+    def top2_logits(self) -> torch.Tensor:  # [n, 2] the two largest target logits (MARS's margin)
+        return torch.topk(self.target_logits, min(2, self.target_logits.shape[-1]), dim=-1).values.expand(-1, 2)
+
+    @functools.cached_property
     def js(self) -> torch.Tensor:
         """The Jensen-Shannon distance between p and q (AdaSD's statistic)."""
         return js_distance(self.target_probs, self.draft_ids, self.draft_probs)
@@ -307,6 +366,20 @@ def rule_ersd(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
     return pos.draft_ids == pos.race_winner
 
 
+def rule_mars(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    """MARS (arXiv 2601.15498): the native decision, or the target's top-2 at a low-margin position."""
+    low_margin = mars_low_margin(pos.top2_logits, settings["mars_threshold"])
+    return pos.native | (mars_candidate(pos.target_prob, pos.draft_rank, low_margin) & pos.is_valid)
+
+
+def rule_frontier(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    """The frontier rule: EARS's relaxed test (:func:`rule_ears`) where the next ``frontier_window`` drafts pass
+    natively (random rows; greedy rows take argmax match, as EARS's)."""
+    relaxable = rule_ears(pos, settings) & ~pos.standard & pos.is_valid
+    num_drafts = pos.num_draft_tokens[pos.req_of_token]
+    return frontier_accept(pos.native, relaxable, pos.position, num_drafts, settings["frontier_window"])
+
+
 def rule_fly(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
     """vLLM V1's FLy pre-pass (``apply_fly_{greedy,random}_acceptance_kernel``) followed by its native walk."""
     top_k = min(settings["fly_entropy_top_k"], pos.target_probs.shape[-1])
@@ -363,6 +436,22 @@ def probability_relaxed_topk(
     top = torch.topk(row, min(settings["relaxed_topk"], row.shape[-1]), dim=-1).values
     floor = torch.maximum(top[:, -1:], top[:, :1] - settings["relaxed_delta"])
     candidate = ((p >= floor) | (p == top[:, :1])) & (p > 0)
+    return torch.where(candidate, torch.ones_like(p), standard)
+
+
+def probability_mars(
+    p: torch.Tensor, q: torch.Tensor, row: torch.Tensor, standard: torch.Tensor, settings: Mapping[str, Any]
+) -> torch.Tensor:  # [n, m]
+    """1 for a candidate among the row's top-2 at a low-margin position, else the standard ``min(1, p/q)``. The margin
+    is a ratio of logits, not a function of the probabilities: it reads the row's two largest logits from
+    ``settings["top2_logits"]`` ([n, 2], as ``bench acceptance`` passes them); without them, the logits are taken to
+    be the normalised ones, ``log p`` (exact where the sampler's logits are log-probabilities)."""
+    top2 = torch.topk(row, min(2, row.shape[-1]), dim=-1).values.expand(-1, 2)  # [n, 2]
+    top2_logits = settings.get("top2_logits")
+    if top2_logits is None:
+        top2_logits = top2.clamp_min(1e-300).log()
+    low_margin = mars_low_margin(top2_logits, settings["mars_threshold"]).unsqueeze(-1)
+    candidate = low_margin & (p >= top2[:, 1:]) & (p > 0)
     return torch.where(candidate, torch.ones_like(p), standard)
 
 
