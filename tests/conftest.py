@@ -27,3 +27,14 @@ def fresh_registration(monkeypatch):
 
     monkeypatch.setattr(plugin, "_registered", False)
     monkeypatch.setattr(plugin, "hook_report", {})
+
+
+@pytest.fixture(autouse=True)
+def no_server_noted(monkeypatch):
+    """Each test starts with no server noted for the per-request check, and leaves none behind: vLLM builds one
+    config per process, so ``note_server`` keeps one module-wide, and a server an earlier test built in this process
+    (its limits, its runner) must not decide a later test's requests."""
+    from ears_vllm.seam import vllm_requests
+
+    monkeypatch.setattr(vllm_requests, "server_config", None)
+    monkeypatch.setattr(vllm_requests, "server_runner", "V1")
