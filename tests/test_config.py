@@ -126,7 +126,7 @@ def test_from_env_rejects_bad_values_naming_them(env, named):
 
 # --- request_limits: what a request's vllm_xargs may ask (docs/operator-limits.md) ---------------------------
 
-POLICY_LIST = "['standard', 'ears', 'typical', 'fly', 'sglang', 'relaxed_topk', 'adasd', 'ersd']"
+POLICY_LIST = "['standard', 'ears', 'typical', 'fly', 'sglang', 'relaxed_topk', 'adasd', 'mars', 'frontier', 'ersd']"
 LIMITS_KEYS = "['policies', 'max_tolerance', 'max_budget']"
 BAD_LIMITS = {  # request_limits value -> the whole message
     "true": (
