@@ -194,6 +194,51 @@ def _native_decision(
 
 
 @triton.jit
+def _next_drafts_pass(
+    logits_ptr,
+    draft_ids_ptr,
+    draft_probs_ptr,
+    uniform_ptr,
+    max_ptr,
+    sumexp_ptr,
+    xsumexp_ptr,
+    argmax_val_ptr,
+    argmax_idx_ptr,
+    row,
+    window,
+    passes,
+    is_greedy,
+    vocab_size,
+    NO_DRAFT_PROBS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):
+    """``passes``, and whether vLLM's own decision accepts each of the ``window`` draft rows after ``row`` (FLy's
+    deferral and the frontier rule's relaxation both wait on them; the caller checks they exist). ``passes`` comes
+    in as a boolean tensor so that the loop carries one type when compiled."""
+    for offset in range(1, window + 1):
+        ahead = _native_decision(
+            logits_ptr=logits_ptr,
+            draft_ids_ptr=draft_ids_ptr,
+            draft_probs_ptr=draft_probs_ptr,
+            uniform_ptr=uniform_ptr,
+            max_ptr=max_ptr,
+            sumexp_ptr=sumexp_ptr,
+            xsumexp_ptr=xsumexp_ptr,
+            argmax_val_ptr=argmax_val_ptr,
+            argmax_idx_ptr=argmax_idx_ptr,
+            row=row + offset,
+            is_greedy=is_greedy,
+            vocab_size=vocab_size,
+            NO_DRAFT_PROBS=NO_DRAFT_PROBS,
+            NUM_SPLITS=NUM_SPLITS,
+            SPLITS_POW2=SPLITS_POW2,
+        )
+        passes = passes & ahead[0]
+    return passes
+
+
+@triton.jit
 def _accept_kernel(
     logits_ptr,  # [num_tokens, V]
     draft_ids_ptr,  # [num_tokens]
@@ -294,25 +339,25 @@ def _accept_kernel(
                     & (fly_entropy >= tl.load(params_ptr + FLY_ENTROPY_THRESHOLD).to(tl.float32))
                 )
                 if can_defer:
-                    for offset in range(1, fly_window + 1):
-                        ahead = _native_decision(
-                            logits_ptr=logits_ptr,
-                            draft_ids_ptr=draft_ids_ptr,
-                            draft_probs_ptr=draft_probs_ptr,
-                            uniform_ptr=uniform_ptr,
-                            max_ptr=max_ptr,
-                            sumexp_ptr=sumexp_ptr,
-                            xsumexp_ptr=xsumexp_ptr,
-                            argmax_val_ptr=argmax_val_ptr,
-                            argmax_idx_ptr=argmax_idx_ptr,
-                            row=row + offset,
-                            is_greedy=is_greedy,
-                            vocab_size=vocab_size,
-                            NO_DRAFT_PROBS=NO_DRAFT_PROBS,
-                            NUM_SPLITS=NUM_SPLITS,
-                            SPLITS_POW2=SPLITS_POW2,
-                        )
-                        can_defer = can_defer & ahead[0]
+                    can_defer = _next_drafts_pass(
+                        logits_ptr=logits_ptr,
+                        draft_ids_ptr=draft_ids_ptr,
+                        draft_probs_ptr=draft_probs_ptr,
+                        uniform_ptr=uniform_ptr,
+                        max_ptr=max_ptr,
+                        sumexp_ptr=sumexp_ptr,
+                        xsumexp_ptr=xsumexp_ptr,
+                        argmax_val_ptr=argmax_val_ptr,
+                        argmax_idx_ptr=argmax_idx_ptr,
+                        row=row,
+                        window=fly_window,
+                        passes=can_defer,
+                        is_greedy=is_greedy,
+                        vocab_size=vocab_size,
+                        NO_DRAFT_PROBS=NO_DRAFT_PROBS,
+                        NUM_SPLITS=NUM_SPLITS,
+                        SPLITS_POW2=SPLITS_POW2,
+                    )
                 policy_accept = native | can_defer
             elif POLICY == SGLANG:  # u <= p(d) / max(acc, 1e-9), or p(d) >= single; q unread
                 acc = tl.maximum(tl.load(params_ptr + ACCEPT_THRESHOLD_ACC), 1e-9)
@@ -345,25 +390,25 @@ def _accept_kernel(
                     & (pos + frontier_window < num_draft)
                 )
                 if relaxable:
-                    for offset in range(1, frontier_window + 1):
-                        ahead = _native_decision(
-                            logits_ptr=logits_ptr,
-                            draft_ids_ptr=draft_ids_ptr,
-                            draft_probs_ptr=draft_probs_ptr,
-                            uniform_ptr=uniform_ptr,
-                            max_ptr=max_ptr,
-                            sumexp_ptr=sumexp_ptr,
-                            xsumexp_ptr=xsumexp_ptr,
-                            argmax_val_ptr=argmax_val_ptr,
-                            argmax_idx_ptr=argmax_idx_ptr,
-                            row=row + offset,
-                            is_greedy=is_greedy,
-                            vocab_size=vocab_size,
-                            NO_DRAFT_PROBS=NO_DRAFT_PROBS,
-                            NUM_SPLITS=NUM_SPLITS,
-                            SPLITS_POW2=SPLITS_POW2,
-                        )
-                        relaxable = relaxable & ahead[0]
+                    relaxable = _next_drafts_pass(
+                        logits_ptr=logits_ptr,
+                        draft_ids_ptr=draft_ids_ptr,
+                        draft_probs_ptr=draft_probs_ptr,
+                        uniform_ptr=uniform_ptr,
+                        max_ptr=max_ptr,
+                        sumexp_ptr=sumexp_ptr,
+                        xsumexp_ptr=xsumexp_ptr,
+                        argmax_val_ptr=argmax_val_ptr,
+                        argmax_idx_ptr=argmax_idx_ptr,
+                        row=row,
+                        window=frontier_window,
+                        passes=relaxable,
+                        is_greedy=is_greedy,
+                        vocab_size=vocab_size,
+                        NO_DRAFT_PROBS=NO_DRAFT_PROBS,
+                        NUM_SPLITS=NUM_SPLITS,
+                        SPLITS_POW2=SPLITS_POW2,
+                    )
                 policy_accept = standard | relaxable
             elif POLICY == ERSD:  # the draft is the target's race winner
                 policy_accept = valid & (draft_id == tl.load(race_winner_ptr + row))
