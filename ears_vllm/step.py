@@ -90,6 +90,7 @@ class KernelParam(enum.IntEnum):
     RELAXED_DELTA = 5
     FLY_ENTROPY_THRESHOLD = 6
     MARS_THRESHOLD = 7
+    FRONTIER_SCALE = 8
 
 
 def kernel_params(config: EarsConfig, device: torch.device) -> torch.Tensor:  # [len(KernelParam)] float64

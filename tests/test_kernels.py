@@ -69,6 +69,9 @@ POLICIES = {
     "sglang-0.3-0.5": EarsConfig(policy="sglang", accept_threshold_single=0.3, accept_threshold_acc=0.5),
     "relaxed_topk-10-0.6": EarsConfig(policy="relaxed_topk", relaxed_topk=10, relaxed_delta=0.6),
     "relaxed_topk-3-0.9": EarsConfig(policy="relaxed_topk", relaxed_topk=3, relaxed_delta=0.9),
+    "mars-0.9": EarsConfig(policy="mars"),
+    "frontier-0.5-W1": EarsConfig(policy="frontier", tolerance=0.5, frontier_window=1),
+    "frontier-0.5-W1-scale3": EarsConfig(policy="frontier", tolerance=0.5, frontier_window=1, frontier_scale=3.0),
 }
 BATCHES = {
     "batch1-k4": [4],

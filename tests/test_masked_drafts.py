@@ -81,7 +81,9 @@ LOOSE = {  # every policy of the registry, at a setting that relaxes as far as i
     "adasd-tau1": EarsConfig(policy="adasd"),  # a learnt JS threshold of 1 passes every distance
     "ersd": EarsConfig(policy="ersd"),
     "mars-theta0": EarsConfig(policy="mars", mars_threshold=0.0),  # every position with z1, z2 > 0 is low-margin
-    "frontier-tolerance1-rho0-window1": EarsConfig(policy="frontier", tolerance=1.0, min_ratio=0.0, frontier_window=1),
+    "frontier-tolerance1-rho0-window1-scale10": EarsConfig(
+        policy="frontier", tolerance=1.0, min_ratio=0.0, frontier_window=1, frontier_scale=10.0
+    ),
 }
 MASKS = ("top-k-2", "top-p-0.5", "grammar-3-tokens", "bad-words-5")
 

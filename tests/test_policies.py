@@ -156,28 +156,35 @@ def test_mars_rule(logits, theta, draft, greedy, expected):
         assert int(out.token_ids[0, 0]) == emitted
 
 
-# The frontier rule (ours, docs/frontier-rule.md): a native rejection at i is relaxed when EARS's relaxed test
-# passes (p/q >= max(u - tolerance * (1 - max p), min_ratio)), i + W < n, and drafts i+1..i+W pass natively. On FLAT
-# rows with draft 1: p(d) = 0.3, max p = 0.4, so at tolerance 0.5 the relaxed threshold is u - 0.3: u = 0.55 relaxes
-# (0.25 <= 0.3), u = 0.99 does not (0.69); the native test passes at u = 0.01.
+# The frontier rule (ours, docs/frontier-rule.md): a native rejection at i is relaxed when EARS's relaxed test with its
+# tolerance times frontier_scale s passes (p/q >= max(u - s * tolerance * (1 - max p), min_ratio)), i + W < n, and
+# drafts i+1..i+W pass natively. On FLAT rows with draft 1: p(d) = 0.3, max p = 0.4, so at tolerance 0.5 the relaxed
+# threshold is u - 0.3: u = 0.55 relaxes (0.25 <= 0.3), u = 0.85 and u = 0.99 do not (0.55, 0.69); at s = 2 it is
+# u - 0.6: u = 0.85 relaxes (0.25), u = 0.99 does not (0.39); at s = 10 it is the floor min_ratio = 0.01: any u
+# relaxes (FLy's pure window). The native test passes at u = 0.01.
 FRONTIER = {
-    # (window, tolerance), uniforms, greedy -> (accepted, relaxed)
-    "relaxed-then-window-passes": ((1, 0.5), [0.55, 0.01, 0.99], False, (2, 1)),
-    "window-fails": ((1, 0.5), [0.55, 0.99, 0.01], False, (0, 0)),
-    "ears-test-fails-where-fly-defers": ((1, 0.5), [0.99, 0.01, 0.01], False, (0, 0)),
-    "last-position-has-no-window": ((1, 0.5), [0.01, 0.01, 0.55], False, (2, 0)),
-    "window-0-is-ears": ((0, 0.5), [0.01, 0.01, 0.55], False, (3, 1)),
-    "window-2-passes": ((2, 0.5), [0.55, 0.01, 0.01], False, (3, 1)),
-    "window-2-too-long-at-1": ((2, 0.5), [0.01, 0.55, 0.01], False, (1, 0)),
-    "tolerance-0-lossless": ((1, 0.0), [0.55, 0.01, 0.99], False, (0, 0)),
-    "greedy-row-argmax-match": ((1, 0.5), [0.55, 0.01, 0.99], True, (0, 0)),
+    # (window, tolerance, scale), uniforms, greedy -> (accepted, relaxed)
+    "relaxed-then-window-passes": ((1, 0.5, 1.0), [0.55, 0.01, 0.99], False, (2, 1)),
+    "window-fails": ((1, 0.5, 1.0), [0.55, 0.99, 0.01], False, (0, 0)),
+    "ears-test-fails-where-fly-defers": ((1, 0.5, 1.0), [0.99, 0.01, 0.01], False, (0, 0)),
+    "last-position-has-no-window": ((1, 0.5, 1.0), [0.01, 0.01, 0.55], False, (2, 0)),
+    "window-0-is-ears": ((0, 0.5, 1.0), [0.01, 0.01, 0.55], False, (3, 1)),
+    "window-2-passes": ((2, 0.5, 1.0), [0.55, 0.01, 0.01], False, (3, 1)),
+    "window-2-too-long-at-1": ((2, 0.5, 1.0), [0.01, 0.55, 0.01], False, (1, 0)),
+    "tolerance-0-lossless": ((1, 0.0, 1.0), [0.55, 0.01, 0.99], False, (0, 0)),
+    "greedy-row-argmax-match": ((1, 0.5, 1.0), [0.55, 0.01, 0.99], True, (0, 0)),
+    "scale-1-refuses-u-0.85": ((1, 0.5, 1.0), [0.85, 0.01, 0.99], False, (0, 0)),
+    "scale-2-relaxes-u-0.85": ((1, 0.5, 2.0), [0.85, 0.01, 0.99], False, (2, 1)),
+    "scale-2-refuses-u-0.99": ((1, 0.5, 2.0), [0.99, 0.01, 0.99], False, (0, 0)),
+    "scale-10-relaxes-any-u": ((1, 0.5, 10.0), [0.99, 0.01, 0.99], False, (2, 1)),
+    "scale-10-tolerance-0-lossless": ((1, 0.0, 10.0), [0.99, 0.01, 0.99], False, (0, 0)),
 }
 
 
 @pytest.mark.parametrize(("setting", "uniforms", "greedy", "expected"), FRONTIER.values(), ids=FRONTIER.keys())
 def test_frontier_rule(setting, uniforms, greedy, expected):
-    window, tolerance = setting
-    config = EarsConfig(policy="frontier", tolerance=tolerance, frontier_window=window)
+    window, tolerance, scale = setting
+    config = EarsConfig(policy="frontier", tolerance=tolerance, frontier_window=window, frontier_scale=scale)
     _, num_accepted, num_relaxed = run([FLAT] * 3, [1, 1, 1], uniforms, config, greedy=greedy)
     assert (num_accepted, num_relaxed) == expected
 
@@ -411,6 +418,9 @@ def test_frontier_chain_at_window_0_is_the_ears_chain():
     assert length == pytest.approx(chained_acceptance_length(ears.accept, 4), abs=1e-12)
     assert relaxed > 0 and 1 <= verified <= 4
     assert frontier_chain(form.accept, form.relaxed, 4, 2)[0] < length  # a window relaxes less
+    scaled = frontier_position_form(p, None, drafts, tolerance=0.3, frontier_scale=2.0)
+    doubled = position_form_one_hot(p, drafts, "ears", tolerance=0.6)  # the scale multiplies EARS's tolerance
+    assert torch.equal(scaled.relaxed, doubled.relaxed) and torch.equal(scaled.accept + scaled.relaxed, doubled.accept)
 
 
 def test_relaxed_surprisal_by_hand():

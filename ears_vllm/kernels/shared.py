@@ -38,6 +38,7 @@ ACCEPT_THRESHOLD_SINGLE: tl.constexpr = tl.constexpr(int(KernelParam.ACCEPT_THRE
 RELAXED_DELTA: tl.constexpr = tl.constexpr(int(KernelParam.RELAXED_DELTA))
 FLY_ENTROPY_THRESHOLD: tl.constexpr = tl.constexpr(int(KernelParam.FLY_ENTROPY_THRESHOLD))
 MARS_THRESHOLD: tl.constexpr = tl.constexpr(int(KernelParam.MARS_THRESHOLD))
+FRONTIER_SCALE: tl.constexpr = tl.constexpr(int(KernelParam.FRONTIER_SCALE))
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from ears_vllm.kernels.shared import (
     FLY,
     FLY_ENTROPY_THRESHOLD,
     FRONTIER,
+    FRONTIER_SCALE,
     MARS,
     MARS_THRESHOLD,
     MIN_RATIO,
@@ -379,7 +380,7 @@ def _accept_kernel(
                 low_margin = (z1 > 0) & (z2 > theta * z1)
                 policy_accept = native | (valid & low_margin & (rank < 2) & (p_d > 0))
             elif POLICY == FRONTIER:  # EARS's relaxed test, taken when the next frontier_window drafts pass natively
-                relaxation = tolerance * (1.0 - max_p.to(tl.float64))
+                relaxation = tolerance * tl.load(params_ptr + FRONTIER_SCALE) * (1.0 - max_p.to(tl.float64))
                 threshold = tl.maximum(u - relaxation, tl.load(params_ptr + MIN_RATIO))
                 relaxable = (
                     ~standard

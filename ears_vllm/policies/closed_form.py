@@ -185,8 +185,7 @@ def frontier_position_probabilities(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([n], [n]): native acceptance, EARS's relaxed acceptance
     """Per position, the frontier rule's two ingredients: the native acceptance probability and EARS's relaxed
     acceptance probability (a native rejection its relaxed test accepts), from EARS's closed form."""
-    ears = {name: settings[name] for name in ("tolerance", "min_ratio") if name in settings}
-    form = frontier_position_form(target_probs, draft_probs, draft_ids, **ears)
+    form = frontier_position_form(target_probs, draft_probs, draft_ids, **settings)
     return form.accept, form.relaxed
 
 
@@ -198,6 +197,8 @@ def frontier_position_form(
 ) -> PositionForm:  # [n] each: native acceptance, EARS-relaxed rejection, NaN, the relaxed draft's surprisal
     """:func:`frontier_position_probabilities` with the surprisal of the relaxable draft (EARS's closed form)."""
     ears = {name: settings[name] for name in ("tolerance", "min_ratio") if name in settings}
+    if "tolerance" in ears:  # the frontier rule's relaxation: EARS's, its tolerance scaled
+        ears["tolerance"] *= settings.get("frontier_scale", 1.0)
     if draft_probs is None:
         form = position_form_one_hot(target_probs, draft_ids, "ears", **ears)
     else:

@@ -133,6 +133,13 @@ PARAMS: dict[str, Param] = {
             integer=True,
             doc="frontier rule: native acceptances that must follow a relaxed one (docs/frontier-rule.md)",
         ),
+        Param(
+            "frontier_scale",
+            1.0,
+            1.0,
+            doc="frontier rule: multiplies EARS's relaxation tolerance * (1 - max p) (large: every unmasked draft "
+            "whose window passes, FLy's pure window; docs/frontier-rule.md)",
+        ),
     )
 }
 
@@ -353,7 +360,7 @@ _POLICY_LIST = (
         name="frontier",
         summary="frontier rule (ours, docs/frontier-rule.md): EARS's relaxed test at a natively rejected draft, "
         "taken only when the next frontier_window drafts pass the native test",
-        params=("tolerance", "min_ratio", "frontier_window"),
+        params=("tolerance", "min_ratio", "frontier_window", "frontier_scale"),
         rule=rules.rule_frontier,
         accept_probability=None,
         kernel_id=9,

@@ -312,20 +312,24 @@ def rule_standard(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Ten
 
 
 def rule_ears(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
+    return _ears_test(pos, pos.tolerance, settings["min_ratio"])
+
+
+def _ears_test(
+    pos: DraftPositions,
+    tolerance: torch.Tensor,  # [n] float64, beta
+    min_ratio: float,
+) -> torch.Tensor:  # [n] bool
     # Only a draft the standard test rejects, with p(d) > 0 and q(d) > 0, can be relaxed, and only if it passes the
     # loosest threshold any max p allows (max p = 0: t = beta): the target's max is read on those rows alone;
     # elsewhere it stands at 1 (no relaxation), which decides the same.
-    loosest = ears_relaxed_threshold(
-        pos.uniform, torch.zeros_like(pos.target_prob), pos.tolerance, settings["min_ratio"]
-    )
-    may_relax = ~pos.standard & (pos.target_prob > 0) & (pos.draft_prob > 0) & (pos.tolerance > 0)
+    loosest = ears_relaxed_threshold(pos.uniform, torch.zeros_like(pos.target_prob), tolerance, min_ratio)
+    may_relax = ~pos.standard & (pos.target_prob > 0) & (pos.draft_prob > 0) & (tolerance > 0)
     may_relax &= pos.target_prob / pos.draft_prob >= loosest
     rows = may_relax.nonzero().squeeze(-1)
     max_target_prob = torch.ones_like(pos.target_prob)
     max_target_prob[rows] = pos.max_target_prob_at(rows)
-    return ears_accept(
-        pos.target_prob, pos.draft_prob, pos.uniform, max_target_prob, pos.tolerance, settings["min_ratio"]
-    )
+    return ears_accept(pos.target_prob, pos.draft_prob, pos.uniform, max_target_prob, tolerance, min_ratio)
 
 
 def rule_typical(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
@@ -373,9 +377,10 @@ def rule_mars(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
 
 
 def rule_frontier(pos: DraftPositions, settings: Mapping[str, Any]) -> torch.Tensor:
-    """The frontier rule: EARS's relaxed test (:func:`rule_ears`) where the next ``frontier_window`` drafts pass
-    natively (random rows; greedy rows take argmax match, as EARS's)."""
-    relaxable = rule_ears(pos, settings) & ~pos.standard & pos.is_valid
+    """The frontier rule: EARS's relaxed test (:func:`rule_ears`, its tolerance times ``frontier_scale``) where the
+    next ``frontier_window`` drafts pass natively (random rows; greedy rows take argmax match, as EARS's)."""
+    tolerance = pos.tolerance * settings["frontier_scale"]
+    relaxable = _ears_test(pos, tolerance, settings["min_ratio"]) & ~pos.standard & pos.is_valid
     num_drafts = pos.num_draft_tokens[pos.req_of_token]
     return frontier_accept(pos.native, relaxable, pos.position, num_drafts, settings["frontier_window"])
 
