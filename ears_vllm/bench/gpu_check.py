@@ -11,7 +11,9 @@ Made for a GPU machine that has torch and Triton but neither vLLM nor network ac
    draft logits in a batch-sharded cache), bit for bit; at
    tolerance 0.3, that no request accepts fewer drafts than under vLLM's rule; and ersd's MRV2 walk against
    MRV2's own non-speculative ``gumbel_sample`` on the same keys (every emitted token equal);
-3. ``bench kernel`` at its default shapes.
+3. ``bench kernel`` at its default shapes;
+4. one MRV2 step's launches per policy, beside vLLM's own (:mod:`ears_vllm.bench.launches`; counted, so the CPU
+   run's counts are the GPU's): ``launches.md``.
 
 vLLM's MRV2 modules come from a *bundle*: ``gpu-check bundle`` copies the few source files they need out of an
 installed vLLM 0.33 or 0.34 (``make gpu-bundle`` uses 0.34, the current release) beside stand-in package files
@@ -153,12 +155,16 @@ def run(bundle: Path, out: Path, device: str) -> dict:
     parity_s = time.perf_counter() - start
 
     from ears_vllm.bench.kernel import BATCHES, DTYPES, KS, VOCABS, Shape, environment, run_kernel_bench
+    from ears_vllm.bench.launches import markdown as launches_markdown
 
     if device == "cuda":
         shapes = [Shape(b, k, v, d) for b in BATCHES for k in KS for v in VOCABS for d in DTYPES]
     else:
         shapes = [Shape(2, 2, sizes.vocab, "float32")]
     bench_rows = run_kernel_bench(out / "kernel", shapes, device=device, progress=False)
+    launches = step_launches(sizes, device)
+    (out / "launches.json").write_text(json.dumps(launches, indent=1))
+    (out / "launches.md").write_text(launches_markdown(launches) + "\n")
     report = {
         "device": device,
         "environment": environment(),
@@ -305,6 +311,25 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
                 )
             checks.append(_mrv2_races(step, batch, k, sizes.vocab, draft))
     return checks
+
+
+def step_launches(sizes: Sizes, device: str) -> list[dict]:
+    """One MRV2 step's launches per policy (:mod:`ears_vllm.bench.launches`) at the first MRV2 shape: a batch of
+    sampled and greedy requests with full draft logits."""
+    from ears_vllm.bench.launches import mrv2_launches
+    from ears_vllm.bench.steps import mrv2_batch
+
+    batch, k = sizes.mrv2_batches[0]
+    step = mrv2_batch(
+        0,
+        num_drafts=[k] * batch,
+        greedy=[r % 4 == 3 for r in range(batch)],
+        k=k,
+        vocab=sizes.vocab,
+        full_draft=True,
+        device=device,
+    )
+    return mrv2_launches(step)
 
 
 def _mrv2_races(step: dict, batch: int, k: int, vocab: int, draft: str) -> dict:
