@@ -125,6 +125,8 @@ class DraftLength:
         num_rows = idx_mapping.shape[0]
         if num_rows == 0:
             return
+        if logits.stride(-1) != 1:  # the kernel walks a row's vocabulary contiguously
+            logits = logits.contiguous()
         draft_entropy_stop_kernel[(num_rows,)](
             logits_ptr=logits,
             logits_stride=logits.stride(0),
