@@ -18,6 +18,7 @@ endif
 # interpreter). 0.34 is the current GPU release (Model Runner V2 only), 0.33 the one before (V1 and MRV2).
 GPU_RELEASES := 033 034
 SEAM_TESTS := tests/test_vllm_seam.py tests/test_plugin.py tests/test_vllm_v1_adapter.py tests/test_vllm_mrv2_adapter.py \
+	tests/test_vllm_mrv2_drafter.py \
 	tests/test_gpu_check.py tests/test_controls.py tests/test_patches.py
 # The GPU checks (docs/vllm-seam.md): `make gpu-bundle` here copies vLLM 0.34's MRV2 sources into .gpu-bundle;
 # on a GPU machine (torch + Triton; no vLLM, no network) `make gpu-check` runs them into docs/results/gpu.

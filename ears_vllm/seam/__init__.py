@@ -12,8 +12,8 @@ It is the only code that imports vLLM (only inside functions), but for four modu
 * :mod:`~ears_vllm.seam.vllm_v1` and :mod:`~ears_vllm.seam.vllm_mrv2`: one adapter per vLLM model runner (they
   register their counters in :mod:`ears_vllm.stats_registry`);
 * :mod:`~ears_vllm.seam.vllm_requests`: per-request settings, from vLLM's requests to the verifier;
-* :mod:`~ears_vllm.seam.vllm_drafter` and :mod:`~ears_vllm.seam.vllm_races`: AdaSD's draft length and ERSD's
-  keyed sampling, on vLLM's drafter and sampler.
+* :mod:`~ears_vllm.seam.vllm_drafter` (V1), :mod:`~ears_vllm.seam.vllm_mrv2_drafter` (MRV2) and
+  :mod:`~ears_vllm.seam.vllm_races`: AdaSD's draft length and ERSD's keyed sampling, on vLLM's drafter and sampler.
 
 The layers and what each may import: docs/architecture.md. Which vLLM releases it supports, what is patched,
 and how it absorbs the next one: docs/vllm-seam.md.

@@ -62,6 +62,8 @@ SAMPLER_PLAN = "the runner is present (even where its other hooks do not check o
 V1_VERIFIES = "a V1 sampler's plan verifies"
 MRV2_VERIFIES = "an MRV2 sampler's plan verifies"
 ADASD = "policy adasd verifies on V1, scheduling synchronously"
+ADASD_MRV2 = "policy adasd verifies on MRV2"
+MRV2_SPECULATOR = "vllm.v1.worker.gpu.spec_decode.speculator:DraftModelSpeculator"
 ERSD_V1 = "policy ersd verifies on V1"
 ERSD_MRV2 = "policy ersd verifies on MRV2; each speculator module the release has"
 
@@ -178,6 +180,46 @@ MANIFEST: tuple[PatchSpec, ...] = (
         "ears_vllm.seam.vllm_drafter:wrap_propose",
         ADASD,
         "AdaSD: the draft loop ends when every request has stopped",
+    ),
+    PatchSpec(
+        "adasd.mrv2",
+        f"{MRV2_SPECULATOR}.sample_draft",
+        "wrap",
+        "ears_vllm.seam.vllm_mrv2_drafter:wrap_sample_draft",
+        ADASD_MRV2,
+        "AdaSD: after each draft step, a request stops past its draft-entropy threshold (on the device)",
+    ),
+    PatchSpec(
+        "adasd.mrv2",
+        f"{MRV2_SPECULATOR}.compute_draft_logits",
+        "wrap",
+        "ears_vllm.seam.vllm_mrv2_drafter:wrap_compute_draft_logits",
+        ADASD_MRV2,
+        "AdaSD: the draft step's logits kept for its entropy (no second logits computation)",
+    ),
+    PatchSpec(
+        "adasd.mrv2",
+        f"{MRV2_SPECULATOR}.observe_verification",
+        "wrap",
+        "ears_vllm.seam.vllm_mrv2_drafter:wrap_observe_verification",
+        ADASD_MRV2,
+        "AdaSD: each slot's draft-entropy threshold learns from its verified drafts (on the device)",
+    ),
+    PatchSpec(
+        "adasd.mrv2",
+        f"{MRV2_SAMPLER}:gather_draft_sampled",
+        "wrap",
+        "ears_vllm.seam.vllm_mrv2_drafter:wrap_gather_draft_sampled",
+        ADASD_MRV2,
+        "AdaSD: the drafts past a request's stop reach the verifier as -1 (not proposed: rejected unverified)",
+    ),
+    PatchSpec(
+        "adasd.mrv2",
+        "vllm.v1.worker.gpu.states:RequestState.add_request",
+        "wrap",
+        "ears_vllm.seam.vllm_mrv2_drafter:wrap_add_request",
+        ADASD_MRV2,
+        "AdaSD: a request that takes a slot starts with no draft-entropy threshold",
     ),
     PatchSpec(
         "ersd.v1.drafter",
