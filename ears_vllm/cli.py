@@ -118,13 +118,15 @@ def _bench_acceptance(args: argparse.Namespace) -> int:
 # The field's lossy verifiers side by side (issue 15): standard, EARS, typical, vLLM's FLy (its defaults and a looser
 # one), SGLang's thresholds (two settings), TensorRT-LLM's relaxed top-k (its recommended 10 / 0.6 and a tighter one);
 # issue 29: FLy with its entropy gate open (the first axis's optimum shape, docs/frontier-rule.md), MARS (its default
-# 0.9 and a tighter 0.95), the frontier rule at FLy's window 3 and at window 2 (two tolerances).
+# 0.9 and a tighter 0.95), the frontier rule at FLy's windows 3 and 2 with the frontier_scale that meets FLy's rates
+# (3 and 10) and at window 2 with EARS's own scale (tolerance 0.5).
 FIELD_GRID = (
     "standard,ears:0.1,ears:0.3,typical,fly,fly:fly_window_size=2:fly_entropy_threshold=0.15,"
     "sglang:accept_threshold_acc=0.5,sglang:accept_threshold_single=0.3:accept_threshold_acc=0.8,"
     "relaxed_topk:relaxed_topk=10:relaxed_delta=0.6,relaxed_topk:relaxed_topk=3:relaxed_delta=0.3,"
-    "fly:fly_entropy_threshold=0,mars,mars:mars_threshold=0.95,frontier:1:frontier_window=3:min_ratio=0,"
-    "frontier:0.5:frontier_window=2,frontier:1:frontier_window=2:min_ratio=0"
+    "fly:fly_entropy_threshold=0,mars,mars:mars_threshold=0.95,"
+    "frontier:1:frontier_window=3:frontier_scale=3:min_ratio=0,frontier:0.5:frontier_window=2,"
+    "frontier:1:frontier_window=2:frontier_scale=10:min_ratio=0"
 )
 
 
