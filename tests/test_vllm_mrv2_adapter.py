@@ -1098,6 +1098,17 @@ def test_adasd_learns_its_threshold_in_the_slots_and_verifies_as_the_reference_s
     assert relaxed > 0, "the learnt thresholds must relax in these steps"
 
 
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_adasd_without_slots_verifies_every_request_at_its_cold_start(mrv2, full_draft):
+    """An offline caller's step with no slots: no threshold yet, so the standard rule, bit for bit MRV2's."""
+    batch = mrv2_batch(3, **dict(STEPS["mixed-greedy-ragged-k0"], full_draft=full_draft))
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER)
+    expected = mrv2.rejection_sample(batch)
+    assert num_sampled.tolist() == expected[1].tolist()
+    assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
+    assert num_relaxed.tolist() == [0] * len(num_sampled)
+
+
 def test_a_new_request_in_a_slot_starts_adasd_from_its_cold_start(mrv2):
     batch = adasd_steps(0, 1, ADASD_STEPS["one-hot"])[0]
     slots = slots_for(batch, ADASD_SERVER, {})

@@ -225,7 +225,7 @@ def split_stats_accept_kernel(
     budget_ptr,  # [max_num_reqs] float64: each request's deviation budget B, 0 = none (read when HAS_BUDGET)
     budget_slack_ptr,  # [max_num_reqs] float64: B * verified - relaxed so far; updated here after the walk
     adasd_sums_ptr,  # [max_num_reqs, 2] float64: JS distances summed at natively accepted, rejected positions
-    adasd_counts_ptr,  # [max_num_reqs, 2] int64: how many of each (adasd's learnt threshold; updated here)
+    adasd_counts_ptr,  # [max_num_reqs, 2] int64: how many of each (adasd's threshold; updated here; None: no adasd)
     min_ratio,
     fly_entropy_threshold,
     fly_window,
@@ -266,12 +266,13 @@ def split_stats_accept_kernel(
     rejected_js_sum = tl.zeros((), tl.float64)
     accepted_js_count = tl.zeros((), tl.int64)
     rejected_js_count = tl.zeros((), tl.int64)
+    js_threshold = tl.zeros((), tl.float64)  # 0: no relaxation
     if policy == ADASD:
         accepted_js_sum = tl.load(adasd_sums_ptr + req_state_idx * 2)
         rejected_js_sum = tl.load(adasd_sums_ptr + req_state_idx * 2 + 1)
         accepted_js_count = tl.load(adasd_counts_ptr + req_state_idx * 2)
         rejected_js_count = tl.load(adasd_counts_ptr + req_state_idx * 2 + 1)
-    js_threshold = _learnt_threshold(accepted_js_sum, accepted_js_count, rejected_js_sum, rejected_js_count)
+        js_threshold = _learnt_threshold(accepted_js_sum, accepted_js_count, rejected_js_sum, rejected_js_count)
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)

@@ -676,9 +676,10 @@ def verify_mrv2(
         tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)  # [max_num_reqs]
         budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
         row_policy = None
-        # adasd without slots (an offline caller's step): every request at its cold start, what it learns dropped
-        adasd_sums = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.float64)  # [max_num_reqs, 2]
-        adasd_counts = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.int64)  # [max_num_reqs, 2]
+        adasd_sums = adasd_counts = None  # read by the adasd branch only
+        if spec.learnt:  # adasd without slots (an offline caller's step): each request at its cold start, nothing kept
+            adasd_sums = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.float64)  # [max_num_reqs, 2]
+            adasd_counts = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.int64)  # [max_num_reqs, 2]
     kernel_inputs = {name for each in specs for name in each.kernel_inputs}
     entropy = _walk_inputs(kernel_inputs, settings, target_logits[:, :vocab_size])
     if mixed:  # a runtime branch reads every input: the unused ones are placeholders
