@@ -1226,3 +1226,34 @@ def test_an_adasd_step_on_mrv2_reads_nothing_back_to_the_host(mrv2, monkeypatch,
     assert reached == []
     learnt = slots.adasd_counts[batch["idx_mapping"].long()].sum()
     assert int(learnt) > 0  # the walk learnt (read here, after the step)
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_adasd_adds_no_launch_to_an_mrv2_step(mrv2, monkeypatch, full_draft):
+    """An adasd step makes the launches an ears step makes (MRV2's statistics, the walk, MRV2's resampling and
+    insertion): the JS distance and the threshold's update are made inside the walk."""
+    walk_module = importlib.import_module("ears_vllm.kernels.split_stats_accept")
+    launched: list[str] = []
+    launch, walk = vllm_mrv2._launch, walk_module.split_stats_accept_kernel
+
+    def counting_launch(kernel, grid, values, **options):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+        return launch(kernel, grid, values, **options)
+
+    class CountingWalk:
+        def __getitem__(self, grid):
+            launched.append("split_stats_accept_kernel")
+            return walk[grid]
+
+    monkeypatch.setattr(vllm_mrv2, "_launch", counting_launch)
+    batch = adasd_steps(0, 1, dict(ADASD_STEPS["one-hot"], full_draft=full_draft))[0]
+    per_policy = {}
+    for server in (MIXED_SERVER, ADASD_SERVER):
+        slots = slots_for(batch, server, {})
+        launched.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(walk_module, "split_stats_accept_kernel", CountingWalk())
+            vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
+        per_policy[server.policy] = list(launched)
+    assert per_policy["adasd"] == per_policy["ears"]
+    assert len(per_policy["adasd"]) == 4, per_policy
