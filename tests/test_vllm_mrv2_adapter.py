@@ -1175,6 +1175,27 @@ def test_a_batch_that_mixes_adasd_with_the_other_policies_verifies_each_row_by_i
     assert relaxed > 0, "the adasd rows must relax in these batches"
 
 
+@pytest.mark.skipif(not HAS_DRAFT_CACHE, reason=f"vLLM {VLLM_VERSION} has no sharded draft-logits cache")
+def test_adasd_reads_its_draft_logits_from_a_sharded_cache(mrv2):
+    """vLLM 0.34's batch-sharded draft logits: the walk's JS pass reads each request's row of the cache, so the
+    step and what it learns are the V1 path's (which reads each request's own draft logits)."""
+    learnt = 0
+    for seed in (0, 1):
+        batch = mrv2_batch(seed, **STEPS["sharded-draft-cache"])
+        batch["target_logits"] /= 2
+        assert batch["draft_logits_row_mapping"] is not None
+        slots = slots_for(batch, ADASD_SERVER, {})
+        controls = adasd_controls(batch, ADASD_SERVER, {})
+        slots.tensors(batch["temperature"].device)
+        seed_thresholds(slots, controls, LEARNT)
+        _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+        expected = adasd_reference(mrv2, batch, controls)
+        assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected, seed
+        assert_thresholds_equal(slots, controls, batch["idx_mapping"].tolist())
+        learnt += sum(c.adasd.acceptance != vllm_mrv2.LearntThreshold(*LEARNT) for c in controls.values() if c.adasd)
+    assert learnt > 0
+
+
 @pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
 def test_a_budget_caps_adasds_relaxed_acceptances_on_mrv2(mrv2, full_draft):
     """A threshold that passes every distance (learnt 1.0): the budgeted requests relax at most B per verified
