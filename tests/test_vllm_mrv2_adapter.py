@@ -962,3 +962,319 @@ def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, mon
     slots.add_request(states[0], None)  # a new (greedy) request in a freed slot starts from zero
     slots.tensors(batch["temperature"].device)
     assert slots.counts[states[0]].tolist() == [0] * len(StepCounts._fields)
+
+
+# ------------------------------------------------------------------ AdaSD's acceptance on MRV2
+
+ADASD_SERVER = MIXED_SERVER.merged({"policy": "adasd"})
+# Steps of three requests (the second greedy: verified by argmax, learning nothing), their targets scaled so that
+# both sides of the JS threshold are seen and, once learnt, it relaxes (one-hot drafts: sharp targets, or nothing is
+# accepted natively; draft logits: flatter ones).
+ADASD_STEPS = {
+    name: dict(num_drafts=[4, 3, 4], greedy=[False, True, False], k=4, vocab=1000, **step)
+    for name, step in (
+        ("one-hot", dict(full_draft=False, target_scale=1.0)),
+        ("full-draft", dict(full_draft=True, target_scale=0.5)),
+        ("placeholder-full-draft", dict(full_draft=True, placeholder=True, target_scale=0.5)),
+    )
+}
+
+
+def adasd_steps(seed: int, num_steps: int, step: dict) -> list[dict]:
+    """``num_steps`` steps of the same requests in the same slots (step 0's slots, temperatures and seeds): each
+    step's logits and drafts are ``mrv2_batch(seed + t)``'s, its draft logits moved to step 0's slots, its target
+    logits scaled by the step's ``target_scale``."""
+    step = dict(step)
+    target_scale = step.pop("target_scale")
+    first = mrv2_batch(seed, **step)
+    steps = []
+    for t in range(num_steps):
+        batch = mrv2_batch(seed + t, **step) if t else dict(first)
+        if batch["draft_logits"] is not None and t:
+            moved = batch["draft_logits"].clone()
+            moved[first["idx_mapping"].long()] = batch["draft_logits"][batch["idx_mapping"].long()]
+            batch["draft_logits"] = moved
+        for name in ("idx_mapping", "expanded_idx_mapping", "temperature", "seed"):
+            batch[name] = first[name]
+        batch["target_logits"] = batch["target_logits"] * target_scale
+        steps.append(batch)
+    return steps
+
+
+def adasd_controls(batch: dict, server: EarsConfig, asked: dict[int, dict]) -> dict:
+    """Each request's control as the V1 adapter makes it (``seam.vllm_requests.new_control``: its config, its budget
+    ledger, its AdasdState on the host), by request state."""
+    from vllm.sampling_params import SamplingParams
+
+    from ears_vllm.seam.vllm_requests import new_control
+
+    return {
+        state: new_control(
+            server,
+            SamplingParams(temperature=float(batch["temperature"][state]), extra_args=asked.get(state)),
+            f"request in slot {state}",
+        )
+        for state in batch["idx_mapping"].tolist()
+    }
+
+
+def adasd_reference(mrv2, batch: dict, controls: dict) -> tuple[list[int], list[int]]:
+    """(num_accepted, num_relaxed) per request from the V1 path in PyTorch (``control.rows.verify_rows``: the
+    reference verifier with each request's learnt threshold, then ``policies.adasd.learn_from_step`` on its
+    AdasdState), with MRV2's uniforms. A placeholder draft (-1) is no draft: a request's drafts end before it."""
+    from ears_vllm.control.rows import verify_rows
+
+    cu, states = batch["cu_num_logits"].tolist(), batch["idx_mapping"].tolist()
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"]).double()
+    rows, counts, probs = [], [], []
+    for r, state in enumerate(states):
+        drafts = batch["draft_sampled"][cu[r] + 1 : cu[r + 1]]
+        counts.append(int((drafts >= 0).cumprod(0).sum()))
+        rows += range(cu[r], cu[r] + counts[-1])
+        if batch["draft_logits"] is not None:
+            temperature = float(batch["temperature"][state]) or 1.0  # greedy rows never read q
+            probs.append((draft_logits_row(batch, state)[: counts[-1]] / temperature).softmax(-1))
+    rows = torch.tensor(rows, dtype=torch.long)
+    result = verify_rows(
+        [controls[state] for state in states],
+        target_logits=batch["target_logits"][rows],
+        draft_token_ids=batch["draft_sampled"][rows + 1].long(),
+        num_draft_tokens=counts,
+        bonus_token_ids=torch.zeros(len(states), dtype=torch.long),
+        draft_probs=torch.cat(probs) if probs else None,
+        is_greedy=batch["temperature"][batch["idx_mapping"].long()] == 0,
+        uniform=u[rows],
+        noise=torch.ones(len(states), batch["target_logits"].shape[1]),
+        max_spec_len=batch["num_speculative_steps"],
+    )
+    return result.num_accepted.tolist(), result.num_relaxed.tolist()
+
+
+def assert_thresholds_equal(slots: vllm_mrv2.SlotControls, controls: dict, states: list[int]) -> None:
+    """The JS thresholds in the slots on the device are the host AdasdStates': counts exact, sums and midpoint
+    to float32 rounding (the walk's JS distance is float32 arithmetic, the host's float64)."""
+    for state in states:
+        host = controls[state].adasd
+        host = host.acceptance if host is not None else vllm_mrv2.LearntThreshold()  # greedy: nothing learnt
+        device = slots.js_threshold(state)
+        assert (device.accepted_count, device.rejected_count) == (host.accepted_count, host.rejected_count), state
+        assert device.accepted_sum == pytest.approx(host.accepted_sum, rel=1e-5, abs=1e-6), state
+        assert device.rejected_sum == pytest.approx(host.rejected_sum, rel=1e-5, abs=1e-6), state
+        assert (device.value is None) == (host.value is None), state
+        if host.value is not None:
+            assert device.value == pytest.approx(host.value, rel=1e-5), state
+
+
+def seed_thresholds(slots: vllm_mrv2.SlotControls, controls: dict, learnt: tuple[float, int, float, int]) -> None:
+    """Every sampled adasd request as if it had learnt ``learnt`` (accepted sum, count, rejected sum, count) already:
+    on the device and on the host alike."""
+    for state, control in controls.items():
+        if control.adasd is not None:
+            control.adasd.acceptance = vllm_mrv2.LearntThreshold(*learnt)
+            slots.adasd_sums[state] = torch.tensor([learnt[0], learnt[2]], dtype=torch.float64)
+            slots.adasd_counts[state] = torch.tensor([learnt[1], learnt[3]])
+
+
+@pytest.mark.parametrize("step", cases(ADASD_STEPS))
+def test_adasd_learns_its_threshold_in_the_slots_and_verifies_as_the_reference_step_by_step(mrv2, step):
+    """Several steps of the same requests: each step's acceptances equal the V1 path's in PyTorch (the reference
+    rule with the request's AdasdState, which then learns), and after each step the thresholds the walk keeps on
+    the device are the host's. Over the seeds, thresholds are learnt and relax native rejections."""
+    learnt = relaxed = 0
+    for seed in (5, 10, 15):
+        steps = adasd_steps(seed, 5, step)
+        slots = slots_for(steps[0], ADASD_SERVER, {})
+        controls = adasd_controls(steps[0], ADASD_SERVER, {})
+        states = steps[0]["idx_mapping"].tolist()
+        for t, batch in enumerate(steps):
+            _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+            expected = adasd_reference(mrv2, batch, controls)
+            assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected, (seed, t)
+            assert_thresholds_equal(slots, controls, states)
+            relaxed += int(num_relaxed.sum())
+        learnt += sum(slots.js_threshold(state).value is not None for state in states)
+        assert slots.js_threshold(states[1]) == vllm_mrv2.LearntThreshold()  # the greedy request learns nothing
+    assert learnt > 0, "thresholds must be learnt in these steps"
+    assert relaxed > 0, "the learnt thresholds must relax in these steps"
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_adasd_without_slots_verifies_every_request_at_its_cold_start(mrv2, full_draft):
+    """An offline caller's step with no slots: no threshold yet, so the standard rule, bit for bit MRV2's."""
+    batch = mrv2_batch(3, **dict(STEPS["mixed-greedy-ragged-k0"], full_draft=full_draft))
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER)
+    expected = mrv2.rejection_sample(batch)
+    assert num_sampled.tolist() == expected[1].tolist()
+    assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
+    assert num_relaxed.tolist() == [0] * len(num_sampled)
+
+
+def test_a_new_request_in_a_slot_starts_adasd_from_its_cold_start(mrv2):
+    batch = adasd_steps(0, 1, ADASD_STEPS["one-hot"])[0]
+    slots = slots_for(batch, ADASD_SERVER, {})
+    vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+    state = batch["idx_mapping"].tolist()[0]
+    assert slots.js_threshold(state).accepted_count + slots.js_threshold(state).rejected_count > 0
+    slots.add_request(state, None)
+    slots.tensors(batch["temperature"].device)
+    assert slots.js_threshold(state) == vllm_mrv2.LearntThreshold()
+
+
+# Request r asks for ADASD_MIXED_POLICIES[r] on an adasd server (None: adasd); the fourth is greedy.
+ADASD_MIXED_POLICIES = ("standard", "fly", "sglang", None, "relaxed_topk", "ears", None, None)
+ADASD_MIXED_STEPS = {
+    draft: dict(
+        num_drafts=[4, 4, 4, 3, 4, 4, 4, 3],
+        greedy=[False, False, False, True, False, False, False, False],
+        k=4,
+        vocab=1000,
+        full_draft=draft == "full-draft",
+        target_scale=1.0 if draft == "one-hot" else 0.5,  # as ADASD_STEPS
+    )
+    for draft in ("one-hot", "full-draft")
+}
+LEARNT = (0.4, 1, 1.4, 1)  # a threshold of 0.9 learnt already
+
+
+@pytest.mark.parametrize("step", cases(ADASD_MIXED_STEPS))
+def test_a_batch_that_mixes_adasd_with_the_other_policies_verifies_each_row_by_its_own(mrv2, step):
+    """adasd rows (with a threshold learnt before the step) beside standard, fly, sglang, relaxed_topk and ears rows:
+    each non-adasd row is what a server of its policy gives it, each adasd row is the V1 path's in PyTorch and what
+    an adasd-only walk gives it, and the adasd slots learn as the host does. Over the seeds, the adasd rows relax."""
+    relaxed = 0
+    for seed in (0, 1, 2):
+        batch = adasd_steps(seed, 1, step)[0]
+        states = batch["idx_mapping"].tolist()
+        asked = {s: {"ears_policy": p} for s, p in zip(states, ADASD_MIXED_POLICIES, strict=True) if p is not None}
+        slots = slots_for(batch, ADASD_SERVER, asked)
+        assert slots.mixed
+        controls = adasd_controls(batch, ADASD_SERVER, asked)
+        slots.tensors(batch["temperature"].device)
+        seed_thresholds(slots, controls, LEARNT)
+        alone_slots = slots_for(batch, ADASD_SERVER, {})
+        alone_slots.tensors(batch["temperature"].device)
+        seed_thresholds(alone_slots, adasd_controls(batch, ADASD_SERVER, {}), LEARNT)
+        sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+        tokens = accepted_tokens(sampled, num_sampled)
+        adasd_alone = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=alone_slots)
+        num_accepted, reference_relaxed = adasd_reference(mrv2, batch, controls)
+        for r, policy in enumerate(ADASD_MIXED_POLICIES):
+            if policy is None or batch["temperature"][states[r]] == 0:  # adasd's (a greedy request: the server's)
+                alone = adasd_alone
+                assert (int(num_sampled[r]) - 1, int(num_relaxed[r])) == (num_accepted[r], reference_relaxed[r]), r
+            else:
+                alone = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER.merged({"policy": policy}))
+            assert (int(num_sampled[r]), int(num_relaxed[r])) == (int(alone[1][r]), int(alone[2][r])), (r, policy)
+            assert tokens[r] == accepted_tokens(alone[0], alone[1])[r], (r, policy)
+        assert_thresholds_equal(slots, controls, states)
+        for r, policy in enumerate(ADASD_MIXED_POLICIES):  # only the sampled adasd requests learnt, from LEARNT
+            learnt = policy is None and batch["temperature"][states[r]] != 0
+            before = vllm_mrv2.LearntThreshold(*LEARNT) if learnt else vllm_mrv2.LearntThreshold()
+            assert (slots.js_threshold(states[r]) != before) == learnt, r
+            relaxed += int(num_relaxed[r]) if learnt else 0
+    assert relaxed > 0, "the adasd rows must relax in these batches"
+
+
+@pytest.mark.skipif(not HAS_DRAFT_CACHE, reason=f"vLLM {VLLM_VERSION} has no sharded draft-logits cache")
+def test_adasd_reads_its_draft_logits_from_a_sharded_cache(mrv2):
+    """vLLM 0.34's batch-sharded draft logits: the walk's JS pass reads each request's row of the cache, so the
+    step and what it learns are the V1 path's (which reads each request's own draft logits)."""
+    learnt = 0
+    for seed in (0, 1):
+        batch = mrv2_batch(seed, **STEPS["sharded-draft-cache"])
+        batch["target_logits"] /= 2
+        assert batch["draft_logits_row_mapping"] is not None
+        slots = slots_for(batch, ADASD_SERVER, {})
+        controls = adasd_controls(batch, ADASD_SERVER, {})
+        slots.tensors(batch["temperature"].device)
+        seed_thresholds(slots, controls, LEARNT)
+        _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+        expected = adasd_reference(mrv2, batch, controls)
+        assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected, seed
+        assert_thresholds_equal(slots, controls, batch["idx_mapping"].tolist())
+        learnt += sum(c.adasd.acceptance != vllm_mrv2.LearntThreshold(*LEARNT) for c in controls.values() if c.adasd)
+    assert learnt > 0
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_a_budget_caps_adasds_relaxed_acceptances_on_mrv2(mrv2, full_draft):
+    """A threshold that passes every distance (learnt 1.0): the budgeted requests relax at most B per verified
+    position, as the V1 path's ledger caps them, and learn as the host does."""
+    step = dict(ADASD_STEPS["full-draft" if full_draft else "one-hot"], greedy=[False] * 3)
+    batch = adasd_steps(1, 1, step)[0]
+    states = batch["idx_mapping"].tolist()
+    asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 0.25}}  # the third: no budget
+    slots = slots_for(batch, ADASD_SERVER, asked)
+    controls = adasd_controls(batch, ADASD_SERVER, asked)
+    slots.tensors(batch["temperature"].device)
+    seed_thresholds(slots, controls, (0.0, 1, 2.0, 1))
+    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+    assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == adasd_reference(mrv2, batch, controls)
+    assert_thresholds_equal(slots, controls, states)
+    uncapped = slots_for(batch, ADASD_SERVER, {})
+    uncapped.tensors(batch["temperature"].device)
+    seed_thresholds(uncapped, adasd_controls(batch, ADASD_SERVER, {}), (0.0, 1, 2.0, 1))
+    free = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=uncapped)
+    assert (num_sampled[2], num_relaxed[2]) == (free[1][2], free[2][2])
+    assert int(free[2][:2].sum()) > int(num_relaxed[:2].sum()), "the cap must bind in this batch"
+    slack = slots.tensors(batch["temperature"].device)[2]
+    for r, rate in ((0, 0.5), (1, 0.25)):
+        verified = int(num_sampled[r]) - 1 + (int(num_sampled[r]) - 1 < 4)
+        assert float(slack[states[r]]) == pytest.approx(rate * verified - int(num_relaxed[r]))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["adasd", "mixed-with-adasd"])
+def test_an_adasd_step_on_mrv2_reads_nothing_back_to_the_host(mrv2, monkeypatch, mixed):
+    """AdaSD's threshold is read and learnt in the walk: a step through the patched ``rejection_sample`` reaches no
+    host read (the counting hook of the test above)."""
+    batch = adasd_steps(0, 1, ADASD_STEPS["full-draft"])[0]
+    states = batch["idx_mapping"].tolist()
+    asked = {states[0]: {"ears_policy": "ears", "ears_budget": 0.5}} if mixed else {}
+    slots = slots_for(batch, ADASD_SERVER, asked)
+    assert slots.mixed == mixed
+    slots.tensors(batch["temperature"].device)  # filled when a request arrives, not at each step
+    arguments = mrv2.arguments(batch)
+    monkeypatch.setattr(vllm_mrv2.state, "original_rejection_sample", mrv2.utils.rejection_sample)
+    monkeypatch.setattr(vllm_mrv2.state, "stats", VerifyStats(log_interval_s=1e9))
+    monkeypatch.setattr(vllm_mrv2.state, "last_read", time.monotonic())
+    monkeypatch.setattr(vllm_mrv2.state, "device_counts", None)
+    monkeypatch.setattr(vllm_mrv2.state, "pending_steps", 0)
+    monkeypatch.setattr(vllm_mrv2.state, "slots", slots)
+    reached = count_host_reads(monkeypatch)
+    with vllm_mrv2.verifying_with(ADASD_SERVER):
+        vllm_mrv2.rejection_sample(**arguments)
+    assert vllm_mrv2.state.pending_steps == 1  # ears-vllm verified it
+    assert reached == []
+    learnt = slots.adasd_counts[batch["idx_mapping"].long()].sum()
+    assert int(learnt) > 0  # the walk learnt (read here, after the step)
+
+
+@pytest.mark.parametrize("full_draft", [False, True], ids=["one-hot", "full-draft"])
+def test_adasd_adds_no_launch_to_an_mrv2_step(mrv2, monkeypatch, full_draft):
+    """An adasd step makes the launches an ears step makes (MRV2's statistics, the walk, MRV2's resampling and
+    insertion): the JS distance and the threshold's update are made inside the walk."""
+    walk_module = importlib.import_module("ears_vllm.kernels.split_stats_accept")
+    launched: list[str] = []
+    launch, walk = vllm_mrv2._launch, walk_module.split_stats_accept_kernel
+
+    def counting_launch(kernel, grid, values, **options):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+        return launch(kernel, grid, values, **options)
+
+    class CountingWalk:
+        def __getitem__(self, grid):
+            launched.append("split_stats_accept_kernel")
+            return walk[grid]
+
+    monkeypatch.setattr(vllm_mrv2, "_launch", counting_launch)
+    batch = adasd_steps(0, 1, dict(ADASD_STEPS["one-hot"], full_draft=full_draft))[0]
+    per_policy = {}
+    for server in (MIXED_SERVER, ADASD_SERVER):
+        slots = slots_for(batch, server, {})
+        launched.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(walk_module, "split_stats_accept_kernel", CountingWalk())
+            vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
+        per_policy[server.policy] = list(launched)
+    assert per_policy["adasd"] == per_policy["ears"]
+    assert len(per_policy["adasd"]) == 4, per_policy

@@ -27,6 +27,16 @@ batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk hol
 * relaxed_topk (5): the native decision, or the draft a relaxed candidate (among the target's top-k with
   ``p(d) >= max p - delta``), tested here in one pass over the row's logits where the native test rejects (MRV2's
   statistics carry no sum-exp for greedy rows, nor any rank); greedy rows too.
+* adasd (6): the native decision, or ``JS(p, q) <= tau`` with ``p(d) > 0`` and ``q(d) > 0``, ``tau`` the request's
+  learnt threshold (:class:`ears_vllm.policies.adasd.LearntThreshold`: the midpoint of the running means of the JS
+  distance at natively accepted and natively rejected verified positions, none before both sides are seen and
+  separate). Its exact sums and counts live per request slot on the device (``adasd_sums_ptr``,
+  ``adasd_counts_ptr``): read at the start of the walk (the step's threshold), each verified position of a sampled
+  row added in order, stored at the end (no host synchronisation). The JS distance is computed at every verified
+  position (the threshold learns from each): in closed form from ``p(d)`` with one-hot drafts, else in one pass
+  over the row's target and draft logits (``JS_BLOCK_SIZE`` at a time). A placeholder draft (-1) is no draft: the
+  walk ends there and learns nothing from it. Greedy rows are verified by argmax match and learn nothing (as on
+  V1, docs/adasd.md).
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
 (ears, relaxed_topk, fly: at its deferral, the relaxed acceptance it becomes if confirmed; as the fused kernel caps
@@ -41,6 +51,7 @@ import triton
 import triton.language as tl
 
 from ears_vllm.kernels.shared import (
+    ADASD,
     EARS,
     FLY,
     RELAXED_TOPK,
@@ -53,8 +64,9 @@ from ears_vllm.kernels.shared import (
 from ears_vllm.policies import PolicySpec
 
 # The policies the walk has a branch for (PolicySpec.kernel_id); the others are refused at launch (walk_policy).
-# ersd runs its own walk (seam.vllm_mrv2.verify_races_mrv2); typical and adasd are V1-only (PolicySpec.runners).
-BRANCHES = frozenset(c.value for c in (STANDARD, EARS, FLY, SGLANG, RELAXED_TOPK))
+# ersd runs its own walk (seam.vllm_mrv2.verify_races_mrv2); typical is V1-only (PolicySpec.runners).
+BRANCHES = frozenset(c.value for c in (STANDARD, EARS, FLY, SGLANG, RELAXED_TOPK, ADASD))
+LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): the JS divergence is in bits
 
 
 def walk_policy(spec: PolicySpec, relaxes: bool) -> int:
@@ -116,6 +128,59 @@ def _relaxed_candidate(target_logits_ptr, stride, row, draft, vocab_size, topk, 
 
 
 @triton.jit
+def _learnt_threshold(accepted_sum, accepted_count, rejected_sum, rejected_count):
+    """:attr:`ears_vllm.policies.adasd.LearntThreshold.value` on the device (float64), 0 where it is None (no
+    relaxation, ``NO_RELAXATION``): the midpoint of the two means once both sides are seen and the accepted mean is
+    below the rejected one."""
+    accepted = accepted_sum / tl.maximum(accepted_count, 1).to(tl.float64)
+    rejected = rejected_sum / tl.maximum(rejected_count, 1).to(tl.float64)
+    exists = (accepted_count > 0) & (rejected_count > 0) & (accepted < rejected)
+    return tl.where(exists, (accepted + rejected) / 2, 0.0)
+
+
+@triton.jit
+def _js_distance(
+    target_logprob,  # float32: log p(d)
+    target_logits_ptr,  # [num_logits, V], after temperature
+    target_logits_stride,
+    row,
+    target_lse,  # float32: the row's log-sum-exp
+    draft_logits_ptr,  # [rows, k, V], before temperature (read with HAS_DRAFT_LOGITS)
+    draft_offset,  # the row's draft logits in draft_logits_ptr
+    temp,  # float32: the request's temperature (> 0)
+    draft_lse,  # float32: the log-sum-exp of the draft logits / temp
+    vocab_size,
+    HAS_DRAFT_LOGITS: tl.constexpr,
+    JS_BLOCK_SIZE: tl.constexpr,
+):
+    """:func:`ears_vllm.policies.divergence.js_distance` for one position (float32): with one-hot drafts in closed
+    form from ``p(d)``; with draft logits in one pass over the row's target and draft logits, ``p log2(p / m) +
+    q log2(q / m)`` summed with ``m = (p + q) / 2`` taken in log space."""
+    if HAS_DRAFT_LOGITS:
+        total = tl.zeros((), tl.float32)
+        for start in range(0, vocab_size, JS_BLOCK_SIZE):
+            block = start + tl.arange(0, JS_BLOCK_SIZE)
+            mask = block < vocab_size
+            log_p = tl.load(target_logits_ptr + row * target_logits_stride + block, mask=mask, other=float("-inf"))
+            log_p = log_p.to(tl.float32) - target_lse
+            log_q = tl.load(draft_logits_ptr + draft_offset + block, mask=mask, other=float("-inf"))
+            log_q = log_q.to(tl.float32) / temp - draft_lse
+            high = tl.maximum(log_p, log_q)
+            high = tl.where(high == float("-inf"), 0.0, high)  # neither side has mass: no term
+            log_m = high + tl.log(0.5 * (tl.exp(log_p - high) + tl.exp(log_q - high)))
+            terms = tl.where(log_p > float("-inf"), tl.exp(log_p) * (log_p - log_m), 0.0)
+            terms += tl.where(log_q > float("-inf"), tl.exp(log_q) * (log_q - log_m), 0.0)
+            total += tl.sum(terms)
+        divergence = 0.5 * LOG2_E * total
+    else:
+        p = tl.exp(target_logprob)
+        kl_p = (1.0 - p) + tl.where(p > 0.0, p * tl.log2(2.0 * p / (1.0 + p)), 0.0)
+        kl_q = tl.log2(2.0 / (1.0 + p))
+        divergence = 0.5 * (kl_p + kl_q)
+    return tl.sqrt(tl.minimum(tl.maximum(divergence, 0.0), 1.0))
+
+
+@triton.jit
 def _draft_logits_row(req_state_idx, row_mapping_ptr):
     """The row of a request's draft logits: its request state index, or under a sharded cache (``row_mapping_ptr``
     not None) the row the mapping gives it; a request this rank does not hold (-1) reads row 0, whose draws its
@@ -159,6 +224,8 @@ def split_stats_accept_kernel(
     tolerance_ptr,  # [max_num_reqs] float32: each request's ears tolerance
     budget_ptr,  # [max_num_reqs] float64: each request's deviation budget B, 0 = none (read when HAS_BUDGET)
     budget_slack_ptr,  # [max_num_reqs] float64: B * verified - relaxed so far; updated here after the walk
+    adasd_sums_ptr,  # [max_num_reqs, 2] float64: JS distances summed at natively accepted, rejected positions
+    adasd_counts_ptr,  # [max_num_reqs, 2] int64: how many of each (adasd's threshold; updated here; None: no adasd)
     min_ratio,
     fly_entropy_threshold,
     fly_window,
@@ -170,6 +237,7 @@ def split_stats_accept_kernel(
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
     CANDIDATE_BLOCK_SIZE: tl.constexpr,  # relaxed_topk's pass over a row's logits, a block at a time
+    JS_BLOCK_SIZE: tl.constexpr,  # adasd's pass over a row's target and draft logits, a block at a time
     HAS_DRAFT_LOGITS: tl.constexpr,
     POLICY: tl.constexpr,  # one of BRANCHES (walk_policy); unread with PER_ROW_POLICY
     UNIFORM: tl.constexpr,
@@ -192,6 +260,19 @@ def split_stats_accept_kernel(
     if HAS_BUDGET:
         budget = tl.load(budget_ptr + req_state_idx)
         budget_slack = tl.load(budget_slack_ptr + req_state_idx)
+
+    # adasd: the request's learnt JS threshold for this step, from its sums and counts so far (updated below)
+    accepted_js_sum = tl.zeros((), tl.float64)
+    rejected_js_sum = tl.zeros((), tl.float64)
+    accepted_js_count = tl.zeros((), tl.int64)
+    rejected_js_count = tl.zeros((), tl.int64)
+    js_threshold = tl.zeros((), tl.float64)  # 0: no relaxation
+    if policy == ADASD:
+        accepted_js_sum = tl.load(adasd_sums_ptr + req_state_idx * 2)
+        rejected_js_sum = tl.load(adasd_sums_ptr + req_state_idx * 2 + 1)
+        accepted_js_count = tl.load(adasd_counts_ptr + req_state_idx * 2)
+        rejected_js_count = tl.load(adasd_counts_ptr + req_state_idx * 2 + 1)
+        js_threshold = _learnt_threshold(accepted_js_sum, accepted_js_count, rejected_js_sum, rejected_js_count)
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
@@ -279,6 +360,48 @@ def split_stats_accept_kernel(
                         )
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
+                if policy == ADASD:  # a verified position of a real draft (the walk stops at a placeholder)
+                    draft_offset = 0
+                    if HAS_DRAFT_LOGITS:
+                        draft_offset = (
+                            _draft_logits_row(req_state_idx, draft_logits_row_mapping_ptr) * draft_logits_stride_0
+                            + i * draft_logits_stride_1
+                        )
+                    js = _js_distance(
+                        target_logprob,
+                        target_logits_ptr,
+                        target_logits_stride,
+                        row,
+                        step_target_lse,
+                        draft_logits_ptr,
+                        draft_offset,
+                        temp,
+                        step_draft_lse,
+                        vocab_size,
+                        HAS_DRAFT_LOGITS,
+                        JS_BLOCK_SIZE,
+                    ).to(tl.float64)
+                    relaxed = (
+                        (js_threshold > 0.0)
+                        & (js <= js_threshold)
+                        & (target_logprob > float("-inf"))
+                        & (draft_logprob > float("-inf"))
+                        & ~accepted
+                    )
+                    if HAS_BUDGET:
+                        relaxed &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
+                    # learnt from the native decision (a relaxed acceptance counts as rejected), in position order
+                    accepted_js_sum += tl.where(accepted, js, 0.0)
+                    accepted_js_count += accepted.to(tl.int64)
+                    rejected_js_sum += tl.where(accepted, 0.0, js)
+                    rejected_js_count += (~accepted).to(tl.int64)
+                    num_relaxed += relaxed.to(tl.int32)
+                    accepted |= relaxed
                 if is_fly:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
@@ -340,6 +463,11 @@ def split_stats_accept_kernel(
         verified = verified_positions(num_accepted, num_drafts)
         if budget > 0:
             tl.store(budget_slack_ptr + req_state_idx, budget_slack + budget * verified.to(tl.float64) - num_relaxed)
+    if policy == ADASD:
+        tl.store(adasd_sums_ptr + req_state_idx * 2, accepted_js_sum)
+        tl.store(adasd_sums_ptr + req_state_idx * 2 + 1, rejected_js_sum)
+        tl.store(adasd_counts_ptr + req_state_idx * 2, accepted_js_count)
+        tl.store(adasd_counts_ptr + req_state_idx * 2 + 1, rejected_js_count)
     tl.store(num_accepted_ptr + req_idx, num_accepted)
     tl.store(num_relaxed_ptr + req_idx, num_relaxed)
     tl.store(target_rejected_lse_ptr + req_idx, target_lse)

@@ -57,7 +57,7 @@ RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
 #   top_logits         the k largest logits of each row, [num_tokens, k] (FLy's entropy, fused kernel)
 #   fly_entropy        FLy's top-k entropy of each row, as vLLM's MRV2 computes it (MRV2 walk)
 #   draft_rank         how many logits lie above the draft's, per vocabulary split (relaxed_topk, fused kernel)
-#   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel)
+#   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel; the MRV2 walk computes it)
 #   margin_logits      the two largest logits of each row, [num_tokens, 2] (MARS's ratio z2 / z1, fused kernel)
 KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "js_relax", "margin_logits"]
 
@@ -329,13 +329,13 @@ _POLICY_LIST = (
         rule=rules.rule_adasd,
         accept_probability=None,  # its threshold is learnt during the run
         kernel_id=6,
-        runners=("V1",),  # the thresholds live on the host with the request; MRV2 keeps requests on the device
+        runners=("V1", "MRV2"),  # MRV2: the thresholds in the request slots on the device, learnt in the walk
         only_adds_acceptances=True,
         learnt=True,
         relaxed_rate="exact",
         kernel_inputs=("js_relax",),
         cuts_drafts=True,
-        budget_runners=("V1",),
+        budget_runners=("V1", "MRV2"),
         no_closed_form="its JS threshold is learnt by each request during the run",
         source="Lu, Hong, Liu 2025, arXiv 2512.11280 (abstract only); formulation ours",
     ),

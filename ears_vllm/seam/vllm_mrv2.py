@@ -22,9 +22,9 @@ values this adapter knows (``KERNEL_VALUES``): a renamed parameter with a known 
 makes the hook check fail, so the server refuses at startup instead of mis-calling the kernel.
 
 Refused at startup (or, with ``on_unsupported: fallback``, left to vLLM's rule): ``typical`` (it needs the
-entropy, which MRV2's statistics do not carry: use the V1 runner) and ``adasd`` (its thresholds live with the
-request on the host). Left to vLLM (the plan names them): vLLM's own FLy, block verification, synthetic acceptance
-rates and watermarking.
+entropy, which MRV2's statistics do not carry: use the V1 runner). ``adasd``'s learnt JS thresholds live in the
+request slots on the device (:class:`SlotControls`), read and updated by the walk. Left to vLLM (the plan names
+them): vLLM's own FLy, block verification, synthetic acceptance rates and watermarking.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from ears_vllm.policies import (
     request_policy_refusal,
     settings_for,
 )
+from ears_vllm.policies.adasd import LearntThreshold
 from ears_vllm.seam import patches, vllm_races
 from ears_vllm.seam.hooks import check_module, find_class, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
@@ -143,6 +144,7 @@ KERNEL_VALUES = frozenset(
 VOCAB_BLOCK_SIZE = 8192  # MRV2's statistics block; the walk merges these blocks
 RESAMPLE_BLOCK_SIZE = 1024
 CANDIDATE_BLOCK_SIZE = 1024  # relaxed_topk's pass over a rejected row's logits in the walk
+JS_BLOCK_SIZE = 1024  # adasd's pass over a verified row's target and draft logits in the walk (draft logits only)
 
 logger = get_logger()
 
@@ -159,7 +161,9 @@ POLICY_OF_KERNEL_ID = {spec.kernel_id: name for name, spec in sorted(POLICIES.it
 class SlotControls:
     """Per-request settings on MRV2, by request state index (MRV2's slot): each request's policy (its
     ``PolicySpec.kernel_id``, read per row by the walk once the batch mixes policies), its tolerance, and its
-    budget ledger, whose slack lives on the device and is charged by the acceptance walk (no host sync).
+    budget ledger, whose slack lives on the device and is charged by the acceptance walk (no host sync), and
+    AdaSD's learnt JS threshold (its exact sums and counts, :attr:`adasd_sums` and :attr:`adasd_counts`, read and
+    updated by the walk, zeroed when a request takes the slot).
 
     Filled when vLLM adds a request to its sampler (``Sampler.add_request``, patched), from the request's
     ``vllm_xargs`` (:mod:`ears_vllm.control.requests`; the API server has checked them,
@@ -184,6 +188,11 @@ class SlotControls:
         # the device until the per-request history is read (:meth:`read_finished`).
         self.counts: torch.Tensor | None = None
         self.finished: list[tuple[str, str, torch.Tensor]] = []  # (vLLM request id, policy, counts [fields])
+        # AdaSD's acceptance threshold per slot (policies.adasd.LearntThreshold, on the device): the JS distances
+        # summed at the natively accepted and the natively rejected verified positions ([size, 2] float64), and
+        # their counts ([size, 2] int64); made with the counts, zeroed when a request takes the slot.
+        self.adasd_sums: torch.Tensor | None = None
+        self.adasd_counts: torch.Tensor | None = None
 
     @property
     def mixed(self) -> bool:
@@ -236,12 +245,28 @@ class SlotControls:
             one_hot.copy_(torch.tensor([spec.recovery == "one_hot_residual" for spec in specs]), non_blocking=True)
             if self.counts is None or self.counts.device != device:
                 self.counts = torch.zeros(len(self.policy), len(StepCounts._fields), dtype=torch.int64, device=device)
+            if self.adasd_sums is None or self.adasd_sums.device != device:
+                self.adasd_sums = torch.zeros(len(self.policy), 2, dtype=torch.float64, device=device)
+                self.adasd_counts = torch.zeros(len(self.policy), 2, dtype=torch.int64, device=device)
             if self._new:
                 new = torch.tensor(self._new, device=device)
                 slack.index_fill_(0, new, 0.0)
                 self.counts.index_fill_(0, new, 0)
+                self.adasd_sums.index_fill_(0, new, 0.0)
+                self.adasd_counts.index_fill_(0, new, 0)
             self._new, self._dirty = [], False
         return self._device
+
+    def js_threshold(self, slot: int) -> LearntThreshold:
+        """The acceptance threshold AdaSD's request in ``slot`` has learnt so far, read back to the host (a host
+        synchronisation: for tests and inspection, never per step)."""
+        if self.adasd_sums is None or self.adasd_counts is None:
+            return LearntThreshold()
+        (accepted_sum, rejected_sum), (accepted_count, rejected_count) = (
+            self.adasd_sums[slot].tolist(),
+            self.adasd_counts[slot].tolist(),
+        )
+        return LearntThreshold(accepted_sum, accepted_count, rejected_sum, rejected_count)
 
     def add_counts(
         self,
@@ -563,8 +588,8 @@ def verify_mrv2(
 
     ``draft_logits_row_mapping``: vLLM 0.34's sharded draft-logits cache (None: a request's draft logits sit at
     its request state index); ``skip_masked_vocab_blocks``: passed on to vLLM 0.34's resampling launch, as vLLM
-    passes it; ``slots``: each request's tolerance and budget ledger (None: the config's tolerance for every
-    request)."""
+    passes it; ``slots``: each request's tolerance, budget ledger and AdaSD threshold (None: the config's tolerance
+    for every request, and AdaSD's requests at their cold start: the standard rule, nothing kept)."""
     if get_policy(config.policy).keyed:
         return verify_races_mrv2(
             target_logits,
@@ -646,10 +671,15 @@ def verify_mrv2(
         budget = Budget(rate=rate, slack=slack)
         pooled_rows = slots.deal_pool(idx_mapping)
         one_hot_rows = one_hot[idx_mapping.long()] if mixed else None
+        adasd_sums, adasd_counts = slots.adasd_sums, slots.adasd_counts  # [max_num_reqs, 2] each
     else:
         tolerance = torch.full_like(temperature, config.tolerance, dtype=torch.float32)  # [max_num_reqs]
         budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
         row_policy = None
+        adasd_sums = adasd_counts = None  # read by the adasd branch only
+        if spec.learnt:  # adasd without slots (an offline caller's step): each request at its cold start, nothing kept
+            adasd_sums = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.float64)  # [max_num_reqs, 2]
+            adasd_counts = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.int64)  # [max_num_reqs, 2]
     kernel_inputs = {name for each in specs for name in each.kernel_inputs}
     entropy = _walk_inputs(kernel_inputs, settings, target_logits[:, :vocab_size])
     if mixed:  # a runtime branch reads every input: the unused ones are placeholders
@@ -691,6 +721,8 @@ def verify_mrv2(
         tolerance_ptr=tolerance,
         budget_ptr=budget.rate,
         budget_slack_ptr=budget.slack,
+        adasd_sums_ptr=adasd_sums,
+        adasd_counts_ptr=adasd_counts,
         min_ratio=config.min_ratio,
         fly_entropy_threshold=config.fly_entropy_threshold,
         fly_window=settings.get("fly_window_size", 0),
@@ -702,6 +734,7 @@ def verify_mrv2(
         vocab_num_blocks=num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
         CANDIDATE_BLOCK_SIZE=CANDIDATE_BLOCK_SIZE,
+        JS_BLOCK_SIZE=JS_BLOCK_SIZE,
         HAS_DRAFT_LOGITS=has_draft_logits,
         POLICY=policy_constexpr,
         UNIFORM=uniform,
