@@ -379,3 +379,40 @@ def test_the_drafter_is_patched_for_adasd_only_and_says_why_not_where_it_cannot(
     monkeypatch.delattr(speculator, "observe_verification")
     status = vllm_mrv2_drafter.install(EarsConfig(policy="adasd"))
     assert status == f"off ({vllm_mrv2_drafter.SPECULATOR_MODULE}.DraftModelSpeculator has no observe_verification)"
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("adasd", "draft_length=on (adasd"), ("ears", None)])
+def test_an_adasd_servers_mrv2_sampler_installs_the_drafter_half(mrv2, monkeypatch, caplog, policy, expected):  # noqa: F811
+    """The MRV2 adapter's configuration of vLLM's own ``RejectionSampler`` (what a server builds at startup) installs
+    the draft-length patches for adasd and says so on its startup line; for another policy it leaves them out."""
+    import vllm.config
+
+    from ears_vllm.seam import vllm_mrv2
+
+    module = mrv2.sampler_module
+    for owner, name in ((module.RejectionSampler, "__init__"), (module.RejectionSampler, "__call__")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    for spec in patches.MANIFEST:
+        if spec.group == "adasd.mrv2":
+            owner = patches._owner(spec)
+            monkeypatch.setattr(owner, spec.path[-1], getattr(owner, spec.path[-1]))
+    for name in ("hook_problem", "original_rejection_sample", "slots"):
+        monkeypatch.setattr(vllm_mrv2.state, name, getattr(vllm_mrv2.state, name))
+    monkeypatch.setattr(vllm_mrv2_drafter, "state", vllm_mrv2_drafter._State())
+    server = types.SimpleNamespace(
+        speculative_config=SPEC_CONFIG,
+        additional_config={"ears": {"policy": policy, "tolerance": 0.3}},
+        scheduler_config=types.SimpleNamespace(max_num_seqs=MAX_NUM_REQS),
+    )
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: server)
+    vllm_mrv2.install(None)
+    step = verification_step(torch.zeros(1, K, dtype=torch.int64), torch.tensor([0]), torch.zeros(MAX_NUM_REQS))
+    with caplog.at_level("INFO"):
+        module.RejectionSampler(runner_sampler_stand_in(step), SPEC_CONFIG, torch.device("cpu"))
+    startup = [r.getMessage() for r in caplog.records if "per_request=" in r.getMessage()]
+    assert len(startup) == 1
+    speculator = importlib.import_module(vllm_mrv2_drafter.SPECULATOR_MODULE).DraftModelSpeculator
+    if expected is None:
+        assert "draft_length=" not in startup[0] and not patches.is_patched(speculator, "sample_draft")
+    else:
+        assert expected in startup[0] and patches.is_patched(speculator, "sample_draft")

@@ -49,7 +49,7 @@ from ears_vllm.policies import (
     settings_for,
 )
 from ears_vllm.policies.adasd import LearntThreshold
-from ears_vllm.seam import patches, vllm_races
+from ears_vllm.seam import patches, vllm_mrv2_drafter, vllm_races
 from ears_vllm.seam.hooks import check_module, find_class, installed_runners, signature_of, vllm_version
 from ears_vllm.seam.verification import ActiveSampler, config_for_sampler, enforce, log_plan, plan_verification
 from ears_vllm.seam.vllm_requests import new_control, per_request_status
@@ -461,7 +461,15 @@ def _configure(module: Any, sampler: Any) -> EarsConfig | None:
         state.slots = SlotControls(config, int(size))
         per_request = per_request_status(_install_add_request_hook(), applied="on (tolerance, budget)")
     keys = vllm_races.install_mrv2() if plan.verifies and keyed else "off"
-    log_plan(plan, config, logger, f" per_request={per_request}" + (f" keys={keys}" if keyed else ""))
+    draft_length = vllm_mrv2_drafter.install(config, vllm_config) if plan.verifies else "untouched"
+    log_plan(
+        plan,
+        config,
+        logger,
+        f" per_request={per_request}"
+        + (f" keys={keys}" if keyed else "")
+        + (f" draft_length={draft_length}" if get_policy(config.policy).cuts_drafts else ""),
+    )
     return config if plan.verifies else None
 
 
