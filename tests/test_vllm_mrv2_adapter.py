@@ -26,6 +26,7 @@ from ears_vllm.bench.steps import mrv2_batch
 from ears_vllm.seam import vllm_mrv2
 from ears_vllm.stats import VerifyStats
 from tests.triton_cpu import triton_interpreter, vllm_triton_modules
+from tests.v1_only import make_v1_only
 from tests.vllm_release import VLLM_VERSION
 
 with triton_interpreter():
@@ -73,6 +74,7 @@ def mrv2():
     with vllm_triton_modules(MRV2_MODULES, tldevice=types.SimpleNamespace(log1p=log1p_stand_in)) as modules:
         with triton_interpreter():
             importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
+            importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats"))  # after the walk: it reads it
         utils = modules[MRV2_MODULES.index(vllm_mrv2.UTILS_MODULE)]
         uniform = importlib.import_module(vllm_mrv2.RANDOM_MODULE).tl_rand32
 
@@ -840,8 +842,10 @@ def test_every_policy_relaxes_in_the_mixed_batches(mrv2):
     assert all(relaxed[policy] > 0 for policy in ("ears", "fly", "sglang", "relaxed_topk")), relaxed
 
 
-def test_a_request_may_not_take_a_policy_mrv2_cannot_run(mrv2, caplog):
-    """An offline caller's request for typical (the API server answers it 400): its slot keeps the server's."""
+def test_a_request_may_not_take_a_policy_mrv2_cannot_run(mrv2, caplog, monkeypatch):
+    """An offline caller's request for a policy MRV2 does not run (the API server answers it 400): its slot keeps the
+    server's."""
+    make_v1_only(monkeypatch)  # typical, narrowed to V1 for the test
     batch, _ = mixed_step(0, MIXED_STEPS["plain-full-draft"])
     state = batch["idx_mapping"].tolist()[0]
     slots = slots_for(batch, MIXED_SERVER, {state: {"ears_policy": "typical"}})
@@ -962,3 +966,211 @@ def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, mon
     slots.add_request(states[0], None)  # a new (greedy) request in a freed slot starts from zero
     slots.tensors(batch["temperature"].device)
     assert slots.counts[states[0]].tolist() == [0] * len(StepCounts._fields)
+
+
+# ------------------------------------------------------------------ typical, MARS and the frontier rule on MRV2
+
+
+def mrv2_reference(batch: dict, u: torch.Tensor, config: EarsConfig) -> tuple[list[int], list[int], list[int]]:
+    """(num_accepted, num_relaxed, the token emitted after the accepted drafts) per request from the PyTorch reference
+    (``ears_vllm.reference.verify_reference``) on the step's draft rows, with MRV2's uniforms ``u`` [num_logits] and
+    q the draft logits after the request's temperature. The emitted token is the reference's where it is not a
+    sample (the argmax: greedy rows, argmax recovery), else -1 (MRV2 draws it with its own randoms)."""
+    from ears_vllm.reference import verify_reference
+    from ears_vllm.step import VerifyStep
+
+    cu, states = batch["cu_num_logits"].tolist(), batch["idx_mapping"].tolist()
+    rows, probs, greedy, num_drafts = [], [], [], []
+    for r, state in enumerate(states):
+        temp = float(batch["temperature"][state])
+        greedy.append(temp == 0.0)
+        num_drafts.append(cu[r + 1] - cu[r] - 1)
+        for i in range(num_drafts[-1]):
+            rows.append(cu[r] + i)
+            if batch["draft_logits"] is not None:
+                probs.append((draft_logits_row(batch, state)[i] / (temp or 1.0)).softmax(-1))
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    step = VerifyStep.build(
+        batch["target_logits"][rows_t],
+        batch["draft_sampled"][rows_t + 1],
+        num_drafts,
+        torch.zeros(len(states), dtype=torch.long),
+        draft_probs=torch.stack(probs) if probs else None,
+        is_greedy=torch.tensor(greedy),
+        uniform=u[rows_t].double(),
+        config=config,
+        max_spec_len=batch["num_speculative_steps"],
+    )
+    result = verify_reference(step)
+    num_accepted = result.num_accepted.tolist()
+    emitted = [
+        int(result.token_ids[r, n]) if n < num_drafts[r] and (greedy[r] or step.policy.recovery == "argmax") else -1
+        for r, n in enumerate(num_accepted)
+    ]
+    return num_accepted, result.num_relaxed.tolist(), emitted
+
+
+def assert_walk_is_the_reference(mrv2, batch: dict, config: EarsConfig) -> int:
+    """The walk of ``config`` on ``batch`` equals the PyTorch reference row by row (accepted, relaxed, the token it
+    emits where that is no sample); rows it relaxes nowhere emit MRV2's own tokens where the policy recovers by
+    MRV2's residual. Returns the step's relaxed acceptances."""
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    num_accepted, relaxed, emitted = mrv2_reference(batch, u, config)
+    assert (num_sampled - 1).tolist() == num_accepted
+    assert num_relaxed.tolist() == relaxed
+    tokens, standard = accepted_tokens(sampled, num_sampled), accepted_tokens(*mrv2.rejection_sample(batch))
+    cu = batch["cu_num_logits"].tolist()
+    for r, n in enumerate(num_accepted):
+        assert tokens[r][:-1] == batch["draft_sampled"][cu[r] + 1 : cu[r] + 1 + n].tolist(), r
+        if emitted[r] >= 0:
+            assert tokens[r][-1] == emitted[r], r  # the argmax, kept through MRV2's insertion launch
+        elif relaxed[r] == 0 and config.policy != "typical":
+            assert tokens[r] == standard[r], r  # no relaxation: MRV2's own tokens, its residual draw included
+    return int(num_relaxed.sum())
+
+
+def split_stats(mrv2, batch: dict, kernel_inputs: set[str]) -> dict[str, torch.Tensor]:
+    """The statistics launch ``verify_mrv2`` makes for branches reading ``kernel_inputs`` (none: vLLM's own), into
+    NaN-filled tensors (so a value a launch does not write reads NaN)."""
+    import triton as triton_module
+
+    target_logits, draft_logits = batch["target_logits"], batch["draft_logits"]
+    num_logits, vocab = target_logits.shape
+    blocks = triton_module.cdiv(vocab, vllm_mrv2.VOCAB_BLOCK_SIZE)
+    stats = {
+        name: torch.full((num_logits, blocks), torch.nan).to(dtype)
+        for name, dtype in (
+            ("target_local_argmax", torch.int64),
+            ("target_local_max", torch.float32),
+            ("target_local_sumexp", torch.float32),
+            ("draft_local_max", torch.float32),
+            ("draft_local_sumexp", torch.float32),
+        )
+    }
+    stats["target_local_argmax"].fill_(-1)
+    shared = dict(
+        target_logits_ptr=target_logits,
+        target_logits_stride=target_logits.stride(0),
+        draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=0 if draft_logits is None else draft_logits.stride(0),
+        draft_logits_stride_1=0 if draft_logits is None else draft_logits.stride(1),
+        expanded_idx_mapping_ptr=batch["expanded_idx_mapping"],
+        expanded_local_pos_ptr=batch["expanded_local_pos"],
+        temp_ptr=batch["temperature"],
+        vocab_size=vocab,
+        HAS_DRAFT_LOGITS=draft_logits is not None,
+        cu_num_logits_ptr=batch["cu_num_logits"],
+        num_speculative_steps=batch["num_speculative_steps"],
+        num_logits=num_logits,
+        draft_logits_row_mapping_ptr=batch["draft_logits_row_mapping"],
+    )
+    return stats | vllm_mrv2._launch_stats(mrv2.utils, shared, stats, kernel_inputs, num_logits)
+
+
+@pytest.mark.parametrize("step", cases(STEPS))
+def test_our_statistics_launch_writes_what_vllms_writes_bit_for_bit(mrv2, step):
+    """``kernels.split_stats`` in place of vLLM's ``_compute_local_logits_stats_kernel``: every value vLLM's writes
+    (greedy rows: max and argmax; sampled rows: the target's and the draft's max and sum-exp) equal to the bit, on
+    every draft row; beside them each block's entropy term and runner-up, as PyTorch computes them."""
+    batch = mrv2_batch(3, **step)
+    batch["target_logits"][0, :7] = -torch.inf  # a masked stretch, and a tie for a runner-up
+    batch["target_logits"][1, 5] = batch["target_logits"][1, 6] = batch["target_logits"][1].max() + 1
+    vllms = split_stats(mrv2, batch, set())
+    ours = split_stats(mrv2, batch, {"block_entropy", "block_runner_up"})
+    local = batch["expanded_local_pos"]
+    draft_rows = torch.cat([local[1:], local.new_zeros(1)]) != 0  # a bonus row's statistics are never read
+    greedy = batch["temperature"][batch["expanded_idx_mapping"].long()] == 0
+    written = {
+        "target_local_argmax": draft_rows & greedy,
+        "target_local_max": draft_rows,
+        "target_local_sumexp": draft_rows & ~greedy,
+        "draft_local_max": draft_rows & ~greedy,
+        "draft_local_sumexp": draft_rows & ~greedy,
+    }
+    for name, rows in written.items():
+        if name.startswith("draft") and batch["draft_logits"] is None:
+            continue
+        expected = vllms[name][rows]
+        assert not (expected.isnan() if expected.is_floating_point() else expected < 0).any(), name  # vLLM wrote it
+        assert torch.equal(ours[name][rows], expected), name
+    block = vllm_mrv2.VOCAB_BLOCK_SIZE
+    for row in draft_rows.nonzero().squeeze(-1).tolist():
+        for b in range(ours["target_local_max"].shape[1]):
+            logits = batch["target_logits"][row, b * block : (b + 1) * block]
+            top2 = torch.topk(logits, 2).values
+            assert float(ours["target_local_runner_up"][row, b]) == float(top2[1])
+            assert int(ours["target_local_argmax"][row, b]) == b * block + int(logits.argmax())
+            shifted = logits - logits.max()
+            term = torch.where(shifted > -torch.inf, shifted.exp() * shifted, 0.0).sum()
+            assert float(ours["target_local_entropy"][row, b]) == pytest.approx(float(term), rel=1e-5, abs=1e-5)
+
+
+# Each policy's settings (the V1 tests' defaults among them) and how much its targets are flattened in its batches.
+TYPICAL_SETTINGS = {
+    "typical-defaults": EarsConfig(policy="typical"),
+    "eps0.01-delta0.01": EarsConfig(policy="typical", typical_eps=0.01, typical_delta=0.01),
+    "eps0.3-delta0.9": EarsConfig(policy="typical", typical_eps=0.3, typical_delta=0.9),
+}
+MARS_SETTINGS = {
+    "mars-defaults": EarsConfig(policy="mars"),
+    "theta0.8": EarsConfig(policy="mars", mars_threshold=0.8),
+    "theta0": EarsConfig(policy="mars", mars_threshold=0.0),
+}
+FRONTIER_SETTINGS = {
+    "tolerance0.5-W2": EarsConfig(policy="frontier", tolerance=0.5, min_ratio=0.05, frontier_window=2),
+    "tolerance1-rho0-W1": EarsConfig(policy="frontier", tolerance=1.0, min_ratio=0.0, frontier_window=1),
+    "W0": EarsConfig(policy="frontier", tolerance=0.5, min_ratio=0.05, frontier_window=0),
+}
+FLATTEN = {"typical": 2, "mars": 1, "frontier": 1}
+
+
+def policy_batches(policy: str, step: dict) -> list[dict]:
+    """The batches a policy's test verifies: two seeds, its targets flattened by FLATTEN."""
+    batches = [mrv2_batch(seed, **step) for seed in range(2)]
+    for batch in batches:
+        batch["target_logits"] /= FLATTEN[policy]
+    return batches
+
+
+@pytest.mark.parametrize("setting", TYPICAL_SETTINGS, ids=TYPICAL_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
+def test_typical_on_mrv2_is_the_reference(mrv2, step, setting):
+    """Typical acceptance in the walk (H(p) merged from our statistics launch) against the PyTorch reference, row by
+    row, and the argmax it recovers with on a sampled row kept through MRV2's insertion launch."""
+    for batch in policy_batches("typical", step):
+        assert_walk_is_the_reference(mrv2, batch, TYPICAL_SETTINGS[setting])
+
+
+@pytest.mark.parametrize("setting", MARS_SETTINGS, ids=MARS_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
+def test_mars_on_mrv2_is_the_reference(mrv2, step, setting):
+    """MARS in the walk (the row's two largest logits merged from our statistics launch), greedy rows too, against
+    the PyTorch reference row by row."""
+    for batch in policy_batches("mars", step):
+        assert_walk_is_the_reference(mrv2, batch, MARS_SETTINGS[setting])
+
+
+@pytest.mark.parametrize("setting", FRONTIER_SETTINGS, ids=FRONTIER_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(FLY_STEPS))
+def test_frontier_on_mrv2_is_the_reference(mrv2, step, setting):
+    """The frontier rule in the walk (FLy's pending window, opened by EARS's relaxed test) against the PyTorch
+    reference row by row; a pending row that is not confirmed ends the walk there with MRV2's own residual draw."""
+    for batch in policy_batches("frontier", step):
+        assert_walk_is_the_reference(mrv2, batch, FRONTIER_SETTINGS[setting])
+
+
+def test_typical_mars_and_frontier_relax_in_these_batches(mrv2):
+    """Guards the three tests above against batches in which a setting's branch never changes a decision."""
+    relaxed = {}
+    for policy, settings, steps in (
+        ("typical", TYPICAL_SETTINGS, STEPS),
+        ("mars", MARS_SETTINGS, STEPS),
+        ("frontier", FRONTIER_SETTINGS, FLY_STEPS),
+    ):
+        for name, config in settings.items():
+            for step in runnable(steps):
+                for batch in policy_batches(policy, step):
+                    count = int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
+                    relaxed[name] = relaxed.get(name, 0) + count
+    assert all(count >= 2 for count in relaxed.values()), relaxed
