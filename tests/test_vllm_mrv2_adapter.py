@@ -584,22 +584,31 @@ def test_each_request_is_verified_with_its_own_tolerance(mrv2):
     assert num_relaxed[0] == 0
 
 
+# The settings of a budgeted policy beyond the shared ones (tolerance: the third request runs uncapped at it).
+BUDGETED = {
+    "ears": dict(tolerance=1.0),
+    "mars": dict(mars_threshold=0.8),
+    "frontier": dict(tolerance=1.0, min_ratio=0.0),
+}
+
+
 @pytest.mark.parametrize(
-    ("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4), ("fly", 3, 1)], ids=["ears", "trt", "fly"]
+    ("policy", "seed", "flatten"),
+    [("ears", 1, 1), ("relaxed_topk", 4, 4), ("fly", 3, 1), ("mars", 5, 2), ("frontier", 4, 2)],
+    ids=["ears", "trt", "fly", "mars", "frontier"],
 )
 def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(mrv2, policy, seed, flatten):
     """Batches (seed, flattened target) in which the first request relaxes at its first position uncapped."""
     batch = mrv2_batch(seed, **STEPS["random-full-draft"])
     batch["target_logits"] /= flatten
-    tolerance = 1.0 if policy == "ears" else 0.0  # the budgeted tolerance: the third request runs uncapped at it
     server = EarsConfig(
         policy=policy,
-        tolerance=tolerance,
         min_ratio=0.05,
         relaxed_topk=3,
         relaxed_delta=0.5,
+        frontier_window=1,  # frontier: a capped pending rejection is a rejection, as fly's deferral
         **FLY_LOOSE,  # fly: a capped deferral is a rejection, and the walk ends there
-    )
+    ).merged(BUDGETED.get(policy, {}))
     states = batch["idx_mapping"].tolist()
     asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 1.0}}  # the third: no budget
     slots = slots_for(batch, server, asked)
@@ -609,6 +618,10 @@ def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(m
     if policy == "ears":
         u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
         expected = expected_acceptance(batch, u, server, budget={states[0]: (0.5, 0.0), states[1]: (1.0, 0.0)})
+        assert (num_accepted, num_relaxed.tolist()) == expected
+    if policy in ("mars", "frontier"):  # the PyTorch reference's cap (VerifyStep's budget), row by row
+        u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+        expected = mrv2_reference(batch, u, server, budget={states[0]: 0.5, states[1]: 1.0})[:2]
         assert (num_accepted, num_relaxed.tolist()) == expected
     # The third request has no budget: as uncapped. The capped ones relax at most B per verified position.
     assert (num_sampled[2], num_relaxed[2]) == (uncapped[1][2], uncapped[2][2])
@@ -880,6 +893,9 @@ HOST_READ_SERVERS = {
     "fly": MIXED_SERVER.merged({"policy": "fly"}),
     "sglang": MIXED_SERVER.merged({"policy": "sglang"}),
     "relaxed_topk": MIXED_SERVER.merged({"policy": "relaxed_topk"}),
+    "typical": MIXED_SERVER.merged({"policy": "typical"}),  # our statistics launch, the insertion's temperature
+    "mars": MIXED_SERVER.merged({"policy": "mars"}),
+    "frontier": MIXED_SERVER.merged({"policy": "frontier"}),
     "mixed-with-budgets": MIXED_SERVER,
 }
 
@@ -971,11 +987,14 @@ def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, mon
 # ------------------------------------------------------------------ typical, MARS and the frontier rule on MRV2
 
 
-def mrv2_reference(batch: dict, u: torch.Tensor, config: EarsConfig) -> tuple[list[int], list[int], list[int]]:
+def mrv2_reference(
+    batch: dict, u: torch.Tensor, config: EarsConfig, budget: dict[int, float] | None = None
+) -> tuple[list[int], list[int], list[int]]:
     """(num_accepted, num_relaxed, the token emitted after the accepted drafts) per request from the PyTorch reference
     (``ears_vllm.reference.verify_reference``) on the step's draft rows, with MRV2's uniforms ``u`` [num_logits] and
     q the draft logits after the request's temperature. The emitted token is the reference's where it is not a
-    sample (the argmax: greedy rows, argmax recovery), else -1 (MRV2 draws it with its own randoms)."""
+    sample (the argmax: greedy rows, argmax recovery), else -1 (MRV2 draws it with its own randoms). ``budget``:
+    request state -> its deviation budget B, from a fresh ledger (no slack)."""
     from ears_vllm.reference import verify_reference
     from ears_vllm.step import VerifyStep
 
@@ -998,6 +1017,8 @@ def mrv2_reference(batch: dict, u: torch.Tensor, config: EarsConfig) -> tuple[li
         draft_probs=torch.stack(probs) if probs else None,
         is_greedy=torch.tensor(greedy),
         uniform=u[rows_t].double(),
+        budget=None if budget is None else torch.tensor([budget.get(s, 0.0) for s in states], dtype=torch.float64),
+        budget_slack=None if budget is None else torch.zeros(len(states), dtype=torch.float64),
         config=config,
         max_spec_len=batch["num_speculative_steps"],
     )
@@ -1174,3 +1195,51 @@ def test_typical_mars_and_frontier_relax_in_these_batches(mrv2):
                     count = int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
                     relaxed[name] = relaxed.get(name, 0) + count
     assert all(count >= 2 for count in relaxed.values()), relaxed
+
+
+# Request r of the step asks for NEW_MIXED_POLICIES[r] (None: the server's); the fourth is greedy, so the server's.
+NEW_MIXED_POLICIES = ("typical", "mars", "frontier", None, "sglang", "fly", "standard")
+NEW_MIXED_SERVER = MIXED_SERVER.merged({"mars_threshold": 0.8, "frontier_window": 1})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("step", cases(MIXED_STEPS))
+def test_a_batch_that_mixes_typical_mars_and_frontier_with_the_others(mrv2, step, seed):
+    """typical (our statistics launch, its argmax kept through the insertion), mars and frontier beside ears, sglang
+    (resampled from p without the draft), fly and standard in one batch: each row is what a server of its policy gives
+    it, and the new policies' rows are the PyTorch reference's."""
+    batch = mrv2_batch(seed, **step)
+    batch["target_logits"] /= 2
+    states = batch["idx_mapping"].tolist()
+    asked = {s: {"ears_policy": p} for s, p in zip(states, NEW_MIXED_POLICIES, strict=True) if p is not None}
+    slots = slots_for(batch, NEW_MIXED_SERVER, asked)
+    assert slots.mixed
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=NEW_MIXED_SERVER, slots=slots)
+    tokens = accepted_tokens(sampled, num_sampled)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    for r, policy in enumerate(NEW_MIXED_POLICIES):
+        policy = policy if policy is not None and batch["temperature"][states[r]] != 0 else "ears"
+        config = NEW_MIXED_SERVER.merged({"policy": policy})
+        alone = vllm_mrv2.verify_mrv2(**batch, config=config)
+        assert (int(num_sampled[r]), int(num_relaxed[r])) == (int(alone[1][r]), int(alone[2][r])), (r, policy)
+        assert tokens[r] == accepted_tokens(alone[0], alone[1])[r], (r, policy)
+        if policy in ("typical", "mars", "frontier"):
+            num_accepted, relaxed, emitted = mrv2_reference(batch, u, config)
+            assert (int(num_sampled[r]) - 1, int(num_relaxed[r])) == (num_accepted[r], relaxed[r]), (r, policy)
+            assert emitted[r] < 0 or tokens[r][-1] == emitted[r], (r, policy)
+
+
+def test_the_new_policies_relax_in_the_mixed_batches(mrv2):
+    """Guards the test above against batches in which typical's, mars's or frontier's row never relaxes."""
+    relaxed: dict[str, int] = {}
+    for seed in range(2):
+        for step in runnable(MIXED_STEPS):
+            batch = mrv2_batch(seed, **step)
+            batch["target_logits"] /= 2
+            states = batch["idx_mapping"].tolist()
+            asked = {s: {"ears_policy": p} for s, p in zip(states, NEW_MIXED_POLICIES, strict=True) if p is not None}
+            slots = slots_for(batch, NEW_MIXED_SERVER, asked)
+            num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=NEW_MIXED_SERVER, slots=slots)[2]
+            for r, policy in enumerate(NEW_MIXED_POLICIES[:3]):
+                relaxed[policy] = relaxed.get(policy, 0) + int(num_relaxed[r])
+    assert all(count > 0 for count in relaxed.values()), relaxed
