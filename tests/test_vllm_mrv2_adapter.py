@@ -1243,3 +1243,39 @@ def test_the_new_policies_relax_in_the_mixed_batches(mrv2):
             for r, policy in enumerate(NEW_MIXED_POLICIES[:3]):
                 relaxed[policy] = relaxed.get(policy, 0) + int(num_relaxed[r])
     assert all(count > 0 for count in relaxed.values()), relaxed
+
+
+def count_launches(monkeypatch) -> list[str]:
+    """From now on, the name of every Triton kernel launched (Triton's interpreter runs each launch through
+    ``InterpretedFunction.run``, ears-vllm's and vLLM's alike)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: list[str] = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return launched
+
+
+def test_typical_mars_and_frontier_add_no_launch_to_an_mrv2_step(mrv2, monkeypatch):
+    """A step's Triton launches by policy: the statistics, the walk, the resampling and the insertion for each; typical
+    and mars run our statistics launch in place of vLLM's (one launch either way), frontier vLLM's."""
+    batch = mrv2_batch(0, **STEPS["random-full-draft"])
+    launched = count_launches(monkeypatch)
+    counts = {}
+    for config in (
+        EarsConfig(policy="ears", tolerance=0.5),
+        EarsConfig(policy="typical"),
+        EarsConfig(policy="mars"),
+        EarsConfig(policy="frontier", tolerance=0.5),
+    ):
+        launched.clear()
+        vllm_mrv2.verify_mrv2(**batch, config=config)
+        counts[config.policy] = list(launched)
+    walk = ["split_stats_accept_kernel", "_resample_kernel", "_insert_resampled_kernel"]
+    assert counts["ears"] == counts["frontier"] == ["_compute_local_logits_stats_kernel", *walk]
+    assert counts["typical"] == counts["mars"] == ["split_stats_kernel", *walk]

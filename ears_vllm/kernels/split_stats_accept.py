@@ -3,7 +3,9 @@
 A split-statistics verifier works in four launches: per-vocabulary-block logit statistics (max and
 ``sum exp`` per block, argmax for greedy rows), a per-request acceptance walk, residual resampling of
 the rejected or bonus token, and its insertion. Only the walk depends on the acceptance policy, so this
-module is only the walk; the caller runs the other three launches and supplies the randomness.
+module is only the walk; the caller runs the other three launches and supplies the randomness. Where a branch
+reads more of a row than those statistics (typical's entropy, MARS's runner-up), the caller's statistics launch is
+ours (:mod:`.split_stats`): the same values, and those per-block terms beside them, merged here.
 
 Terms, per request (one program each): drafts sit at ``draft_sampled[start + i + 1]`` for
 ``i < num_drafts``; ``lse`` is the row's log-sum-exp merged from its block statistics; target logits
@@ -27,12 +29,24 @@ batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk hol
 * relaxed_topk (5): the native decision, or the draft a relaxed candidate (among the target's top-k with
   ``p(d) >= max p - delta``), tested here in one pass over the row's logits where the native test rejects (MRV2's
   statistics carry no sum-exp for greedy rows, nor any rank); greedy rows too.
+* typical (2): ``p(d) > min(typical_eps, typical_delta * exp(-H(p)))`` on sampled rows, ``H(p)`` merged from the
+  blocks' entropy terms (``target_local_entropy_ptr``; :func:`_row_entropy`); greedy rows by argmax match. On a
+  rejection it writes the target's argmax (every row's, from :mod:`.split_stats`) as a greedy row's, and leaves the
+  request's insertion temperature 0 (``insert_temp_ptr``), so MRV2's insertion launch keeps it; a placeholder draft
+  is a rejection like any other (the argmax is emitted there too).
+* mars (8): the native decision, or, where it rejects, the draft among the row's two largest logits at a low-margin
+  position (``z1 > 0`` and ``z2 > mars_threshold * z1``), never a masked draft: ``z1``, ``z2`` merged from the blocks'
+  max and runner-up (``target_local_runner_up_ptr``; :func:`_row_top2`), ``d`` among them iff ``l(d) >= z2``;
+  greedy rows too (their sum-exp, for ``p(d) > 0``, from :mod:`.split_stats`).
+* frontier (9): FLy's window state machine above, opened by EARS's relaxed test instead of the entropy gate: a
+  native rejection that passes it (sampled rows) becomes pending and is confirmed by ``frontier_window`` further
+  native acceptances (window 0: at once); greedy rows by argmax match.
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
-(ears, relaxed_topk, fly: at its deferral, the relaxed acceptance it becomes if confirmed; as the fused kernel caps
-it where it decides it), each request's relaxed acceptances are capped by its deviation budget as
-:mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the device: the
-ledger costs no host synchronisation).
+(ears, relaxed_topk, mars, fly and frontier: at the pending rejection, the relaxed acceptance it becomes if
+confirmed; as the fused kernel caps it where it decides it), each request's relaxed acceptances are capped by its
+deviation budget as :mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the
+device: the ledger costs no host synchronisation).
 """
 
 from __future__ import annotations
@@ -270,7 +284,7 @@ def split_stats_accept_kernel(
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
-    pending = tl.full((), -1, tl.int64)  # fly: the deferred rejection awaiting its window
+    pending = tl.full((), -1, tl.int64)  # fly, frontier: the deferred rejection awaiting its window (a draft index)
     rejected_argmax = tl.zeros((), tl.int64)
     target_lse = 0.0
     draft_lse = 0.0
@@ -447,11 +461,11 @@ def split_stats_accept_kernel(
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open
                     if accepted and i - pending == window:
-                        num_accepted = i + 1
+                        num_accepted = (i + 1).to(tl.int64)
                         num_relaxed += 1
-                        pending = -1
+                        pending = tl.full((), -1, tl.int64)
                 elif accepted:
-                    num_accepted = i + 1
+                    num_accepted = (i + 1).to(tl.int64)
                 else:
                     rejected_argmax = target_argmax
                     verifying = can_defer & (i + window < num_drafts)
@@ -465,11 +479,11 @@ def split_stats_accept_kernel(
                             verified_through=i + 1,
                         )
                     if verifying:
-                        pending = i
+                        pending = i.to(tl.int64)
                         if window == 0:  # frontier_window 0: EARS's relaxed test alone, confirmed at once
-                            num_accepted = i + 1
+                            num_accepted = (i + 1).to(tl.int64)
                             num_relaxed += 1
-                            pending = -1
+                            pending = tl.full((), -1, tl.int64)
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
             else:
                 verifying = accepted

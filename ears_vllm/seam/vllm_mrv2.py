@@ -21,10 +21,12 @@ values this adapter knows (``KERNEL_VALUES``): a renamed parameter with a known 
 ``num_logits`` for 0.32's ``num_speculative_steps``) is absorbed, and a parameter the adapter cannot fill
 makes the hook check fail, so the server refuses at startup instead of mis-calling the kernel.
 
-Refused at startup (or, with ``on_unsupported: fallback``, left to vLLM's rule): ``typical`` (it needs the
-entropy, which MRV2's statistics do not carry: use the V1 runner) and ``adasd`` (its thresholds live with the
-request on the host). Left to vLLM (the plan names them): vLLM's own FLy, block verification, synthetic acceptance
-rates and watermarking.
+Where the walk's branches read more of a row than MRV2's statistics hold (typical's entropy, MARS's two largest
+logits: ``PolicySpec.kernel_inputs``), our statistics launch (:mod:`ears_vllm.kernels.split_stats`) runs in place
+of vLLM's, writing what vLLM's writes, bit for bit, and those terms beside it. Refused at startup (or, with
+``on_unsupported: fallback``, left to vLLM's rule): ``adasd`` (its thresholds live with the request on the host).
+Left to vLLM (the plan names them): vLLM's own FLy, block verification, synthetic acceptance rates and
+watermarking.
 """
 
 from __future__ import annotations
@@ -658,8 +660,9 @@ def verify_mrv2(
         budget = Budget(rate=tolerance, slack=tolerance)  # never read without HAS_BUDGET
         row_policy = None
     entropy = _walk_inputs(kernel_inputs, settings, target_logits[:, :vocab_size])
-    if mixed:  # a runtime branch reads every input: the unused ones are placeholders
-        entropy = entropy if entropy is not None else target_logits.new_zeros(num_logits, dtype=torch.float32)
+    # Triton compiles a branch whose condition it cannot fold (a loop-carried state: every policy branch inside the
+    # walk's loop), so every pointer a branch reads is a tensor: the unread ones are placeholders.
+    entropy = entropy if entropy is not None else stats["target_local_max"]  # fly's, never read without it
     split_stats_accept_kernel[(num_reqs,)](
         sampled_ptr=sampled,
         sampled_stride=sampled.stride(0),
