@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
+import subprocess
 import sys
 import time
 import types
@@ -1279,3 +1281,17 @@ def test_typical_mars_and_frontier_add_no_launch_to_an_mrv2_step(mrv2, monkeypat
     walk = ["split_stats_accept_kernel", "_resample_kernel", "_insert_resampled_kernel"]
     assert counts["ears"] == counts["frontier"] == ["_compute_local_logits_stats_kernel", *walk]
     assert counts["typical"] == counts["mars"] == ["split_stats_kernel", *walk]
+
+
+def test_the_walk_and_our_statistics_launch_compile_for_a_gpu():
+    """The interpreter runs a branch only where it is taken; a GPU compiles every branch Triton cannot fold (all of
+    them inside the walk's loop). ``tests/gpu_frontend.py`` compiles each policy's walk (and the per-row one) and
+    our statistics launch with Triton's CUDA frontend, as ``verify_mrv2`` launches them, in a fresh process (this
+    one's Triton library is the interpreter's)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.gpu_frontend"], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "compiled" in done.stdout
