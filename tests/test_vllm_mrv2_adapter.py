@@ -1247,9 +1247,10 @@ def test_the_new_policies_relax_in_the_mixed_batches(mrv2):
     assert all(count > 0 for count in relaxed.values()), relaxed
 
 
-def count_launches(monkeypatch) -> list[str]:
+def count_launches(monkeypatch, none_pointers: dict[str, set[str]] | None = None) -> list[str]:
     """From now on, the name of every Triton kernel launched (Triton's interpreter runs each launch through
-    ``InterpretedFunction.run``, ears-vllm's and vLLM's alike)."""
+    ``InterpretedFunction.run``, ears-vllm's and vLLM's alike); ``none_pointers``: each kernel's pointer parameters
+    given None, by kernel name."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launched: list[str] = []
@@ -1257,6 +1258,9 @@ def count_launches(monkeypatch) -> list[str]:
 
     def run(self, *args, **kwargs):
         launched.append(self.fn.__name__)
+        if none_pointers is not None:
+            nones = {name for name, value in kwargs.items() if name.endswith("_ptr") and value is None}
+            none_pointers.setdefault(self.fn.__name__, set()).update(nones)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", run)
@@ -1267,7 +1271,8 @@ def test_typical_mars_and_frontier_add_no_launch_to_an_mrv2_step(mrv2, monkeypat
     """A step's Triton launches by policy: the statistics, the walk, the resampling and the insertion for each; typical
     and mars run our statistics launch in place of vLLM's (one launch either way), frontier vLLM's."""
     batch = mrv2_batch(0, **STEPS["random-full-draft"])
-    launched = count_launches(monkeypatch)
+    none_pointers: dict[str, set[str]] = {}
+    launched = count_launches(monkeypatch, none_pointers)
     counts = {}
     for config in (
         EarsConfig(policy="ears", tolerance=0.5),
@@ -1281,6 +1286,13 @@ def test_typical_mars_and_frontier_add_no_launch_to_an_mrv2_step(mrv2, monkeypat
     walk = ["split_stats_accept_kernel", "_resample_kernel", "_insert_resampled_kernel"]
     assert counts["ears"] == counts["frontier"] == ["_compute_local_logits_stats_kernel", *walk]
     assert counts["typical"] == counts["mars"] == ["split_stats_kernel", *walk]
+    # The pointers the walk may be given None, as tests/gpu_frontend.py compiles it (a GPU compiles every branch, so
+    # any other pointer a branch reads must be a tensor, a placeholder where unread).
+    assert none_pointers["split_stats_accept_kernel"] <= {
+        "draft_logits_row_mapping_ptr",
+        "policy_ptr",
+        "insert_temp_ptr",
+    }
 
 
 def test_the_walk_and_our_statistics_launch_compile_for_a_gpu():

@@ -284,7 +284,6 @@ def split_stats_accept_kernel(
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
-    as_int64 = tl.zeros((), tl.int64)  # i + as_int64: the loop index as int64, one type in every branch (compiled)
     pending = tl.full((), -1, tl.int64)  # fly, frontier: the deferred rejection awaiting its window (a draft index)
     rejected_argmax = tl.zeros((), tl.int64)
     target_lse = 0.0
@@ -462,11 +461,11 @@ def split_stats_accept_kernel(
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open
                     if accepted and i - pending == window:
-                        num_accepted = i + 1 + as_int64
+                        num_accepted = i + 1
                         num_relaxed += 1
-                        pending = tl.full((), -1, tl.int64)
+                        pending = tl.full((), -1, tl.int64)  # not -1: a literal is int32 where compiled
                 elif accepted:
-                    num_accepted = i + 1 + as_int64
+                    num_accepted = i + 1
                 else:
                     rejected_argmax = target_argmax
                     verifying = can_defer & (i + window < num_drafts)
@@ -480,9 +479,9 @@ def split_stats_accept_kernel(
                             verified_through=i + 1,
                         )
                     if verifying:
-                        pending = i + as_int64
+                        pending = i
                         if window == 0:  # frontier_window 0: EARS's relaxed test alone, confirmed at once
-                            num_accepted = i + 1 + as_int64
+                            num_accepted = i + 1
                             num_relaxed += 1
                             pending = tl.full((), -1, tl.int64)
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
