@@ -14,6 +14,7 @@ from ears_vllm.control.budget import BudgetLedger, share_slack
 from ears_vllm.control.metrics import EarsCollector, aggregate
 from ears_vllm.control.requests import RequestSettings, check_limits, request_config, request_settings
 from tests.triton_cpu import triton_interpreter
+from tests.v1_only import make_v1_only
 
 with triton_interpreter():  # the kernel's functions are jitted for the interpreter (backend="triton" below)
     importlib.import_module("ears_vllm.kernels.verify_kernel")
@@ -465,6 +466,7 @@ def test_the_collector_serves_counters_by_policy_and_the_running_rate():
     ],
 )
 def test_vllm_refuses_bad_xargs_where_it_builds_the_sampling_params(monkeypatch, runner, server, xargs, named):
+    make_v1_only(monkeypatch)  # typical: the policy MRV2 cannot run
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
 

@@ -11,6 +11,7 @@ import pytest
 
 from ears_vllm import cli, plugin
 from ears_vllm.seam import vllm_mrv2, vllm_v1
+from tests.v1_only import make_v1_only
 from tests.vllm_release import IS_VLLM_CPU, V1_ABSENT, VLLM_VERSION
 
 # Each runner: its adapter, and the module whose rejection_sample the adapter checks and patches.
@@ -134,7 +135,8 @@ def test_doctor_shows_a_budget_and_whether_the_metrics_plugin_is_named(capsys, m
     assert '"budget": 0.03' in out and re.search(r"metrics +ears_vllm_\* on /metrics", out)
 
 
-def test_doctor_names_vllms_own_method_and_the_runner_without_typical(capsys):
+def test_doctor_names_vllms_own_method_and_the_runner_without_typical(capsys, monkeypatch):
+    make_v1_only(monkeypatch)  # typical: a policy MRV2 does not run
     fly = '{"method": "draft_model", "rejection_sample_method": "fly"}'
     _, out = doctor(capsys, "--additional-config", '{"ears": {"policy": "ears"}}', "--speculative-config", fly)
     assert "vLLM's own rule (vLLM was asked for rejection_sample_method='fly'" in out

@@ -8,6 +8,7 @@ import pytest
 
 from ears_vllm.config import EarsConfig
 from ears_vllm.seam.verification import UnsupportedPolicyError, enforce, plan_verification
+from tests.v1_only import make_v1_only
 
 EARS = EarsConfig(policy="ears", tolerance=0.1)
 EARS_FALLBACK = EarsConfig(policy="ears", tolerance=0.1, on_unsupported="fallback")
@@ -62,7 +63,8 @@ PLANS = {
 @pytest.mark.parametrize(
     ("runner", "config", "asked", "verifies", "refuses", "reason"), PLANS.values(), ids=PLANS.keys()
 )
-def test_plan(runner, config, asked, verifies, refuses, reason):
+def test_plan(runner, config, asked, verifies, refuses, reason, monkeypatch):
+    make_v1_only(monkeypatch)  # typical: the policy MRV2 cannot run
     plan = plan_verification(runner, config, **({"vllm_version": "0.33.0", "hook_problem": None} | asked))
     assert (plan.runner, plan.verifies, plan.refuses) == (runner, verifies, refuses)
     assert reason in plan.reason

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
+import subprocess
 import sys
 import time
 import types
@@ -26,6 +28,7 @@ from ears_vllm.bench.steps import mrv2_batch
 from ears_vllm.seam import vllm_mrv2
 from ears_vllm.stats import VerifyStats
 from tests.triton_cpu import triton_interpreter, vllm_triton_modules
+from tests.v1_only import make_v1_only
 from tests.vllm_release import VLLM_VERSION
 
 with triton_interpreter():
@@ -73,6 +76,7 @@ def mrv2():
     with vllm_triton_modules(MRV2_MODULES, tldevice=types.SimpleNamespace(log1p=log1p_stand_in)) as modules:
         with triton_interpreter():
             importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats_accept"))
+            importlib.reload(importlib.import_module("ears_vllm.kernels.split_stats"))  # after the walk: it reads it
         utils = modules[MRV2_MODULES.index(vllm_mrv2.UTILS_MODULE)]
         uniform = importlib.import_module(vllm_mrv2.RANDOM_MODULE).tl_rand32
 
@@ -582,22 +586,31 @@ def test_each_request_is_verified_with_its_own_tolerance(mrv2):
     assert num_relaxed[0] == 0
 
 
+# The settings of a budgeted policy beyond the shared ones (tolerance: the third request runs uncapped at it).
+BUDGETED = {
+    "ears": dict(tolerance=1.0),
+    "mars": dict(mars_threshold=0.8),
+    "frontier": dict(tolerance=1.0, min_ratio=0.0),
+}
+
+
 @pytest.mark.parametrize(
-    ("policy", "seed", "flatten"), [("ears", 1, 1), ("relaxed_topk", 4, 4), ("fly", 3, 1)], ids=["ears", "trt", "fly"]
+    ("policy", "seed", "flatten"),
+    [("ears", 1, 1), ("relaxed_topk", 4, 4), ("fly", 3, 1), ("mars", 5, 2), ("frontier", 4, 2)],
+    ids=["ears", "trt", "fly", "mars", "frontier"],
 )
 def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(mrv2, policy, seed, flatten):
     """Batches (seed, flattened target) in which the first request relaxes at its first position uncapped."""
     batch = mrv2_batch(seed, **STEPS["random-full-draft"])
     batch["target_logits"] /= flatten
-    tolerance = 1.0 if policy == "ears" else 0.0  # the budgeted tolerance: the third request runs uncapped at it
     server = EarsConfig(
         policy=policy,
-        tolerance=tolerance,
         min_ratio=0.05,
         relaxed_topk=3,
         relaxed_delta=0.5,
+        frontier_window=1,  # frontier: a capped pending rejection is a rejection, as fly's deferral
         **FLY_LOOSE,  # fly: a capped deferral is a rejection, and the walk ends there
-    )
+    ).merged(BUDGETED.get(policy, {}))
     states = batch["idx_mapping"].tolist()
     asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 1.0}}  # the third: no budget
     slots = slots_for(batch, server, asked)
@@ -607,6 +620,10 @@ def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(m
     if policy == "ears":
         u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
         expected = expected_acceptance(batch, u, server, budget={states[0]: (0.5, 0.0), states[1]: (1.0, 0.0)})
+        assert (num_accepted, num_relaxed.tolist()) == expected
+    if policy in ("mars", "frontier"):  # the PyTorch reference's cap (VerifyStep's budget), row by row
+        u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+        expected = mrv2_reference(batch, u, server, budget={states[0]: 0.5, states[1]: 1.0})[:2]
         assert (num_accepted, num_relaxed.tolist()) == expected
     # The third request has no budget: as uncapped. The capped ones relax at most B per verified position.
     assert (num_sampled[2], num_relaxed[2]) == (uncapped[1][2], uncapped[2][2])
@@ -840,8 +857,10 @@ def test_every_policy_relaxes_in_the_mixed_batches(mrv2):
     assert all(relaxed[policy] > 0 for policy in ("ears", "fly", "sglang", "relaxed_topk")), relaxed
 
 
-def test_a_request_may_not_take_a_policy_mrv2_cannot_run(mrv2, caplog):
-    """An offline caller's request for typical (the API server answers it 400): its slot keeps the server's."""
+def test_a_request_may_not_take_a_policy_mrv2_cannot_run(mrv2, caplog, monkeypatch):
+    """An offline caller's request for a policy MRV2 does not run (the API server answers it 400): its slot keeps the
+    server's."""
+    make_v1_only(monkeypatch)  # typical, narrowed to V1 for the test
     batch, _ = mixed_step(0, MIXED_STEPS["plain-full-draft"])
     state = batch["idx_mapping"].tolist()[0]
     slots = slots_for(batch, MIXED_SERVER, {state: {"ears_policy": "typical"}})
@@ -876,6 +895,9 @@ HOST_READ_SERVERS = {
     "fly": MIXED_SERVER.merged({"policy": "fly"}),
     "sglang": MIXED_SERVER.merged({"policy": "sglang"}),
     "relaxed_topk": MIXED_SERVER.merged({"policy": "relaxed_topk"}),
+    "typical": MIXED_SERVER.merged({"policy": "typical"}),  # our statistics launch, the insertion's temperature
+    "mars": MIXED_SERVER.merged({"policy": "mars"}),
+    "frontier": MIXED_SERVER.merged({"policy": "frontier"}),
     "mixed-with-budgets": MIXED_SERVER,
 }
 
@@ -1278,3 +1300,333 @@ def test_adasd_adds_no_launch_to_an_mrv2_step(mrv2, monkeypatch, full_draft):
         per_policy[server.policy] = list(launched)
     assert per_policy["adasd"] == per_policy["ears"]
     assert len(per_policy["adasd"]) == 4, per_policy
+
+
+# ------------------------------------------------------------------ typical, MARS and the frontier rule on MRV2
+
+
+def mrv2_reference(
+    batch: dict, u: torch.Tensor, config: EarsConfig, budget: dict[int, float] | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """(num_accepted, num_relaxed, the token emitted after the accepted drafts) per request from the PyTorch reference
+    (``ears_vllm.reference.verify_reference``) on the step's draft rows, with MRV2's uniforms ``u`` [num_logits] and
+    q the draft logits after the request's temperature. The emitted token is the reference's where it is not a
+    sample (the argmax: greedy rows, argmax recovery), else -1 (MRV2 draws it with its own randoms). ``budget``:
+    request state -> its deviation budget B, from a fresh ledger (no slack)."""
+    from ears_vllm.reference import verify_reference
+    from ears_vllm.step import VerifyStep
+
+    cu, states = batch["cu_num_logits"].tolist(), batch["idx_mapping"].tolist()
+    rows, probs, greedy, num_drafts = [], [], [], []
+    for r, state in enumerate(states):
+        temp = float(batch["temperature"][state])
+        greedy.append(temp == 0.0)
+        num_drafts.append(cu[r + 1] - cu[r] - 1)
+        for i in range(num_drafts[-1]):
+            rows.append(cu[r] + i)
+            if batch["draft_logits"] is not None:
+                probs.append((draft_logits_row(batch, state)[i] / (temp or 1.0)).softmax(-1))
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    step = VerifyStep.build(
+        batch["target_logits"][rows_t],
+        batch["draft_sampled"][rows_t + 1],
+        num_drafts,
+        torch.zeros(len(states), dtype=torch.long),
+        draft_probs=torch.stack(probs) if probs else None,
+        is_greedy=torch.tensor(greedy),
+        uniform=u[rows_t].double(),
+        budget=None if budget is None else torch.tensor([budget.get(s, 0.0) for s in states], dtype=torch.float64),
+        budget_slack=None if budget is None else torch.zeros(len(states), dtype=torch.float64),
+        config=config,
+        max_spec_len=batch["num_speculative_steps"],
+    )
+    result = verify_reference(step)
+    num_accepted = result.num_accepted.tolist()
+    emitted = [
+        int(result.token_ids[r, n]) if n < num_drafts[r] and (greedy[r] or step.policy.recovery == "argmax") else -1
+        for r, n in enumerate(num_accepted)
+    ]
+    return num_accepted, result.num_relaxed.tolist(), emitted
+
+
+def assert_walk_is_the_reference(mrv2, batch: dict, config: EarsConfig) -> int:
+    """The walk of ``config`` on ``batch`` equals the PyTorch reference row by row (accepted, relaxed, the token it
+    emits where that is no sample); rows it relaxes nowhere emit MRV2's own tokens where the policy recovers by
+    MRV2's residual. Returns the step's relaxed acceptances."""
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    num_accepted, relaxed, emitted = mrv2_reference(batch, u, config)
+    assert (num_sampled - 1).tolist() == num_accepted
+    assert num_relaxed.tolist() == relaxed
+    tokens, standard = accepted_tokens(sampled, num_sampled), accepted_tokens(*mrv2.rejection_sample(batch))
+    cu = batch["cu_num_logits"].tolist()
+    for r, n in enumerate(num_accepted):
+        assert tokens[r][:-1] == batch["draft_sampled"][cu[r] + 1 : cu[r] + 1 + n].tolist(), r
+        if emitted[r] >= 0:
+            assert tokens[r][-1] == emitted[r], r  # the argmax, kept through MRV2's insertion launch
+        elif relaxed[r] == 0 and config.policy != "typical":
+            assert tokens[r] == standard[r], r  # no relaxation: MRV2's own tokens, its residual draw included
+    return int(num_relaxed.sum())
+
+
+def split_stats(mrv2, batch: dict, kernel_inputs: set[str]) -> dict[str, torch.Tensor]:
+    """The statistics launch ``verify_mrv2`` makes for branches reading ``kernel_inputs`` (none: vLLM's own), into
+    NaN-filled tensors (so a value a launch does not write reads NaN)."""
+    import triton as triton_module
+
+    target_logits, draft_logits = batch["target_logits"], batch["draft_logits"]
+    num_logits, vocab = target_logits.shape
+    blocks = triton_module.cdiv(vocab, vllm_mrv2.VOCAB_BLOCK_SIZE)
+    stats = {
+        name: torch.full((num_logits, blocks), torch.nan).to(dtype)
+        for name, dtype in (
+            ("target_local_argmax", torch.int64),
+            ("target_local_max", torch.float32),
+            ("target_local_sumexp", torch.float32),
+            ("draft_local_max", torch.float32),
+            ("draft_local_sumexp", torch.float32),
+        )
+    }
+    stats["target_local_argmax"].fill_(-1)
+    shared = dict(
+        target_logits_ptr=target_logits,
+        target_logits_stride=target_logits.stride(0),
+        draft_logits_ptr=draft_logits,
+        draft_logits_stride_0=0 if draft_logits is None else draft_logits.stride(0),
+        draft_logits_stride_1=0 if draft_logits is None else draft_logits.stride(1),
+        expanded_idx_mapping_ptr=batch["expanded_idx_mapping"],
+        expanded_local_pos_ptr=batch["expanded_local_pos"],
+        temp_ptr=batch["temperature"],
+        vocab_size=vocab,
+        HAS_DRAFT_LOGITS=draft_logits is not None,
+        cu_num_logits_ptr=batch["cu_num_logits"],
+        num_speculative_steps=batch["num_speculative_steps"],
+        num_logits=num_logits,
+        draft_logits_row_mapping_ptr=batch["draft_logits_row_mapping"],
+    )
+    return stats | vllm_mrv2._launch_stats(mrv2.utils, shared, stats, kernel_inputs, num_logits)
+
+
+@pytest.mark.parametrize("step", cases(STEPS))
+def test_our_statistics_launch_writes_what_vllms_writes_bit_for_bit(mrv2, step):
+    """``kernels.split_stats`` in place of vLLM's ``_compute_local_logits_stats_kernel``: every value vLLM's writes
+    (greedy rows: max and argmax; sampled rows: the target's and the draft's max and sum-exp) equal to the bit, on
+    every draft row; beside them each block's entropy term and runner-up, as PyTorch computes them."""
+    batch = mrv2_batch(3, **step)
+    batch["target_logits"][0, :7] = -torch.inf  # a masked stretch, and a tie for a runner-up
+    batch["target_logits"][1, 5] = batch["target_logits"][1, 6] = batch["target_logits"][1].max() + 1
+    vllms = split_stats(mrv2, batch, set())
+    ours = split_stats(mrv2, batch, {"block_entropy", "block_runner_up"})
+    local = batch["expanded_local_pos"]
+    draft_rows = torch.cat([local[1:], local.new_zeros(1)]) != 0  # a bonus row's statistics are never read
+    greedy = batch["temperature"][batch["expanded_idx_mapping"].long()] == 0
+    written = {
+        "target_local_argmax": draft_rows & greedy,
+        "target_local_max": draft_rows,
+        "target_local_sumexp": draft_rows & ~greedy,
+        "draft_local_max": draft_rows & ~greedy,
+        "draft_local_sumexp": draft_rows & ~greedy,
+    }
+    for name, rows in written.items():
+        if name.startswith("draft") and batch["draft_logits"] is None:
+            continue
+        expected = vllms[name][rows]
+        assert not (expected.isnan() if expected.is_floating_point() else expected < 0).any(), name  # vLLM wrote it
+        assert torch.equal(ours[name][rows], expected), name
+    block = vllm_mrv2.VOCAB_BLOCK_SIZE
+    for row in draft_rows.nonzero().squeeze(-1).tolist():
+        for b in range(ours["target_local_max"].shape[1]):
+            logits = batch["target_logits"][row, b * block : (b + 1) * block]
+            top2 = torch.topk(logits, 2).values
+            assert float(ours["target_local_runner_up"][row, b]) == float(top2[1])
+            assert int(ours["target_local_argmax"][row, b]) == b * block + int(logits.argmax())
+            shifted = logits - logits.max()
+            term = torch.where(shifted > -torch.inf, shifted.exp() * shifted, 0.0).sum()
+            assert float(ours["target_local_entropy"][row, b]) == pytest.approx(float(term), rel=1e-5, abs=1e-5)
+
+
+# Each policy's settings (the V1 tests' defaults among them) and how much its targets are flattened in its batches.
+TYPICAL_SETTINGS = {
+    "typical-defaults": EarsConfig(policy="typical"),
+    "eps0.01-delta0.01": EarsConfig(policy="typical", typical_eps=0.01, typical_delta=0.01),
+    "eps0.3-delta0.9": EarsConfig(policy="typical", typical_eps=0.3, typical_delta=0.9),
+}
+MARS_SETTINGS = {
+    "mars-defaults": EarsConfig(policy="mars"),
+    "theta0.8": EarsConfig(policy="mars", mars_threshold=0.8),
+    "theta0": EarsConfig(policy="mars", mars_threshold=0.0),
+}
+FRONTIER_SETTINGS = {
+    "tolerance0.5-W2": EarsConfig(policy="frontier", tolerance=0.5, min_ratio=0.05, frontier_window=2),
+    "tolerance1-rho0-W1": EarsConfig(policy="frontier", tolerance=1.0, min_ratio=0.0, frontier_window=1),
+    "W0": EarsConfig(policy="frontier", tolerance=0.5, min_ratio=0.05, frontier_window=0),
+    "tolerance0.5-W1-scale3": EarsConfig(
+        policy="frontier", tolerance=0.5, min_ratio=0.05, frontier_window=1, frontier_scale=3.0
+    ),
+}
+FLATTEN = {"typical": 2, "mars": 1, "frontier": 1}
+
+
+def policy_batches(policy: str, step: dict) -> list[dict]:
+    """The batches a policy's test verifies: two seeds, its targets flattened by FLATTEN."""
+    batches = [mrv2_batch(seed, **step) for seed in range(2)]
+    for batch in batches:
+        batch["target_logits"] /= FLATTEN[policy]
+    return batches
+
+
+@pytest.mark.parametrize("setting", TYPICAL_SETTINGS, ids=TYPICAL_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
+def test_typical_on_mrv2_is_the_reference(mrv2, step, setting):
+    """Typical acceptance in the walk (H(p) merged from our statistics launch) against the PyTorch reference, row by
+    row, and the argmax it recovers with on a sampled row kept through MRV2's insertion launch."""
+    for batch in policy_batches("typical", step):
+        assert_walk_is_the_reference(mrv2, batch, TYPICAL_SETTINGS[setting])
+
+
+@pytest.mark.parametrize("setting", MARS_SETTINGS, ids=MARS_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(STEPS))
+def test_mars_on_mrv2_is_the_reference(mrv2, step, setting):
+    """MARS in the walk (the row's two largest logits merged from our statistics launch), greedy rows too, against
+    the PyTorch reference row by row."""
+    for batch in policy_batches("mars", step):
+        assert_walk_is_the_reference(mrv2, batch, MARS_SETTINGS[setting])
+
+
+@pytest.mark.parametrize("setting", FRONTIER_SETTINGS, ids=FRONTIER_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(FLY_STEPS))
+def test_frontier_on_mrv2_is_the_reference(mrv2, step, setting):
+    """The frontier rule in the walk (FLy's pending window, opened by EARS's relaxed test) against the PyTorch
+    reference row by row; a pending row that is not confirmed ends the walk there with MRV2's own residual draw."""
+    for batch in policy_batches("frontier", step):
+        assert_walk_is_the_reference(mrv2, batch, FRONTIER_SETTINGS[setting])
+
+
+def test_typical_mars_and_frontier_relax_in_these_batches(mrv2):
+    """Guards the three tests above against batches in which a setting's branch never changes a decision."""
+    relaxed = {}
+    for policy, settings, steps in (
+        ("typical", TYPICAL_SETTINGS, STEPS),
+        ("mars", MARS_SETTINGS, STEPS),
+        ("frontier", FRONTIER_SETTINGS, FLY_STEPS),
+    ):
+        for name, config in settings.items():
+            for step in runnable(steps):
+                for batch in policy_batches(policy, step):
+                    count = int(vllm_mrv2.verify_mrv2(**batch, config=config)[2].sum())
+                    relaxed[name] = relaxed.get(name, 0) + count
+    assert all(count >= 2 for count in relaxed.values()), relaxed
+
+
+# Request r of the step asks for NEW_MIXED_POLICIES[r] (None: the server's); the fourth is greedy, so the server's.
+NEW_MIXED_POLICIES = ("typical", "mars", "frontier", None, "sglang", "fly", "standard")
+NEW_MIXED_SERVER = MIXED_SERVER.merged({"mars_threshold": 0.8, "frontier_window": 1})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("step", cases(MIXED_STEPS))
+def test_a_batch_that_mixes_typical_mars_and_frontier_with_the_others(mrv2, step, seed):
+    """typical (our statistics launch, its argmax kept through the insertion), mars and frontier beside ears, sglang
+    (resampled from p without the draft), fly and standard in one batch: each row is what a server of its policy gives
+    it, and the new policies' rows are the PyTorch reference's."""
+    batch = mrv2_batch(seed, **step)
+    batch["target_logits"] /= 2
+    states = batch["idx_mapping"].tolist()
+    asked = {s: {"ears_policy": p} for s, p in zip(states, NEW_MIXED_POLICIES, strict=True) if p is not None}
+    slots = slots_for(batch, NEW_MIXED_SERVER, asked)
+    assert slots.mixed
+    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=NEW_MIXED_SERVER, slots=slots)
+    tokens = accepted_tokens(sampled, num_sampled)
+    u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+    for r, policy in enumerate(NEW_MIXED_POLICIES):
+        policy = policy if policy is not None and batch["temperature"][states[r]] != 0 else "ears"
+        config = NEW_MIXED_SERVER.merged({"policy": policy})
+        alone = vllm_mrv2.verify_mrv2(**batch, config=config)
+        assert (int(num_sampled[r]), int(num_relaxed[r])) == (int(alone[1][r]), int(alone[2][r])), (r, policy)
+        assert tokens[r] == accepted_tokens(alone[0], alone[1])[r], (r, policy)
+        if policy in ("typical", "mars", "frontier"):
+            num_accepted, relaxed, emitted = mrv2_reference(batch, u, config)
+            assert (int(num_sampled[r]) - 1, int(num_relaxed[r])) == (num_accepted[r], relaxed[r]), (r, policy)
+            assert emitted[r] < 0 or tokens[r][-1] == emitted[r], (r, policy)
+
+
+def test_the_new_policies_relax_in_the_mixed_batches(mrv2):
+    """Guards the test above against batches in which typical's, mars's or frontier's row never relaxes."""
+    relaxed: dict[str, int] = {}
+    for seed in range(2):
+        for step in runnable(MIXED_STEPS):
+            batch = mrv2_batch(seed, **step)
+            batch["target_logits"] /= 2
+            states = batch["idx_mapping"].tolist()
+            asked = {s: {"ears_policy": p} for s, p in zip(states, NEW_MIXED_POLICIES, strict=True) if p is not None}
+            slots = slots_for(batch, NEW_MIXED_SERVER, asked)
+            num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=NEW_MIXED_SERVER, slots=slots)[2]
+            for r, policy in enumerate(NEW_MIXED_POLICIES[:3]):
+                relaxed[policy] = relaxed.get(policy, 0) + int(num_relaxed[r])
+    assert all(count > 0 for count in relaxed.values()), relaxed
+
+
+def count_launches(monkeypatch, none_pointers: dict[str, set[str]] | None = None) -> list[str]:
+    """From now on, the name of every Triton kernel launched (Triton's interpreter runs each launch through
+    ``InterpretedFunction.run``, ears-vllm's and vLLM's alike); ``none_pointers``: each kernel's pointer parameters
+    given None, by kernel name."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: list[str] = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        if none_pointers is not None:
+            nones = {name for name, value in kwargs.items() if name.endswith("_ptr") and value is None}
+            none_pointers.setdefault(self.fn.__name__, set()).update(nones)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return launched
+
+
+def test_typical_mars_and_frontier_add_no_launch_to_an_mrv2_step(mrv2, monkeypatch):
+    """A step's Triton launches by policy: the statistics, the walk, the resampling and the insertion for each; typical
+    and mars run our statistics launch in place of vLLM's (one launch either way), frontier vLLM's."""
+    batch = mrv2_batch(0, **STEPS["random-full-draft"])
+    none_pointers: dict[str, set[str]] = {}
+    launched = count_launches(monkeypatch, none_pointers)
+    counts = {}
+    for config in (
+        EarsConfig(policy="ears", tolerance=0.5),
+        EarsConfig(policy="typical"),
+        EarsConfig(policy="mars"),
+        EarsConfig(policy="frontier", tolerance=0.5),
+    ):
+        launched.clear()
+        vllm_mrv2.verify_mrv2(**batch, config=config)
+        counts[config.policy] = list(launched)
+    walk = ["split_stats_accept_kernel", "_resample_kernel", "_insert_resampled_kernel"]
+    assert counts["ears"] == counts["frontier"] == ["_compute_local_logits_stats_kernel", *walk]
+    assert counts["typical"] == counts["mars"] == ["split_stats_kernel", *walk]
+    # The pointers the walk may be given None, as tests/gpu_frontend.py compiles it (a GPU compiles every branch, so
+    # any other pointer a branch reads must be a tensor, a placeholder where unread).
+    assert none_pointers["split_stats_accept_kernel"] <= {
+        "draft_logits_row_mapping_ptr",
+        "policy_ptr",
+        "insert_temp_ptr",
+    }
+
+
+def test_the_walk_and_our_statistics_launch_compile_for_a_gpu():
+    """The interpreter runs a branch only where it is taken; a GPU compiles every branch Triton cannot fold (all of
+    them inside the walk's loop). ``tests/gpu_frontend.py`` compiles each policy's walk (and the per-row one), our
+    statistics launch and AdaSD's draft-length launches with Triton's CUDA frontend, as ``verify_mrv2`` launches
+    them, in a fresh process (this one's Triton library is the interpreter's)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.gpu_frontend"], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    from ears_vllm.kernels.split_stats_accept import BRANCHES
+
+    walks = [line for line in done.stdout.splitlines() if line.startswith("compiled walk")]
+    assert len(walks) == 2 * len(BRANCHES) + 2  # each policy with and without a budget, and the per-row walk
+    assert "compiled draft length" in done.stdout  # AdaSD's MRV2 drafter launches (kernels/draft_length.py)

@@ -17,6 +17,7 @@ from ears_vllm import EarsConfig, plugin
 from ears_vllm._log import get_logger
 from ears_vllm.seam import patches, vllm_mrv2, vllm_v1
 from ears_vllm.seam.verification import UnsupportedPolicyError
+from tests.v1_only import make_v1_only
 from tests.vllm_release import V1_ABSENT, VLLM_VERSION, v1_runner_only
 
 EARS = {"policy": "ears", "tolerance": 0.3}
@@ -298,13 +299,14 @@ def test_ersd_on_mrv2_verifies_on_its_own_keys_or_refuses_greedy_drafts(
         assert not hasattr(autoregressive, "gumbel_sample")
 
 
-def test_the_per_request_check_knows_which_runner_verifies(server_state):
+def test_the_per_request_check_knows_which_runner_verifies(server_state, monkeypatch):
     """vLLM 0.34's config has no ``use_v2_model_runner``: every 0.34 server verifies on MRV2, where a request may
     take another policy than the server's if MRV2 runs it (fly), not one it does not (typical)."""
     from vllm.exceptions import VLLMValidationError
 
     from ears_vllm.seam import vllm_requests
 
+    make_v1_only(monkeypatch)  # typical: a policy MRV2 does not run
     granting = {**EARS, "request_limits": {"policies": ["fly", "typical"], "max_tolerance": 0.5}}  # the operator's
     vllm_requests.note_server(types.SimpleNamespace(additional_config={"ears": granting}))
     assert vllm_requests.server_runner == ("MRV2" if V1_ABSENT else "V1")

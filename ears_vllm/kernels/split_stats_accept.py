@@ -3,7 +3,9 @@
 A split-statistics verifier works in four launches: per-vocabulary-block logit statistics (max and
 ``sum exp`` per block, argmax for greedy rows), a per-request acceptance walk, residual resampling of
 the rejected or bonus token, and its insertion. Only the walk depends on the acceptance policy, so this
-module is only the walk; the caller runs the other three launches and supplies the randomness.
+module is only the walk; the caller runs the other three launches and supplies the randomness. Where a branch
+reads more of a row than those statistics (typical's entropy, MARS's runner-up), the caller's statistics launch is
+ours (:mod:`.split_stats`): the same values, and those per-block terms beside them, merged here.
 
 Terms, per request (one program each): drafts sit at ``draft_sampled[start + i + 1]`` for
 ``i < num_drafts``; ``lse`` is the row's log-sum-exp merged from its block statistics; target logits
@@ -27,6 +29,19 @@ batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk hol
 * relaxed_topk (5): the native decision, or the draft a relaxed candidate (among the target's top-k with
   ``p(d) >= max p - delta``), tested here in one pass over the row's logits where the native test rejects (MRV2's
   statistics carry no sum-exp for greedy rows, nor any rank); greedy rows too.
+* typical (2): ``p(d) > min(typical_eps, typical_delta * exp(-H(p)))`` on sampled rows, ``H(p)`` merged from the
+  blocks' entropy terms (``target_local_entropy_ptr``; :func:`_row_entropy`); greedy rows by argmax match. On a
+  rejection it writes the target's argmax (every row's, from :mod:`.split_stats`) as a greedy row's, and leaves the
+  request's insertion temperature 0 (``insert_temp_ptr``), so MRV2's insertion launch keeps it; a placeholder draft
+  is a rejection like any other (the argmax is emitted there too).
+* mars (8): the native decision, or, where it rejects, the draft among the row's two largest logits at a low-margin
+  position (``z1 > 0`` and ``z2 > mars_threshold * z1``), never a masked draft: ``z1``, ``z2`` merged from the blocks'
+  max and runner-up (``target_local_runner_up_ptr``; :func:`_row_top2`), ``d`` among them iff ``l(d) >= z2``;
+  greedy rows too (their sum-exp, for ``p(d) > 0``, from :mod:`.split_stats`).
+* frontier (9): FLy's window state machine above, opened by EARS's relaxed test (its tolerance times
+  ``frontier_scale``) instead of the entropy gate: a native rejection that passes it (sampled rows) becomes pending
+  and is confirmed by ``frontier_window`` further native acceptances (window 0: at once); greedy rows by argmax
+  match.
 * adasd (6): the native decision, or ``JS(p, q) <= tau`` with ``p(d) > 0`` and ``q(d) > 0``, ``tau`` the request's
   learnt threshold (:class:`ears_vllm.policies.adasd.LearntThreshold`: the midpoint of the running means of the JS
   distance at natively accepted and natively rejected verified positions, none before both sides are seen and
@@ -39,10 +54,10 @@ batch mixes them; without it ``POLICY`` is a constexpr and the compiled walk hol
   V1, docs/adasd.md).
 
 A relaxed acceptance is one the native test rejected; they are the row's ``num_relaxed``. With ``HAS_BUDGET``
-(ears, relaxed_topk, fly: at its deferral, the relaxed acceptance it becomes if confirmed; as the fused kernel caps
-it where it decides it), each request's relaxed acceptances are capped by its deviation budget as
-:mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the device: the
-ledger costs no host synchronisation).
+(ears, relaxed_topk, mars, fly and frontier: at the pending rejection, the relaxed acceptance it becomes if
+confirmed; as the fused kernel caps it where it decides it), each request's relaxed acceptances are capped by its
+deviation budget as :mod:`ears_vllm.control.budget` says, and its slack is charged at the end of the walk (on the
+device: the ledger costs no host synchronisation).
 """
 
 from __future__ import annotations
@@ -54,9 +69,12 @@ from ears_vllm.kernels.shared import (
     ADASD,
     EARS,
     FLY,
+    FRONTIER,
+    MARS,
     RELAXED_TOPK,
     SGLANG,
     STANDARD,
+    TYPICAL,
     budget_fits,
     request_span,
     verified_positions,
@@ -64,8 +82,8 @@ from ears_vllm.kernels.shared import (
 from ears_vllm.policies import PolicySpec
 
 # The policies the walk has a branch for (PolicySpec.kernel_id); the others are refused at launch (walk_policy).
-# ersd runs its own walk (seam.vllm_mrv2.verify_races_mrv2); typical is V1-only (PolicySpec.runners).
-BRANCHES = frozenset(c.value for c in (STANDARD, EARS, FLY, SGLANG, RELAXED_TOPK, ADASD))
+# ersd runs its own walk (seam.vllm_mrv2.verify_races_mrv2).
+BRANCHES = frozenset(c.value for c in (STANDARD, EARS, FLY, SGLANG, RELAXED_TOPK, TYPICAL, ADASD, MARS, FRONTIER))
 LOG2_E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): the JS divergence is in bits
 
 
@@ -99,6 +117,68 @@ def _row_argmax(
     maxes = tl.where(maxes != maxes, float("-inf"), maxes)  # a NaN block must not win (or index the padding)
     best_block = tl.argmax(maxes, axis=0)
     return tl.load(local_argmax_ptr + row * argmax_stride + best_block).to(tl.int64)
+
+
+@triton.jit
+def _row_entropy(
+    local_max_ptr,
+    local_sumexp_ptr,
+    local_entropy_ptr,
+    stride,
+    extra_stride,
+    row,
+    num_blocks,
+    PADDED_NUM_BLOCKS: tl.constexpr,
+):
+    """H(p) of a row, merged from its blocks' max ``m_b``, ``s_b = sum exp(l - m_b)`` and ``w_b = sum exp(l - m_b)
+    (l - m_b)`` (:mod:`.split_stats`, ``WITH_ENTROPY``): with ``M = max m_b``, ``S = sum s_b e^(m_b - M)`` and
+    ``W = sum e^(m_b - M) (w_b + (m_b - M) s_b)``, ``H = log S - W / S`` (the fused kernel's ``_merged_row``)."""
+    blocks = tl.arange(0, PADDED_NUM_BLOCKS)
+    mask = blocks < num_blocks
+    maxes = tl.load(local_max_ptr + row * stride + blocks, mask=mask, other=float("-inf"))
+    sumexps = tl.load(local_sumexp_ptr + row * stride + blocks, mask=mask, other=0.0)
+    terms = tl.load(local_entropy_ptr + row * extra_stride + blocks, mask=mask, other=0.0)
+    row_max = tl.max(maxes, axis=0)
+    alive = maxes > float("-inf")
+    scale = tl.where(alive, tl.exp(maxes - row_max), 0.0)
+    sumexp = tl.sum(sumexps * scale, axis=0)
+    weighted = tl.sum(scale * (terms + tl.where(alive, maxes - row_max, 0.0) * sumexps), axis=0)
+    return tl.log(sumexp) - weighted / sumexp
+
+
+@triton.jit
+def _row_top2(
+    local_max_ptr,
+    local_runner_up_ptr,
+    stride,
+    extra_stride,
+    row,
+    num_blocks,
+    PADDED_NUM_BLOCKS: tl.constexpr,
+):
+    """The two largest logits ``(z1, z2)`` of a row (``z2 = z1`` where the largest occurs twice), merged from its
+    blocks' max and runner-up (:mod:`.split_stats`, ``WITH_RUNNER_UP``): the row's second is the best block's
+    runner-up or another block's max."""
+    blocks = tl.arange(0, PADDED_NUM_BLOCKS)
+    maxes = tl.load(local_max_ptr + row * stride + blocks, mask=blocks < num_blocks, other=float("-inf"))
+    maxes = tl.where(maxes != maxes, float("-inf"), maxes)  # a NaN block must not win (or index the padding)
+    best_block = tl.argmax(maxes, axis=0)
+    others = tl.max(tl.where(blocks == best_block, float("-inf"), maxes), axis=0)
+    runner_up = tl.load(local_runner_up_ptr + row * extra_stride + best_block)
+    return tl.max(maxes, axis=0), tl.maximum(others, runner_up)
+
+
+@triton.jit
+def _ears_relaxable(tolerance, target_max, target_lse, target_logprob, draft_logprob, u, min_ratio):
+    """EARS's relaxed test at a draft (before the native decision is taken out): ``t = tolerance * (1 - max p) > 0``,
+    ``p(d) > 0``, ``q(d) > 0`` and ``p(d) / q(d) >= max(u - t, min_ratio)``, in the walk's log space."""
+    relaxation = tolerance * (1.0 - tl.exp(target_max - target_lse))
+    return (
+        (relaxation > 0.0)
+        & (target_logprob > float("-inf"))
+        & (draft_logprob > float("-inf"))
+        & (target_logprob - draft_logprob >= tl.log(tl.maximum(u - relaxation, min_ratio)))
+    )
 
 
 @triton.jit
@@ -206,6 +286,9 @@ def split_stats_accept_kernel(
     target_local_max_ptr,  # [num_logits, num_blocks] float32
     target_local_sumexp_ptr,  # [num_logits, num_blocks] float32
     target_local_stride,
+    target_local_entropy_ptr,  # [num_logits, num_blocks] float32 (typical; .split_stats, WITH_ENTROPY)
+    target_local_runner_up_ptr,  # [num_logits, num_blocks] float32 (mars; .split_stats, WITH_RUNNER_UP)
+    target_local_extra_stride,
     draft_sampled_ptr,  # [num_logits]: the input token of each row; -1 = placeholder, rejected
     draft_logits_ptr,  # [rows, k, V], before temperature (unused without HAS_DRAFT_LOGITS)
     draft_logits_stride_0,
@@ -226,6 +309,7 @@ def split_stats_accept_kernel(
     budget_slack_ptr,  # [max_num_reqs] float64: B * verified - relaxed so far; updated here after the walk
     adasd_sums_ptr,  # [max_num_reqs, 2] float64: JS distances summed at natively accepted, rejected positions
     adasd_counts_ptr,  # [max_num_reqs, 2] int64: how many of each (adasd's threshold; updated here; None: no adasd)
+    insert_temp_ptr,  # [max_num_reqs] float32 out, or None: the temperature MRV2's insertion launch reads (0: keep)
     min_ratio,
     fly_entropy_threshold,
     fly_window,
@@ -233,6 +317,11 @@ def split_stats_accept_kernel(
     threshold_acc,
     relaxed_topk,
     relaxed_delta,
+    typical_eps,
+    typical_delta,
+    mars_threshold,
+    frontier_window,
+    frontier_scale,  # multiplies EARS's tolerance in the frontier rule's test
     vocab_size,
     vocab_num_blocks,
     PADDED_VOCAB_NUM_BLOCKS: tl.constexpr,
@@ -241,7 +330,7 @@ def split_stats_accept_kernel(
     HAS_DRAFT_LOGITS: tl.constexpr,
     POLICY: tl.constexpr,  # one of BRANCHES (walk_policy); unread with PER_ROW_POLICY
     UNIFORM: tl.constexpr,
-    HAS_BUDGET: tl.constexpr,  # fly: a rejection defers only if its relaxed acceptance would fit
+    HAS_BUDGET: tl.constexpr,  # fly, frontier: a rejection defers only if its relaxed acceptance would fit
     PER_ROW_POLICY: tl.constexpr,  # each request's branch from policy_ptr (a batch that mixes policies)
 ):
     req_idx = tl.program_id(0)
@@ -249,6 +338,8 @@ def split_stats_accept_kernel(
     # PER_ROW_POLICY: a runtime branch id, every test below made per request; else a constexpr, one branch compiled
     policy = tl.load(policy_ptr + req_state_idx) if PER_ROW_POLICY else POLICY
     is_fly = policy == FLY
+    defers = is_fly | (policy == FRONTIER)  # the window state machine: a rejection pending its next drafts
+    argmax_recovery = policy == TYPICAL  # PolicySpec.recovery "argmax": the walk writes it, the insertion keeps it
     start_idx, num_rows = request_span(cu_num_logits_ptr, req_idx)
     num_drafts = num_rows - 1  # each request's last row is its bonus row
     seed = tl.load(seed_ptr + req_state_idx)
@@ -276,7 +367,7 @@ def split_stats_accept_kernel(
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
-    pending = tl.full((), -1, tl.int64)  # fly: the deferred rejection awaiting its window
+    pending = tl.full((), -1, tl.int64)  # fly, frontier: the deferred rejection awaiting its window (a draft index)
     rejected_argmax = tl.zeros((), tl.int64)
     target_lse = 0.0
     draft_lse = 0.0
@@ -286,7 +377,7 @@ def split_stats_accept_kernel(
         draft = tl.load(draft_sampled_ptr + row + 1).to(tl.int64)
         is_valid_draft = draft >= 0
         draft = tl.maximum(0, draft)
-        if not is_greedy and not is_fly:
+        if not is_greedy and not defers and not argmax_recovery:
             verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
         if verifying:
             target_argmax = tl.zeros((), tl.int64)
@@ -333,7 +424,7 @@ def split_stats_accept_kernel(
                         PADDED_VOCAB_NUM_BLOCKS,
                     )
                     draft_logprob = draft_logit / temp - step_draft_lse
-                if not is_fly or pending < 0:  # fly keeps the pending row's statistics for its resample
+                if not defers or pending < 0:  # fly, frontier keep the pending row's statistics for its resample
                     target_lse = step_target_lse
                     draft_lse = step_draft_lse
                 if policy == SGLANG:
@@ -343,12 +434,10 @@ def split_stats_accept_kernel(
                 else:
                     accepted = target_logprob > tl.log(u) + draft_logprob
                 if policy == EARS:
-                    relaxation = tolerance * (1.0 - tl.exp(target_max - step_target_lse))
                     relaxed = (
-                        (relaxation > 0.0)
-                        & (target_logprob > float("-inf"))
-                        & (draft_logprob > float("-inf"))
-                        & (target_logprob - draft_logprob >= tl.log(tl.maximum(u - relaxation, min_ratio)))
+                        _ears_relaxable(
+                            tolerance, target_max, step_target_lse, target_logprob, draft_logprob, u, min_ratio
+                        )
                         & ~accepted
                     )
                     if HAS_BUDGET:  # a relaxed acceptance must fit in the slack plus B per position verified so far
@@ -405,6 +494,77 @@ def split_stats_accept_kernel(
                 if is_fly:
                     accepted &= is_valid_draft
                     can_defer = is_valid_draft & (target_logprob > float("-inf")) & (draft_logprob > float("-inf"))
+                if policy == FRONTIER:  # EARS's relaxed test, taken once the next frontier_window drafts pass
+                    accepted &= is_valid_draft
+                    can_defer = (
+                        is_valid_draft
+                        & ~accepted
+                        & _ears_relaxable(
+                            tolerance * frontier_scale,
+                            target_max,
+                            step_target_lse,
+                            target_logprob,
+                            draft_logprob,
+                            u,
+                            min_ratio,
+                        )
+                    )
+                if policy == TYPICAL:  # p(d) > min(eps, delta * exp(-H(p))), H from the block statistics
+                    entropy = _row_entropy(
+                        target_local_max_ptr,
+                        target_local_sumexp_ptr,
+                        target_local_entropy_ptr,
+                        target_local_stride,
+                        target_local_extra_stride,
+                        row,
+                        vocab_num_blocks,
+                        PADDED_VOCAB_NUM_BLOCKS,
+                    )
+                    threshold = tl.minimum(typical_delta * tl.exp(-entropy), typical_eps)
+                    typical = is_valid_draft & (tl.exp(target_logprob) > threshold)
+                    num_relaxed += (typical & ~(accepted & is_valid_draft)).to(tl.int32)
+                    accepted = typical
+                    target_argmax = _row_argmax(  # the recovered token (.split_stats writes every row's argmax)
+                        target_local_max_ptr,
+                        target_local_argmax_ptr,
+                        target_local_stride,
+                        target_local_argmax_stride,
+                        row,
+                        vocab_num_blocks,
+                        PADDED_VOCAB_NUM_BLOCKS,
+                    )
+            if policy == MARS:  # greedy rows too: the target's top-2 at a low-margin position, never a masked draft
+                may_rescue = is_valid_draft & ~accepted
+                if may_rescue:
+                    z1, z2 = _row_top2(
+                        target_local_max_ptr,
+                        target_local_runner_up_ptr,
+                        target_local_stride,
+                        target_local_extra_stride,
+                        row,
+                        vocab_num_blocks,
+                        PADDED_VOCAB_NUM_BLOCKS,
+                    )
+                    _, row_lse = _row_max_and_lse(  # .split_stats writes every row's sum-exp, greedy rows' too
+                        target_local_max_ptr,
+                        target_local_sumexp_ptr,
+                        target_local_stride,
+                        row,
+                        vocab_num_blocks,
+                        PADDED_VOCAB_NUM_BLOCKS,
+                    )
+                    draft_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
+                    low_margin = (z1 > 0.0) & (z2 > mars_threshold * z1)
+                    candidate = low_margin & (draft_logit >= z2) & (tl.exp(draft_logit - row_lse) > 0.0)
+                    if HAS_BUDGET:
+                        candidate &= budget_fits(
+                            relaxed_before=num_relaxed,
+                            slack=budget_slack,
+                            budget=budget,
+                            verified_through=i + 1,
+                        )
+                    num_relaxed += candidate.to(tl.int32)
+                    accepted |= candidate
             if policy == RELAXED_TOPK:  # greedy rows too
                 may_rescue = is_valid_draft & ~accepted  # the pass over the row's logits is made only then
                 if may_rescue:
@@ -427,19 +587,21 @@ def split_stats_accept_kernel(
                         )
                     num_relaxed += candidate.to(tl.int32)
                     accepted |= candidate
-            if is_fly:
+            if defers:
+                window = tl.where(is_fly, fly_window, frontier_window)
                 if pending >= 0:
                     verifying = accepted  # only a native acceptance keeps a pending window open
-                    if accepted and i - pending == fly_window:
+                    if accepted and i - pending == window:
                         num_accepted = i + 1
                         num_relaxed += 1
-                        pending = -1
+                        pending = tl.full((), -1, tl.int64)  # not -1: a literal is int32 where compiled
                 elif accepted:
                     num_accepted = i + 1
                 else:
                     rejected_argmax = target_argmax
-                    entropy = tl.load(fly_entropy_ptr + row)
-                    verifying = can_defer & (i + fly_window < num_drafts) & (entropy >= fly_entropy_threshold)
+                    verifying = can_defer & (i + window < num_drafts)
+                    if is_fly:
+                        verifying &= tl.load(fly_entropy_ptr + row) >= fly_entropy_threshold
                     if HAS_BUDGET:  # the deferral, if confirmed, is the row's next relaxed acceptance: capped here
                         verifying &= budget_fits(
                             relaxed_before=num_relaxed,
@@ -449,15 +611,23 @@ def split_stats_accept_kernel(
                         )
                     if verifying:
                         pending = i
+                        if window == 0:  # frontier_window 0: EARS's relaxed test alone, confirmed at once
+                            num_accepted = i + 1
+                            num_relaxed += 1
+                            pending = tl.full((), -1, tl.int64)
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
             else:
                 verifying = accepted
                 num_accepted += accepted
+                recovers_argmax = is_greedy or argmax_recovery
                 tl.store(
-                    sampled_ptr + req_idx * sampled_stride + i, target_argmax if is_greedy and not accepted else draft
+                    sampled_ptr + req_idx * sampled_stride + i,
+                    target_argmax if recovers_argmax and not accepted else draft,
                 )
-    if is_fly and is_greedy and num_accepted < num_drafts:
+    if defers and is_greedy and num_accepted < num_drafts:
         tl.store(sampled_ptr + req_idx * sampled_stride + num_accepted, rejected_argmax)
+    if insert_temp_ptr is not None:  # argmax recovery: the insertion leaves the walk's token as on a greedy row
+        tl.store(insert_temp_ptr + req_state_idx, tl.where(argmax_recovery, 0.0, temp))
 
     if HAS_BUDGET:  # charge the ledger: B per verified position (the accepted ones and the first rejected one)
         verified = verified_positions(num_accepted, num_drafts)

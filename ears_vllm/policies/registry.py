@@ -59,7 +59,13 @@ RelaxedRate = Literal["exact", "exact_one_hot", "sequence_bound", "rate_only"]
 #   draft_rank         how many logits lie above the draft's, per vocabulary split (relaxed_topk, fused kernel)
 #   js_relax           JS(p, q) <= the request's learnt threshold (AdaSD, fused kernel; the MRV2 walk computes it)
 #   margin_logits      the two largest logits of each row, [num_tokens, 2] (MARS's ratio z2 / z1, fused kernel)
-KernelInput = Literal["top_logits", "fly_entropy", "draft_rank", "js_relax", "margin_logits"]
+#   block_entropy      each vocabulary block's sum exp(l - max) (l - max), beside MRV2's max and sum-exp, so the walk
+#                      merges H(p) (typical, MRV2 walk: ears_vllm.kernels.split_stats, launched instead of vLLM's)
+#   block_runner_up    each vocabulary block's second-largest logit, so the walk merges the two largest (MARS, MRV2
+#                      walk: the same launch)
+KernelInput = Literal[
+    "top_logits", "fly_entropy", "draft_rank", "js_relax", "margin_logits", "block_entropy", "block_runner_up"
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +275,9 @@ _POLICY_LIST = (
         rule=rules.rule_typical,
         accept_probability=rules.probability_typical,
         kernel_id=2,
-        runners=("V1",),  # MRV2's statistics carry no entropy
+        runners=("V1", "MRV2"),  # MRV2: the entropy merged from our statistics launch (kernels.split_stats)
         recovery="argmax",
+        kernel_inputs=("block_entropy",),
         source="Medusa; vLLM V0 TypicalAcceptanceSampler",
     ),
     PolicySpec(
@@ -347,13 +354,13 @@ _POLICY_LIST = (
         rule=rules.rule_mars,
         accept_probability=rules.probability_mars,
         kernel_id=8,
-        runners=("V1",),  # the MRV2 walk has no branch for it (left to the MRV2 change of issue 29)
+        runners=("V1", "MRV2"),  # MRV2: the top-2 merged from our statistics launch (kernels.split_stats)
         greedy_rows=True,  # the paper's rule is a greedy verifier's (docs/frontier-rule.md, "MARS")
         lossless=lambda settings: settings["mars_threshold"] >= 1.0,
         only_adds_acceptances=True,
         relaxed_rate="exact",
-        kernel_inputs=("draft_rank", "margin_logits"),
-        budget_runners=("V1",),
+        kernel_inputs=("draft_rank", "margin_logits", "block_runner_up"),
+        budget_runners=("V1", "MRV2"),
         source="Song et al. 2026, arXiv 2601.15498 (MARS); authors' code 5SSjw/MARS mars/model/utils.py",
     ),
     PolicySpec(
@@ -364,11 +371,11 @@ _POLICY_LIST = (
         rule=rules.rule_frontier,
         accept_probability=None,
         kernel_id=9,
-        runners=("V1",),  # the MRV2 walk has no branch for it (left to the MRV2 change of issue 29)
+        runners=("V1", "MRV2"),  # MRV2: FLy's pending-window state machine in the walk
         lossless=lambda settings: settings["tolerance"] == 0.0,
         only_adds_acceptances=True,
         relaxed_rate="sequence_bound",
-        budget_runners=("V1",),
+        budget_runners=("V1", "MRV2"),  # MRV2: capped where the walk makes the rejection pending, as FLy's
         no_closed_form="the decision reads the next frontier_window positions; closed_form.frontier_chain chains it",
         source="ours (docs/frontier-rule.md): EARS's test (Sun et al. 2025) gated by FLy's window (vLLM 0.33)",
     ),

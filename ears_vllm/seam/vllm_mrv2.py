@@ -21,10 +21,12 @@ values this adapter knows (``KERNEL_VALUES``): a renamed parameter with a known 
 ``num_logits`` for 0.32's ``num_speculative_steps``) is absorbed, and a parameter the adapter cannot fill
 makes the hook check fail, so the server refuses at startup instead of mis-calling the kernel.
 
-Refused at startup (or, with ``on_unsupported: fallback``, left to vLLM's rule): ``typical`` (it needs the
-entropy, which MRV2's statistics do not carry: use the V1 runner). ``adasd``'s learnt JS thresholds live in the
-request slots on the device (:class:`SlotControls`), read and updated by the walk. Left to vLLM (the plan names
-them): vLLM's own FLy, block verification, synthetic acceptance rates and watermarking.
+Where the walk's branches read more of a row than MRV2's statistics hold (typical's entropy, MARS's two largest
+logits: ``PolicySpec.kernel_inputs``), our statistics launch (:mod:`ears_vllm.kernels.split_stats`) runs in place
+of vLLM's, writing what vLLM's writes, bit for bit, and those terms beside it. ``adasd``'s learnt JS thresholds live
+in the request slots on the device (:class:`SlotControls`), read and updated by the walk; its draft-length half is
+:mod:`ears_vllm.seam.vllm_mrv2_drafter`. Every policy of the registry runs here. Left to vLLM (the plan names them):
+vLLM's own FLy, block verification, synthetic acceptance rates and watermarking.
 """
 
 from __future__ import annotations
@@ -654,25 +656,32 @@ def verify_mrv2(
         num_logits=num_logits,  # 0.32's bonus-row test, 0.33's
         draft_logits_row_mapping_ptr=draft_logits_row_mapping,
     )
-    stats_pointers = {f"{name}_ptr": t for name, t in stats.items()}
-    stats_strides = {f"{name}_stride": t.stride(0) for name, t in stats.items()}
-    _launch(
-        utils._compute_local_logits_stats_kernel,
-        (num_logits, num_blocks),
-        shared | stats_pointers | stats_strides | dict(BLOCK_SIZE=VOCAB_BLOCK_SIZE),
-    )
+    spec = get_policy(config.policy)
+    mixed = slots is not None and slots.mixed  # the walk reads each row's policy
+    specs = [get_policy(name) for name in sorted(slots.policies)] if mixed else [spec]
+    if mixed:
+        policy_constexpr = walk_policy(spec, relaxes=False)  # unread with PER_ROW_POLICY
+        for each in specs:
+            walk_policy(each, relaxes=True)  # refuses a policy the walk has no branch for
+    else:
+        policy_constexpr = walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes))
+    walked = specs if mixed or policy_constexpr != POLICIES["standard"].kernel_id else []  # the branches that run
+    settings: dict[str, Any] = {}
+    for each in specs:
+        settings |= settings_for(each.name, dict(config.params), num_speculative_steps)
+    kernel_inputs = {name for each in walked for name in each.kernel_inputs}
+    stats |= _launch_stats(utils, shared, stats, kernel_inputs, num_logits)
+    extra_stats = stats.get("target_local_entropy", stats.get("target_local_runner_up", stats["target_local_max"]))
+    # Argmax recovery (typical) on a sampled row: the walk writes the target's argmax, and MRV2's insertion launch
+    # reads the temperature the walk leaves here (0 on such a row, as on a greedy one), so it keeps the walk's token.
+    argmax_recovery = any(each.recovery == "argmax" for each in walked)
+    insert_temp = torch.empty_like(temperature) if argmax_recovery else None  # [max_num_reqs]
 
     sampled = draft_sampled.new_empty(num_reqs, num_speculative_steps + 1, dtype=torch.int64)
     num_sampled = sampled.new_empty(num_reqs, dtype=torch.int32)
     num_relaxed = sampled.new_empty(num_reqs, dtype=torch.int32)
     target_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
-    spec = get_policy(config.policy)
-    mixed = slots is not None and slots.mixed  # the walk reads each row's policy
-    specs = [get_policy(name) for name in sorted(slots.policies)] if mixed else [spec]
-    settings: dict[str, Any] = {}
-    for each in specs:
-        settings |= settings_for(each.name, dict(config.params), num_speculative_steps)
     one_hot_rows = None  # [num_reqs] bool: rows whose policy recovers from p without the draft (mixed batches)
     if slots is not None:
         tolerance, rate, slack, _, _, row_policy, one_hot = slots.tensors(temperature.device)  # [max_num_reqs] each
@@ -688,15 +697,13 @@ def verify_mrv2(
         if spec.learnt:  # adasd without slots (an offline caller's step): each request at its cold start, nothing kept
             adasd_sums = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.float64)  # [max_num_reqs, 2]
             adasd_counts = temperature.new_zeros(temperature.shape[0], 2, dtype=torch.int64)  # [max_num_reqs, 2]
-    kernel_inputs = {name for each in specs for name in each.kernel_inputs}
     entropy = _walk_inputs(kernel_inputs, settings, target_logits[:, :vocab_size])
-    if mixed:  # a runtime branch reads every input: the unused ones are placeholders
-        policy_constexpr = walk_policy(spec, relaxes=False)  # unread with PER_ROW_POLICY
-        for each in specs:
-            walk_policy(each, relaxes=True)  # refuses a policy the walk has no branch for
-        entropy = entropy if entropy is not None else target_logits.new_zeros(num_logits, dtype=torch.float32)
-    else:
-        policy_constexpr = walk_policy(spec, relaxes=not config.is_lossless or (slots is not None and slots.relaxes))
+    # Triton compiles a branch whose condition it cannot fold (a loop-carried state: every policy branch inside the
+    # walk's loop), so every pointer a branch reads is a tensor: the unread ones are placeholders.
+    entropy = entropy if entropy is not None else stats["target_local_max"]  # fly's, never read without it
+    if adasd_sums is None:  # adasd's, never read without an adasd row
+        adasd_sums = temperature.new_zeros(1, 2, dtype=torch.float64)
+        adasd_counts = temperature.new_zeros(1, 2, dtype=torch.int64)
     split_stats_accept_kernel[(num_reqs,)](
         sampled_ptr=sampled,
         sampled_stride=sampled.stride(0),
@@ -711,6 +718,9 @@ def verify_mrv2(
         target_local_max_ptr=stats["target_local_max"],
         target_local_sumexp_ptr=stats["target_local_sumexp"],
         target_local_stride=stats["target_local_max"].stride(0),
+        target_local_entropy_ptr=stats.get("target_local_entropy", extra_stats),  # the others: never read
+        target_local_runner_up_ptr=stats.get("target_local_runner_up", extra_stats),
+        target_local_extra_stride=extra_stats.stride(0),
         draft_sampled_ptr=draft_sampled,
         draft_logits_ptr=draft_logits,
         draft_logits_stride_0=draft_strides[0],
@@ -731,6 +741,7 @@ def verify_mrv2(
         budget_slack_ptr=budget.slack,
         adasd_sums_ptr=adasd_sums,
         adasd_counts_ptr=adasd_counts,
+        insert_temp_ptr=insert_temp,
         min_ratio=config.min_ratio,
         fly_entropy_threshold=config.fly_entropy_threshold,
         fly_window=settings.get("fly_window_size", 0),
@@ -738,6 +749,11 @@ def verify_mrv2(
         threshold_acc=config.accept_threshold_acc,
         relaxed_topk=config.relaxed_topk,
         relaxed_delta=config.relaxed_delta,
+        typical_eps=config.typical_eps,
+        typical_delta=config.typical_delta,
+        mars_threshold=config.mars_threshold,
+        frontier_window=settings.get("frontier_window", 0),
+        frontier_scale=settings.get("frontier_scale", 1.0),
         vocab_size=vocab_size,
         vocab_num_blocks=num_blocks,
         PADDED_VOCAB_NUM_BLOCKS=triton.next_power_of_2(num_blocks),
@@ -766,9 +782,84 @@ def verify_mrv2(
         draft_rejected_lse=draft_rejected_lse,
     )
     _resample_and_insert(
-        utils, shared, outputs, seed=seed, pos=pos, draft_sampled=draft_sampled, one_hot_rows=one_hot_rows, **options
+        utils,
+        shared,
+        outputs,
+        seed=seed,
+        pos=pos,
+        draft_sampled=draft_sampled,
+        one_hot_rows=one_hot_rows,
+        insert_temp=insert_temp,
+        **options,
     )
     return sampled, num_sampled, num_relaxed
+
+
+def _launch_stats(
+    utils: Any,  # vLLM's rejection_sampler_utils module
+    shared: dict[str, Any],  # what every launch reads, by vLLM's parameter names
+    stats: dict[str, torch.Tensor],  # vLLM's statistics: target/draft_local_{argmax,max,sumexp} [num_logits, blocks]
+    kernel_inputs: set[str],  # the PolicySpec.kernel_inputs of the branches the walk runs this step
+    num_logits: int,
+) -> dict[str, torch.Tensor]:  # the extra statistics, by name: target_local_{entropy,runner_up} [num_logits, blocks]
+    """The per-block statistics launch: vLLM's own, or where the walk's branches read more of each row (typical's
+    entropy, MARS's runner-up logit: ``block_entropy``, ``block_runner_up``) ours
+    (:func:`ears_vllm.kernels.split_stats.split_stats_kernel`), which writes what vLLM's writes, as vLLM computes it,
+    and those beside it in the same pass. One launch either way."""
+    with_entropy, with_runner_up = "block_entropy" in kernel_inputs, "block_runner_up" in kernel_inputs
+    num_blocks = stats["target_local_max"].shape[1]
+    values = (
+        shared
+        | {f"{name}_ptr": t for name, t in stats.items()}
+        | {f"{name}_stride": t.stride(0) for name, t in stats.items()}
+    )
+    if not (with_entropy or with_runner_up):
+        _launch(
+            utils._compute_local_logits_stats_kernel,
+            (num_logits, num_blocks),
+            values | dict(BLOCK_SIZE=VOCAB_BLOCK_SIZE),
+        )
+        return {}
+    from ears_vllm.kernels.split_stats import split_stats_kernel
+
+    target_logits = shared["target_logits_ptr"]
+    extra = {
+        name: target_logits.new_empty(num_logits, num_blocks, dtype=torch.float32)
+        for name, wanted in (("target_local_entropy", with_entropy), ("target_local_runner_up", with_runner_up))
+        if wanted
+    }
+    placeholder = next(iter(extra.values()))  # the one not computed: never read
+    split_stats_kernel[(num_logits, num_blocks)](
+        target_local_argmax_ptr=stats["target_local_argmax"],
+        target_local_argmax_stride=stats["target_local_argmax"].stride(0),
+        target_local_max_ptr=stats["target_local_max"],
+        target_local_max_stride=stats["target_local_max"].stride(0),
+        target_local_sumexp_ptr=stats["target_local_sumexp"],
+        target_local_sumexp_stride=stats["target_local_sumexp"].stride(0),
+        target_local_entropy_ptr=extra.get("target_local_entropy", placeholder),
+        target_local_runner_up_ptr=extra.get("target_local_runner_up", placeholder),
+        target_local_extra_stride=placeholder.stride(0),
+        draft_local_max_ptr=stats["draft_local_max"],
+        draft_local_max_stride=stats["draft_local_max"].stride(0),
+        draft_local_sumexp_ptr=stats["draft_local_sumexp"],
+        draft_local_sumexp_stride=stats["draft_local_sumexp"].stride(0),
+        target_logits_ptr=target_logits,
+        target_logits_stride=shared["target_logits_stride"],
+        draft_logits_ptr=shared["draft_logits_ptr"],
+        draft_logits_stride_0=shared["draft_logits_stride_0"],
+        draft_logits_stride_1=shared["draft_logits_stride_1"],
+        draft_logits_row_mapping_ptr=shared["draft_logits_row_mapping_ptr"],
+        expanded_idx_mapping_ptr=shared["expanded_idx_mapping_ptr"],
+        expanded_local_pos_ptr=shared["expanded_local_pos_ptr"],
+        temp_ptr=shared["temp_ptr"],
+        vocab_size=shared["vocab_size"],
+        num_logits=num_logits,
+        BLOCK_SIZE=VOCAB_BLOCK_SIZE,
+        HAS_DRAFT_LOGITS=shared["HAS_DRAFT_LOGITS"],
+        WITH_ENTROPY=with_entropy,
+        WITH_RUNNER_UP=with_runner_up,
+    )
+    return extra
 
 
 def _walk_inputs(
@@ -795,12 +886,15 @@ def _resample_and_insert(
     pos: torch.Tensor,  # [num_logits]
     draft_sampled: torch.Tensor,  # [num_logits]
     one_hot_rows: torch.Tensor | None = None,  # [num_reqs] bool: rows resampled from p without the draft
+    insert_temp: torch.Tensor | None = None,  # [max_num_reqs]: the temperature the insertion reads (the walk's)
     use_fp64: bool,
     skip_masked_vocab_blocks: bool,
 ) -> None:
     """MRV2's resampling and insertion launches after the walk: the recovered or bonus token of each request, written
     into ``sampled`` as vLLM writes it. With ``one_hot_rows`` (a batch that mixes a one-hot recovery with draft
-    distributions) the resampling runs twice, with and without the draft logits, and each row takes its own."""
+    distributions) the resampling runs twice, with and without the draft logits, and each row takes its own. With
+    ``insert_temp`` the insertion reads it instead of the requests' temperatures: 0 keeps the token the walk wrote at
+    a sampled row's rejection (argmax recovery), as MRV2 keeps a greedy row's."""
     import triton
 
     options = dict(seed=seed, pos=pos, draft_sampled=draft_sampled, use_fp64=use_fp64)
@@ -818,6 +912,7 @@ def _resample_and_insert(
         (num_reqs,),
         shared
         | dict(
+            temp_ptr=shared["temp_ptr"] if insert_temp is None else insert_temp,
             sampled_ptr=sampled,
             sampled_stride=sampled.stride(0),
             num_sampled_ptr=num_sampled,
