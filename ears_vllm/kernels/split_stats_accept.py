@@ -99,6 +99,21 @@ def walk_policy(spec: PolicySpec, relaxes: bool) -> int:
 
 
 @triton.jit
+def _budget_allows(num_relaxed, budget_slack, budget, verified_through, HAS_BUDGET: tl.constexpr):
+    """Whether one more relaxed acceptance fits the request's deviation budget (:func:`budget_fits`), the slack plus
+    B per position verified so far; always, without a budget."""
+    fits = True
+    if HAS_BUDGET:
+        fits = budget_fits(
+            relaxed_before=num_relaxed,
+            slack=budget_slack,
+            budget=budget,
+            verified_through=verified_through,
+        )
+    return fits
+
+
+@triton.jit
 def _row_max_and_lse(local_max_ptr, local_sumexp_ptr, stride, row, num_blocks, PADDED_NUM_BLOCKS: tl.constexpr):
     blocks = tl.arange(0, PADDED_NUM_BLOCKS)
     mask = blocks < num_blocks
@@ -440,13 +455,8 @@ def split_stats_accept_kernel(
                         )
                         & ~accepted
                     )
-                    if HAS_BUDGET:  # a relaxed acceptance must fit in the slack plus B per position verified so far
-                        relaxed &= budget_fits(
-                            relaxed_before=num_relaxed,
-                            slack=budget_slack,
-                            budget=budget,
-                            verified_through=i + 1,
-                        )
+                    # a relaxed acceptance must fit in the slack plus B per position verified so far
+                    relaxed &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     num_relaxed += relaxed.to(tl.int32)
                     accepted |= relaxed
                 if policy == ADASD:  # a verified position of a real draft (the walk stops at a placeholder)
@@ -477,13 +487,7 @@ def split_stats_accept_kernel(
                         & (draft_logprob > float("-inf"))
                         & ~accepted
                     )
-                    if HAS_BUDGET:
-                        relaxed &= budget_fits(
-                            relaxed_before=num_relaxed,
-                            slack=budget_slack,
-                            budget=budget,
-                            verified_through=i + 1,
-                        )
+                    relaxed &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     # learnt from the native decision (a relaxed acceptance counts as rejected), in position order
                     accepted_js_sum += tl.where(accepted, js, 0.0)
                     accepted_js_count += accepted.to(tl.int64)
@@ -556,13 +560,7 @@ def split_stats_accept_kernel(
                     draft_logit = tl.load(target_logits_ptr + row * target_logits_stride + draft).to(tl.float32)
                     low_margin = (z1 > 0.0) & (z2 > mars_threshold * z1)
                     candidate = low_margin & (draft_logit >= z2) & (tl.exp(draft_logit - row_lse) > 0.0)
-                    if HAS_BUDGET:
-                        candidate &= budget_fits(
-                            relaxed_before=num_relaxed,
-                            slack=budget_slack,
-                            budget=budget,
-                            verified_through=i + 1,
-                        )
+                    candidate &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     num_relaxed += candidate.to(tl.int32)
                     accepted |= candidate
             if policy == RELAXED_TOPK:  # greedy rows too
@@ -578,13 +576,7 @@ def split_stats_accept_kernel(
                         relaxed_delta,
                         CANDIDATE_BLOCK_SIZE,
                     )
-                    if HAS_BUDGET:
-                        candidate &= budget_fits(
-                            relaxed_before=num_relaxed,
-                            slack=budget_slack,
-                            budget=budget,
-                            verified_through=i + 1,
-                        )
+                    candidate &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     num_relaxed += candidate.to(tl.int32)
                     accepted |= candidate
             if defers:
@@ -602,13 +594,8 @@ def split_stats_accept_kernel(
                     verifying = can_defer & (i + window < num_drafts)
                     if is_fly:
                         verifying &= tl.load(fly_entropy_ptr + row) >= fly_entropy_threshold
-                    if HAS_BUDGET:  # the deferral, if confirmed, is the row's next relaxed acceptance: capped here
-                        verifying &= budget_fits(
-                            relaxed_before=num_relaxed,
-                            slack=budget_slack,
-                            budget=budget,
-                            verified_through=i + 1,
-                        )
+                    # the deferral, if confirmed, is the row's next relaxed acceptance: capped here
+                    verifying &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     if verifying:
                         pending = i
                         if window == 0:  # frontier_window 0: EARS's relaxed test alone, confirmed at once
