@@ -34,11 +34,14 @@ class VerifyResult(NamedTuple):
         token, then ``-1`` padding (vLLM's layout).
     num_accepted: ``[batch]`` int32 — accepted draft tokens per request (emitted = accepted + 1).
     num_relaxed: ``[batch]`` int32 — accepted drafts the standard test would have rejected.
+    relaxed_surprisal: ``[batch]`` float32 — the target's ``-log p(d)`` of those relaxed drafts, summed (nats; 0 on
+        greedy requests): the deviation axis that sees plausibility (docs/frontier-rule.md).
     """
 
     token_ids: torch.Tensor
     num_accepted: torch.Tensor
     num_relaxed: torch.Tensor
+    relaxed_surprisal: torch.Tensor
 
 
 def verify_reference(step: VerifyStep) -> VerifyResult:
@@ -107,6 +110,9 @@ def verify_reference(step: VerifyStep) -> VerifyResult:
     num_accepted.index_add_(0, req_of_token, in_prefix.long())
     num_relaxed = torch.zeros(batch_size, dtype=torch.long, device=device)
     num_relaxed.index_add_(0, req_of_token, (in_prefix & relaxed).long())
+    counted = in_prefix & relaxed & ~token_greedy
+    relaxed_surprisal = torch.zeros(batch_size, dtype=torch.float32, device=device)
+    relaxed_surprisal.index_add_(0, req_of_token[counted], -positions.target_prob[counted].log())
 
     token_ids = torch.full((batch_size, step.max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     token_ids[req_of_token[in_prefix], position[in_prefix]] = draft_ids[in_prefix].to(torch.int32)
@@ -119,7 +125,7 @@ def verify_reference(step: VerifyStep) -> VerifyResult:
         rows, rejected, positions, spec.recovery, target_probs, step.draft_probs, step.recovery_noise
     )
     token_ids[torch.arange(batch_size, device=device), num_accepted] = last_token.to(torch.int32)
-    return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32))
+    return VerifyResult(token_ids, num_accepted.to(torch.int32), num_relaxed.to(torch.int32), relaxed_surprisal)
 
 
 def _recovered_at(

@@ -24,14 +24,16 @@ from typing import Any
 from ears_vllm.config import settings
 from ears_vllm.policies.registry import relaxed_rate_label
 from ears_vllm.stats_registry import tensor_parallel_rank
-from ears_vllm.step import StepCounts
+from ears_vllm.step import MICRONATS_PER_NAT, StepCounts
 
 STATS_SUFFIX = "json"
 
 
 # The counters kept per policy (a server verifies each request with its own policy when it asks for one): StepCounts
 # fields.
-POLICY_COUNTERS = ("drafts", "accepted", "random_verified", "relaxed", "greedy_relaxed")
+POLICY_COUNTERS = ("drafts", "accepted", "random_verified", "relaxed", "greedy_relaxed", "relaxed_surprisal_micronats")
+# Ratios as_dict derives from the counters (not summed across processes).
+DERIVED = ("relaxed_per_verified", "relaxed_surprisal_per_verified")
 
 
 def read_stats(prefix: str | os.PathLike[str]) -> dict[str, Any]:
@@ -64,6 +66,9 @@ class VerifyStats:
     # Drafts other than the argmax accepted on greedy requests (fly and relaxed_topk apply there, as their sources
     # do): a deviation from greedy decoding, counted apart from the sampled requests' relaxed acceptances.
     greedy_relaxed: int = 0
+    # The target's -log p of those relaxed acceptances, summed, in micro-nats (StepCounts): the deviation axis that
+    # sees plausibility (a relaxed draft with p = 1e-4 weighs 9.2 nats, one with p = 0.3 weighs 1.2).
+    relaxed_surprisal_micronats: int = 0
     invalid: int = 0  # draft ids outside the target vocabulary, rejected
     draft_dist_steps: int = 0  # steps whose drafter passed its distribution (else one-hot drafts: greedy, n-gram)
     shadow_steps: int = 0
@@ -107,7 +112,9 @@ class VerifyStats:
     def as_dict(self) -> dict[str, float]:
         counts = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_") and k != "log_interval_s"}
         counts["by_policy"] = {name: dict(c) for name, c in self.by_policy.items()}
-        counts["relaxed_per_verified"] = self.relaxed / self.random_verified if self.random_verified else 0.0
+        verified = max(self.random_verified, 1)
+        counts["relaxed_per_verified"] = self.relaxed / verified
+        counts["relaxed_surprisal_per_verified"] = self.relaxed_surprisal_micronats / MICRONATS_PER_NAT / verified
         counts["pid"] = os.getpid()
         return counts
 
@@ -124,13 +131,15 @@ class VerifyStats:
         one_hot = self.draft_dist_steps == 0  # no step had the drafter's distribution: greedy drafting, n-gram
         meaning = ", ".join(f"{policy}: {relaxed_rate_label(policy, one_hot)}" for policy in self.by_policy)
         logger.info(
-            "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d (relaxed per verified position %.4f%s)%s",
+            "ears-vllm stats: steps=%d drafts=%d accepted=%d relaxed=%d (relaxed per verified position %.4f%s; "
+            "their -log p per verified position %.4f nats)%s",
             self.steps,
             self.drafts,
             self.accepted,
             self.relaxed,
             s["relaxed_per_verified"],
             f"; as a TV: {meaning}" if meaning else "",
+            s["relaxed_surprisal_per_verified"],
             shadow,
         )
         path = settings().stats_path

@@ -381,6 +381,8 @@ def check_tensor(
 
 # --- what a step counted --------------------------------------------------------------------------------------------
 
+MICRONATS_PER_NAT = 1_000_000
+
 
 class StepCounts(NamedTuple):
     """What verification counted, by name: per request (``[batch]`` int64 tensors, or ints once on the host), or
@@ -394,6 +396,9 @@ class StepCounts(NamedTuple):
     relaxed: Any  # accepted drafts of sampled requests the standard test rejects
     random_verified: Any  # verified positions of sampled requests (verified_positions)
     greedy_relaxed: Any  # drafts other than the argmax accepted on greedy requests (fly, relaxed_topk)
+    # The target's -log p of the relaxed drafts of sampled requests, summed, in micro-nats (each request's sum per
+    # step rounded to the nearest micro-nat, so that it adds up exactly in int64 beside the other counts).
+    relaxed_surprisal_micronats: Any
 
     @classmethod
     def of_requests(
@@ -402,6 +407,7 @@ class StepCounts(NamedTuple):
         accepted: torch.Tensor,  # [batch] int
         relaxed: torch.Tensor,  # [batch] int
         is_random: torch.Tensor,  # [batch] bool: temperature > 0
+        relaxed_surprisal: torch.Tensor,  # [batch] float: -log p of the relaxed drafts, nats (VerifyResult's)
     ) -> StepCounts:  # of [batch] int64 tensors
         """Each request's counts of one step, on the device (no host synchronisation)."""
         drafts, accepted, relaxed = drafts.long(), accepted.long(), relaxed.long()
@@ -414,6 +420,7 @@ class StepCounts(NamedTuple):
             relaxed=relaxed * sampled,
             random_verified=verified_positions(accepted, drafts) * sampled,
             greedy_relaxed=relaxed * greedy,
+            relaxed_surprisal_micronats=(relaxed_surprisal.double() * MICRONATS_PER_NAT).round().long() * sampled,
         )
 
     def stacked(self) -> torch.Tensor:  # [len(StepCounts._fields), batch] int64

@@ -506,21 +506,42 @@ def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():
         "cmpl-a-0-x1",
         "ears",
         StepCounts(
-            drafts=4, accepted=2, random_drafts=4, random_accepted=2, relaxed=1, random_verified=3, greedy_relaxed=0
+            drafts=4,
+            accepted=2,
+            random_drafts=4,
+            random_accepted=2,
+            relaxed=1,
+            random_verified=3,
+            greedy_relaxed=0,
+            relaxed_surprisal_micronats=1203973,
         ),
     )
     recent.record(
         "cmpl-a-0-x1",
         "ears",
         StepCounts(
-            drafts=4, accepted=1, random_drafts=4, random_accepted=1, relaxed=0, random_verified=2, greedy_relaxed=0
+            drafts=4,
+            accepted=1,
+            random_drafts=4,
+            random_accepted=1,
+            relaxed=0,
+            random_verified=2,
+            greedy_relaxed=0,
+            relaxed_surprisal_micronats=0,
         ),
     )
     recent.record(
         "cmpl-b-0-x2",
         "ears",
         StepCounts(
-            drafts=4, accepted=0, random_drafts=4, random_accepted=0, relaxed=0, random_verified=1, greedy_relaxed=0
+            drafts=4,
+            accepted=0,
+            random_drafts=4,
+            random_accepted=0,
+            relaxed=0,
+            random_verified=1,
+            greedy_relaxed=0,
+            relaxed_surprisal_micronats=0,
         ),
     )
     assert recent.starting_with("cmpl-a-")["cmpl-a-0-x1"] | {} == {
@@ -532,12 +553,20 @@ def test_recent_requests_keep_each_requests_counts_and_forget_the_oldest():
         "relaxed": 1,
         "random_verified": 5,
         "greedy_relaxed": 0,
+        "relaxed_surprisal_micronats": 1203973,
     }
     recent.record(
         "cmpl-c-0-x3",
         "ears",
         StepCounts(
-            drafts=1, accepted=1, random_drafts=1, random_accepted=1, relaxed=0, random_verified=1, greedy_relaxed=0
+            drafts=1,
+            accepted=1,
+            random_drafts=1,
+            random_accepted=1,
+            relaxed=0,
+            random_verified=1,
+            greedy_relaxed=0,
+            relaxed_surprisal_micronats=0,
         ),
     )
     assert recent.starting_with("cmpl-a-") == {}  # the oldest went

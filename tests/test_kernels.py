@@ -103,6 +103,8 @@ def assert_kernel_equals_reference(batch, config, is_greedy, tolerance=None, rac
     assert torch.equal(kernel.token_ids, reference.token_ids)
     assert torch.equal(kernel.num_accepted, reference.num_accepted)
     assert torch.equal(kernel.num_relaxed, reference.num_relaxed)
+    # -log p(d) from the kernel's merged row statistics, the reference's from softmax: equal to float32 rounding
+    torch.testing.assert_close(kernel.relaxed_surprisal, reference.relaxed_surprisal, rtol=1e-5, atol=1e-5)
     return reference
 
 

@@ -18,6 +18,7 @@ STEP = StepCounts(
     relaxed=1,
     random_verified=3,
     greedy_relaxed=0,
+    relaxed_surprisal_micronats=1_203_973,  # one relaxed draft with p = 0.3: -log 0.3 = 1.203973 nats
 )
 
 

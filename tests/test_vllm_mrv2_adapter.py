@@ -161,7 +161,7 @@ def test_tolerance_zero_is_bit_identical_to_mrv2(mrv2, step, seed, monkeypatch):
         sampled, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch), **keywords)
     assert num_sampled.tolist() == expected[1].tolist()
     assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
-    _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
+    _, _, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="ears", tolerance=0.0))
     assert num_relaxed.tolist() == [0] * len(num_sampled)
 
 
@@ -208,7 +208,7 @@ def expected_acceptance(
 def test_ears_acceptance_follows_the_rule_with_mrv2_randomness(mrv2, step, tolerance):
     batch = mrv2_batch(7, **step)
     config = EarsConfig(policy="ears", tolerance=tolerance, min_ratio=0.05)
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
     num_accepted, relaxed = expected_acceptance(batch, u, config)
     assert (num_sampled - 1).tolist() == num_accepted
@@ -234,7 +234,7 @@ def test_a_draft_the_target_masked_is_never_accepted(mrv2, full_draft):
     starts = batch["cu_num_logits"][:-1].long()
     batch["target_logits"][starts, batch["draft_sampled"][starts + 1]] = -torch.inf
     config = EarsConfig(policy="ears", tolerance=1.0, min_ratio=0.0)
-    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
     assert num_sampled.tolist() == [1, 1, 1]
     assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected_acceptance(batch, u, config)
@@ -259,7 +259,7 @@ def test_adapter_counts_the_steps_it_verifies(mrv2, monkeypatch):
     monkeypatch.setattr(vllm_mrv2.state, "pending_draft_dist_steps", 0)
     with vllm_mrv2.verifying_with(config):
         _, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
-    _, _, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    _, _, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
     stats = vllm_mrv2.state.stats
     assert (stats.steps, stats.drafts, stats.random_drafts, stats.draft_dist_steps) == (1, 9, 9, 1)
     assert stats.accepted == int(num_sampled.sum()) - 3
@@ -449,7 +449,7 @@ def test_fly_is_bit_identical_to_mrv2_fly(mrv2, step, setting, masked):
         batch["target_logits"] /= 2  # flatter targets: the entropy gate opens
         batch = mask_some_drafts(batch) if masked else batch
         expected = mrv2.rejection_sample(batch, **fly)
-        sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="fly", **fly))
+        sampled, num_sampled, _, _ = vllm_mrv2.verify_mrv2(**batch, config=EarsConfig(policy="fly", **fly))
         assert num_sampled.tolist() == expected[1].tolist(), f"seed {seed}"
         assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected), f"seed {seed}"
 
@@ -477,7 +477,7 @@ def test_sglang_follows_its_rule_with_mrv2_randomness(mrv2, step, setting):
     single, acc = SGLANG_SETTINGS[setting]
     batch = mrv2_batch(11, **step)
     config = EarsConfig(policy="sglang", accept_threshold_single=single, accept_threshold_acc=acc)
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
     cu, expected, expected_relaxed = batch["cu_num_logits"].tolist(), [], []
     for r, state in enumerate(batch["idx_mapping"].tolist()):
@@ -517,7 +517,7 @@ def test_relaxed_topk_follows_its_rule_with_mrv2_randomness(mrv2, step, setting)
     batch = mrv2_batch(13, **step)
     batch["target_logits"] /= 3  # flatter targets: several candidates within delta
     config = EarsConfig(policy="relaxed_topk", relaxed_topk=topk, relaxed_delta=delta)
-    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
     cu, expected, expected_relaxed = batch["cu_num_logits"].tolist(), [], []
     for r, state in enumerate(batch["idx_mapping"].tolist()):
@@ -579,7 +579,9 @@ def test_each_request_is_verified_with_its_own_tolerance(mrv2):
     server = EarsConfig(policy="ears", tolerance=0.3, min_ratio=0.05)
     states = batch["idx_mapping"].tolist()
     asked = {states[0]: {"ears_tolerance": 0.0}, states[1]: {"ears_tolerance": 1.0}}  # the third: the server's
-    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots_for(batch, server, asked))
+    _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(
+        **batch, config=server, slots=slots_for(batch, server, asked)
+    )
     for r, tolerance in enumerate((0.0, 1.0, 0.3)):
         alone = vllm_mrv2.verify_mrv2(**batch, config=server.merged({"tolerance": tolerance}))
         assert (num_sampled[r], num_relaxed[r]) == (alone[1][r], alone[2][r]), tolerance
@@ -615,7 +617,7 @@ def test_a_budget_caps_each_requests_relaxed_acceptances_and_charges_its_slack(m
     asked = {states[0]: {"ears_budget": 0.5}, states[1]: {"ears_budget": 1.0}}  # the third: no budget
     slots = slots_for(batch, server, asked)
     uncapped = vllm_mrv2.verify_mrv2(**batch, config=server)
-    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
+    _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
     num_accepted = (num_sampled - 1).tolist()
     if policy == "ears":
         u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
@@ -650,7 +652,7 @@ def test_a_server_pool_is_dealt_to_the_batch_and_gathered_back_on_the_device(mrv
     assert int(per_request[2].sum()) == 0  # without slack, no request can relax at B = 0.1 in one step
     pool = slots.tensors(batch["temperature"].device)[4]
     pool.fill_(1.5)  # the pool as earlier steps left it: one whole relaxed acceptance and a half
-    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
+    _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=server, slots=slots)
     verified = sum(a + (a < 3) for a in (num_sampled - 1).tolist())
     assert int(num_relaxed.sum()) == 1  # the whole unit was spent, by the row it was dealt to
     assert float(pool) == pytest.approx(1.5 + 0.1 * verified - 1)
@@ -813,7 +815,7 @@ def mixed_step(seed: int, step: dict) -> tuple[dict, dict[int, dict]]:
     states = batch["idx_mapping"].tolist()
     r = MIXED_POLICIES.index("sglang")
     if batch["draft_logits"] is not None:  # sglang's q spikes on its recovered token: the residual max(p - q, 0)
-        sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER.merged({"policy": "sglang"}))
+        sampled, num_sampled, _, _ = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER.merged({"policy": "sglang"}))
         rejected = int(num_sampled[r]) - 1  # would recover another token than p without the draft does
         assert rejected < step["num_drafts"][r], "the sglang request must reject in these steps"
         batch["draft_logits"][states[r], rejected, int(sampled[r, rejected])] = 1e4
@@ -830,7 +832,7 @@ def test_a_batch_that_mixes_policies_verifies_each_row_by_its_own(mrv2, step, se
     batch, asked = mixed_step(seed, step)
     slots = slots_for(batch, MIXED_SERVER, asked)
     assert slots.mixed
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER, slots=slots)
+    sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER, slots=slots)
     tokens = accepted_tokens(sampled, num_sampled)
     for r, policy in enumerate(MIXED_POLICIES):
         policy = policy if policy is not None and batch["temperature"][batch["idx_mapping"][r]] != 0 else "ears"
@@ -956,7 +958,7 @@ def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, mon
             _, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
         drafts = batch["cu_num_logits"].diff() - 1
         is_random = batch["temperature"][batch["idx_mapping"].long()] != 0
-        _, _, num_relaxed = vllm_mrv2.verify_mrv2(
+        _, _, num_relaxed, _ = vllm_mrv2.verify_mrv2(
             **batch, config=MIXED_SERVER, slots=slots_for(batch, MIXED_SERVER, asked)
         )
         rows = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().T.tolist()
@@ -1109,7 +1111,7 @@ def test_adasd_learns_its_threshold_in_the_slots_and_verifies_as_the_reference_s
         controls = adasd_controls(steps[0], ADASD_SERVER, {})
         states = steps[0]["idx_mapping"].tolist()
         for t, batch in enumerate(steps):
-            _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+            _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
             expected = adasd_reference(mrv2, batch, controls)
             assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected, (seed, t)
             assert_thresholds_equal(slots, controls, states)
@@ -1124,7 +1126,7 @@ def test_adasd_learns_its_threshold_in_the_slots_and_verifies_as_the_reference_s
 def test_adasd_without_slots_verifies_every_request_at_its_cold_start(mrv2, full_draft):
     """An offline caller's step with no slots: no threshold yet, so the standard rule, bit for bit MRV2's."""
     batch = mrv2_batch(3, **dict(STEPS["mixed-greedy-ragged-k0"], full_draft=full_draft))
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER)
+    sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER)
     expected = mrv2.rejection_sample(batch)
     assert num_sampled.tolist() == expected[1].tolist()
     assert accepted_tokens(sampled, num_sampled) == accepted_tokens(*expected)
@@ -1176,7 +1178,7 @@ def test_a_batch_that_mixes_adasd_with_the_other_policies_verifies_each_row_by_i
         alone_slots = slots_for(batch, ADASD_SERVER, {})
         alone_slots.tensors(batch["temperature"].device)
         seed_thresholds(alone_slots, adasd_controls(batch, ADASD_SERVER, {}), LEARNT)
-        sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+        sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
         tokens = accepted_tokens(sampled, num_sampled)
         adasd_alone = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=alone_slots)
         num_accepted, reference_relaxed = adasd_reference(mrv2, batch, controls)
@@ -1210,7 +1212,7 @@ def test_adasd_reads_its_draft_logits_from_a_sharded_cache(mrv2):
         controls = adasd_controls(batch, ADASD_SERVER, {})
         slots.tensors(batch["temperature"].device)
         seed_thresholds(slots, controls, LEARNT)
-        _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+        _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
         expected = adasd_reference(mrv2, batch, controls)
         assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == expected, seed
         assert_thresholds_equal(slots, controls, batch["idx_mapping"].tolist())
@@ -1230,7 +1232,7 @@ def test_a_budget_caps_adasds_relaxed_acceptances_on_mrv2(mrv2, full_draft):
     controls = adasd_controls(batch, ADASD_SERVER, asked)
     slots.tensors(batch["temperature"].device)
     seed_thresholds(slots, controls, (0.0, 1, 2.0, 1))
-    _, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
+    _, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=ADASD_SERVER, slots=slots)
     assert ((num_sampled - 1).tolist(), num_relaxed.tolist()) == adasd_reference(mrv2, batch, controls)
     assert_thresholds_equal(slots, controls, states)
     uncapped = slots_for(batch, ADASD_SERVER, {})
@@ -1307,8 +1309,9 @@ def test_adasd_adds_no_launch_to_an_mrv2_step(mrv2, monkeypatch, full_draft):
 
 def mrv2_reference(
     batch: dict, u: torch.Tensor, config: EarsConfig, budget: dict[int, float] | None = None
-) -> tuple[list[int], list[int], list[int]]:
-    """(num_accepted, num_relaxed, the token emitted after the accepted drafts) per request from the PyTorch reference
+) -> tuple[list[int], list[int], list[int], torch.Tensor]:
+    """(num_accepted, num_relaxed, the token emitted after the accepted drafts, relaxed_surprisal [num_reqs]) per
+    request from the PyTorch reference
     (``ears_vllm.reference.verify_reference``) on the step's draft rows, with MRV2's uniforms ``u`` [num_logits] and
     q the draft logits after the request's temperature. The emitted token is the reference's where it is not a
     sample (the argmax: greedy rows, argmax recovery), else -1 (MRV2 draws it with its own randoms). ``budget``:
@@ -1346,18 +1349,19 @@ def mrv2_reference(
         int(result.token_ids[r, n]) if n < num_drafts[r] and (greedy[r] or step.policy.recovery == "argmax") else -1
         for r, n in enumerate(num_accepted)
     ]
-    return num_accepted, result.num_relaxed.tolist(), emitted
+    return num_accepted, result.num_relaxed.tolist(), emitted, result.relaxed_surprisal
 
 
 def assert_walk_is_the_reference(mrv2, batch: dict, config: EarsConfig) -> int:
     """The walk of ``config`` on ``batch`` equals the PyTorch reference row by row (accepted, relaxed, the token it
-    emits where that is no sample); rows it relaxes nowhere emit MRV2's own tokens where the policy recovers by
-    MRV2's residual. Returns the step's relaxed acceptances."""
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=config)
+    emits where that is no sample, the target's -log p of the relaxed drafts); rows it relaxes nowhere emit MRV2's own
+    tokens where the policy recovers by MRV2's residual. Returns the step's relaxed acceptances."""
+    sampled, num_sampled, num_relaxed, surprisal = vllm_mrv2.verify_mrv2(**batch, config=config)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
-    num_accepted, relaxed, emitted = mrv2_reference(batch, u, config)
+    num_accepted, relaxed, emitted, expected_surprisal = mrv2_reference(batch, u, config)
     assert (num_sampled - 1).tolist() == num_accepted
     assert num_relaxed.tolist() == relaxed
+    torch.testing.assert_close(surprisal, expected_surprisal, rtol=1e-5, atol=1e-5)
     tokens, standard = accepted_tokens(sampled, num_sampled), accepted_tokens(*mrv2.rejection_sample(batch))
     cu = batch["cu_num_logits"].tolist()
     for r, n in enumerate(num_accepted):
@@ -1502,6 +1506,41 @@ def test_frontier_on_mrv2_is_the_reference(mrv2, step, setting):
         assert_walk_is_the_reference(mrv2, batch, FRONTIER_SETTINGS[setting])
 
 
+# The walk's other relaxing branches, each at a setting that relaxes in these batches.
+SURPRISAL_SETTINGS = {
+    "ears-0.5": EarsConfig(policy="ears", tolerance=0.5),
+    "sglang": EarsConfig(policy="sglang", accept_threshold_acc=0.5, accept_threshold_single=0.3),
+    "fly-loose": EarsConfig(policy="fly", **FLY_LOOSE),
+    "relaxed_topk-3-0.5": EarsConfig(policy="relaxed_topk", relaxed_topk=3, relaxed_delta=0.5),
+}
+
+
+@pytest.mark.parametrize("setting", SURPRISAL_SETTINGS, ids=SURPRISAL_SETTINGS.keys())
+@pytest.mark.parametrize("step", cases(FLY_STEPS))
+def test_the_walk_counts_the_relaxed_drafts_minus_log_p_as_the_reference(mrv2, step, setting):
+    """The second deviation axis on MRV2: each request's summed target -log p of its relaxed drafts (0 on greedy rows,
+    where fly and relaxed_topk relax too) equals the PyTorch reference's, for the branches the three tests below do
+    not cover; typical, mars and frontier are checked in ``assert_walk_is_the_reference``."""
+    config = SURPRISAL_SETTINGS[setting]
+    for seed in range(2):
+        batch = mrv2_batch(seed, **step)
+        u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
+        result = vllm_mrv2.verify_mrv2(**batch, config=config)
+        num_accepted, relaxed, _, surprisal = mrv2_reference(batch, u, config)
+        assert ((result.num_sampled - 1).tolist(), result.num_relaxed.tolist()) == (num_accepted, relaxed)
+        torch.testing.assert_close(result.relaxed_surprisal, surprisal, rtol=1e-5, atol=1e-5)
+
+
+def test_each_surprisal_setting_relaxes_sampled_rows_in_these_batches(mrv2):
+    """Guards the test above against settings whose relaxed drafts on sampled rows it never sees."""
+    counted = {name: 0.0 for name in SURPRISAL_SETTINGS}
+    for name, config in SURPRISAL_SETTINGS.items():
+        for step in runnable(FLY_STEPS):
+            for seed in range(2):
+                counted[name] += float(vllm_mrv2.verify_mrv2(**mrv2_batch(seed, **step), config=config)[3].sum())
+    assert all(total > 1.0 for total in counted.values()), counted
+
+
 def test_typical_mars_and_frontier_relax_in_these_batches(mrv2):
     """Guards the three tests above against batches in which a setting's branch never changes a decision."""
     relaxed = {}
@@ -1535,7 +1574,7 @@ def test_a_batch_that_mixes_typical_mars_and_frontier_with_the_others(mrv2, step
     asked = {s: {"ears_policy": p} for s, p in zip(states, NEW_MIXED_POLICIES, strict=True) if p is not None}
     slots = slots_for(batch, NEW_MIXED_SERVER, asked)
     assert slots.mixed
-    sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(**batch, config=NEW_MIXED_SERVER, slots=slots)
+    sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(**batch, config=NEW_MIXED_SERVER, slots=slots)
     tokens = accepted_tokens(sampled, num_sampled)
     u = mrv2.draw_uniforms(batch["seed"][batch["expanded_idx_mapping"].long()], batch["pos"])
     for r, policy in enumerate(NEW_MIXED_POLICIES):
@@ -1545,7 +1584,7 @@ def test_a_batch_that_mixes_typical_mars_and_frontier_with_the_others(mrv2, step
         assert (int(num_sampled[r]), int(num_relaxed[r])) == (int(alone[1][r]), int(alone[2][r])), (r, policy)
         assert tokens[r] == accepted_tokens(alone[0], alone[1])[r], (r, policy)
         if policy in ("typical", "mars", "frontier"):
-            num_accepted, relaxed, emitted = mrv2_reference(batch, u, config)
+            num_accepted, relaxed, emitted, _ = mrv2_reference(batch, u, config)
             assert (int(num_sampled[r]) - 1, int(num_relaxed[r])) == (num_accepted[r], relaxed[r]), (r, policy)
             assert emitted[r] < 0 or tokens[r][-1] == emitted[r], (r, policy)
 

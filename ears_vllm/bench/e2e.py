@@ -22,6 +22,7 @@ from ears_vllm.bench import datasets
 from ears_vllm.config import BUDGET, EarsConfig
 from ears_vllm.policies import PARAMS, get_policy
 from ears_vllm.policies.registry import RELAXED_RATE_LABELS, relaxed_rate_label
+from ears_vllm.step import MICRONATS_PER_NAT
 
 BASELINE = "standard"  # the name of a grid's baseline cell (vLLM's own rule), listed first and paired against
 
@@ -177,6 +178,15 @@ def write_summary(out_dir: Path, policies: list[str] | None = None) -> list[dict
             "mean acceptance length",
             out_dir / "pareto_added_tv.png",
         )
+        if any(r["relaxed_surprisal_per_verified"] for group in groups.values() for r in group):
+            plot_pareto(  # the second axis: where the relaxed mass goes (rows made before it was counted left out)
+                groups,
+                "relaxed_surprisal_per_verified",
+                "mean_acceptance_length",
+                "target -log p of the relaxed acceptances per verified position (nats)",
+                "mean acceptance length",
+                out_dir / "pareto_relaxed_surprisal.png",
+            )
         # Quality: GSM8K accuracy where answers are scored, the fraction of distinct word 4-grams on open prompts.
         quality = {
             title: "accuracy" if any(r["accuracy"] is not None for r in group) else "distinct_4grams"
@@ -362,6 +372,9 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
         "relaxed_per_verified": point,
         "relaxed_per_verified_interval": interval,
         "verified_counted": all("random_verified" in result for _, result in items),
+        # The second axis: the target's -log p of the relaxed acceptances per verified position (nats), from the
+        # plugin's exact count; None for runs made before it was counted.
+        "relaxed_surprisal_per_verified": _relaxed_surprisal(point, most, items),
         "relaxed_rate_is": relaxed_rate_is,
         "added_tv_per_verified": point if relaxed_rate_is == RELAXED_RATE_LABELS["added_tv"] else None,
         "output_tokens_per_s": total("output_tokens") / elapsed,
@@ -386,17 +399,31 @@ def _row(dataset: str, policy: str, temperature: float, items: list[tuple[dict, 
     return row
 
 
+def _relaxed_surprisal(relaxed_rate: float | None, verified: int, items: list[tuple[dict, dict]]) -> float | None:
+    """The target's -log p of the relaxed acceptances per verified position (nats): 0 where nothing was relaxed,
+    None where the relaxed rate is not a point or a run predates the count."""
+    if relaxed_rate == 0.0:
+        return 0.0
+    if relaxed_rate is None or not all("relaxed_surprisal_micronats" in result for _, result in items):
+        return None
+    return sum(result["relaxed_surprisal_micronats"] for _, result in items) / MICRONATS_PER_NAT / verified
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| dataset | T | policy | mean acceptance length | accepted / draft | relaxed per verified position "
-        "| which is | drafted / token | output tok/s | req/s | finished | distinct 4-grams | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| which is | their -log p per verified position | drafted / token | output tok/s | req/s | finished "
+        "| distinct 4-grams | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=_row_order):
         accuracy = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        surprisal = (
+            "n/a" if r.get("relaxed_surprisal_per_verified") is None else f"{r['relaxed_surprisal_per_verified']:.4f}"
+        )
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['policy']} | {r['mean_acceptance_length']:.3f} | "
-            f"{r['acceptance_rate']:.3f} | {relaxed_cell(r)} | {r['relaxed_rate_is']} | "
+            f"{r['acceptance_rate']:.3f} | {relaxed_cell(r)} | {r['relaxed_rate_is']} | {surprisal} | "
             f"{r.get('drafted_per_token', 0):.3f} | {r['output_tokens_per_s']:.2f} | "
             f"{r['requests_per_s']:.3f} | {r['finished']:.2f} | {r['distinct_4grams']:.3f} | {accuracy} |"
         )

@@ -285,7 +285,7 @@ def mrv2_parity(sizes: Sizes, device: str) -> list[dict]:
                 **vllm_mrv2.vllm_arguments(step, vllm_rejection_sample)
             )
             for tolerance in (0.0, 0.3):
-                sampled, num_sampled, num_relaxed = vllm_mrv2.verify_mrv2(
+                sampled, num_sampled, num_relaxed, _ = vllm_mrv2.verify_mrv2(
                     **step, config=EarsConfig(policy="ears", tolerance=tolerance)
                 )
                 if tolerance == 0.0:  # bit-identical to vLLM's own, on the accepted prefix and the next token
@@ -358,7 +358,7 @@ def _mrv2_races(step: dict, batch: int, k: int, vocab: int, draft: str) -> dict:
     rows = torch.arange(drafts.shape[0] - 1, device=drafts.device)
     drafts[1:] = torch.where(rows % 5 == 4, (draws[:-1] + 1) % vocab, draws[:-1])
     ersd = EarsConfig(policy="ersd")
-    sampled, num_sampled, _ = vllm_mrv2.verify_mrv2(**(step | {"draft_sampled": drafts}), config=ersd)
+    sampled, num_sampled, _, _ = vllm_mrv2.verify_mrv2(**(step | {"draft_sampled": drafts}), config=ersd)
     cu = step["cu_num_logits"].tolist()
     equal = all(
         sampled[r, :n].tolist() == draws[cu[r] : cu[r] + n].tolist() for r, n in enumerate(num_sampled.tolist())

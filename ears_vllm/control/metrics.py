@@ -24,7 +24,7 @@ from typing import Any
 
 from ears_vllm import stats_registry
 from ears_vllm._log import get_logger
-from ears_vllm.stats import POLICY_COUNTERS, add_counts
+from ears_vllm.stats import DERIVED, POLICY_COUNTERS, add_counts
 from ears_vllm.stats_registry import tensor_parallel_rank
 
 logger = get_logger()
@@ -42,6 +42,11 @@ COUNTERS = (
         "relaxed",
         "sampled requests' drafts accepted only because of the relaxation: the added-TV numerator",
     ),
+    (
+        "relaxed_surprisal_micronats",
+        "relaxed_surprisal_micronats",
+        "the target's -log p of the relaxed acceptances (sampled requests), summed, in micro-nats",
+    ),
     ("greedy_relaxed_acceptances", "greedy_relaxed", "drafts other than the argmax accepted on greedy requests"),
     ("invalid_drafts", "invalid", "draft ids outside the target vocabulary, rejected"),
     ("fallback_steps", "fallback_steps", "steps verified by vLLM's own rule because ears-vllm's kernel failed"),
@@ -55,9 +60,7 @@ def worker_stats(worker: Any = None) -> dict[str, Any]:
     for source in stats_registry.sources().values():
         if source.flush is not None:
             source.flush()
-        add_counts(
-            counts, {k: v for k, v in source.stats().as_dict().items() if k not in ("pid", "relaxed_per_verified")}
-        )
+        add_counts(counts, {k: v for k, v in source.stats().as_dict().items() if k != "pid" and k not in DERIVED})
     return {"counts": counts, "tp_rank": tensor_parallel_rank()}
 
 

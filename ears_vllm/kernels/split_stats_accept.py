@@ -292,6 +292,7 @@ def split_stats_accept_kernel(
     sampled_stride,
     num_accepted_ptr,  # [num_reqs] int32
     num_relaxed_ptr,  # [num_reqs] int32
+    relaxed_surprisal_ptr,  # [num_reqs] float32: the target's -log p of the relaxed drafts, summed (0 greedy rows)
     target_rejected_lse_ptr,  # [num_reqs] float32: lse of the rejected row, for resampling
     draft_rejected_lse_ptr,  # [num_reqs] float32
     target_logits_ptr,  # [num_logits, V], after temperature
@@ -382,7 +383,9 @@ def split_stats_accept_kernel(
 
     num_accepted = tl.zeros((), tl.int64)
     num_relaxed = tl.zeros((), tl.int32)
+    relaxed_surprisal = tl.zeros((), tl.float32)  # -log p of each relaxed draft (target_logprob: 0 on greedy rows)
     pending = tl.full((), -1, tl.int64)  # fly, frontier: the deferred rejection awaiting its window (a draft index)
+    pending_surprisal = tl.zeros((), tl.float32)
     rejected_argmax = tl.zeros((), tl.int64)
     target_lse = 0.0
     draft_lse = 0.0
@@ -396,6 +399,7 @@ def split_stats_accept_kernel(
             verifying &= is_valid_draft  # greedy rows store the argmax, so they reject through `accepted`
         if verifying:
             target_argmax = tl.zeros((), tl.int64)
+            target_logprob = tl.zeros((), tl.float32)
             can_defer = False
             if is_greedy:
                 target_argmax = _row_argmax(
@@ -445,7 +449,9 @@ def split_stats_accept_kernel(
                 if policy == SGLANG:
                     target_prob = tl.exp(target_logprob)
                     accepted = (u <= target_prob / tl.maximum(threshold_acc, 1e-9)) | (target_prob >= threshold_single)
-                    num_relaxed += (accepted & ~(target_logprob > tl.log(u) + draft_logprob)).to(tl.int32)
+                    relaxed = accepted & ~(target_logprob > tl.log(u) + draft_logprob)
+                    num_relaxed += relaxed.to(tl.int32)
+                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
                 else:
                     accepted = target_logprob > tl.log(u) + draft_logprob
                 if policy == EARS:
@@ -458,6 +464,7 @@ def split_stats_accept_kernel(
                     # a relaxed acceptance must fit in the slack plus B per position verified so far
                     relaxed &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     num_relaxed += relaxed.to(tl.int32)
+                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
                     accepted |= relaxed
                 if policy == ADASD:  # a verified position of a real draft (the walk stops at a placeholder)
                     draft_offset = 0
@@ -494,6 +501,7 @@ def split_stats_accept_kernel(
                     rejected_js_sum += tl.where(accepted, 0.0, js)
                     rejected_js_count += (~accepted).to(tl.int64)
                     num_relaxed += relaxed.to(tl.int32)
+                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
                     accepted |= relaxed
                 if is_fly:
                     accepted &= is_valid_draft
@@ -526,7 +534,9 @@ def split_stats_accept_kernel(
                     )
                     threshold = tl.minimum(typical_delta * tl.exp(-entropy), typical_eps)
                     typical = is_valid_draft & (tl.exp(target_logprob) > threshold)
-                    num_relaxed += (typical & ~(accepted & is_valid_draft)).to(tl.int32)
+                    relaxed = typical & ~(accepted & is_valid_draft)
+                    num_relaxed += relaxed.to(tl.int32)
+                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
                     accepted = typical
                     target_argmax = _row_argmax(  # the recovered token (.split_stats writes every row's argmax)
                         target_local_max_ptr,
@@ -562,6 +572,7 @@ def split_stats_accept_kernel(
                     candidate = low_margin & (draft_logit >= z2) & (tl.exp(draft_logit - row_lse) > 0.0)
                     candidate &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     num_relaxed += candidate.to(tl.int32)
+                    relaxed_surprisal += tl.where(candidate, -target_logprob, 0.0)
                     accepted |= candidate
             if policy == RELAXED_TOPK:  # greedy rows too
                 may_rescue = is_valid_draft & ~accepted  # the pass over the row's logits is made only then
@@ -578,6 +589,7 @@ def split_stats_accept_kernel(
                     )
                     candidate &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     num_relaxed += candidate.to(tl.int32)
+                    relaxed_surprisal += tl.where(candidate, -target_logprob, 0.0)
                     accepted |= candidate
             if defers:
                 window = tl.where(is_fly, fly_window, frontier_window)
@@ -586,6 +598,7 @@ def split_stats_accept_kernel(
                     if accepted and i - pending == window:
                         num_accepted = i + 1
                         num_relaxed += 1
+                        relaxed_surprisal += pending_surprisal
                         pending = tl.full((), -1, tl.int64)  # not -1: a literal is int32 where compiled
                 elif accepted:
                     num_accepted = i + 1
@@ -598,9 +611,11 @@ def split_stats_accept_kernel(
                     verifying &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
                     if verifying:
                         pending = i
+                        pending_surprisal = -target_logprob
                         if window == 0:  # frontier_window 0: EARS's relaxed test alone, confirmed at once
                             num_accepted = i + 1
                             num_relaxed += 1
+                            relaxed_surprisal += pending_surprisal
                             pending = tl.full((), -1, tl.int64)
                 tl.store(sampled_ptr + req_idx * sampled_stride + i, draft)
             else:
@@ -627,5 +642,6 @@ def split_stats_accept_kernel(
         tl.store(adasd_counts_ptr + req_state_idx * 2 + 1, rejected_js_count)
     tl.store(num_accepted_ptr + req_idx, num_accepted)
     tl.store(num_relaxed_ptr + req_idx, num_relaxed)
+    tl.store(relaxed_surprisal_ptr + req_idx, relaxed_surprisal)
     tl.store(target_rejected_lse_ptr + req_idx, target_lse)
     tl.store(draft_rejected_lse_ptr + req_idx, draft_lse)

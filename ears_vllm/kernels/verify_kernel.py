@@ -267,6 +267,7 @@ def _accept_kernel(
     out_tokens_ptr,  # [batch, max_spec_len + 1] int32, prefilled with -1
     num_accepted_ptr,  # [batch] int32
     num_relaxed_ptr,  # [batch] int32
+    relaxed_surprisal_ptr,  # [batch] float32: -log p(d) of the relaxed drafts of a sampled request, summed
     recover_row_ptr,  # [batch] int64: row whose recovered token is still to be sampled, or -1
     vocab_size,
     max_spec_len,
@@ -295,6 +296,7 @@ def _accept_kernel(
     rejected = False
     accepted_count = tl.zeros((), tl.int32)
     relaxed_count = tl.zeros((), tl.int32)
+    relaxed_surprisal = tl.zeros((), tl.float32)
     for pos in range(num_draft):
         if not rejected:
             row = start + pos
@@ -431,6 +433,7 @@ def _accept_kernel(
                 accepted_count += 1
                 if not EXACT_ACCEPTANCES:  # a race's acceptances are exact, whatever the standard test says
                     relaxed_count += (accept & ~native).to(tl.int32)
+                    relaxed_surprisal += tl.where(~native & ~is_greedy, -tl.log(p_d), 0.0)
             else:
                 rejected = True
                 if is_greedy | ARGMAX_RECOVERY:
@@ -443,6 +446,7 @@ def _accept_kernel(
         tl.store(out_row + num_draft, tl.load(bonus_ptr + req).to(tl.int32))
     tl.store(num_accepted_ptr + req, accepted_count)
     tl.store(num_relaxed_ptr + req, relaxed_count)
+    tl.store(relaxed_surprisal_ptr + req, relaxed_surprisal)
 
 
 @triton.jit
@@ -631,8 +635,9 @@ def verify_triton(
     token_ids = torch.full((batch_size, step.max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
     num_accepted = torch.zeros(batch_size, dtype=torch.int32, device=device)
     num_relaxed = torch.zeros(batch_size, dtype=torch.int32, device=device)
+    relaxed_surprisal = torch.zeros(batch_size, dtype=torch.float32, device=device)
     if batch_size == 0:
-        return VerifyResult(token_ids, num_accepted, num_relaxed)
+        return VerifyResult(token_ids, num_accepted, num_relaxed, relaxed_surprisal)
 
     spec = step.policy
     flags = accept_flags(spec)
@@ -664,6 +669,7 @@ def verify_triton(
         out_tokens_ptr=token_ids,
         num_accepted_ptr=num_accepted,
         num_relaxed_ptr=num_relaxed,
+        relaxed_surprisal_ptr=relaxed_surprisal,
         recover_row_ptr=recover_row,
         vocab_size=vocab_size,
         max_spec_len=step.max_spec_len,
@@ -702,7 +708,7 @@ def verify_triton(
         recovered = _best_of_splits(scores, indices)
         rows = needs_recovery.nonzero().squeeze(1)
         token_ids[rows, num_accepted[rows].long()] = recovered[rows]
-    return VerifyResult(token_ids, num_accepted, num_relaxed)
+    return VerifyResult(token_ids, num_accepted, num_relaxed, relaxed_surprisal)
 
 
 def _row_stats(

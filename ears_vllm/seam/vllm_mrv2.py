@@ -35,7 +35,7 @@ import importlib
 import inspect
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -158,6 +158,15 @@ as_sampler, verifying_with = active.of, active.verifying_with
 
 # Each PolicySpec.kernel_id's policy, by id (the rows of the counts kept by policy on the device).
 POLICY_OF_KERNEL_ID = {spec.kernel_id: name for name, spec in sorted(POLICIES.items(), key=lambda p: p[1].kernel_id)}
+
+
+class Mrv2Result(NamedTuple):
+    """One MRV2 step verified (:func:`verify_mrv2`)."""
+
+    sampled: torch.Tensor  # [num_reqs, k + 1] int64: accepted drafts, then the recovered or bonus token
+    num_sampled: torch.Tensor  # [num_reqs] int32: accepted + 1
+    num_relaxed: torch.Tensor  # [num_reqs] int32: accepted drafts the native test rejects
+    relaxed_surprisal: torch.Tensor  # [num_reqs] float32: their target -log p, summed (0 on greedy rows)
 
 
 class SlotControls:
@@ -538,7 +547,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     draft_logits, draft_logits_row_mapping = draft_logits_of(given)
     slots = state.slots if state.slots is not None and state.slots.server is config else None
     try:
-        sampled, num_sampled, num_relaxed = verify_mrv2(
+        result = verify_mrv2(
             **{name: given[name] for name in EXPECTED_PARAMETERS if name != "draft_logits"},
             draft_logits=draft_logits,
             config=config,
@@ -557,8 +566,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
         state.stats.fallback_steps += 1
         return original(*args, **kwargs)
     _record(
-        num_sampled,
-        num_relaxed,
+        result,
         given["cu_num_logits"],
         given["idx_mapping"],
         given["temperature"],
@@ -566,7 +574,7 @@ def rejection_sample(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
         policy=config.policy,
         slots=slots,
     )
-    return sampled, num_sampled
+    return result.sampled, result.num_sampled
 
 
 def _launch(kernel: Any, grid: tuple[int, ...], values: dict[str, Any], **options: Any) -> None:
@@ -593,8 +601,8 @@ def verify_mrv2(
     skip_masked_vocab_blocks: bool = False,
     use_fp64: bool = False,
     slots: SlotControls | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MRV2's launches around the ears-vllm walk: ``(sampled, num_sampled, num_relaxed [num_reqs])``.
+) -> Mrv2Result:
+    """MRV2's launches around the ears-vllm walk.
 
     ``draft_logits_row_mapping``: vLLM 0.34's sharded draft-logits cache (None: a request's draft logits sit at
     its request state index); ``skip_masked_vocab_blocks``: passed on to vLLM 0.34's resampling launch, as vLLM
@@ -680,6 +688,7 @@ def verify_mrv2(
     sampled = draft_sampled.new_empty(num_reqs, num_speculative_steps + 1, dtype=torch.int64)
     num_sampled = sampled.new_empty(num_reqs, dtype=torch.int32)
     num_relaxed = sampled.new_empty(num_reqs, dtype=torch.int32)
+    relaxed_surprisal = target_logits.new_empty(num_reqs, dtype=torch.float32)
     target_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     draft_rejected_lse = target_logits.new_empty(num_reqs, dtype=torch.float32)
     one_hot_rows = None  # [num_reqs] bool: rows whose policy recovers from p without the draft (mixed batches)
@@ -709,6 +718,7 @@ def verify_mrv2(
         sampled_stride=sampled.stride(0),
         num_accepted_ptr=num_sampled,
         num_relaxed_ptr=num_relaxed,
+        relaxed_surprisal_ptr=relaxed_surprisal,
         target_rejected_lse_ptr=target_rejected_lse,
         draft_rejected_lse_ptr=draft_rejected_lse,
         target_logits_ptr=target_logits,
@@ -792,7 +802,7 @@ def verify_mrv2(
         insert_temp=insert_temp,
         **options,
     )
-    return sampled, num_sampled, num_relaxed
+    return Mrv2Result(sampled, num_sampled, num_relaxed, relaxed_surprisal)
 
 
 def _launch_stats(
@@ -993,7 +1003,7 @@ def verify_races_mrv2(
     temperature: torch.Tensor,  # [max_num_reqs]
     seed: torch.Tensor,  # [max_num_reqs]
     num_speculative_steps: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Mrv2Result:
     """ERSD on MRV2, on MRV2's own keys (each row's request seed and ``pos``, as its sampler draws): every row's
     race winner (argmax on greedy rows), accepted while the draft equals it; the request emits the winners up to
     and including its first mismatch or its bonus row. So every emitted token is MRV2's non-speculative draw at
@@ -1013,12 +1023,12 @@ def verify_races_mrv2(
     kept = local <= first_stop[req_of_row]
     sampled[req_of_row[kept], local[kept]] = chosen[kept]
     num_sampled = (first_stop + 1).to(torch.int32)
-    return sampled, num_sampled, torch.zeros_like(num_sampled)
+    no_relaxed = torch.zeros_like(num_sampled)  # a race's acceptances are exact
+    return Mrv2Result(sampled, num_sampled, no_relaxed, no_relaxed.float())
 
 
 def _record(
-    num_sampled: torch.Tensor,  # [num_reqs] int32: accepted + 1
-    num_relaxed: torch.Tensor,  # [num_reqs] int32
+    result: Mrv2Result,
     cu_num_logits: torch.Tensor,  # [num_reqs + 1]
     idx_mapping: torch.Tensor,  # [num_reqs]
     temperature: torch.Tensor,  # [max_num_reqs]
@@ -1030,7 +1040,9 @@ def _record(
     interval."""
     drafts = cu_num_logits.diff() - 1  # each request's rows are its drafts and its bonus row
     is_random = temperature[idx_mapping.long()] != 0
-    per_request = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked()  # [7, num_reqs]
+    per_request = StepCounts.of_requests(
+        drafts, result.num_sampled - 1, result.num_relaxed, is_random, result.relaxed_surprisal
+    ).stacked()  # [len(StepCounts._fields), num_reqs]
     if slots is not None:
         slots.add_counts(idx_mapping, per_request)
     fields, device = per_request.shape[0], per_request.device

@@ -301,7 +301,9 @@ def _record(
     """Count the step (by policy and by request) and charge the budget ledgers, with one host synchronisation."""
     controls = batch.controls if batch is not None else None
     drafts = torch.as_tensor(num_draft_tokens, device=result.num_accepted.device)
-    counts = StepCounts.of_requests(drafts, result.num_accepted, result.num_relaxed, is_random=~is_greedy)
+    counts = StepCounts.of_requests(
+        drafts, result.num_accepted, result.num_relaxed, ~is_greedy, result.relaxed_surprisal
+    )
     invalid = torch.zeros_like(drafts)
     invalid[:1] = (draft_token_ids >= vocab_size).sum()  # the step's count, on the first row
     *rows, invalid_row = torch.cat([counts.stacked(), invalid[None]]).tolist()  # one host sync per step
