@@ -340,6 +340,9 @@ def test_e2e_bench_pairs_policies_resumes_and_plots(tmp_path, tiny_pair):
     by_key = {(r["policy"], r["temperature"]): r for r in rows}
     assert by_key[("ears-0.5", 1.0)]["relaxed_per_draft"] > 0
     assert by_key[("standard", 1.0)]["relaxed_per_draft"] == 0
+    # the second axis, from the plugin's count: each relaxed draft costs -log p > 0 nats
+    assert by_key[("ears-0.5", 1.0)]["relaxed_surprisal_per_verified"] > 0
+    assert by_key[("standard", 1.0)]["relaxed_surprisal_per_verified"] == 0
     assert all(r["accuracy"] is not None and r["mean_acceptance_length"] >= 1 for r in rows)
     assert all(0 <= r["finished"] <= 1 for r in rows)
     runs = {p: json.loads((out / f"gsm8k@0-2__{p}.json").read_text()) for p in ("standard", "ears-0.5")}
