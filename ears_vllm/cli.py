@@ -126,7 +126,7 @@ FIELD_GRID = (
     "relaxed_topk:relaxed_topk=10:relaxed_delta=0.6,relaxed_topk:relaxed_topk=3:relaxed_delta=0.3,"
     "fly:fly_entropy_threshold=0,mars,mars:mars_threshold=0.95,"
     "frontier:1:frontier_window=3:frontier_scale=3:min_ratio=0,frontier:0.5:frontier_window=2,"
-    "frontier:1:frontier_window=2:frontier_scale=10:min_ratio=0"
+    "frontier:1:frontier_window=2:frontier_scale=10:min_ratio=0,frontier:1:frontier_window=1:frontier_scale=10:min_ratio=0"
 )
 
 
