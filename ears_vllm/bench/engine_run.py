@@ -100,8 +100,7 @@ def run(spec: dict) -> dict:
             # The exact denominator of the relaxed rate (bench e2e falls back on vLLM's counters without it).
             results[-1]["random_verified"] = _delta(ears_after, ears_before, "random_verified")
             # The target's -log p of the relaxed acceptances (the plugin's exact micro-nats), the second axis.
-            micronats = _delta(ears_after, ears_before, "relaxed_surprisal_micronats")
-            results[-1]["relaxed_surprisal_micronats"] = micronats
+            results[-1]["relaxed_surprisal_micronats"] = _delta(ears_after, ears_before, "relaxed_surprisal_micronats")
     kept = {k: v for k, v in spec.items() if k != "prompts"}
     kept["answers"] = [item["answer"] for item in spec["prompts"]]
     kept["prompt_texts"] = [item["prompt"] for item in spec["prompts"]]  # lets `bench acceptance --from-run` replay
