@@ -958,10 +958,11 @@ def test_a_finished_requests_own_counts_are_the_server_counters_deltas(mrv2, mon
             _, num_sampled = vllm_mrv2.rejection_sample(**mrv2.arguments(batch))
         drafts = batch["cu_num_logits"].diff() - 1
         is_random = batch["temperature"][batch["idx_mapping"].long()] != 0
-        _, _, num_relaxed, _ = vllm_mrv2.verify_mrv2(
-            **batch, config=MIXED_SERVER, slots=slots_for(batch, MIXED_SERVER, asked)
+        result = vllm_mrv2.verify_mrv2(**batch, config=MIXED_SERVER, slots=slots_for(batch, MIXED_SERVER, asked))
+        counts = StepCounts.of_requests(
+            drafts, num_sampled - 1, result.num_relaxed, is_random, result.relaxed_surprisal
         )
-        rows = StepCounts.of_requests(drafts, num_sampled - 1, num_relaxed, is_random).stacked().T.tolist()
+        rows = counts.stacked().T.tolist()
         for state, row in zip(states, rows, strict=True):
             expected[state] = [a + b for a, b in zip(expected[state], row, strict=True)]
     remove = vllm_mrv2.wrap_remove_request(lambda self, req_id: int(req_id.split("-")[2]))  # vLLM's: the slot freed

@@ -99,6 +99,12 @@ def walk_policy(spec: PolicySpec, relaxes: bool) -> int:
 
 
 @triton.jit
+def _count_relaxed(num_relaxed, relaxed_surprisal, relaxed, target_logprob):
+    """The row's relaxed acceptances and their target -log p, with this position's (if ``relaxed``) counted."""
+    return num_relaxed + relaxed.to(tl.int32), relaxed_surprisal + tl.where(relaxed, -target_logprob, 0.0)
+
+
+@triton.jit
 def _budget_allows(num_relaxed, budget_slack, budget, verified_through, HAS_BUDGET: tl.constexpr):
     """Whether one more relaxed acceptance fits the request's deviation budget (:func:`budget_fits`), the slack plus
     B per position verified so far; always, without a budget."""
@@ -450,8 +456,9 @@ def split_stats_accept_kernel(
                     target_prob = tl.exp(target_logprob)
                     accepted = (u <= target_prob / tl.maximum(threshold_acc, 1e-9)) | (target_prob >= threshold_single)
                     relaxed = accepted & ~(target_logprob > tl.log(u) + draft_logprob)
-                    num_relaxed += relaxed.to(tl.int32)
-                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
+                    num_relaxed, relaxed_surprisal = _count_relaxed(
+                        num_relaxed, relaxed_surprisal, relaxed, target_logprob
+                    )
                 else:
                     accepted = target_logprob > tl.log(u) + draft_logprob
                 if policy == EARS:
@@ -463,8 +470,9 @@ def split_stats_accept_kernel(
                     )
                     # a relaxed acceptance must fit in the slack plus B per position verified so far
                     relaxed &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
-                    num_relaxed += relaxed.to(tl.int32)
-                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
+                    num_relaxed, relaxed_surprisal = _count_relaxed(
+                        num_relaxed, relaxed_surprisal, relaxed, target_logprob
+                    )
                     accepted |= relaxed
                 if policy == ADASD:  # a verified position of a real draft (the walk stops at a placeholder)
                     draft_offset = 0
@@ -500,8 +508,9 @@ def split_stats_accept_kernel(
                     accepted_js_count += accepted.to(tl.int64)
                     rejected_js_sum += tl.where(accepted, 0.0, js)
                     rejected_js_count += (~accepted).to(tl.int64)
-                    num_relaxed += relaxed.to(tl.int32)
-                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
+                    num_relaxed, relaxed_surprisal = _count_relaxed(
+                        num_relaxed, relaxed_surprisal, relaxed, target_logprob
+                    )
                     accepted |= relaxed
                 if is_fly:
                     accepted &= is_valid_draft
@@ -535,8 +544,9 @@ def split_stats_accept_kernel(
                     threshold = tl.minimum(typical_delta * tl.exp(-entropy), typical_eps)
                     typical = is_valid_draft & (tl.exp(target_logprob) > threshold)
                     relaxed = typical & ~(accepted & is_valid_draft)
-                    num_relaxed += relaxed.to(tl.int32)
-                    relaxed_surprisal += tl.where(relaxed, -target_logprob, 0.0)
+                    num_relaxed, relaxed_surprisal = _count_relaxed(
+                        num_relaxed, relaxed_surprisal, relaxed, target_logprob
+                    )
                     accepted = typical
                     target_argmax = _row_argmax(  # the recovered token (.split_stats writes every row's argmax)
                         target_local_max_ptr,
@@ -571,8 +581,9 @@ def split_stats_accept_kernel(
                     low_margin = (z1 > 0.0) & (z2 > mars_threshold * z1)
                     candidate = low_margin & (draft_logit >= z2) & (tl.exp(draft_logit - row_lse) > 0.0)
                     candidate &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
-                    num_relaxed += candidate.to(tl.int32)
-                    relaxed_surprisal += tl.where(candidate, -target_logprob, 0.0)
+                    num_relaxed, relaxed_surprisal = _count_relaxed(
+                        num_relaxed, relaxed_surprisal, candidate, target_logprob
+                    )
                     accepted |= candidate
             if policy == RELAXED_TOPK:  # greedy rows too
                 may_rescue = is_valid_draft & ~accepted  # the pass over the row's logits is made only then
@@ -588,8 +599,9 @@ def split_stats_accept_kernel(
                         CANDIDATE_BLOCK_SIZE,
                     )
                     candidate &= _budget_allows(num_relaxed, budget_slack, budget, i + 1, HAS_BUDGET)
-                    num_relaxed += candidate.to(tl.int32)
-                    relaxed_surprisal += tl.where(candidate, -target_logprob, 0.0)
+                    num_relaxed, relaxed_surprisal = _count_relaxed(
+                        num_relaxed, relaxed_surprisal, candidate, target_logprob
+                    )
                     accepted |= candidate
             if defers:
                 window = tl.where(is_fly, fly_window, frontier_window)
